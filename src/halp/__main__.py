@@ -1,0 +1,3 @@
+from halp.cli import app
+
+app(prog_name="halp")

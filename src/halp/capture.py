@@ -1,0 +1,222 @@
+"""One prefill pass captures every feature; the answer is decoded from that pass's KV cache.
+
+Hooks are armed for the first forward call of the top-level model only (the prefill inside
+`generate`), so decode steps never reach them. Positions come from token ids: the last image
+placeholder of each row, the mean over all its placeholders, and the last prompt token (the
+generation prompt included), which with left padding is the last column.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from halp.models.base import Adapter, ExtractionPointError
+
+
+def parse_layers(spec: str | Sequence[int], num_layers: int) -> list[int]:
+    """`halp` = {0, L//4, L//2, 3L//4, L-1} (the paper); `all`; or a list like `0,7,-1`."""
+    if isinstance(spec, str):
+        text = spec.strip().lower()
+        if text == "halp":
+            raw = [0, num_layers // 4, num_layers // 2, 3 * num_layers // 4, num_layers - 1]
+        elif text == "all":
+            raw = list(range(num_layers))
+        else:
+            try:
+                raw = [int(part) for part in text.split(",") if part.strip()]
+            except ValueError as err:
+                raise ValueError(f"--layers {spec!r}: expected 'halp', 'all' or integers like 0,7,-1") from err
+    else:
+        raw = list(spec)
+    if not raw:
+        raise ValueError(f"--layers {spec!r} selects no layer")
+    resolved = []
+    for layer in raw:
+        index = layer + num_layers if layer < 0 else layer
+        if not 0 <= index < num_layers:
+            raise ValueError(f"layer {layer} is out of range for a decoder with {num_layers} blocks")
+        resolved.append(index)
+    return sorted(set(resolved))
+
+
+def feature_names(layers: Sequence[int]) -> list[str]:
+    names = ["vision_only", "vision_projected"]
+    for group in ("vision_token", "vision_token_mean", "query_token"):
+        names += [f"{group}/layer_{layer}" for layer in layers]
+    return names
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    """Decoder blocks return a tensor in some families and versions and a tuple in others."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise ExtractionPointError(f"unexpected decoder block output of type {type(output).__name__}")
+
+
+@dataclass
+class Positions:
+    """Per-batch token positions found from token ids."""
+
+    image_mask: torch.Tensor  # (B, T) bool
+    last_image: torch.Tensor  # (B,) long
+    query: int  # column of the last prompt token (left padding: the last one)
+    image_tokens_per_sample: list[int]
+
+    @classmethod
+    def from_inputs(cls, adapter: Adapter, inputs: dict[str, torch.Tensor]) -> Positions:
+        input_ids = inputs["input_ids"]
+        mask = adapter.image_token_mask(inputs)
+        counts = mask.sum(dim=1)
+        if bool((counts == 0).any()):
+            rows = torch.nonzero(counts == 0).flatten().tolist()
+            raise ExtractionPointError(
+                f"no image placeholder token (id {adapter.image_token_id}) in row(s) {rows} of the prompt; "
+                "the chat template or processor did not insert the image"
+            )
+        attention = inputs.get("attention_mask")
+        if attention is not None and not bool(attention[:, -1].all()):
+            raise ExtractionPointError("the batch is not left-padded: the last column is padding for some rows")
+        columns = torch.arange(input_ids.shape[1], device=mask.device)
+        last_image = torch.where(mask, columns, -1).max(dim=1).values
+        return cls(mask, last_image, input_ids.shape[1] - 1, counts.tolist())
+
+
+@dataclass
+class PrefillCapture:
+    """Hooks that reduce, during the prefill pass, everything halp stores for a batch."""
+
+    adapter: Adapter
+    layers: list[int]
+    positions: Positions | None = None
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+    _armed: bool = False
+    _handles: list[Any] = field(default_factory=list)
+
+    def __enter__(self) -> PrefillCapture:
+        modules = self.adapter.layer_modules()
+        self._handles.append(self.adapter.projector_module().register_forward_hook(self._on_projector))
+        for layer in self.layers:
+            self._handles.append(modules[layer].register_forward_hook(self._layer_hook(layer)))
+        # Disarm once the top-level prefill forward returns: decode steps must not be captured.
+        self._handles.append(self.adapter.model.register_forward_hook(self._on_model_done))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._armed = False
+
+    def arm(self, positions: Positions) -> None:
+        self.positions = positions
+        self.features = {}
+        self._armed = True
+
+    def _on_model_done(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._armed = False
+
+    def _store(self, name: str, value: torch.Tensor) -> None:
+        if name in self.features:
+            raise ExtractionPointError(f"{name} was produced twice in one prefill pass")
+        self.features[name] = value.detach().float().cpu()
+
+    def _per_sample_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        assert self.positions is not None
+        groups = self.adapter.split_per_sample(tensor, self.positions.image_tokens_per_sample)
+        return torch.stack([group.float().mean(dim=0) for group in groups])
+
+    def _on_projector(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not self._armed:
+            return
+        projector_input = args[0] if args else None
+        if not isinstance(projector_input, torch.Tensor):
+            raise ExtractionPointError(f"{self.adapter.projector} was called without a tensor input")
+        self._store("vision_only", self._per_sample_mean(projector_input))
+        self._store("vision_projected", self._per_sample_mean(_first_tensor(output)))
+
+    def _layer_hook(self, layer: int):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if not self._armed:
+                return
+            assert self.positions is not None
+            hidden = _first_tensor(output)
+            positions = self.positions
+            if hidden.shape[1] != positions.image_mask.shape[1]:
+                raise ExtractionPointError(
+                    f"decoder block {layer} saw {hidden.shape[1]} positions, the prompt has "
+                    f"{positions.image_mask.shape[1]}: the model changes the sequence inside forward"
+                )
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            mask = positions.image_mask.to(hidden.device).unsqueeze(-1)
+            image_mean = (hidden.float() * mask).sum(dim=1) / mask.sum(dim=1)
+            self._store(f"vision_token/layer_{layer}", hidden[rows, positions.last_image.to(hidden.device)])
+            self._store(f"vision_token_mean/layer_{layer}", image_mean)
+            self._store(f"query_token/layer_{layer}", hidden[:, positions.query])
+
+        return hook
+
+
+@dataclass
+class BatchResult:
+    features: dict[str, np.ndarray]  # name -> (B, dim) float32
+    answers: list[str]
+    prompt_tokens: list[int]
+
+
+class FeatureExtractor:
+    """Runs one batch: encode, one prefill with hooks, greedy decode from the same cache."""
+
+    def __init__(self, adapter: Adapter, layers: Sequence[int]) -> None:
+        self.adapter = adapter
+        self.layers = list(layers)
+        self.names = feature_names(self.layers)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.adapter.model
+
+    def input_device(self) -> torch.device:
+        return self.adapter.layer_modules()[0].parameters().__next__().device
+
+    @torch.inference_mode()
+    def __call__(self, images: list[Any], questions: list[str], max_new_tokens: int = 0) -> BatchResult:
+        inputs = self.adapter.encode(images, questions)
+        positions = Positions.from_inputs(self.adapter, inputs)
+        device = self.input_device()
+        model_dtype = next(self.model.parameters()).dtype
+        inputs = {
+            key: (value.to(device, model_dtype) if value.is_floating_point() else value.to(device))
+            if isinstance(value, torch.Tensor)
+            else value
+            for key, value in inputs.items()
+        }
+        tokenizer = self.adapter.tokenizer()
+        with PrefillCapture(self.adapter, self.layers) as capture:
+            capture.arm(positions)
+            # generate() builds position ids from the attention mask (and Qwen's 3-D rope from
+            # mm_token_type_ids) exactly as deployment does; max_new_tokens=1 is the pure prefill.
+            sequences = self.model.generate(
+                **inputs,
+                max_new_tokens=max(1, max_new_tokens),
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            captured = capture.features
+        missing = [name for name in self.names if name not in captured]
+        if missing:
+            raise ExtractionPointError(f"the prefill pass did not produce {', '.join(missing)}")
+        answers = [""] * len(questions)
+        if max_new_tokens > 0:
+            new_tokens = sequences[:, inputs["input_ids"].shape[1] :]
+            answers = [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+        return BatchResult({name: captured[name].numpy() for name in self.names}, answers, prompt_tokens)

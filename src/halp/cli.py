@@ -1,0 +1,134 @@
+"""The `halp` command: thin typer wrappers; the work is done in the modules they call."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Predict VLM hallucinations before generation: extract, label, probe, report, predict.",
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    raise typer.Exit(code)
+
+
+@app.command()
+def extract(
+    model: Annotated[str, typer.Option(help="Hub id or local checkpoint directory.")],
+    data: Annotated[Path, typer.Option(help="VQA table: CSV, JSONL or Parquet.")],
+    images: Annotated[Path, typer.Option(help="Directory the table's image ids are relative to.")],
+    out: Annotated[Path, typer.Option(help="Run directory (created, or resumed if it exists).")],
+    layers: Annotated[str, typer.Option(help="'halp' = {0,L/4,L/2,3L/4,L-1}, 'all', or e.g. '0,7,-1'.")] = "halp",
+    batch_size: Annotated[int, typer.Option(help="Samples per prefill pass.")] = 8,
+    max_new_tokens: Annotated[int, typer.Option(help="Greedy answer length, decoded from the prefill cache.")] = 32,
+    generate: Annotated[bool, typer.Option("--generate/--no-generate", help="--no-generate: prefill only.")] = True,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.")] = "auto",
+    limit: Annotated[int | None, typer.Option(help="Only the first N rows of the table.")] = None,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the checkpoint's own Python code to run.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Discard an existing run in --out and start afresh.")] = False,
+) -> None:
+    """Extract HALP features (vision-only, vision token, query token) in one prefill pass per batch."""
+    from halp.data import TableError
+    from halp.extract import ExtractConfig, run_extraction
+    from halp.models import ExtractionPointError
+    from halp.store import RunMismatchError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    config = ExtractConfig(
+        model=model,
+        data=data,
+        images=images,
+        out=out,
+        layers=layers,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        generate=generate,
+        device=device,
+        dtype=dtype,
+        limit=limit,
+        trust_remote_code=trust_remote_code,
+        overwrite=overwrite,
+    )
+    try:
+        summary = run_extraction(config)
+    except (TableError, RunMismatchError, ExtractionPointError, ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+        return
+    console.print(
+        f"{summary.processed} processed ({summary.samples_per_second:.2f} samples/s), "
+        f"{summary.already_done} already done, {len(summary.failed)} failed, of {summary.total}."
+    )
+    if summary.finished:
+        console.print(f"features: {summary.run_dir / 'features.h5'}")
+    else:
+        console.print(
+            f"{len(summary.failed)} row(s) failed; see {summary.run_dir / 'errors.jsonl'}. "
+            "Rerun the same command to retry them."
+        )
+        raise typer.Exit(1)
+
+
+@app.command()
+def inspect(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory or a features.h5 file.")],
+    sample: Annotated[str | None, typer.Option(help="Show one sample by question_id.")] = None,
+    detailed: Annotated[bool, typer.Option(help="Per-feature min/max/mean/std and the first samples.")] = False,
+) -> None:
+    """Summarize a run: samples, features, shapes and statistics."""
+    from halp.summary import render_inspect
+
+    try:
+        render_inspect(run_dir, console, sample=sample, detailed=detailed)
+    except (FileNotFoundError, KeyError) as err:
+        _fail(str(err))
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="Finished run directory.")],
+    output: Annotated[Path, typer.Argument(help="Output .h5 file.")],
+    format: Annotated[str, typer.Option("--format", help="halp-legacy: the seeds' per-question groups.")] = (
+        "halp-legacy"
+    ),
+) -> None:
+    """Write a run in another layout (halp-legacy: what the HALP probe scripts read)."""
+    from halp.legacy import export_legacy
+
+    if format != "halp-legacy":
+        _fail(f"unknown format {format!r}; available: halp-legacy")
+    try:
+        path = export_legacy(run_dir, output)
+    except FileNotFoundError as err:
+        _fail(str(err))
+        return
+    console.print(f"wrote {path}")
+
+
+@app.command()
+def models(
+    model: Annotated[str | None, typer.Option(help="Resolve the extraction points of this checkpoint.")] = None,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the checkpoint's own Python code to run.")] = False,
+) -> None:
+    """List supported families, or show where halp reads a given checkpoint."""
+    from halp.summary import render_models
+
+    try:
+        render_models(console, model, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        _fail(f"{type(err).__name__}: {err}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,201 @@
+"""The batch loop: table -> images -> adapter -> one prefill pass -> decode -> committed part."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from halp.capture import FeatureExtractor, parse_layers
+from halp.data import ImageError, Sample, load_image, read_samples
+from halp.loading import load_model, resolve_device, resolve_dtype
+from halp.models import adapter_for
+from halp.store import RunStore, rows_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExtractConfig:
+    model: str
+    data: Path
+    images: Path
+    out: Path
+    layers: str = "halp"
+    batch_size: int = 8
+    max_new_tokens: int = 32
+    generate: bool = True
+    device: str = "auto"
+    dtype: str = "auto"
+    limit: int | None = None
+    trust_remote_code: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class ExtractSummary:
+    run_dir: Path
+    total: int
+    already_done: int
+    processed: int
+    failed: list[dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    finished: bool = False
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    from halp import __version__
+
+    return {"halp": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def batches(items: Sequence[Sample], size: int) -> Iterator[list[Sample]]:
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])
+
+
+def _attach_log(run_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "extract.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("halp").addHandler(handler)
+    logging.getLogger("halp").setLevel(logging.INFO)
+    return handler
+
+
+def _model_ref(model: str) -> str:
+    path = Path(model)
+    return str(path.resolve()) if path.exists() else model
+
+
+def run_extraction(config: ExtractConfig) -> ExtractSummary:
+    """Extract features for every sample of the table into config.out, resuming what is there."""
+    if config.batch_size < 1:
+        raise ValueError("--batch-size must be at least 1")
+    samples = read_samples(config.data)  # table problems surface before the model loads
+    if config.limit is not None:
+        samples = samples[: config.limit]
+    if not Path(config.images).is_dir():
+        raise FileNotFoundError(f"--images {config.images} is not a directory")
+
+    device = resolve_device(config.device)
+    dtype = str(resolve_dtype(config.dtype, device)).removeprefix("torch.")
+    max_new_tokens = config.max_new_tokens if config.generate else 0
+
+    store = RunStore(config.out)
+    # The layer list is resolved after loading; the identity check uses the spec until then.
+    store.open(
+        {
+            "model": _model_ref(config.model),
+            "layers": config.layers,
+            "dtype": dtype,
+            "max_new_tokens": max_new_tokens,
+            "prompt_format": "chat_template/user[image,text]",
+        },
+        overwrite=config.overwrite,
+    )
+    handler = _attach_log(store.root)
+    try:
+        return _run(config, store, samples, device, dtype, max_new_tokens)
+    finally:
+        logging.getLogger("halp").removeHandler(handler)
+        handler.close()
+
+
+def _run(
+    config: ExtractConfig, store: RunStore, samples: list[Sample], device: str, dtype: str, max_new_tokens: int
+) -> ExtractSummary:
+    store.remove_stale_temporaries()
+    order = [sample.question_id for sample in samples]
+    done = store.committed_ids()
+    todo = [sample for sample in samples if sample.question_id not in done]
+    summary = ExtractSummary(store.root, len(samples), len(samples) - len(todo), 0)
+    log.info("%d samples, %d already committed, %d to do", len(samples), summary.already_done, len(todo))
+
+    model, processor = load_model(config.model, device, dtype, config.trust_remote_code)
+    adapter = adapter_for(model, processor)
+    layers = parse_layers(config.layers, adapter.num_layers)
+    extractor = FeatureExtractor(adapter, layers)
+    attrs: dict[str, Any] = {
+        "model_id": config.model,
+        "architecture": (model.config.architectures or [type(model).__name__])[0],
+        "model_type": model.config.model_type,
+        "adapter": type(adapter).__name__,
+        "layers": layers,
+        "num_layers": adapter.num_layers,
+        "dtype": dtype,
+        "device": device,
+        "batch_size": config.batch_size,
+        "max_new_tokens": max_new_tokens,
+        "generated": max_new_tokens > 0,
+        "versions": json.dumps(versions()),
+        "created": datetime.now(timezone.utc).isoformat(),
+    }
+
+    if todo and store.features_path.exists():
+        store.reopen_finished()
+    errors_path = store.root / "errors.jsonl"
+    start = time.perf_counter()
+    with tqdm(total=len(todo), unit="sample", disable=not config.progress, desc="extract") as bar:
+        for batch in batches(todo, config.batch_size):
+            good, images = [], []
+            for sample in batch:
+                try:
+                    images.append(load_image(config.images, sample.image_id))
+                    good.append(sample)
+                except ImageError as err:
+                    record = {
+                        "question_id": sample.question_id,
+                        "stage": "image",
+                        "error": type(err).__name__,
+                        "message": str(err),
+                    }
+                    summary.failed.append(record)
+                    with errors_path.open("a") as handle:
+                        handle.write(json.dumps(record) + "\n")
+                    log.warning("%s: %s", sample.question_id, err)
+            if good:
+                result = extractor(images, [s.question for s in good], max_new_tokens)
+                store.commit(rows_for(good, result.answers, result.features), attrs)
+                summary.processed += len(good)
+            bar.update(len(batch))
+    summary.seconds = time.perf_counter() - start
+
+    if not summary.failed:
+        attrs["hidden_size"] = _dim(store, "vision_projected")
+        attrs["vision_hidden_size"] = _dim(store, "vision_only")
+        store.assemble(order, attrs)
+        summary.finished = True
+    log.info(
+        "processed %d samples in %.1fs (%.2f samples/s); %d failed",
+        summary.processed,
+        summary.seconds,
+        summary.samples_per_second,
+        len(summary.failed),
+    )
+    return summary
+
+
+def _dim(store: RunStore, name: str) -> int:
+    import h5py
+
+    for path in [*store.part_paths(), store.features_path]:
+        if path.exists():
+            with h5py.File(path, "r") as handle:
+                if name in handle:
+                    return int(handle[name].shape[1])
+    return 0

@@ -1,0 +1,130 @@
+"""What a model family must tell halp: where its extraction points are and how to prompt it.
+
+A family is a small subclass of `Adapter` in its own module under `halp.models`; the registry finds
+it by the transformers `model_type` values it lists. Most families only set class attributes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+class ExtractionPointError(RuntimeError):
+    """An extraction point (module, token, position) cannot be found; says what and why."""
+
+
+def get_submodule(model: nn.Module, dotted_path: str) -> nn.Module:
+    try:
+        return model.get_submodule(dotted_path)
+    except AttributeError as err:
+        raise ExtractionPointError(
+            f"{type(model).__name__} has no module at {dotted_path!r}; the installed transformers may lay "
+            f"out this architecture differently ({err})"
+        ) from err
+
+
+class Adapter:
+    """Declarative mapping from stable names to a family's modules, plus prompt and token rules.
+
+    Paths are relative to the object returned by `AutoModelForImageTextToText.from_pretrained`.
+    """
+
+    #: transformers `config.model_type` values served by this adapter.
+    model_types: ClassVar[tuple[str, ...]] = ()
+    #: The multimodal projector: its input is `vision_only`, its output `vision_projected`.
+    projector: ClassVar[str] = ""
+    #: The ModuleList of decoder blocks; block k's output is layer k.
+    decoder_layers: ClassVar[str] = ""
+    #: The norm applied after the last block (used by independent checks and the logit lens).
+    final_norm: ClassVar[str] = ""
+    #: The config attribute holding the id of the token that image features replace.
+    image_token_id_attr: ClassVar[str] = "image_token_id"
+    #: A short note for `halp models` and docs/models.md.
+    notes: ClassVar[str] = ""
+
+    def __init__(self, model: nn.Module, processor: Any) -> None:
+        self.model = model
+        self.processor = processor
+
+    # ----- modules -------------------------------------------------------------------------
+    def projector_module(self) -> nn.Module:
+        return get_submodule(self.model, self.projector)
+
+    def layer_modules(self) -> nn.ModuleList:
+        layers = get_submodule(self.model, self.decoder_layers)
+        if not isinstance(layers, nn.ModuleList):
+            raise ExtractionPointError(f"{self.decoder_layers!r} is a {type(layers).__name__}, not a ModuleList")
+        return layers
+
+    def final_norm_module(self) -> nn.Module:
+        return get_submodule(self.model, self.final_norm)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_modules())
+
+    # ----- tokens --------------------------------------------------------------------------
+    @property
+    def image_token_id(self) -> int:
+        config = self.model.config
+        for holder in (config, getattr(config, "text_config", None)):
+            value = getattr(holder, self.image_token_id_attr, None) if holder is not None else None
+            if isinstance(value, int):
+                return value
+        raise ExtractionPointError(
+            f"config of {type(self.model).__name__} has no integer {self.image_token_id_attr!r}; "
+            "cannot tell which tokens carry the image"
+        )
+
+    def image_token_mask(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, T) bool: the sequence positions whose embeddings are replaced by image features."""
+        return inputs["input_ids"] == self.image_token_id
+
+    # ----- prompting -----------------------------------------------------------------------
+    def messages(self, question: str) -> list[dict[str, Any]]:
+        return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+
+    def prompt(self, question: str) -> str:
+        return self.processor.apply_chat_template(self.messages(question), add_generation_prompt=True, tokenize=False)
+
+    def tokenizer(self) -> Any:
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    def encode(self, images: list[Any], questions: list[str]) -> dict[str, torch.Tensor]:
+        """Processor inputs for a batch, left-padded so the last position is every row's query token."""
+        tokenizer = self.tokenizer()
+        tokenizer.padding_side = "left"
+        prompts = [self.prompt(question) for question in questions]
+        return dict(self.processor(text=prompts, images=images, padding=True, return_tensors="pt"))
+
+    # ----- vision features -----------------------------------------------------------------
+    def split_per_sample(self, tensor: torch.Tensor, image_tokens_per_sample: list[int]) -> list[torch.Tensor]:
+        """Split a projector input/output into per-sample (n_tokens, dim) groups.
+
+        Default rule: flattened over leading dims, the rows are proportional to each sample's number
+        of image placeholder tokens (true for Qwen-VL, LLaVA-1.5, Gemma-3, Idefics3/SmolVLM ...).
+        Families where that is not so override this.
+        """
+        rows = tensor.reshape(-1, tensor.shape[-1])
+        total = sum(image_tokens_per_sample)
+        if total == 0 or rows.shape[0] % total:
+            raise ExtractionPointError(
+                f"{self.projector}: {rows.shape[0]} feature rows cannot be split over "
+                f"{image_tokens_per_sample} image tokens per sample"
+            )
+        factor = rows.shape[0] // total
+        return list(torch.split(rows, [count * factor for count in image_tokens_per_sample]))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "adapter": type(self).__name__,
+            "projector": self.projector,
+            "decoder_layers": self.decoder_layers,
+            "final_norm": self.final_norm,
+            "image_token_id": self.image_token_id,
+            "num_layers": self.num_layers,
+            "notes": self.notes,
+        }
