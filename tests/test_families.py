@@ -1,0 +1,137 @@
+"""Every extracted number equals an independent computation, for every family with a tiny fixture.
+
+The reference is a plain forward of one sample with `output_hidden_states=True`, read at positions
+found from token ids (`config.image_token_id`), plus a hook on the projector module. A family whose
+model departs from this pattern declares it in QUIRKS (one row) rather than getting a test of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from halp.capture import FeatureExtractor, parse_layers
+from halp.data import load_image, read_samples
+from halp.models import adapter_for
+from halp.testing import available_fixtures
+
+FAMILIES = available_fixtures()
+CLOSE = {"rtol": 1e-4, "atol": 1e-5}
+
+
+@dataclass(frozen=True)
+class Quirks:
+    """How a family's plain forward differs from the common pattern."""
+
+    #: image_token_id lookup on the config (some configs call it image_token_index).
+    image_token_attr: str = "image_token_id"
+    #: hidden_states[0] at image positions equals the projector output (no newline/extra tokens).
+    embeds_equal_projector: bool = True
+    #: An extra, family-specific check: (model, inputs, got_features_of_this_row) -> None.
+    extra_check: Callable | None = None
+
+
+def _qwen_vision_tower(model, inputs, got):
+    """The vision tower's output (before the merger) is what vision_only averages."""
+    with torch.no_grad():
+        tower = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    torch.testing.assert_close(got["vision_only"], tower.last_hidden_state.mean(0), **CLOSE)
+
+
+QUIRKS: dict[str, Quirks] = {
+    "qwen2_vl": Quirks(extra_check=_qwen_vision_tower),
+    "qwen2_5_vl": Quirks(extra_check=_qwen_vision_tower),
+}
+
+
+def _image_token_id(model, quirks: Quirks) -> int:
+    for holder in (model.config, getattr(model.config, "text_config", None)):
+        value = getattr(holder, quirks.image_token_attr, None)
+        if isinstance(value, int):
+            return value
+    raise AssertionError(f"config has no {quirks.image_token_attr}")
+
+
+def _check_row(model, adapter, image, question, layers, got, quirks: Quirks) -> None:
+    inputs = adapter.encode([image], [question])
+    image_positions = torch.nonzero(inputs["input_ids"][0] == _image_token_id(model, quirks)).flatten()
+    assert len(image_positions) > 0
+    captured = {}
+    handle = adapter.projector_module().register_forward_hook(lambda m, a, o: captured.update(inp=a[0], out=o))
+    with torch.no_grad():
+        out = model(**inputs, output_hidden_states=True)
+    handle.remove()
+    hidden = out.hidden_states
+    num_layers = adapter.num_layers
+    assert len(hidden) == num_layers + 1
+
+    projector_out = captured["out"][0] if isinstance(captured["out"], tuple) else captured["out"]
+    torch.testing.assert_close(
+        got["vision_only"], captured["inp"].reshape(-1, captured["inp"].shape[-1]).mean(0), **CLOSE
+    )
+    torch.testing.assert_close(
+        got["vision_projected"], projector_out.reshape(-1, projector_out.shape[-1]).mean(0), **CLOSE
+    )
+    if quirks.embeds_equal_projector:
+        torch.testing.assert_close(got["vision_projected"], hidden[0][0, image_positions].mean(0), **CLOSE)
+    for layer in layers:
+        if layer < num_layers - 1:
+            state = hidden[layer + 1][0]
+            torch.testing.assert_close(got[f"vision_token/layer_{layer}"], state[image_positions[-1]], **CLOSE)
+            torch.testing.assert_close(got[f"vision_token_mean/layer_{layer}"], state[image_positions].mean(0), **CLOSE)
+            torch.testing.assert_close(got[f"query_token/layer_{layer}"], state[-1], **CLOSE)
+        else:
+            # hidden_states[-1] is after the final norm; compare through that norm.
+            norm = adapter.final_norm_module()
+            with torch.no_grad():
+                torch.testing.assert_close(norm(got[f"query_token/layer_{layer}"]), hidden[-1][0, -1], **CLOSE)
+                torch.testing.assert_close(
+                    norm(got[f"vision_token/layer_{layer}"]), hidden[-1][0, image_positions[-1]], **CLOSE
+                )
+    if quirks.extra_check is not None:
+        quirks.extra_check(model, inputs, got)
+
+
+def _batch(vqa_set, n):
+    table, images_dir = vqa_set
+    samples = read_samples(table)[:n]
+    return [load_image(images_dir, s.image_id) for s in samples], [s.question for s in samples]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_features_equal_independent_computation(family, loaded, vqa_set):
+    model, processor = loaded(family)
+    adapter = adapter_for(model, processor)
+    layers = parse_layers("all", adapter.num_layers)
+    images, questions = _batch(vqa_set, 6)
+    assert len({image.size for image in images}) == 6  # several sizes and aspect ratios
+    result = FeatureExtractor(adapter, layers)(images, questions, max_new_tokens=0)
+    for row, (image, question) in enumerate(zip(images, questions, strict=True)):
+        got = {name: torch.from_numpy(values[row]) for name, values in result.features.items()}
+        _check_row(model, adapter, image, question, layers, got, QUIRKS.get(family, Quirks()))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_invariance_and_generation_equal_generate(family, loaded, vqa_set):
+    model, processor = loaded(family)
+    adapter = adapter_for(model, processor)
+    extractor = FeatureExtractor(adapter, parse_layers("halp", adapter.num_layers))
+    images, questions = _batch(vqa_set, 5)
+    batched = extractor(images, questions, max_new_tokens=8)
+    for row in range(len(images)):
+        single = extractor(images[row : row + 1], questions[row : row + 1], max_new_tokens=8)
+        for name, values in batched.features.items():
+            np.testing.assert_allclose(values[row], single.features[name][0], rtol=1e-4, atol=1e-6, err_msg=name)
+        # Plain greedy generate, batch of one, no hooks.
+        inputs = adapter.encode(images[row : row + 1], questions[row : row + 1])
+        with torch.no_grad():
+            sequences = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        new_tokens = sequences[0, inputs["input_ids"].shape[1] :]
+        expected = adapter.tokenizer().decode(new_tokens, skip_special_tokens=True).strip()
+        assert batched.answers[row] == expected
+        assert single.answers[0] == expected
+    assert any(batched.answers), "random weights should produce some text; otherwise the check above is vacuous"
