@@ -101,10 +101,12 @@ class PrefillCapture:
     _handles: list[Any] = field(default_factory=list)
 
     def __enter__(self) -> PrefillCapture:
-        modules = self.adapter.layer_modules()
         self._handles.append(self.adapter.projector_module().register_forward_hook(self._on_projector))
         for layer in self.layers:
-            self._handles.append(modules[layer].register_forward_hook(self._layer_hook(layer)))
+            module, reads_input = self.adapter.layer_state_point(layer)
+            hook = self._layer_hook(layer, reads_input)
+            register = module.register_forward_pre_hook if reads_input else module.register_forward_hook
+            self._handles.append(register(hook))
         # Disarm once the top-level prefill forward returns: decode steps must not be captured.
         self._handles.append(self.adapter.model.register_forward_hook(self._on_model_done))
         return self
@@ -142,12 +144,13 @@ class PrefillCapture:
         self._store("vision_only", self._per_sample_mean(projector_input))
         self._store("vision_projected", self._per_sample_mean(_first_tensor(output)))
 
-    def _layer_hook(self, layer: int):
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
+    def _layer_hook(self, layer: int, reads_input: bool = False):
+        # Serves as a forward hook (module, args, output) or, reading the input, a pre-hook (module, args).
+        def hook(module: nn.Module, args: Any, output: Any = None) -> None:
             if not self._armed:
                 return
             assert self.positions is not None
-            hidden = _first_tensor(output)
+            hidden = _first_tensor(args if reads_input else output)
             positions = self.positions
             if hidden.shape[1] != positions.image_mask.shape[1]:
                 raise ExtractionPointError(

@@ -126,6 +126,10 @@ def _run(
     summary = ExtractSummary(store.root, len(samples), len(samples) - len(todo), 0)
     log.info("%d samples, %d already committed, %d to do", len(samples), summary.already_done, len(todo))
 
+    if not todo and store.features_path.exists():
+        summary.finished = True  # nothing is missing: the assembled file stands, no model needed
+        return summary
+
     model, processor = load_model(config.model, device, dtype, config.trust_remote_code)
     adapter = adapter_for(model, processor)
     layers = parse_layers(config.layers, adapter.num_layers)

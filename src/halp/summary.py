@@ -37,12 +37,15 @@ def render_inspect(run_dir: str | Path, console: Console, sample: str | None = N
     with h5py.File(path, "r") as handle:
         ids = read_strings(handle["question_id"])
         names = feature_datasets(handle)
-        console.print(f"[bold]{escape(str(path))}[/]: {len(ids)} samples, {len(names)} features")
+        console.print(f"[bold]{escape(str(path))}[/]: {len(ids)} samples, {len(names)} features", soft_wrap=True)
         attrs = Table("attribute", "value", title="run")
         for key, value in handle.attrs.items():
             attrs.add_row(escape(key), _short(str(value.tolist() if isinstance(value, np.ndarray) else value), 100))
         console.print(attrs)
-        features = Table("feature", "shape", "dtype", title="features")
+        features = Table(title="features")
+        features.add_column("feature", no_wrap=True)
+        features.add_column("shape", no_wrap=True)
+        features.add_column("dtype")
         if detailed:
             for column in ("min", "max", "mean", "std"):
                 features.add_column(column, justify="right")
@@ -65,7 +68,9 @@ def render_inspect(run_dir: str | Path, console: Console, sample: str | None = N
         elif detailed:
             shown = list(range(min(3, len(ids))))
         for index in shown:
-            view = Table("field", "value", title=f"sample {escape(ids[index])}")
+            view = Table(title=f"sample {escape(ids[index])}")
+            view.add_column("field", no_wrap=True)
+            view.add_column("value")
             for field in STRING_FIELDS:
                 view.add_row(field, _short(read_strings(handle[field])[index], 200))
             for column in meta:
