@@ -33,6 +33,9 @@ class Quirks:
     embeds_equal_projector: bool = True
     #: An extra, family-specific check: (model, inputs, got_features_of_this_row) -> None.
     extra_check: Callable | None = None
+    #: (model, inputs, hidden_states) -> the states the next blocks receive, where the model changes
+    #: the residual stream between blocks (Qwen3-VL deepstack); None: hidden_states as they are.
+    next_block_states: Callable | None = None
 
 
 def _qwen_vision_tower(model, inputs, got):
@@ -42,9 +45,50 @@ def _qwen_vision_tower(model, inputs, got):
     torch.testing.assert_close(got["vision_only"], tower.last_hidden_state.mean(0), **CLOSE)
 
 
+def _qwen3_deepstack_states(model, inputs, hidden):
+    """Qwen3-VL adds deepstack feature i at image positions after block i; hidden_states hold block outputs."""
+    with torch.no_grad():
+        image = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    image_positions = inputs["input_ids"] == model.config.image_token_id
+    states = list(hidden)
+    assert len(image.deepstack_features) < len(states) - 1, "deepstack reaches the last (normed) state"
+    for block, features in enumerate(image.deepstack_features):
+        states[block + 1] = states[block + 1].clone()
+        states[block + 1][image_positions] += torch.cat(features)
+    return tuple(states)
+
+
+def _qwen3_deepstack_check(model, inputs, got):
+    """Stored states are what block k+1 receives (a pre-hook on it), and differ from block k's output."""
+    _qwen_vision_tower(model, inputs, got)
+    blocks = model.model.language_model.layers
+    received, block_outputs = {}, {}
+    handles = [
+        block.register_forward_pre_hook(lambda m, a, k=index: received.__setitem__(k, a[0]))
+        for index, block in enumerate(blocks)
+    ] + [
+        block.register_forward_hook(lambda m, a, o, k=index: block_outputs.__setitem__(k, o))
+        for index, block in enumerate(blocks)
+    ]
+    with torch.no_grad():
+        model(**inputs)
+    for handle in handles:
+        handle.remove()
+    last_image = torch.nonzero(inputs["input_ids"][0] == model.config.image_token_id).flatten()[-1]
+    deepstack_blocks = len(model.config.vision_config.deepstack_visual_indexes)
+    assert 0 < deepstack_blocks < len(blocks) - 1
+    for layer in range(len(blocks) - 1):
+        torch.testing.assert_close(got[f"vision_token/layer_{layer}"], received[layer + 1][0, last_image], **CLOSE)
+        torch.testing.assert_close(got[f"query_token/layer_{layer}"], block_outputs[layer][0, -1], **CLOSE)
+        differs = not torch.allclose(got[f"vision_token/layer_{layer}"], block_outputs[layer][0, last_image])
+        assert differs == (layer < deepstack_blocks), f"layer {layer}: deepstack follows blocks < {deepstack_blocks}"
+
+
 QUIRKS: dict[str, Quirks] = {
     "qwen2_vl": Quirks(extra_check=_qwen_vision_tower),
     "qwen2_5_vl": Quirks(extra_check=_qwen_vision_tower),
+    "qwen3_vl": Quirks(extra_check=_qwen3_deepstack_check, next_block_states=_qwen3_deepstack_states),
+    "qwen3_vl_moe": Quirks(extra_check=_qwen3_deepstack_check, next_block_states=_qwen3_deepstack_states),
 }
 
 
@@ -66,6 +110,8 @@ def _check_row(model, adapter, image, question, layers, got, quirks: Quirks) -> 
         out = model(**inputs, output_hidden_states=True)
     handle.remove()
     hidden = out.hidden_states
+    if quirks.next_block_states is not None:
+        hidden = quirks.next_block_states(model, inputs, hidden)
     num_layers = adapter.num_layers
     assert len(hidden) == num_layers + 1
 

@@ -62,6 +62,15 @@ class Adapter:
     def final_norm_module(self) -> nn.Module:
         return get_submodule(self.model, self.final_norm)
 
+    def layer_state_point(self, layer: int) -> tuple[nn.Module, bool]:
+        """Where layer k's state is read: (module, False) = that module's output, (module, True) = its first input.
+
+        Default: block k's output. A family whose model changes the residual stream between blocks
+        (Qwen3-VL's deepstack) reads the next block's input instead, so the stored state is the one
+        the next block receives.
+        """
+        return self.layer_modules()[layer], False
+
     @property
     def num_layers(self) -> int:
         return len(self.layer_modules())

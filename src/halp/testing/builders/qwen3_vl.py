@@ -1,0 +1,128 @@
+"""Tiny Qwen3-VL and Qwen3-VL-MoE checkpoints, deepstack included.
+
+The vision tower has three blocks and two deepstack taps (after vision blocks 0 and 1), so the
+language model adds deepstack features at image positions after decoder blocks 0 and 1 and not
+after blocks 2 and 3: both sides of the trap are exercised.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from halp.testing.checkpoints import train_tokenizer
+
+FAMILIES = ("qwen3_vl", "qwen3_vl_moe")
+
+SPECIAL = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# Qwen3-VL's own template reduced to images and text (no tools, no thinking blocks).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build(
+    path: Path,
+    family: str = "qwen3_vl",
+    hidden_size: int = 64,
+    num_layers: int = 4,
+    vision_dim: int = 32,
+    vision_depth: int = 3,
+    deepstack_visual_indexes: tuple[int, ...] = (0, 1),
+    min_pixels: int = 32 * 32 * 4,
+    max_pixels: int = 32 * 32 * 16,
+) -> Path:
+    from transformers import (
+        Qwen2VLImageProcessor,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLMoeConfig,
+        Qwen3VLMoeForConditionalGeneration,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
+    )
+
+    tokenizer = train_tokenizer(SPECIAL, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL}
+    heads = max(2, hidden_size // 16)
+    head_dim = hidden_size // heads
+    # Interleaved M-RoPE: temporal/height/width sections sum to head_dim / 2, as [24, 20, 20] does for 128.
+    mrope_section = [head_dim // 2 - 2 * (head_dim // 8), head_dim // 8, head_dim // 8]
+    text_config = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden_size,
+        "intermediate_size": hidden_size * 2,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": max(1, heads // 2),
+        "head_dim": head_dim,
+        "max_position_embeddings": 4096,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 5_000_000.0,
+            "mrope_section": mrope_section,
+            "mrope_interleaved": True,
+        },
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
+    if family == "qwen3_vl_moe":
+        text_config.update(
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden_size, decoder_sparse_step=1
+        )
+    vision = {
+        "depth": vision_depth,
+        "hidden_size": vision_dim,
+        "intermediate_size": vision_dim * 2,
+        "num_heads": max(2, vision_dim // 16),
+        "patch_size": 16,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "out_hidden_size": hidden_size,
+        "num_position_embeddings": 64,
+        "deepstack_visual_indexes": list(deepstack_visual_indexes),
+    }
+    common = {
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+    }
+    if family == "qwen3_vl":
+        model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(text_config=text_config, vision_config=vision, **common))
+    elif family == "qwen3_vl_moe":
+        model = Qwen3VLMoeForConditionalGeneration(
+            Qwen3VLMoeConfig(text_config=text_config, vision_config=vision, **common)
+        )
+    else:
+        raise ValueError(f"unknown Qwen3-VL family {family!r}")
+
+    # Qwen3-VL uses 16 px patches merged 2x2: one <|image_pad|> per 32x32 pixels.
+    image_processor = Qwen2VLImageProcessor(
+        patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=min_pixels, max_pixels=max_pixels
+    )
+    processor = Qwen3VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=Qwen3VLVideoProcessor(),
+        chat_template=CHAT_TEMPLATE,
+    )
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
