@@ -1,0 +1,99 @@
+"""Tiny FastVLM checkpoint: the native `FastVlmForConditionalGeneration` (timm FastViT-HD tower, Qwen2 decoder).
+
+The tower is timm's `fastvit_mci3` (FastViT-HD, the real FastVLM encoder) with one block per stage
+and narrow stages; it downsamples 64x, so the 128 px centre crop becomes 2x2 = 4 `<image>` tokens.
+The processor is the `LlavaProcessor` + `CLIPImageProcessor` pair the converted checkpoints ship,
+which expands `<image>` to one token per output cell before the model sees the sequence.
+Needs the `timm` package (the tower lives there).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from halp.testing.checkpoints import train_tokenizer
+
+FAMILY = "fast_vlm"
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
+
+# Qwen2's chat template with its default system prompt; the image goes before the user's text, as
+# in the FastVLM model card.
+CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# FastViT-HD downsamples by 4 in the stem and 2 in each of the four later stages.
+DOWNSAMPLE = 64
+
+
+def build(
+    path: Path,
+    family: str = FAMILY,
+    hidden_size: int = 64,
+    num_layers: int = 4,
+    stage_dims: tuple[int, ...] = (8, 16, 32, 32, 32),
+    crop_size: int = 128,
+) -> Path:
+    from transformers import CLIPImageProcessor, FastVlmConfig, FastVlmForConditionalGeneration, LlavaProcessor
+
+    if family != FAMILY:
+        raise ValueError(f"this builder makes {FAMILY!r}, not {family!r}")
+    tokenizer = train_tokenizer(SPECIAL, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL}
+    heads = max(2, hidden_size // 16)
+    # FastViT's head conv doubles the last stage width (cls_ratio 2): that is the tower's output width.
+    vision_width = 2 * stage_dims[-1]
+    vision_config = {
+        "model_type": "timm_wrapper",
+        "architecture": "fastvit_mci3",
+        "do_pooling": True,
+        "global_pool": "avg",
+        "hidden_size": vision_width,
+        "model_args": {"inference_mode": True, "layers": [1] * len(stage_dims), "embed_dims": list(stage_dims)},
+    }
+    text_config = {
+        "model_type": "qwen2",
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden_size,
+        "intermediate_size": hidden_size * 2,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": max(1, heads // 2),
+        "max_position_embeddings": 4096,
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
+    config = FastVlmConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=ids["<image>"],
+        image_seq_length=(crop_size // DOWNSAMPLE) ** 2,
+    )
+    model = FastVlmForConditionalGeneration(config)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": crop_size},
+        crop_size={"height": crop_size, "width": crop_size},
+        # FastVLM feeds the tower [0, 1] pixels: its processor does not normalize.
+        image_mean=[0.0, 0.0, 0.0],
+        image_std=[1.0, 1.0, 1.0],
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=DOWNSAMPLE,
+        vision_feature_select_strategy="full",
+        chat_template=CHAT_TEMPLATE,
+        image_token="<image>",
+    )
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
