@@ -43,7 +43,7 @@ def extract(
     from halp.data import TableError
     from halp.extract import ExtractConfig, run_extraction
     from halp.models import ExtractionPointError
-    from halp.store import RunMismatchError
+    from halp.store import RunLockedError, RunMismatchError, StoreWriteError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     config = ExtractConfig(
@@ -63,19 +63,19 @@ def extract(
     )
     try:
         summary = run_extraction(config)
-    except (TableError, RunMismatchError, ExtractionPointError, ValueError, FileNotFoundError) as err:
+    except (TableError, RunMismatchError, RunLockedError, StoreWriteError, ExtractionPointError, ValueError,
+            FileNotFoundError) as err:
         _fail(str(err))
         return
     console.print(
         f"{summary.processed} processed ({summary.samples_per_second:.2f} samples/s), "
         f"{summary.already_done} already done, {len(summary.failed)} failed, of {summary.total}."
     )
-    if summary.finished:
-        console.print(f"features: {summary.run_dir / 'features.h5'}")
-    else:
+    console.print(f"features: {summary.run_dir / 'features.h5'}")
+    if not summary.finished:
         console.print(
-            f"{len(summary.failed)} row(s) failed; see {summary.run_dir / 'errors.jsonl'}. "
-            "Rerun the same command to retry them."
+            f"{len(summary.failed)} row(s) failed and are not in features.h5; see "
+            f"{summary.run_dir / 'errors.jsonl'}. Rerun the same command to retry only them."
         )
         raise typer.Exit(1)
 

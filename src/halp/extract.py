@@ -11,14 +11,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from halp.capture import FeatureExtractor, parse_layers
+from halp.capture import BatchResult, FeatureExtractor, parse_layers
 from halp.data import ImageError, Sample, load_image, read_samples
 from halp.loading import load_model, resolve_device, resolve_dtype
 from halp.models import adapter_for
-from halp.store import RunStore, rows_for
+from halp.store import ERRORS_FILE, RunStore, rows_for
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,16 @@ def run_extraction(config: ExtractConfig) -> ExtractSummary:
     max_new_tokens = config.max_new_tokens if config.generate else 0
 
     store = RunStore(config.out)
+    store.lock()
+    try:
+        return _locked_run(config, store, samples, device, dtype, max_new_tokens)
+    finally:
+        store.unlock()
+
+
+def _locked_run(
+    config: ExtractConfig, store: RunStore, samples: list[Sample], device: str, dtype: str, max_new_tokens: int
+) -> ExtractSummary:
     # The layer list is resolved after loading; the identity check uses the spec until then.
     store.open(
         {
@@ -152,38 +163,35 @@ def _run(
 
     if todo and store.features_path.exists():
         store.reopen_finished()
-    errors_path = store.root / "errors.jsonl"
+    failures = FailureLog(store.root / ERRORS_FILE, summary)
     start = time.perf_counter()
     with tqdm(total=len(todo), unit="sample", disable=not config.progress, desc="extract") as bar:
         for batch in batches(todo, config.batch_size):
-            good, images = [], []
+            ready, images = [], []
             for sample in batch:
+                if not sample.question.strip():
+                    failures.record(sample, "input", "EmptyQuestion", "the question is empty")
+                    continue
                 try:
                     images.append(load_image(config.images, sample.image_id))
-                    good.append(sample)
+                    ready.append(sample)
                 except ImageError as err:
-                    record = {
-                        "question_id": sample.question_id,
-                        "stage": "image",
-                        "error": type(err).__name__,
-                        "message": str(err),
-                    }
-                    summary.failed.append(record)
-                    with errors_path.open("a") as handle:
-                        handle.write(json.dumps(record) + "\n")
-                    log.warning("%s: %s", sample.question_id, err)
-            if good:
-                result = extractor(images, [s.question for s in good], max_new_tokens)
-                store.commit(rows_for(good, result.answers, result.features), attrs)
-                summary.processed += len(good)
+                    failures.record(sample, "image", type(err).__name__, str(err))
+            if ready:
+                for samples_done, result in _extract_splitting_on_oom(
+                    extractor, ready, images, max_new_tokens, failures
+                ):
+                    _commit_finite_rows(store, samples_done, result, attrs, failures, dtype)
+                    summary.processed += len(samples_done)
             bar.update(len(batch))
     summary.seconds = time.perf_counter() - start
 
-    if not summary.failed:
-        attrs["hidden_size"] = _dim(store, "vision_projected")
-        attrs["vision_hidden_size"] = _dim(store, "vision_only")
-        store.assemble(order, attrs)
-        summary.finished = True
+    attrs["hidden_size"] = _dim(store, "vision_projected")
+    attrs["vision_hidden_size"] = _dim(store, "vision_only")
+    attrs["complete"] = not summary.failed
+    attrs["num_failed"] = len(summary.failed)
+    store.assemble(order, attrs)
+    summary.finished = not summary.failed
     log.info(
         "processed %d samples in %.1fs (%.2f samples/s); %d failed",
         summary.processed,
@@ -192,6 +200,69 @@ def _run(
         len(summary.failed),
     )
     return summary
+
+
+class FailureLog:
+    """Failed rows go to errors.jsonl (this attempt's failures) and the summary; they are never committed."""
+
+    def __init__(self, path: Path, summary: ExtractSummary) -> None:
+        self.path = path
+        self.summary = summary
+        path.write_text("")  # a rerun retries every uncommitted row, so only this attempt's failures matter
+
+    def record(self, sample: Sample, stage: str, error: str, message: str) -> None:
+        entry = {"question_id": sample.question_id, "stage": stage, "error": error, "message": message}
+        self.summary.failed.append(entry)
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+        log.warning("%s failed at %s: %s: %s", sample.question_id, stage, error, message)
+
+
+def _out_of_memory_errors() -> tuple[type[BaseException], ...]:
+    return (torch.OutOfMemoryError,)
+
+
+def _extract_splitting_on_oom(
+    extractor: FeatureExtractor, samples: list[Sample], images: list, max_new_tokens: int, failures: FailureLog
+) -> Iterator[tuple[list[Sample], BatchResult]]:
+    """Extract a batch; on out-of-memory, free the cache and retry the halves; a lone sample that fails is recorded."""
+    try:
+        result = extractor(images, [s.question for s in samples], max_new_tokens)
+    except _out_of_memory_errors() as err:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if len(samples) == 1:
+            failures.record(samples[0], "extract", "OutOfMemoryError", f"does not fit even alone: {err}")
+            return
+        half = len(samples) // 2
+        log.warning("out of memory with %d samples; retrying as %d + %d", len(samples), half, len(samples) - half)
+        yield from _extract_splitting_on_oom(extractor, samples[:half], images[:half], max_new_tokens, failures)
+        yield from _extract_splitting_on_oom(extractor, samples[half:], images[half:], max_new_tokens, failures)
+        return
+    yield samples, result
+
+
+def _commit_finite_rows(
+    store: RunStore, samples: list[Sample], result: BatchResult, attrs: dict[str, Any], failures: FailureLog, dtype: str
+) -> None:
+    """Commit rows whose every feature is finite; flag the others (float16 overflow, typically)."""
+    finite = np.ones(len(samples), dtype=bool)
+    for values in result.features.values():
+        finite &= np.isfinite(values).all(axis=1)
+    for index in np.flatnonzero(~finite):
+        bad = [name for name, values in result.features.items() if not np.isfinite(values[index]).all()]
+        advice = " Use --dtype bfloat16 or float32." if dtype == "float16" else " Check the model and input."
+        failures.record(
+            samples[index],
+            "features",
+            "NonFiniteFeatures",
+            f"inf/nan in {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''} (dtype {dtype}).{advice}",
+        )
+    keep = np.flatnonzero(finite)
+    if len(keep):
+        kept = [samples[i] for i in keep]
+        features = {name: values[keep] for name, values in result.features.items()}
+        store.commit(rows_for(kept, [result.answers[i] for i in keep], features), attrs)
 
 
 def _dim(store: RunStore, name: str) -> int:

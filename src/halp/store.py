@@ -20,6 +20,7 @@ describing the run.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -37,6 +38,8 @@ from halp.data import Sample
 FEATURES_FILE = "features.h5"
 RUN_FILE = "run.json"
 PARTS_DIR = "parts"
+ERRORS_FILE = "errors.jsonl"
+LOCK_FILE = ".lock"
 STRING_FIELDS = ("question_id", "image_id", "question", "ground_truth", "answer")
 STR = h5py.string_dtype("utf-8")
 _PART_RE = re.compile(r"^part-(\d{6})\.h5$")
@@ -47,6 +50,14 @@ IDENTITY_KEYS = ("model", "layers", "dtype", "max_new_tokens", "prompt_format")
 
 class RunMismatchError(RuntimeError):
     """A rerun asks for different settings than the run directory was created with."""
+
+
+class RunLockedError(RuntimeError):
+    """Another live process is writing to this run directory."""
+
+
+class StoreWriteError(OSError):
+    """Writing to the run directory failed (disk full, read-only, ...); committed data is intact."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -78,22 +89,29 @@ class Rows:
 
 
 def write_rows(path: Path, rows: Rows, attrs: dict[str, Any]) -> None:
-    """Write rows to `path` atomically (temporary file, fsync, rename)."""
+    """Write rows to `path` atomically (temporary file, fsync, rename); on failure nothing is left behind."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with h5py.File(tmp, "w") as handle:
-        for key, value in attrs.items():
-            handle.attrs[key] = value
-        for name in STRING_FIELDS:
-            _write_strings(handle, name, rows.strings[name])
-        meta = handle.create_group("meta")
-        for column, values in rows.meta.items():
-            _write_strings(meta, column, values)
-        for name, array in rows.features.items():
-            handle.create_dataset(name, data=np.asarray(array, dtype=np.float32))
-        handle.flush()
-        os.fsync(handle.id.get_vfd_handle())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    try:
+        with h5py.File(tmp, "w") as handle:
+            for key, value in attrs.items():
+                handle.attrs[key] = value
+            for name in STRING_FIELDS:
+                _write_strings(handle, name, rows.strings[name])
+            meta = handle.create_group("meta")
+            for column, values in rows.meta.items():
+                _write_strings(meta, column, values)
+            for name, array in rows.features.items():
+                handle.create_dataset(name, data=np.asarray(array, dtype=np.float32))
+            handle.flush()
+            os.fsync(handle.id.get_vfd_handle())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise StoreWriteError(
+            f"could not write {path}: {err}. Everything committed before is intact; "
+            "free disk space or fix permissions, then rerun the same command to resume."
+        ) from err
 
 
 def feature_datasets(handle: h5py.File) -> list[str]:
@@ -165,6 +183,34 @@ class RunStore:
     def run_path(self) -> Path:
         return self.root / RUN_FILE
 
+    # ----- one writer ----------------------------------------------------------------------
+    def lock(self) -> None:
+        """Hold an exclusive lock for this process's lifetime; the OS drops it if the process dies (no stale locks)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        handle = open(self.root / LOCK_FILE, "a+")  # noqa: SIM115 - held open until the process ends or unlock()
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise RunLockedError(
+                f"{self.root} is being written by another halp process (pid {holder}); "
+                "wait for it to finish or stop it, then rerun"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._lock_handle = handle
+
+    def unlock(self) -> None:
+        handle = getattr(self, "_lock_handle", None)
+        if handle is not None:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+            self._lock_handle = None
+
     # ----- identity ------------------------------------------------------------------------
     def read_identity(self) -> dict[str, Any] | None:
         if not self.run_path.exists():
@@ -174,7 +220,7 @@ class RunStore:
     def open(self, identity: dict[str, Any], overwrite: bool = False) -> None:
         """Create the directory, or check that an existing one was made with the same settings."""
         if overwrite and self.root.exists():
-            for name in (FEATURES_FILE, RUN_FILE, PARTS_DIR, "errors.jsonl"):
+            for name in (FEATURES_FILE, RUN_FILE, PARTS_DIR, ERRORS_FILE):
                 target = self.root / name
                 if target.is_dir():
                     shutil.rmtree(target)
@@ -256,34 +302,41 @@ class RunStore:
         total = len(kept)
 
         tmp = self.features_path.with_name(f".{FEATURES_FILE}.tmp-{os.getpid()}")
-        with h5py.File(tmp, "w") as out:
-            for key, value in {**attrs, "num_samples": total}.items():
-                out.attrs[key] = value
-            for path, ids in zip(parts, ids_per_part, strict=True):
-                rows_here = [(destination[qid], i) for i, qid in enumerate(ids) if qid in destination]
-                if not rows_here:
-                    continue
-                rows_here.sort()
-                dest = np.array([d for d, _ in rows_here], dtype=np.int64)
-                src = np.array([s for _, s in rows_here], dtype=np.int64)
-                with h5py.File(path, "r") as part:
-                    for name in [*STRING_FIELDS, *(f"meta/{c}" for c in part.get("meta", {}))]:
-                        if name not in out:
-                            out.create_dataset(name, shape=(total,), dtype=STR)
-                        values = part[name][()]
-                        out[name][dest] = values[src]
-                    for name in feature_datasets(part):
-                        array = part[name][()]
-                        if name not in out:
-                            out.create_dataset(name, shape=(total, array.shape[1]), dtype=np.float32)
-                        out[name][dest] = array[src]
-            if total == 0:
-                for name in STRING_FIELDS:
-                    out.create_dataset(name, shape=(0,), dtype=STR)
-            out.require_group("meta")
-            out.flush()
-            os.fsync(out.id.get_vfd_handle())
-        os.replace(tmp, self.features_path)
+        try:
+            with h5py.File(tmp, "w") as out:
+                for key, value in {**attrs, "num_samples": total}.items():
+                    out.attrs[key] = value
+                for path, ids in zip(parts, ids_per_part, strict=True):
+                    rows_here = [(destination[qid], i) for i, qid in enumerate(ids) if qid in destination]
+                    if not rows_here:
+                        continue
+                    rows_here.sort()
+                    dest = np.array([d for d, _ in rows_here], dtype=np.int64)
+                    src = np.array([s for _, s in rows_here], dtype=np.int64)
+                    with h5py.File(path, "r") as part:
+                        for name in [*STRING_FIELDS, *(f"meta/{c}" for c in part.get("meta", {}))]:
+                            if name not in out:
+                                out.create_dataset(name, shape=(total,), dtype=STR)
+                            values = part[name][()]
+                            out[name][dest] = values[src]
+                        for name in feature_datasets(part):
+                            array = part[name][()]
+                            if name not in out:
+                                out.create_dataset(name, shape=(total, array.shape[1]), dtype=np.float32)
+                            out[name][dest] = array[src]
+                if total == 0:
+                    for name in STRING_FIELDS:
+                        out.create_dataset(name, shape=(0,), dtype=STR)
+                out.require_group("meta")
+                out.flush()
+                os.fsync(out.id.get_vfd_handle())
+            os.replace(tmp, self.features_path)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise StoreWriteError(
+                f"could not write {self.features_path}: {err}. The committed parts in {self.parts_dir} are intact; "
+                "free disk space or fix permissions, then rerun the same command to assemble them."
+            ) from err
         _fsync_dir(self.root)
         for path in parts:
             path.unlink()
