@@ -84,11 +84,34 @@ def _qwen3_deepstack_check(model, inputs, got):
         assert differs == (layer < deepstack_blocks), f"layer {layer}: deepstack follows blocks < {deepstack_blocks}"
 
 
+def _internvl_pixel_shuffled_tower(model, inputs, got):
+    """vision_only = mean of the tower's last layer without CLS, 2x2 pixel-shuffled: block (dy, dx) of the
+    projector input is the mean over patches at row parity dy and column parity dx, over all tiles."""
+    tiles = inputs["pixel_values"]
+    assert tiles.shape[0] > 1, "the fixture must tile images, else the per-image split is not exercised"
+    with torch.no_grad():
+        tower = model.model.vision_tower(pixel_values=tiles).last_hidden_state
+    patches = tower[:, 1:]  # drop CLS
+    side = int(patches.shape[1] ** 0.5)
+    grid = patches.reshape(tiles.shape[0], side, side, -1)
+    expected = torch.cat([grid[:, dy::2, dx::2].mean(dim=(0, 1, 2)) for dy in (0, 1) for dx in (0, 1)])
+    torch.testing.assert_close(got["vision_only"], expected, **CLOSE)
+    from transformers import AutoTokenizer
+
+    ids = inputs["input_ids"][0]
+    image_positions = torch.nonzero(ids == model.config.image_token_id).flatten()
+    assert len(image_positions) == tiles.shape[0] * model.config.image_seq_length
+    # The last image token is the last <IMG_CONTEXT>, right before </img> (which is not an image token).
+    end_image = AutoTokenizer.from_pretrained(model.name_or_path).convert_tokens_to_ids("</img>")
+    assert int(ids[image_positions[-1] + 1]) == end_image
+
+
 QUIRKS: dict[str, Quirks] = {
     "qwen2_vl": Quirks(extra_check=_qwen_vision_tower),
     "qwen2_5_vl": Quirks(extra_check=_qwen_vision_tower),
     "qwen3_vl": Quirks(extra_check=_qwen3_deepstack_check, next_block_states=_qwen3_deepstack_states),
     "qwen3_vl_moe": Quirks(extra_check=_qwen3_deepstack_check, next_block_states=_qwen3_deepstack_states),
+    "internvl": Quirks(extra_check=_internvl_pixel_shuffled_tower),
 }
 
 

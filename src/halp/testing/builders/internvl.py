@@ -1,0 +1,118 @@
+"""Tiny InternVL (the transformers-native `-hf` layout: InternViT tower, pixel-shuffle MLP projector, Qwen2 LM).
+
+Tiles are 28 px with 7 px patches: 16 patches + CLS per tile, pixel shuffle 0.5 -> 4 `<IMG_CONTEXT>`
+tokens per tile. Dynamic tiling (up to 4 tiles plus a thumbnail) gives images of different sizes
+different tile counts, so per-image splitting is exercised.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from halp.testing.checkpoints import train_tokenizer
+
+FAMILY = "internvl"
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+
+# InternVL3's template: a system turn, and "<IMG_CONTEXT>\n" before the text for each image part
+# (the processor expands it to <img><IMG_CONTEXT>*N</img>).
+CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<IMG_CONTEXT>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build(
+    path: Path,
+    family: str = FAMILY,
+    hidden_size: int = 64,
+    num_layers: int = 4,
+    vision_dim: int = 32,
+    vision_depth: int = 2,
+    tile_size: int = 28,
+    vision_patch: int = 7,
+    max_tiles: int = 4,
+) -> Path:
+    from transformers import (
+        GotOcr2ImageProcessor,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+        InternVLVideoProcessor,
+    )
+
+    tokenizer = train_tokenizer(
+        SPECIAL,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        # The processor reads these names off the tokenizer, as from InternVL's tokenizer_config.json.
+        extra_special_tokens={
+            "start_image_token": "<img>",
+            "end_image_token": "</img>",
+            "context_image_token": "<IMG_CONTEXT>",
+            "video_token": "<video>",
+        },
+    )
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL}
+    heads = max(2, hidden_size // 16)
+    text_config = {
+        "model_type": "qwen2",
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden_size,
+        "intermediate_size": hidden_size * 2,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": max(1, heads // 2),
+        "max_position_embeddings": 4096,
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
+    vision_config = {
+        "hidden_size": vision_dim,
+        "intermediate_size": vision_dim * 2,
+        "num_hidden_layers": vision_depth,
+        "num_attention_heads": max(2, vision_dim // 16),
+        "image_size": tile_size,
+        "patch_size": vision_patch,
+    }
+    downsample_ratio = 0.5
+    image_seq_length = int((tile_size // vision_patch) ** 2 * downsample_ratio**2)
+    config = InternVLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=ids["<IMG_CONTEXT>"],
+        image_seq_length=image_seq_length,
+        downsample_ratio=downsample_ratio,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=False,
+    )
+    model = InternVLForConditionalGeneration(config)
+    image_processor = GotOcr2ImageProcessor(
+        size={"height": tile_size, "width": tile_size},
+        crop_to_patches=True,
+        min_patches=1,
+        max_patches=max_tiles,
+        do_normalize=True,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    )
+    processor = InternVLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=InternVLVideoProcessor(),
+        image_seq_length=image_seq_length,
+        chat_template=CHAT_TEMPLATE,
+    )
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
