@@ -84,6 +84,38 @@ def _qwen3_deepstack_check(model, inputs, got):
         assert differs == (layer < deepstack_blocks), f"layer {layer}: deepstack follows blocks < {deepstack_blocks}"
 
 
+def _idefics3_global_thumbnail(model, inputs, got):
+    """The last <image> token is the global thumbnail's (the last tile, tagged <global-img>), not a crop's."""
+    from transformers import AutoTokenizer
+
+    global_tag = AutoTokenizer.from_pretrained(model.name_or_path).convert_tokens_to_ids("<global-img>")
+    ids, tiles = inputs["input_ids"][0], inputs["pixel_values"][0]
+    assert tiles.shape[0] > 1, "the fixture must split images into crops + thumbnail, else this check is vacuous"
+    assert bool(inputs["pixel_attention_mask"].all())
+    image_positions = torch.nonzero(ids == model.config.image_token_id).flatten()
+    per_tile = len(image_positions) // tiles.shape[0]
+    thumbnail = image_positions[-per_tile:]
+    assert thumbnail.tolist() == list(range(int(thumbnail[0]), int(thumbnail[0]) + per_tile))
+    assert int(ids[thumbnail[0] - 1]) == global_tag
+    with torch.no_grad():
+        tower = model.model.vision_model(pixel_values=tiles).last_hidden_state
+        thumbnail_embeds = model.model.connector(tower[-1:])[0]
+        embeds = model(**inputs, output_hidden_states=True).hidden_states[0][0]
+    torch.testing.assert_close(got["vision_only"], tower.mean(dim=(0, 1)), **CLOSE)
+    torch.testing.assert_close(embeds[thumbnail], thumbnail_embeds, **CLOSE)
+
+
+def _fast_vlm_tower_grid(model, inputs, got):
+    """Native FastVLM: one <image> per FastViT-HD output cell (no in-model expansion); vision_only = cell mean."""
+    with torch.no_grad():
+        grid = model.model.vision_tower(inputs["pixel_values"]).last_hidden_state
+    cells = grid.shape[-2] * grid.shape[-1]
+    assert cells > 1
+    assert float(grid.abs().mean()) > 1e-3, "the tower's output vanishes: the checks on it would be vacuous"
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == cells
+    torch.testing.assert_close(got["vision_only"], grid[0].flatten(1).mean(dim=1), **CLOSE)
+
+
 def _internvl_pixel_shuffled_tower(model, inputs, got):
     """vision_only = mean of the tower's last layer without CLS, 2x2 pixel-shuffled: block (dy, dx) of the
     projector input is the mean over patches at row parity dy and column parity dx, over all tiles."""
@@ -112,6 +144,9 @@ QUIRKS: dict[str, Quirks] = {
     "qwen3_vl": Quirks(extra_check=_qwen3_deepstack_check, next_block_states=_qwen3_deepstack_states),
     "qwen3_vl_moe": Quirks(extra_check=_qwen3_deepstack_check, next_block_states=_qwen3_deepstack_states),
     "internvl": Quirks(extra_check=_internvl_pixel_shuffled_tower),
+    "idefics3": Quirks(extra_check=_idefics3_global_thumbnail),
+    "smolvlm": Quirks(extra_check=_idefics3_global_thumbnail),
+    "fast_vlm": Quirks(extra_check=_fast_vlm_tower_grid),
 }
 
 

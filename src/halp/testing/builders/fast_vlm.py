@@ -40,6 +40,7 @@ def build(
     stage_dims: tuple[int, ...] = (8, 16, 32, 32, 32),
     crop_size: int = 128,
 ) -> Path:
+    import timm
     from transformers import CLIPImageProcessor, FastVlmConfig, FastVlmForConditionalGeneration, LlavaProcessor
 
     if family != FAMILY:
@@ -77,6 +78,12 @@ def build(
         image_seq_length=(crop_size // DOWNSAMPLE) ** 2,
     )
     model = FastVlmForConditionalGeneration(config)
+    # transformers' generic init (normal, std 0.02, on every conv) shrinks the signal at each of the
+    # tower's ~15 convolutions: its output is ~1e-23 and every vision check would pass vacuously.
+    # timm's own init of the same architecture keeps it at ~1e-2.
+    tower = model.model.vision_tower.timm_model
+    reference = timm.create_model("fastvit_mci3", pretrained=False, num_classes=0, **vision_config["model_args"])
+    tower.load_state_dict(reference.state_dict())
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": crop_size},
         crop_size={"height": crop_size, "width": crop_size},
