@@ -1,0 +1,97 @@
+"""Tiny Mistral3 (Mistral-Small-3.1 layout: Pixtral tower, patch-merger projector, Mistral LM).
+
+No dedicated halp adapter serves `mistral3`: this fixture exercises the generic fallback adapter
+(`halp.models.generic`). Pixtral keeps each image's aspect ratio (longest edge 64 px here) and the
+projector merges 2x2 patches of 8 px, one `[IMG]` per 16x16 px, rows closed by `[IMG_BREAK]` and the
+image by `[IMG_END]` (neither is an image token). The config calls the image token `image_token_index`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from halp.testing.checkpoints import train_tokenizer
+
+FAMILY = "mistral3"
+
+SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+
+# Mistral-Small-3.1's template reduced to user turns with an image and text.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}[INST]{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}[IMG]"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}[/INST]"
+    "{% else %}{{ message['content'] if message['content'] is string else message['content'][0]['text'] }}</s>"
+    "{% endif %}{% endfor %}"
+)
+
+
+def build(
+    path: Path,
+    family: str = FAMILY,
+    hidden_size: int = 64,
+    num_layers: int = 4,
+    vision_dim: int = 32,
+    vision_depth: int = 2,
+    vision_patch: int = 8,
+    longest_edge: int = 64,
+) -> Path:
+    from transformers import (
+        Mistral3Config,
+        Mistral3ForConditionalGeneration,
+        PixtralImageProcessor,
+        PixtralProcessor,
+    )
+
+    tokenizer = train_tokenizer(SPECIAL, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL}
+    heads = max(2, hidden_size // 16)
+    text_config = {
+        "model_type": "mistral",
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden_size,
+        "intermediate_size": hidden_size * 2,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": max(1, heads // 2),
+        "head_dim": hidden_size // heads,
+        "max_position_embeddings": 4096,
+        "bos_token_id": ids["<s>"],
+        "eos_token_id": ids["</s>"],
+        "pad_token_id": ids["<pad>"],
+    }
+    vision_config = {
+        "model_type": "pixtral",
+        "hidden_size": vision_dim,
+        "intermediate_size": vision_dim * 2,
+        "num_hidden_layers": vision_depth,
+        "num_attention_heads": max(2, vision_dim // 16),
+        "head_dim": vision_dim // max(2, vision_dim // 16),
+        "image_size": longest_edge,
+        "patch_size": vision_patch,
+    }
+    config = Mistral3Config(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_index=ids["[IMG]"],
+        spatial_merge_size=2,
+        vision_feature_layer=-1,
+        tie_word_embeddings=False,
+    )
+    model = Mistral3ForConditionalGeneration(config)
+    processor = PixtralProcessor(
+        image_processor=PixtralImageProcessor(
+            size={"longest_edge": longest_edge}, patch_size={"height": vision_patch, "width": vision_patch}
+        ),
+        tokenizer=tokenizer,
+        patch_size=vision_patch,
+        spatial_merge_size=2,
+        chat_template=CHAT_TEMPLATE,
+    )
+    model.generation_config.bos_token_id = ids["<s>"]
+    model.generation_config.eos_token_id = ids["</s>"]
+    model.generation_config.pad_token_id = ids["<pad>"]
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
