@@ -36,6 +36,9 @@ class Quirks:
     #: (model, inputs, hidden_states) -> the states the next blocks receive, where the model changes
     #: the residual stream between blocks (Qwen3-VL deepstack); None: hidden_states as they are.
     next_block_states: Callable | None = None
+    #: Absolute tolerance of batched vs single features. Gemma-3's sandwich norms add unit-RMS
+    #: sublayer outputs, so its states are O(1) and float32 reordering under padding reaches 1e-6.
+    batch_atol: float = 1e-6
 
 
 def _qwen_vision_tower(model, inputs, got):
@@ -138,6 +141,71 @@ def _internvl_pixel_shuffled_tower(model, inputs, got):
     assert int(ids[image_positions[-1] + 1]) == end_image
 
 
+def _llava_selected_vision_layer(model, inputs, got):
+    """vision_only = CLIP hidden_states[-2] without CLS (the selected layer), not the tower's last output."""
+    config = model.config
+    assert (config.vision_feature_layer, config.vision_feature_select_strategy) == (-2, "default")
+    tiles = inputs["pixel_values"].flatten(0, -4)  # LLaVA-NeXT: (1, tiles, C, H, W) -> (tiles, C, H, W)
+    with torch.no_grad():
+        tower = model.model.vision_tower(tiles, output_hidden_states=True)
+    width = tower.last_hidden_state.shape[-1]
+    torch.testing.assert_close(got["vision_only"], tower.hidden_states[-2][:, 1:].reshape(-1, width).mean(0), **CLOSE)
+    for wrong in (tower.hidden_states[-1][:, 1:], tower.hidden_states[-2]):  # last layer; CLS kept
+        assert not torch.allclose(got["vision_only"], wrong.reshape(-1, width).mean(0), **CLOSE)
+
+
+def _llava_anyres_packing(model, inputs, got):
+    """Any-resolution: the placeholders receive the packed features (unpadded crops + image_newline rows,
+    OneVision down-sampled), not the projector rows; vision_* features average the projector over all tiles."""
+    tiles = inputs["pixel_values"][0]  # a batch of one is padded to its own tile count
+    ids = inputs["input_ids"][0]
+    image_positions = torch.nonzero(ids == model.config.image_token_id).flatten()
+    patches = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    assert tiles.shape[0] > 1, "the fixture must tile images, else the per-sample tile split is not exercised"
+    assert len(image_positions) != tiles.shape[0] * patches, "placeholders happen to match the projector rows"
+    with torch.no_grad():
+        packed = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+        embeds = model(**inputs, output_hidden_states=True).hidden_states[0][0]
+    torch.testing.assert_close(embeds[image_positions], torch.cat(packed), **CLOSE)
+    # The last image token closes the last feature row: it is the learned newline, not an image feature.
+    torch.testing.assert_close(embeds[image_positions[-1]], model.model.image_newline, **CLOSE)
+
+
+def _llava_next_check(model, inputs, got):
+    _llava_selected_vision_layer(model, inputs, got)
+    _llava_anyres_packing(model, inputs, got)
+
+
+def _llava_onevision_check(model, inputs, got):
+    """As LLaVA-NeXT, but SigLIP's last layer (no CLS) *before* its post-layernorm feeds the projector."""
+    assert (model.config.vision_feature_layer, model.config.vision_feature_select_strategy) == (-1, "full")
+    with torch.no_grad():
+        tower = model.model.vision_tower(inputs["pixel_values"][0], output_hidden_states=True)
+    width = tower.last_hidden_state.shape[-1]
+    torch.testing.assert_close(got["vision_only"], tower.hidden_states[-1].reshape(-1, width).mean(0), **CLOSE)
+    assert not torch.allclose(got["vision_only"], tower.last_hidden_state.reshape(-1, width).mean(0), **CLOSE)
+    _llava_anyres_packing(model, inputs, got)
+
+
+def _gemma3_soft_tokens(model, inputs, got):
+    """Placeholders are the soft tokens between <start_of_image> and <end_of_image>; one <bos>; image tokens
+    attend bidirectionally (token_type_ids), so a causal forward gives other image states."""
+    config, ids = model.config, inputs["input_ids"][0]
+    image_positions = torch.nonzero(ids == config.image_token_id).flatten()
+    assert len(image_positions) == config.mm_tokens_per_image
+    assert int(ids[image_positions[0] - 1]) == config.boi_token_id
+    assert int(ids[image_positions[-1] + 1]) == config.eoi_token_id
+    assert int(ids[0]) == config.text_config.bos_token_id
+    assert int((ids == config.text_config.bos_token_id).sum()) == 1, "the template's <bos> was doubled"
+    with torch.no_grad():
+        tower = model.model.vision_tower(pixel_values=inputs["pixel_values"]).last_hidden_state
+        causal = model(**{k: v for k, v in inputs.items() if k != "token_type_ids"}, output_hidden_states=True)
+    torch.testing.assert_close(got["vision_only"], tower[0].mean(0), **CLOSE)
+    assert float(got["vision_projected"].abs().mean()) > 1e-3, "zero projector output: vision checks are vacuous"
+    causal_mean = causal.hidden_states[1][0, image_positions].mean(0)
+    assert not torch.allclose(got["vision_token_mean/layer_0"], causal_mean, **CLOSE)
+
+
 QUIRKS: dict[str, Quirks] = {
     "qwen2_vl": Quirks(extra_check=_qwen_vision_tower),
     "qwen2_5_vl": Quirks(extra_check=_qwen_vision_tower),
@@ -147,6 +215,10 @@ QUIRKS: dict[str, Quirks] = {
     "idefics3": Quirks(extra_check=_idefics3_global_thumbnail),
     "smolvlm": Quirks(extra_check=_idefics3_global_thumbnail),
     "fast_vlm": Quirks(extra_check=_fast_vlm_tower_grid),
+    "llava": Quirks(extra_check=_llava_selected_vision_layer),
+    "llava_next": Quirks(embeds_equal_projector=False, extra_check=_llava_next_check),
+    "llava_onevision": Quirks(embeds_equal_projector=False, extra_check=_llava_onevision_check),
+    "gemma3": Quirks(extra_check=_gemma3_soft_tokens, batch_atol=1e-5),
 }
 
 
@@ -226,10 +298,11 @@ def test_batch_invariance_and_generation_equal_generate(family, loaded, vqa_set)
     extractor = FeatureExtractor(adapter, parse_layers("halp", adapter.num_layers))
     images, questions = _batch(vqa_set, 5)
     batched = extractor(images, questions, max_new_tokens=8)
+    atol = QUIRKS.get(family, Quirks()).batch_atol
     for row in range(len(images)):
         single = extractor(images[row : row + 1], questions[row : row + 1], max_new_tokens=8)
         for name, values in batched.features.items():
-            np.testing.assert_allclose(values[row], single.features[name][0], rtol=1e-4, atol=1e-6, err_msg=name)
+            np.testing.assert_allclose(values[row], single.features[name][0], rtol=1e-4, atol=atol, err_msg=name)
         # Plain greedy generate, batch of one, no hooks.
         inputs = adapter.encode(images[row : row + 1], questions[row : row + 1])
         with torch.no_grad():

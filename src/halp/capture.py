@@ -69,6 +69,9 @@ class Positions:
     last_image: torch.Tensor  # (B,) long
     query: int  # column of the last prompt token (left padding: the last one)
     image_tokens_per_sample: list[int]
+    #: What the projector's rows are proportional to, per sample (Adapter.projector_units_per_sample);
+    #: None: the image token counts.
+    projector_units: list[int] | None = None
 
     @classmethod
     def from_inputs(cls, adapter: Adapter, inputs: dict[str, torch.Tensor]) -> Positions:
@@ -86,7 +89,9 @@ class Positions:
             raise ExtractionPointError("the batch is not left-padded: the last column is padding for some rows")
         columns = torch.arange(input_ids.shape[1], device=mask.device)
         last_image = torch.where(mask, columns, -1).max(dim=1).values
-        return cls(mask, last_image, input_ids.shape[1] - 1, counts.tolist())
+        image_tokens = counts.tolist()
+        units = adapter.projector_units_per_sample(inputs, image_tokens)
+        return cls(mask, last_image, input_ids.shape[1] - 1, image_tokens, units)
 
 
 @dataclass
@@ -132,7 +137,8 @@ class PrefillCapture:
 
     def _per_sample_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         assert self.positions is not None
-        groups = self.adapter.split_per_sample(tensor, self.positions.image_tokens_per_sample)
+        units = self.positions.projector_units or self.positions.image_tokens_per_sample
+        groups = self.adapter.split_per_sample(tensor, units)
         return torch.stack([group.float().mean(dim=0) for group in groups])
 
     def _on_projector(self, module: nn.Module, args: Any, output: Any) -> None:

@@ -107,9 +107,24 @@ class Adapter:
         tokenizer = self.tokenizer()
         tokenizer.padding_side = "left"
         prompts = [self.prompt(question) for question in questions]
-        return dict(self.processor(text=prompts, images=images, padding=True, return_tensors="pt"))
+        # As processor.apply_chat_template(tokenize=True) does: a template that renders the BOS itself
+        # (Gemma-3) must not get a second one from a tokenizer that also adds it.
+        bos = getattr(tokenizer, "bos_token", None)
+        special = {"add_special_tokens": False} if bos and all(p.startswith(bos) for p in prompts) else {}
+        return dict(self.processor(text=prompts, images=images, padding=True, return_tensors="pt", **special))
 
     # ----- vision features -----------------------------------------------------------------
+    def projector_units_per_sample(
+        self, inputs: dict[str, torch.Tensor], image_tokens_per_sample: list[int]
+    ) -> list[int]:
+        """Per-sample counts that the projector's rows are proportional to; `split_per_sample` gets them.
+
+        By default the image placeholder counts. A family whose projector sees whole tiles that are
+        unpadded or interleaved with newline rows only after it (LLaVA-NeXT, LLaVA-OneVision) returns
+        the number of tiles per sample, which only the processor inputs tell.
+        """
+        return image_tokens_per_sample
+
     def split_per_sample(self, tensor: torch.Tensor, image_tokens_per_sample: list[int]) -> list[torch.Tensor]:
         """Split a projector input/output into per-sample (n_tokens, dim) groups.
 

@@ -1,0 +1,233 @@
+"""Tiny LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision checkpoints.
+
+Each mirrors its usual checkpoint at toy scale: LLaVA-1.5 = CLIP tower (feature layer -2, CLS
+dropped) + Llama; LLaVA-NeXT = the same tower with any-resolution tiles + Mistral; LLaVA-OneVision =
+SigLIP tower (last layer, no CLS) with up to 6x6 tiles and `anyres_max_9` down-sampling + Qwen2.
+Tile sizes are scaled so a 48-200 px image gives a few dozen to a few hundred image tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from halp.testing.checkpoints import train_tokenizer
+
+FAMILIES = ("llava", "llava_next", "llava_onevision")
+
+LLAMA_SPECIAL = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+
+# llava-hf/llava-1.5-7b-hf: "USER: <image>\n<question> ASSISTANT:"
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'text') %}{{ part['text'] + ' ' }}{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+# llava-hf/llava-v1.6-mistral-7b-hf: "[INST] <image>\n<question> [/INST]"
+LLAVA_NEXT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' }}"
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'text') %}{{ part['text'] }}{% endfor %}"
+    "{{ ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'text') %}{{ ' ' + part['text'] }}{% endfor %}"
+    "{{ '</s>' }}{% endif %}{% endfor %}"
+)
+
+# llava-hf/llava-onevision-qwen2-*-ov-hf: ChatML with the image first in the user turn.
+ONEVISION_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' }}"
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\n' + part['text'] }}{% endfor %}"
+    "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _llama_tokenizer():
+    """A Llama-style tokenizer: <s> prepended by the tokenizer itself, as the real one does."""
+    from tokenizers import processors
+
+    tokenizer = train_tokenizer(
+        LLAMA_SPECIAL,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    bos = tokenizer.convert_tokens_to_ids("<s>")
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    return tokenizer
+
+
+def _text_config(model_type: str, tokenizer, hidden_size: int, num_layers: int) -> dict:
+    heads = max(2, hidden_size // 16)
+    config = {
+        "model_type": model_type,
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden_size,
+        "intermediate_size": hidden_size * 2,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": max(1, heads // 2),
+        "max_position_embeddings": 4096,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    if model_type == "mistral":
+        config["sliding_window"] = None  # Mistral-7B-v0.2, the LLaVA-NeXT base, has none
+    return config
+
+
+def _vision_config(model_type: str, vision_dim: int, vision_depth: int, image_size: int, patch_size: int) -> dict:
+    return {
+        "model_type": model_type,
+        "hidden_size": vision_dim,
+        "intermediate_size": vision_dim * 2,
+        "num_hidden_layers": vision_depth,
+        "num_attention_heads": max(2, vision_dim // 16),
+        "image_size": image_size,
+        "patch_size": patch_size,
+    }
+
+
+def build(
+    path: Path,
+    family: str = "llava",
+    hidden_size: int = 64,
+    num_layers: int = 4,
+    vision_dim: int = 32,
+    vision_depth: int = 3,
+) -> Path:
+    if family == "llava":
+        _build_llava(path, hidden_size, num_layers, vision_dim, vision_depth)
+    elif family == "llava_next":
+        _build_llava_next(path, hidden_size, num_layers, vision_dim, vision_depth)
+    elif family == "llava_onevision":
+        _build_llava_onevision(path, hidden_size, num_layers, vision_dim, vision_depth)
+    else:
+        raise ValueError(f"unknown LLaVA family {family!r}")
+    return path
+
+
+def _save(path: Path, model, processor, tokenizer) -> None:
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+
+
+def _build_llava(path: Path, hidden_size: int, num_layers: int, vision_dim: int, vision_depth: int) -> None:
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    # 28 px / 7 px patches: 16 patches + CLS, like 336 / 14 -> 576 + CLS.
+    image_size, patch_size = 28, 7
+    tokenizer = _llama_tokenizer()
+    config = LlavaConfig(
+        vision_config=_vision_config("clip_vision_model", vision_dim, vision_depth, image_size, patch_size),
+        text_config=_text_config("llama", tokenizer, hidden_size, num_layers),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=(image_size // patch_size) ** 2,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    model = LlavaForConditionalGeneration(config)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+        ),
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_TEMPLATE,
+    )
+    _save(path, model, processor, tokenizer)
+
+
+def _build_llava_next(path: Path, hidden_size: int, num_layers: int, vision_dim: int, vision_depth: int) -> None:
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
+
+    # The real pinpoints (multiples of the 336 px tile) scaled to a 28 px tile with 7 px patches.
+    image_size, patch_size = 28, 7
+    pinpoints = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]
+    tokenizer = _llama_tokenizer()
+    config = LlavaNextConfig(
+        vision_config=_vision_config("clip_vision_model", vision_dim, vision_depth, image_size, patch_size),
+        text_config=_text_config("mistral", tokenizer, hidden_size, num_layers),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=pinpoints,
+        image_seq_length=(image_size // patch_size) ** 2,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    model = LlavaNextForConditionalGeneration(config)
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessor(
+            size={"shortest_edge": image_size},
+            crop_size={"height": image_size, "width": image_size},
+            image_grid_pinpoints=pinpoints,
+        ),
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_NEXT_TEMPLATE,
+    )
+    _save(path, model, processor, tokenizer)
+
+
+def _build_llava_onevision(path: Path, hidden_size: int, num_layers: int, vision_dim: int, vision_depth: int) -> None:
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+    )
+
+    # 28 px tiles of 7 px patches = 4x4 features per tile (the real one: 384 / 14 = 27x27), and tile
+    # grids up to 6x6 as in the real pinpoints, so a large image exceeds anyres_max_9 and is down-sampled.
+    image_size, patch_size = 28, 7
+    pinpoints = [[image_size * rows, image_size * cols] for rows in range(1, 7) for cols in range(1, 7)]
+    tokenizer = train_tokenizer(
+        QWEN_SPECIAL,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
+    )
+    vision = _vision_config("siglip_vision_model", vision_dim, vision_depth, image_size, patch_size)
+    vision["vision_use_head"] = False
+    config = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=_text_config("qwen2", tokenizer, hidden_size, num_layers),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+    )
+    model = LlavaOnevisionForConditionalGeneration(config)
+    siglip_norm = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(
+            size={"height": image_size, "width": image_size}, image_grid_pinpoints=pinpoints, **siglip_norm
+        ),
+        tokenizer=tokenizer,
+        video_processor=LlavaOnevisionVideoProcessor(size={"height": image_size, "width": image_size}, **siglip_norm),
+        num_image_tokens=(image_size // patch_size) ** 2,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+        chat_template=ONEVISION_TEMPLATE,
+    )
+    _save(path, model, processor, tokenizer)
