@@ -114,7 +114,8 @@ def _fast_vlm_tower_grid(model, inputs, got):
         grid = model.model.vision_tower(inputs["pixel_values"]).last_hidden_state
     cells = grid.shape[-2] * grid.shape[-1]
     assert cells > 1
-    assert float(grid.abs().mean()) > 1e-3, "the tower's output vanishes: the checks on it would be vacuous"
+    # A vanishing or constant tower output would make every vision check pass vacuously.
+    assert float(grid.flatten(2).std(dim=-1).mean()) > 1e-2, "the tower's output hardly varies over cells"
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == cells
     torch.testing.assert_close(got["vision_only"], grid[0].flatten(1).mean(dim=1), **CLOSE)
 

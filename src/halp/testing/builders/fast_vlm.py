@@ -10,6 +10,7 @@ Needs the `timm` package (the tower lives there).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from halp.testing.checkpoints import train_tokenizer
 
@@ -32,6 +33,29 @@ CHAT_TEMPLATE = (
 DOWNSAMPLE = 64
 
 
+def _unit_variance_init(tower: Any, crop_size: int) -> None:
+    """Rescale each conv of the tower so that its output has unit spread on random pixels (LSUV-style).
+
+    With transformers' generic init (normal, std 0.02) or timm's own, the signal shrinks at each of
+    the tower's ~15 convolutions and conv biases dominate: its output is ~1e-23, or input-independent,
+    and every vision check would pass vacuously. Layer by layer in forward order, zero the bias and
+    divide the weight by the spread of the conv's output on a probe batch.
+    """
+    import torch
+    from torch import nn
+
+    probe = torch.rand(4, 3, crop_size, crop_size)
+    seen: dict[nn.Module, torch.Tensor] = {}
+    with torch.no_grad():
+        for conv in [module for module in tower.modules() if isinstance(module, nn.Conv2d)]:
+            handle = conv.register_forward_hook(lambda module, args, output: seen.__setitem__(module, output))
+            if conv.bias is not None:
+                conv.bias.zero_()
+            tower.forward_features(probe)
+            handle.remove()
+            conv.weight /= seen.pop(conv).std().clamp_min(1e-6)
+
+
 def build(
     path: Path,
     family: str = FAMILY,
@@ -40,7 +64,6 @@ def build(
     stage_dims: tuple[int, ...] = (8, 16, 32, 32, 32),
     crop_size: int = 128,
 ) -> Path:
-    import timm
     from transformers import CLIPImageProcessor, FastVlmConfig, FastVlmForConditionalGeneration, LlavaProcessor
 
     if family != FAMILY:
@@ -78,12 +101,7 @@ def build(
         image_seq_length=(crop_size // DOWNSAMPLE) ** 2,
     )
     model = FastVlmForConditionalGeneration(config)
-    # transformers' generic init (normal, std 0.02, on every conv) shrinks the signal at each of the
-    # tower's ~15 convolutions: its output is ~1e-23 and every vision check would pass vacuously.
-    # timm's own init of the same architecture keeps it at ~1e-2.
-    tower = model.model.vision_tower.timm_model
-    reference = timm.create_model("fastvit_mci3", pretrained=False, num_classes=0, **vision_config["model_args"])
-    tower.load_state_dict(reference.state_dict())
+    _unit_variance_init(model.model.vision_tower.timm_model, crop_size)
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": crop_size},
         crop_size={"height": crop_size, "width": crop_size},
