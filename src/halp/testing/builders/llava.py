@@ -3,7 +3,7 @@
 Each mirrors its usual checkpoint at toy scale: LLaVA-1.5 = CLIP tower (feature layer -2, CLS
 dropped) + Llama; LLaVA-NeXT = the same tower with any-resolution tiles + Mistral; LLaVA-OneVision =
 SigLIP tower (last layer, no CLS) with up to 6x6 tiles and `anyres_max_9` down-sampling + Qwen2.
-Tile sizes are scaled so a 48-200 px image gives a few dozen to a few hundred image tokens.
+Tiles are 28 px with 7 px patches, so a 48-200 px image gives 16 (LLaVA-1.5) to under 200 image tokens.
 """
 
 from __future__ import annotations
