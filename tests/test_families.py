@@ -207,12 +207,43 @@ def _gemma3_soft_tokens(model, inputs, got):
     assert not torch.allclose(got["vision_token_mean/layer_0"], causal_mean, **CLOSE)
 
 
+def _molmo2_check(model, inputs, got):
+    """Molmo2 adds the pooled features to the <im_patch> embeddings; vision_only is the mean over all crops'
+    patches of the two concatenated ViT layers; the last <im_patch> closes the high-res grid."""
+    from transformers import AutoTokenizer
+
+    image_token = model.config.image_token_id
+    ids = inputs["input_ids"][0]
+    image_positions = torch.nonzero(ids == image_token).flatten()
+    with torch.no_grad():
+        features = model.model.get_image_features(
+            inputs["pixel_values"], inputs["image_token_pooling"], inputs["image_grids"]
+        )
+        tower = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True).hidden_states
+        embeds = model(**inputs, output_hidden_states=True).hidden_states[0][0]
+        placeholder = model.get_input_embeddings()(torch.tensor([image_token]))[0]
+    projected = torch.cat(features.pooler_output)
+    assert projected.shape[0] == len(image_positions)
+    torch.testing.assert_close(embeds[image_positions] - placeholder, projected, **CLOSE)
+    assert not torch.allclose(embeds[image_positions], projected)  # the residual is really there
+    layers = model.config.adapter_config.vision_feature_layer
+    concatenated = torch.cat([tower[layer + 1 if layer >= 0 else layer] for layer in layers], dim=-1)
+    assert inputs["pixel_values"].shape[0] == int(inputs["image_num_crops"][0]) > 1
+    torch.testing.assert_close(got["vision_only"], concatenated.reshape(-1, concatenated.shape[-1]).mean(0), **CLOSE)
+    tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+    high_res_start = torch.nonzero(ids == tokenizer.convert_tokens_to_ids("<im_start>")).flatten()[-1]
+    low_res_start = torch.nonzero(ids == tokenizer.convert_tokens_to_ids("<low_res_im_start>")).flatten()[-1]
+    assert low_res_start < high_res_start < image_positions[-1]
+    assert int(ids[image_positions[-1] + 1]) == tokenizer.convert_tokens_to_ids("<im_col>")
+
+
 QUIRKS: dict[str, Quirks] = {
     "qwen2_vl": Quirks(extra_check=_qwen_vision_tower),
     "qwen2_5_vl": Quirks(extra_check=_qwen_vision_tower),
     "qwen3_vl": Quirks(extra_check=_qwen3_deepstack_check, next_block_states=_qwen3_deepstack_states),
     "qwen3_vl_moe": Quirks(extra_check=_qwen3_deepstack_check, next_block_states=_qwen3_deepstack_states),
     "internvl": Quirks(extra_check=_internvl_pixel_shuffled_tower),
+    "molmo2": Quirks(embeds_equal_projector=False, extra_check=_molmo2_check),
     "idefics3": Quirks(extra_check=_idefics3_global_thumbnail),
     "smolvlm": Quirks(extra_check=_idefics3_global_thumbnail),
     "fast_vlm": Quirks(extra_check=_fast_vlm_tower_grid),
@@ -246,7 +277,8 @@ def _check_row(model, adapter, image, question, layers, got, quirks: Quirks) -> 
     num_layers = adapter.num_layers
     assert len(hidden) == num_layers + 1
 
-    projector_out = captured["out"][0] if isinstance(captured["out"], tuple) else captured["out"]
+    # A tuple or a transformers ModelOutput (Molmo2's projector): its first tensor.
+    projector_out = captured["out"] if isinstance(captured["out"], torch.Tensor) else captured["out"][0]
     torch.testing.assert_close(
         got["vision_only"], captured["inp"].reshape(-1, captured["inp"].shape[-1]).mean(0), **CLOSE
     )

@@ -56,6 +56,8 @@ def _first_tensor(output: Any) -> torch.Tensor:
     """Decoder blocks return a tensor in some families and versions and a tuple in others."""
     if isinstance(output, torch.Tensor):
         return output
+    if hasattr(output, "to_tuple"):  # a transformers ModelOutput (e.g. Molmo2's projector returns one)
+        output = output.to_tuple()
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
     raise ExtractionPointError(f"unexpected decoder block output of type {type(output).__name__}")
@@ -72,6 +74,8 @@ class Positions:
     #: What the projector's rows are proportional to, per sample (Adapter.projector_units_per_sample);
     #: None: the image token counts.
     projector_units: list[int] | None = None
+    #: The batch's processor inputs, for adapters whose projector rows only they can attribute to samples.
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_inputs(cls, adapter: Adapter, inputs: dict[str, torch.Tensor]) -> Positions:
@@ -91,7 +95,7 @@ class Positions:
         last_image = torch.where(mask, columns, -1).max(dim=1).values
         image_tokens = counts.tolist()
         units = adapter.projector_units_per_sample(inputs, image_tokens)
-        return cls(mask, last_image, input_ids.shape[1] - 1, image_tokens, units)
+        return cls(mask, last_image, input_ids.shape[1] - 1, image_tokens, units, inputs)
 
 
 @dataclass
@@ -135,10 +139,9 @@ class PrefillCapture:
             raise ExtractionPointError(f"{name} was produced twice in one prefill pass")
         self.features[name] = value.detach().float().cpu()
 
-    def _per_sample_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+    def _per_sample_mean(self, tensor: torch.Tensor, output: bool) -> torch.Tensor:
         assert self.positions is not None
-        units = self.positions.projector_units or self.positions.image_tokens_per_sample
-        groups = self.adapter.split_per_sample(tensor, units)
+        groups = self.adapter.projector_groups(tensor, self.positions, output)
         return torch.stack([group.float().mean(dim=0) for group in groups])
 
     def _on_projector(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -147,8 +150,8 @@ class PrefillCapture:
         projector_input = args[0] if args else None
         if not isinstance(projector_input, torch.Tensor):
             raise ExtractionPointError(f"{self.adapter.projector} was called without a tensor input")
-        self._store("vision_only", self._per_sample_mean(projector_input))
-        self._store("vision_projected", self._per_sample_mean(_first_tensor(output)))
+        self._store("vision_only", self._per_sample_mean(projector_input, output=False))
+        self._store("vision_projected", self._per_sample_mean(_first_tensor(output), output=True))
 
     def _layer_hook(self, layer: int, reads_input: bool = False):
         # Serves as a forward hook (module, args, output) or, reading the input, a pre-hook (module, args).

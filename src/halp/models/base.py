@@ -6,10 +6,13 @@ it by the transformers `model_type` values it lists. Most families only set clas
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from halp.capture import Positions
 
 
 class ExtractionPointError(RuntimeError):
@@ -124,6 +127,15 @@ class Adapter:
         the number of tiles per sample, which only the processor inputs tell.
         """
         return image_tokens_per_sample
+
+    def projector_groups(self, tensor: torch.Tensor, positions: Positions, output: bool) -> list[torch.Tensor]:
+        """Per-sample (rows, dim) groups of the projector's input (output=False) or output (output=True).
+
+        Default: `split_per_sample` by `positions.projector_units` (or the image token counts), the same
+        for input and output. A family whose projector changes the rows per sample unevenly (Molmo2 pools
+        crops into tokens) or pads them (Molmo) overrides this, reading `positions.inputs`.
+        """
+        return self.split_per_sample(tensor, positions.projector_units or positions.image_tokens_per_sample)
 
     def split_per_sample(self, tensor: torch.Tensor, image_tokens_per_sample: list[int]) -> list[torch.Tensor]:
         """Split a projector input/output into per-sample (n_tokens, dim) groups.
