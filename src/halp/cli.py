@@ -130,5 +130,77 @@ def models(
         _fail(f"{type(err).__name__}: {err}")
 
 
+@app.command()
+def label(
+    run_dir: Annotated[Path, typer.Argument(help="Finished run directory (features.h5 with answers).")],
+    labels: Annotated[Path | None, typer.Option(help="Import manual labels from this table instead.")] = None,
+    label_column: Annotated[
+        str | None, typer.Option(help="0/1 column of --labels (default: label, else is_hallucinating_manual).")
+    ] = None,
+    judge: Annotated[str | None, typer.Option(help="Local causal LM asked a rubric for open answers.")] = None,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the judge's own Python code to run.")] = False,
+) -> None:
+    """Label each answer hallucinated / not / unknown; write RUN_DIR/labels.csv and print the coverage."""
+    from halp.label import Judge, label_run, print_coverage
+
+    if labels is not None and judge is not None:
+        _fail("--labels imports manual labels; --judge labels from answers. Use one of them.")
+    try:
+        chosen_judge = Judge.load(judge, trust_remote_code=trust_remote_code) if judge else None
+        summary = label_run(run_dir, labels=labels, label_column=label_column, judge=chosen_judge)
+    except (FileNotFoundError, ValueError, OSError) as err:
+        _fail(str(err))
+        return
+    print_coverage(console, summary)
+
+
+@app.command()
+def probe(
+    run_dir: Annotated[Path, typer.Argument(help="Finished run directory.")],
+    labels: Annotated[Path | None, typer.Option(help="Label table (default: RUN_DIR/labels.csv).")] = None,
+    label_column: Annotated[
+        str | None, typer.Option(help="0/1 column (default: label, else is_hallucinating_manual).")
+    ] = None,
+    features: Annotated[str | None, typer.Option(help="Comma-separated features (default: all stored).")] = None,
+    probe: Annotated[str, typer.Option(help="logreg, mlp (the paper's) or both.")] = "logreg",
+    folds: Annotated[int, typer.Option(help="Stratified k-fold CV folds.")] = 5,
+    split: Annotated[float | None, typer.Option(help="One stratified split with this test fraction (paper: 0.2).")] = (
+        None
+    ),
+    group_by: Annotated[str | None, typer.Option(help="Per-group AUROC by this metadata column.")] = None,
+    group_by_image: Annotated[
+        bool, typer.Option("--group-by-image/--no-group-by-image", help="Keep each image's rows in one fold.")
+    ] = True,
+    seed: Annotated[int, typer.Option(help="Seed of splits, shuffled control, bootstrap and probes.")] = 42,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals.")] = 1000,
+    device: Annotated[str, typer.Option(help="Device of the MLP probe: cpu, cuda or auto.")] = "cpu",
+) -> None:
+    """Train and evaluate one probe per feature; write RUN_DIR/probes/ (results, predictions, models)."""
+    from halp.probe import print_results, train_probes
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    chosen = [name.strip() for name in features.split(",") if name.strip()] if features else None
+    try:
+        results = train_probes(
+            run_dir,
+            labels=labels,
+            label_column=label_column,
+            features=chosen,
+            probe=probe,
+            folds=folds,
+            split=split,
+            group_by=group_by,
+            group_by_image=group_by_image,
+            seed=seed,
+            bootstrap=bootstrap,
+            device=device,
+            progress=lambda message: console.print(message, markup=False, highlight=False),
+        )
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+        return
+    print_results(console, results, run_dir)
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,380 @@
+"""Probes, CV and metrics against scikit-learn on fixed data; save/load; the control; grouping by image.
+
+The run directories are synthetic features.h5 files in the store's layout with planted signal:
+`query_token/layer_1` carries the label linearly, `vision_only` is noise, and
+`vision_token/layer_1` is a per-image random vector whose label is the image's (an image memorizer's
+dream: it predicts only if the test images were seen in training).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+from sklearn.metrics import accuracy_score, average_precision_score, f1_score, roc_auc_score
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from typer.testing import CliRunner
+
+from halp.cli import app
+from halp.data import Sample
+from halp.probe import (
+    LOGREG_CS,
+    LogRegProbe,
+    MLPProbe,
+    bootstrap_intervals,
+    build_mlp,
+    load_probe,
+    make_splits,
+    probe_stem,
+    save_probe,
+    train_probes,
+)
+from halp.store import rows_for, write_rows
+
+SIGNAL = "query_token/layer_1"
+NOISE = "vision_only"
+PER_IMAGE = "vision_token/layer_1"
+FAST_LOGREG = {"logreg": {"C": 0.1}}
+FAST_MLP = {"mlp": {"hidden": (16, 8), "epochs": 15, "batch_size": 16}}
+
+
+def write_run(
+    root: Path, n_images: int = 60, per_image: int = 1, dim: int = 12, positive_rate: float = 0.3, seed: int = 0
+) -> tuple[Path, pd.DataFrame]:
+    """A run directory with planted features and a labels.csv (a few labels left empty)."""
+    rng = np.random.default_rng(seed)
+    n = n_images * per_image
+    image_of = np.repeat(np.arange(n_images), per_image)
+    image_label = (rng.random(n_images) < positive_rate).astype(int)
+    # Every image gets at least one of each class somewhere, so stratification has both classes.
+    image_label[:2] = [0, 1]
+    if per_image > 1:
+        y = image_label[image_of]
+    else:
+        y = (rng.random(n) < positive_rate).astype(int)
+        y[:2] = [0, 1]
+    direction = rng.normal(size=dim)
+    signal = rng.normal(size=(n, dim)) + 2.5 * np.outer(y, direction) / np.linalg.norm(direction)
+    image_vectors = rng.normal(size=(n_images, 64))
+    per_image_feature = image_vectors[image_of] + 0.05 * rng.normal(size=(n, 64))
+    samples = [
+        Sample(f"q{i:04d}", f"img{image_of[i]:03d}.png", "Is there a dog?", "no", {"category": f"c{i % 3}"})
+        for i in range(n)
+    ]
+    features = {
+        NOISE: rng.normal(size=(n, dim)).astype(np.float32),
+        SIGNAL: signal.astype(np.float32),
+        PER_IMAGE: per_image_feature.astype(np.float32),
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    write_rows(root / "features.h5", rows_for(samples, ["yes"] * n, features), {"model_id": "synthetic", "layers": [1]})
+    labels = pd.DataFrame(
+        {
+            "question_id": [s.question_id for s in samples],
+            "label": [str(v) for v in y],
+            "method": "manual",
+            "reason": "",
+            "answer_type": "yesno",
+        }
+    )
+    labels.loc[n - 3 :, "label"] = ""  # unknown: must be left out
+    labels.to_csv(root / "labels.csv", index=False)
+    return root, labels
+
+
+def _labelled(labels: pd.DataFrame) -> tuple[list[str], np.ndarray]:
+    known = labels[labels["label"] != ""]
+    return known["question_id"].tolist(), known["label"].astype(int).to_numpy()
+
+
+def _features(run_dir: Path, name: str, ids: list[str]) -> np.ndarray:
+    import h5py
+
+    from halp.store import read_strings
+
+    with h5py.File(run_dir / "features.h5", "r") as handle:
+        index = {qid: i for i, qid in enumerate(read_strings(handle["question_id"]))}
+        return handle[name][()][[index[qid] for qid in ids]]
+
+
+# ----- the estimators ----------------------------------------------------------------------------
+def _fixed_data(n: int = 200, dim: int = 10, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.3).astype(int)
+    # Scales from 0.1 to 50: the probes must standardize; the signal is 0.6 sd per dimension.
+    X = (rng.normal(size=(n, dim)) + 0.6 * np.outer(y, np.ones(dim))) * rng.uniform(0.1, 50, size=dim)
+    return X.astype(np.float32), y
+
+
+def test_logreg_equals_standardized_sklearn_logistic_regression():
+    X, y = _fixed_data()
+    ours = LogRegProbe(C=0.3).fit(X[:150], y[:150])
+    reference = make_pipeline(StandardScaler(), LogisticRegression(C=0.3, max_iter=1000)).fit(X[:150], y[:150])
+    np.testing.assert_allclose(ours.predict_proba(X[150:]), reference.predict_proba(X[150:]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(ours.predict(X[150:]), reference.predict(X[150:]))
+
+
+def test_logreg_chooses_C_like_logistic_regression_cv():
+    X, y = _fixed_data()
+    ours = LogRegProbe(cv=4, random_state=7).fit(X, y)
+    standardized = StandardScaler().fit_transform(X)
+    modern = "use_legacy_attributes" in inspect.signature(LogisticRegressionCV).parameters
+    kwargs = {"l1_ratios": (0.0,), "use_legacy_attributes": False} if modern else {}
+    reference = LogisticRegressionCV(
+        Cs=list(LOGREG_CS),
+        cv=StratifiedKFold(4, shuffle=True, random_state=7),
+        scoring="roc_auc",
+        max_iter=1000,
+        **kwargs,
+    ).fit(standardized, y)
+    assert float(np.ravel(reference.C_)[0]) == pytest.approx(ours.C_)
+    assert ours.C_ in LOGREG_CS
+
+
+def test_mlp_is_the_papers_architecture():
+    net = build_mlp(3584, (512, 256, 128), 0.3)
+    kinds = [type(layer).__name__ for layer in net]
+    assert kinds == ["Linear", "ReLU", "BatchNorm1d", "Dropout"] * 3 + ["Linear"]
+    assert [layer.out_features for layer in net if isinstance(layer, torch.nn.Linear)] == [512, 256, 128, 1]
+    assert net[0].in_features == 3584
+    assert all(layer.p == 0.3 for layer in net if isinstance(layer, torch.nn.Dropout))
+    defaults = MLPProbe().get_params()
+    assert (defaults["hidden"], defaults["dropout"], defaults["lr"], defaults["batch_size"], defaults["epochs"]) == (
+        (512, 256, 128),
+        0.3,
+        1e-3,
+        32,
+        50,
+    )
+    assert defaults["random_state"] == 42
+
+
+def test_mlp_learns_is_reproducible_and_leaves_global_rng_alone():
+    X, y = _fixed_data(n=301)  # 301: the last minibatch of one row is skipped (BatchNorm)
+    state = torch.get_rng_state()
+    first = MLPProbe(hidden=(32, 16), epochs=30, random_state=3).fit(X[:241], y[:241])
+    assert torch.equal(state, torch.get_rng_state())
+    again = MLPProbe(hidden=(32, 16), epochs=30, random_state=3).fit(X[:241], y[:241])
+    other = MLPProbe(hidden=(32, 16), epochs=30, random_state=4).fit(X[:241], y[:241])
+    scores = first.predict_proba(X[241:])[:, 1]
+    np.testing.assert_array_equal(scores, again.predict_proba(X[241:])[:, 1])
+    assert not np.array_equal(scores, other.predict_proba(X[241:])[:, 1])
+    assert roc_auc_score(y[241:], scores) > 0.85
+    assert first.loss_history_[-1] < first.loss_history_[0]
+    assert first.predict_proba(X).shape == (len(X), 2)
+
+
+@pytest.mark.parametrize("probe", [LogRegProbe(), MLPProbe(hidden=(16, 8), epochs=5)], ids=["logreg", "mlp"])
+def test_save_load_round_trip_without_pickle(tmp_path, probe):
+    X, y = _fixed_data()
+    probe.fit(X, y)
+    stem = tmp_path / "probes" / "query_token__layer_3__x"
+    save_probe(probe, stem, {"feature": "query_token/layer_3", "auroc": 0.8})
+    assert sorted(path.name for path in stem.parent.iterdir()) == [stem.name + ".json", stem.name + ".safetensors"]
+    loaded, meta = load_probe(stem)
+    assert type(loaded) is type(probe)
+    np.testing.assert_array_equal(loaded.predict_proba(X), probe.predict_proba(X))
+    assert meta["feature"] == "query_token/layer_3" and meta["threshold"] == 0.5 and meta["auroc"] == 0.8
+    config = json.loads(stem.with_name(stem.name + ".json").read_text())
+    assert config["probe_type"] in {"logreg", "mlp"} and config["input_dim"] == X.shape[1]
+    assert "standardization" in config and config["params"] == json.loads(json.dumps(probe.get_params()))
+    # The weights file is plain safetensors: readable without halp and without pickle.
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(stem.with_name(stem.name + ".safetensors")))
+    np.testing.assert_allclose(tensors["standardize.mean"], X.mean(axis=0), rtol=1e-5)
+
+
+def test_load_refuses_a_foreign_json(tmp_path):
+    (tmp_path / "x.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(ValueError, match="not a halp probe"):
+        load_probe(tmp_path / "x")
+
+
+# ----- splits, metrics, control ------------------------------------------------------------------
+def test_cv_folds_and_metrics_match_sklearn(tmp_path):
+    run_dir, labels = write_run(tmp_path / "run", n_images=90)
+    results = train_probes(run_dir, features=[SIGNAL], probe_params=FAST_LOGREG, bootstrap=50)
+    ids, y = _labelled(labels)
+    row = results.iloc[0]
+    assert (row["n"], row["n_positive"], row["folds"], bool(row["grouped_by_image"])) == (len(y), y.sum(), 5, False)
+
+    predictions = pd.read_csv(run_dir / "probes" / "predictions.csv", dtype={"question_id": str})
+    predictions = predictions.set_index("question_id").loc[ids]
+    expected_folds = np.empty(len(y), dtype=int)
+    for fold, (_, test) in enumerate(StratifiedKFold(5, shuffle=True, random_state=42).split(np.zeros(len(y)), y)):
+        expected_folds[test] = fold
+    np.testing.assert_array_equal(predictions["fold"].to_numpy(), expected_folds)
+    np.testing.assert_array_equal(predictions["label"].to_numpy(), y)
+
+    # Each fold's scores are those of a standardized logistic regression fitted on the other folds only.
+    X = _features(run_dir, SIGNAL, ids)
+    scores = predictions["score"].to_numpy()
+    per_fold = {name: [] for name in ("auroc", "auprc", "accuracy", "f1")}
+    for fold in range(5):
+        test, train = expected_folds == fold, expected_folds != fold
+        reference = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=1000)).fit(X[train], y[train])
+        np.testing.assert_allclose(scores[test], reference.predict_proba(X[test])[:, 1], rtol=1e-5, atol=1e-6)
+        per_fold["auroc"].append(roc_auc_score(y[test], scores[test]))
+        per_fold["auprc"].append(average_precision_score(y[test], scores[test]))
+        per_fold["accuracy"].append(accuracy_score(y[test], scores[test] >= 0.5))
+        per_fold["f1"].append(f1_score(y[test], scores[test] >= 0.5))
+    for name, values in per_fold.items():
+        assert row[f"{name}_mean"] == pytest.approx(np.mean(values))
+        assert row[f"{name}_std"] == pytest.approx(np.std(values, ddof=1))
+    assert row["auroc_pooled"] == pytest.approx(roc_auc_score(y, scores))
+    assert row["auroc_ci_low"] <= row["auroc_pooled"] <= row["auroc_ci_high"]
+
+
+def test_signal_is_found_and_the_shuffled_control_sits_near_chance(tmp_path):
+    run_dir, _ = write_run(tmp_path / "run", n_images=400)
+    results = train_probes(run_dir, features=[NOISE, SIGNAL], probe="both", probe_params=FAST_MLP, bootstrap=100)
+    by = results.set_index(["feature", "probe"])
+    for kind in ("logreg", "mlp"):
+        assert by.loc[(SIGNAL, kind), "auroc_mean"] > 0.8
+        assert by.loc[(SIGNAL, kind), "auroc_ci_low"] > 0.7
+        assert abs(by.loc[(SIGNAL, kind), "control_auroc_mean"] - 0.5) < 0.12
+        assert abs(by.loc[(NOISE, kind), "auroc_mean"] - 0.5) < 0.12
+        assert by.loc[(NOISE, kind), "auroc_ci_low"] < 0.5 < by.loc[(NOISE, kind), "auroc_ci_high"]
+    summary = json.loads((run_dir / "probes" / "results.json").read_text())
+    assert summary["n"] == results["n"].iloc[0] and len(summary["results"]) == 4
+    assert summary["bootstrap_over"] == "out-of-fold predictions pooled across folds"
+
+
+def test_grouping_by_image_stops_memorization(tmp_path):
+    run_dir, labels = write_run(tmp_path / "run", n_images=80, per_image=4, positive_rate=0.4)
+    leaky = train_probes(run_dir, features=[PER_IMAGE], group_by_image=False, probe_params=FAST_LOGREG, bootstrap=0)
+    grouped = train_probes(run_dir, features=[PER_IMAGE], probe_params=FAST_LOGREG, bootstrap=0)
+    # The same question's rows on one image share a vector and a label: seen images are easy.
+    assert leaky["auroc_mean"].iloc[0] > 0.9 and not leaky["grouped_by_image"].iloc[0]
+    assert grouped["grouped_by_image"].iloc[0]
+    assert abs(grouped["auroc_mean"].iloc[0] - 0.5) < 0.2
+    predictions = pd.read_csv(run_dir / "probes" / "predictions.csv", dtype={"question_id": str})
+    image_of = dict(zip(labels["question_id"], np.repeat(np.arange(80), 4), strict=True))
+    folds_per_image = predictions.groupby(predictions["question_id"].map(image_of))["fold"].nunique()
+    assert (folds_per_image == 1).all()
+
+
+def test_grouped_folds_are_sklearns_stratified_group_kfold():
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(40), 3)
+    y = (rng.random(120) < 0.3).astype(int)
+    ours = make_splits(y, groups, folds=4, seed=5)
+    reference = StratifiedGroupKFold(4, shuffle=True, random_state=5).split(np.zeros(120), y, groups)
+    for (train, test), (ref_train, ref_test) in zip(ours, reference, strict=True):
+        np.testing.assert_array_equal(test, ref_test)
+        np.testing.assert_array_equal(train, ref_train)
+
+
+def test_paper_single_split_is_a_stratified_80_20_split(tmp_path):
+    run_dir, labels = write_run(tmp_path / "run", n_images=100)
+    results = train_probes(run_dir, features=[SIGNAL], split=0.2, probe_params=FAST_LOGREG, bootstrap=20)
+    ids, y = _labelled(labels)
+    _, expected_test = train_test_split(np.arange(len(y)), test_size=0.2, stratify=y, random_state=42)
+    predictions = pd.read_csv(run_dir / "probes" / "predictions.csv", dtype={"question_id": str})
+    assert sorted(predictions["question_id"]) == sorted(ids[i] for i in expected_test)
+    row = results.iloc[0]
+    assert row["folds"] == 1 and np.isnan(row["auroc_std"])
+    assert row["auroc_mean"] == pytest.approx(roc_auc_score(predictions["label"], predictions["score"]))
+
+
+def test_bootstrap_interval_is_seeded_and_brackets_the_pooled_value():
+    rng = np.random.default_rng(3)
+    y = (rng.random(400) < 0.2).astype(int)
+    score = rng.random(400) + 0.3 * y
+    first = bootstrap_intervals(y, score, 150, seed=1)
+    assert first == bootstrap_intervals(y, score, 150, seed=1)
+    assert first != bootstrap_intervals(y, score, 150, seed=2)
+    low, high = first["auroc"]
+    assert low < roc_auc_score(y, score) < high and high - low < 0.25
+    small_low, small_high = bootstrap_intervals(y[:100], score[:100], 150, seed=1)["auroc"]
+    assert small_high - small_low > high - low
+
+
+def test_per_group_auroc_and_final_models(tmp_path):
+    run_dir, labels = write_run(tmp_path / "run", n_images=120)
+    results = train_probes(
+        run_dir, features=[SIGNAL, NOISE], group_by="category", probe_params=FAST_LOGREG, bootstrap=0
+    )
+    groups = pd.read_csv(run_dir / "probes" / "groups.csv")
+    predictions = pd.read_csv(run_dir / "probes" / "predictions.csv", dtype={"question_id": str})
+    category = {f"q{i:04d}": f"c{i % 3}" for i in range(120)}
+    for row in groups.to_dict(orient="records"):
+        subset = predictions[(predictions["feature"] == row["feature"]) & (predictions["probe"] == row["probe"])]
+        subset = subset[subset["question_id"].map(category) == row["group"]]
+        assert row["n"] == len(subset) and row["n_positive"] == subset["label"].sum()
+        assert row["auroc"] == pytest.approx(roc_auc_score(subset["label"], subset["score"]))
+    assert len(groups) == 2 * 3
+
+    ids, y = _labelled(labels)
+    for feature in (SIGNAL, NOISE):
+        stem = probe_stem(run_dir, feature, "logreg")
+        assert stem.name == feature.replace("/", "__") + "__logreg"
+        loaded, meta = load_probe(stem)
+        X = _features(run_dir, feature, ids)
+        reference = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=1000)).fit(X, y)
+        np.testing.assert_allclose(loaded.predict_proba(X), reference.predict_proba(X), rtol=1e-5, atol=1e-6)
+        assert meta["feature"] == feature and meta["n_train"] == len(y) and meta["model_id"] == "synthetic"
+        row = results.set_index("feature").loc[feature]
+        assert meta["evaluation"]["auroc_mean"] == pytest.approx(row["auroc_mean"])
+
+
+def test_halp_manual_review_csv_works_as_is(tmp_path):
+    run_dir, labels = write_run(tmp_path / "run", n_images=80)
+    ids, y = _labelled(labels)
+    manual = pd.DataFrame(
+        {
+            "question_id": [*ids, "not_in_run"],
+            "model_answer": "yes",
+            "is_hallucinating_manual": ["True" if v else "False" for v in y] + ["True"],
+        }
+    )
+    manual.loc[0, "is_hallucinating_manual"] = ""  # unreviewed: unknown, not "hallucinated"
+    path = tmp_path / "gemma3_manually_reviewed.csv"
+    manual.to_csv(path, index=False)
+    results = train_probes(
+        run_dir, labels=path, label_column=None, features=[SIGNAL], probe_params=FAST_LOGREG, bootstrap=0
+    )
+    assert results["n"].iloc[0] == len(y) - 1
+    assert json.loads((run_dir / "probes" / "results.json").read_text())["label_column"] == "is_hallucinating_manual"
+
+
+def test_errors_say_what_is_wrong(tmp_path):
+    run_dir, labels = write_run(tmp_path / "run", n_images=40)
+    with pytest.raises(ValueError, match="not in"):
+        train_probes(run_dir, features=["query_token/layer_9"])
+    with pytest.raises(ValueError, match="no column 'halluc'"):
+        train_probes(run_dir, label_column="halluc")
+    few = labels.copy()
+    few["label"] = ["1" if i < 3 else "0" for i in range(len(few))]
+    with pytest.raises(ValueError, match="at least 5 examples of each class"):
+        train_probes(run_dir, labels=few, features=[SIGNAL])
+    with pytest.raises(ValueError, match="group-by 'nope'"):
+        train_probes(run_dir, features=[SIGNAL], group_by="nope", probe_params=FAST_LOGREG)
+    (run_dir / "labels.csv").unlink()
+    with pytest.raises(FileNotFoundError, match="halp label"):
+        train_probes(run_dir)
+
+
+def test_cli_probe_writes_results(tmp_path):
+    run_dir, _ = write_run(tmp_path / "run", n_images=80)
+    result = CliRunner().invoke(
+        app, ["probe", str(run_dir), "--features", f"{SIGNAL},{NOISE}", "--folds", "3", "--bootstrap", "50"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "control" in result.output and "results.csv" in result.output
+    frame = pd.read_csv(run_dir / "probes" / "results.csv")
+    assert set(frame["feature"]) == {SIGNAL, NOISE} and set(frame["folds"]) == {3}
+    for column in ("auroc_mean", "auroc_std", "auroc_ci_low", "auroc_ci_high", "auprc_mean", "accuracy_mean"):
+        assert column in frame.columns
+    assert {"f1_mean", "control_auroc_mean", "n", "n_positive"} <= set(frame.columns)
+    bad = CliRunner().invoke(app, ["probe", str(run_dir), "--probe", "svm"])
+    assert bad.exit_code == 2 and "choose logreg, mlp or both" in bad.output
