@@ -39,6 +39,9 @@ class Quirks:
     #: Absolute tolerance of batched vs single features. Gemma-3's sandwich norms add unit-RMS
     #: sublayer outputs, so its states are O(1) and float32 reordering under padding reaches 1e-6.
     batch_atol: float = 1e-6
+    #: (inputs, projector input or output) -> the (n, dim) rows its mean covers, where the projector
+    #: also sees padding the model never attends to (mllama's padding tiles); None: all rows.
+    projector_rows: Callable | None = None
 
 
 def _qwen_vision_tower(model, inputs, got):
@@ -118,6 +121,38 @@ def _fast_vlm_tower_grid(model, inputs, got):
     assert float(grid.flatten(2).std(dim=-1).mean()) > 1e-2, "the tower's output hardly varies over cells"
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == cells
     torch.testing.assert_close(got["vision_only"], grid[0].flatten(1).mean(dim=1), **CLOSE)
+
+
+def _mllama_real_tiles(inputs, tensor):
+    """The projector's rows of the image's real tiles (aspect_ratio_mask), not the zero padding tiles."""
+    return tensor[0, 0, : int(inputs["aspect_ratio_mask"][0, 0].sum())].reshape(-1, tensor.shape[-1])
+
+
+def _mllama_cross_attention(model, inputs, got):
+    """The image enters only through the cross-attention blocks, which count in the layer index."""
+    blocks, text_config = model.model.language_model.layers, model.config.text_config
+    cross = sorted(text_config.cross_attention_layers)
+    assert len(blocks) == text_config.num_hidden_layers
+    assert [type(block).__name__.startswith("MllamaCrossAttention") for block in blocks] == [
+        index in cross for index in range(len(blocks))
+    ]
+    with torch.no_grad():
+        tower = model.model.vision_model(
+            inputs["pixel_values"], inputs["aspect_ratio_ids"], inputs["aspect_ratio_mask"]
+        ).last_hidden_state
+        projected = model.model.multi_modal_projector(tower)
+    real_tiles = _mllama_real_tiles(inputs, tower)
+    torch.testing.assert_close(got["vision_only"], real_tiles.mean(0), **CLOSE)
+    torch.testing.assert_close(got["vision_projected"], _mllama_real_tiles(inputs, projected).mean(0), **CLOSE)
+    if real_tiles.shape[0] < tower[0, 0].reshape(-1, tower.shape[-1]).shape[0]:  # padding tiles are left out
+        assert not torch.allclose(got["vision_only"], tower.reshape(-1, tower.shape[-1]).mean(0), **CLOSE)
+    # Another image changes nothing before the first cross-attention block and the query token from it on.
+    other = dict(inputs, pixel_values=inputs["pixel_values"].flip(-1))
+    with torch.no_grad():
+        states = model(**other, output_hidden_states=True).hidden_states
+    for layer in range(cross[0]):
+        torch.testing.assert_close(got[f"query_token/layer_{layer}"], states[layer + 1][0, -1], **CLOSE)
+    assert not torch.allclose(got[f"query_token/layer_{cross[0]}"], states[cross[0] + 1][0, -1], **CLOSE)
 
 
 def _internvl_pixel_shuffled_tower(model, inputs, got):
@@ -247,6 +282,9 @@ QUIRKS: dict[str, Quirks] = {
     "idefics3": Quirks(extra_check=_idefics3_global_thumbnail),
     "smolvlm": Quirks(extra_check=_idefics3_global_thumbnail),
     "fast_vlm": Quirks(extra_check=_fast_vlm_tower_grid),
+    "mllama": Quirks(
+        embeds_equal_projector=False, projector_rows=_mllama_real_tiles, extra_check=_mllama_cross_attention
+    ),
     "llava": Quirks(extra_check=_llava_selected_vision_layer),
     "llava_next": Quirks(embeds_equal_projector=False, extra_check=_llava_next_check),
     "llava_onevision": Quirks(embeds_equal_projector=False, extra_check=_llava_onevision_check),
@@ -279,12 +317,9 @@ def _check_row(model, adapter, image, question, layers, got, quirks: Quirks) -> 
 
     # A tuple or a transformers ModelOutput (Molmo2's projector): its first tensor.
     projector_out = captured["out"] if isinstance(captured["out"], torch.Tensor) else captured["out"][0]
-    torch.testing.assert_close(
-        got["vision_only"], captured["inp"].reshape(-1, captured["inp"].shape[-1]).mean(0), **CLOSE
-    )
-    torch.testing.assert_close(
-        got["vision_projected"], projector_out.reshape(-1, projector_out.shape[-1]).mean(0), **CLOSE
-    )
+    rows = quirks.projector_rows or (lambda inputs, tensor: tensor.reshape(-1, tensor.shape[-1]))
+    torch.testing.assert_close(got["vision_only"], rows(inputs, captured["inp"]).mean(0), **CLOSE)
+    torch.testing.assert_close(got["vision_projected"], rows(inputs, projector_out).mean(0), **CLOSE)
     if quirks.embeds_equal_projector:
         torch.testing.assert_close(got["vision_projected"], hidden[0][0, image_positions].mean(0), **CLOSE)
     for layer in layers:
