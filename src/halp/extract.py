@@ -131,6 +131,7 @@ def _run(
     config: ExtractConfig, store: RunStore, samples: list[Sample], device: str, dtype: str, max_new_tokens: int
 ) -> ExtractSummary:
     store.remove_stale_temporaries()
+    store.remove_assembled_parts()
     order = [sample.question_id for sample in samples]
     done = store.committed_ids()
     todo = [sample for sample in samples if sample.question_id not in done]

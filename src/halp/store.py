@@ -92,18 +92,21 @@ def write_rows(path: Path, rows: Rows, attrs: dict[str, Any]) -> None:
     """Write rows to `path` atomically (temporary file, fsync, rename); on failure nothing is left behind."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with h5py.File(tmp, "w") as handle:
-            for key, value in attrs.items():
-                handle.attrs[key] = value
-            for name in STRING_FIELDS:
-                _write_strings(handle, name, rows.strings[name])
-            meta = handle.create_group("meta")
-            for column, values in rows.meta.items():
-                _write_strings(meta, column, values)
-            for name, array in rows.features.items():
-                handle.create_dataset(name, data=np.asarray(array, dtype=np.float32))
-            handle.flush()
-            os.fsync(handle.id.get_vfd_handle())
+        # h5py writes through a Python file object so that a failed write (disk full, file-size limit) is a
+        # plain OSError here instead of an HDF5 library state that can crash the interpreter at exit.
+        with open(tmp, "w+b") as raw:
+            with h5py.File(raw, "w") as handle:
+                for key, value in attrs.items():
+                    handle.attrs[key] = value
+                for name in STRING_FIELDS:
+                    _write_strings(handle, name, rows.strings[name])
+                meta = handle.create_group("meta")
+                for column, values in rows.meta.items():
+                    _write_strings(meta, column, values)
+                for name, array in rows.features.items():
+                    handle.create_dataset(name, data=np.asarray(array, dtype=np.float32))
+            raw.flush()
+            os.fsync(raw.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as err:
@@ -279,6 +282,19 @@ class RunStore:
         write_rows(path, rows, attrs)
         return path
 
+    def remove_assembled_parts(self) -> None:
+        """Drop parts already merged into features.h5 (a kill can land between the rename and the clean-up)."""
+        if not self.features_path.exists():
+            return
+        with h5py.File(self.features_path, "r") as handle:
+            assembled = set(read_strings(handle["question_id"]))
+        for path in self.part_paths():
+            with h5py.File(path, "r") as handle:
+                ids = set(read_strings(handle["question_id"]))
+            if not ids <= assembled:
+                raise RuntimeError(f"{path} holds rows that are not in {self.features_path}; the run is inconsistent")
+            path.unlink()
+
     def remove_stale_temporaries(self) -> None:
         for directory in (self.root, self.parts_dir):
             if directory.exists():
@@ -303,33 +319,34 @@ class RunStore:
 
         tmp = self.features_path.with_name(f".{FEATURES_FILE}.tmp-{os.getpid()}")
         try:
-            with h5py.File(tmp, "w") as out:
-                for key, value in {**attrs, "num_samples": total}.items():
-                    out.attrs[key] = value
-                for path, ids in zip(parts, ids_per_part, strict=True):
-                    rows_here = [(destination[qid], i) for i, qid in enumerate(ids) if qid in destination]
-                    if not rows_here:
-                        continue
-                    rows_here.sort()
-                    dest = np.array([d for d, _ in rows_here], dtype=np.int64)
-                    src = np.array([s for _, s in rows_here], dtype=np.int64)
-                    with h5py.File(path, "r") as part:
-                        for name in [*STRING_FIELDS, *(f"meta/{c}" for c in part.get("meta", {}))]:
-                            if name not in out:
-                                out.create_dataset(name, shape=(total,), dtype=STR)
-                            values = part[name][()]
-                            out[name][dest] = values[src]
-                        for name in feature_datasets(part):
-                            array = part[name][()]
-                            if name not in out:
-                                out.create_dataset(name, shape=(total, array.shape[1]), dtype=np.float32)
-                            out[name][dest] = array[src]
-                if total == 0:
-                    for name in STRING_FIELDS:
-                        out.create_dataset(name, shape=(0,), dtype=STR)
-                out.require_group("meta")
-                out.flush()
-                os.fsync(out.id.get_vfd_handle())
+            with open(tmp, "w+b") as raw:
+                with h5py.File(raw, "w") as out:
+                    for key, value in {**attrs, "num_samples": total}.items():
+                        out.attrs[key] = value
+                    for path, ids in zip(parts, ids_per_part, strict=True):
+                        rows_here = [(destination[qid], i) for i, qid in enumerate(ids) if qid in destination]
+                        if not rows_here:
+                            continue
+                        rows_here.sort()
+                        dest = np.array([d for d, _ in rows_here], dtype=np.int64)
+                        src = np.array([s for _, s in rows_here], dtype=np.int64)
+                        with h5py.File(path, "r") as part:
+                            for name in [*STRING_FIELDS, *(f"meta/{c}" for c in part.get("meta", {}))]:
+                                if name not in out:
+                                    out.create_dataset(name, shape=(total,), dtype=STR)
+                                values = part[name][()]
+                                out[name][dest] = values[src]
+                            for name in feature_datasets(part):
+                                array = part[name][()]
+                                if name not in out:
+                                    out.create_dataset(name, shape=(total, array.shape[1]), dtype=np.float32)
+                                out[name][dest] = array[src]
+                    if total == 0:
+                        for name in STRING_FIELDS:
+                            out.create_dataset(name, shape=(0,), dtype=STR)
+                    out.require_group("meta")
+                raw.flush()
+                os.fsync(raw.fileno())
             os.replace(tmp, self.features_path)
         except OSError as err:
             tmp.unlink(missing_ok=True)
