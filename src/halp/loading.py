@@ -44,7 +44,15 @@ def load_model(
         kwargs["device_map"] = "auto"
     log.info("loading %s (%s, %s, trust_remote_code=%s)", model_id, device, torch_dtype, trust_remote_code)
     processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
-    model = AutoModelForImageTextToText.from_pretrained(model_id, **kwargs)
+    model_class: Any = AutoModelForImageTextToText
+    if trust_remote_code:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        auto_map = getattr(AutoConfig.from_pretrained(model_id, trust_remote_code=True), "auto_map", None) or {}
+        # Remote-code VLMs that register only a causal-LM class (Molmo-*-0924) load through that class.
+        if "AutoModelForImageTextToText" not in auto_map and "AutoModelForCausalLM" in auto_map:
+            model_class = AutoModelForCausalLM
+    model = model_class.from_pretrained(model_id, **kwargs)
     if device != "cuda":
         model = model.to(device)
     model.eval()
