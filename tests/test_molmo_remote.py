@@ -137,14 +137,14 @@ def test_bad_image_input_idx_is_refused():
         adapter.image_token_mask({"input_ids": batch["input_ids"]})
 
 
-REMOTE_CONFIG = '''
+REMOTE_CONFIG = """
 from transformers import PretrainedConfig
 
 
 class RemoteToyConfig(PretrainedConfig):
     model_type = "remote_toy"
-'''
-REMOTE_MODEL = '''
+"""
+REMOTE_MODEL = """
 import torch
 from transformers import PreTrainedModel
 
@@ -158,7 +158,7 @@ class RemoteToyForCausalLM(PreTrainedModel):
         super().__init__(config)
         self.proj = torch.nn.Linear(2, 2)
         self.post_init()
-'''
+"""
 
 
 def test_remote_code_registering_only_a_causal_lm_class_loads_through_it(tmp_path):
