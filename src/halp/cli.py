@@ -202,5 +202,90 @@ def probe(
     print_results(console, results, run_dir)
 
 
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory whose probes are trained (probes/results.csv).")],
+    out: Annotated[Path | None, typer.Option(help="Where report.html and PNGs go (default RUN_DIR/report).")] = None,
+) -> None:
+    """Write report.html and PNGs: AUROC heatmap, ROC curves, per-group table, label balance."""
+    from halp.report import ReportError, build_report, print_summary
+
+    try:
+        written = build_report(run_dir, out)
+    except ReportError as err:
+        _fail(str(err))
+        return
+    print_summary(console, written)
+
+
+@app.command()
+def predict(
+    run: Annotated[Path, typer.Option(help="Run directory with trained probes.")],
+    data: Annotated[Path, typer.Option(help="VQA table to score: CSV, JSONL or Parquet.")],
+    images: Annotated[Path, typer.Option(help="Directory the table's image ids are relative to.")],
+    feature: Annotated[str | None, typer.Option(help="Feature to score with (default: best AUROC).")] = None,
+    probe: Annotated[str | None, typer.Option(help="logreg or mlp (default: best AUROC).")] = None,
+    threshold: Annotated[float | None, typer.Option(help="Flag risk >= T (default: the probe's).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output CSV (default RUN/risk/<data name>.csv).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Samples per prefill pass.")] = 8,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto = the run's dtype, which the probe was trained on.")] = "auto",
+    model: Annotated[str | None, typer.Option(help="The run's checkpoint, if it moved since extraction.")] = None,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the checkpoint's own Python code to run.")] = False,
+) -> None:
+    """Score (image, question) rows for hallucination risk from the prefill alone; write question_id,risk,flagged."""
+    from halp.data import TableError
+    from halp.models import ExtractionPointError
+    from halp.predict import RiskScorer, ScorerError, predict_file
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        scorer = RiskScorer.from_run(
+            run,
+            feature,
+            probe,
+            device,
+            dtype,
+            threshold=threshold,
+            model=model,
+            batch_size=batch_size,
+            trust_remote_code=trust_remote_code,
+        )
+        summary = predict_file(scorer, data, images, out or run / "risk" / f"{data.stem}.csv", progress=True)
+    except (ScorerError, TableError, ExtractionPointError, FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+        return
+    console.print(
+        f"scored {summary.total - len(summary.failed)} of {summary.total} with {summary.feature} ({summary.probe}); "
+        f"{summary.flagged} flagged at risk >= {summary.threshold:.3g}. wrote {summary.out}",
+        markup=False,
+    )
+    if summary.failed:
+        console.print(f"{len(summary.failed)} row(s) could not be scored; see the error column.", markup=False)
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Directory for the checkpoint, data, runs and reports.")] = Path(
+        "halp-demo"
+    ),
+    images: Annotated[int | None, typer.Option("--images", help="Synthetic images, two questions each.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the checkpoint, the data and the probes.")] = 0,
+) -> None:
+    """Offline end-to-end run on planted labels (tiny model): extract, label, probe, report, and check."""
+    from halp.demo import DemoConfig, print_demo, run_demo
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    config = DemoConfig(out=out, seed=seed, progress=True)
+    if images is not None:
+        config.n_images = images
+    result = run_demo(config, say=lambda message: err_console.print(message, markup=False, highlight=False))
+    print_demo(console, result)
+    if not result.passed:
+        err_console.print("the planted check failed: see the FAIL lines above", markup=False)
+        raise typer.Exit(1)
+
+
 if __name__ == "__main__":
     app()

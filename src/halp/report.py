@@ -1,0 +1,600 @@
+"""`halp report`: which representation and layer predicts hallucination, as PNGs and one HTML page.
+
+Reads what `halp probe` wrote (`probes/results.csv`, `probes/predictions.csv`, optionally
+`probes/groups.csv`), the run's `labels.csv` and the attributes of `features.h5`, and writes into
+`RUN_DIR/report/` (or another directory):
+
+- `auroc_heatmap.png`: AUROC per representation (rows) x decoder layer (columns), one panel per probe
+  type, each cell annotated with its bootstrap interval; the best cell is outlined.
+- `roc_curves.png`: pooled out-of-fold ROC curves of the best probe of each representation.
+- `label_balance.png`: hallucinated / not / unknown per answer type.
+- `report.html`: all of the above (PNGs embedded, so the page can be sent on its own), the full
+  results table and the per-group table. Every string that comes from an input file is escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+#: Representations in pipeline order: before the LM, then inside it.
+REPRESENTATIONS = ("vision_only", "vision_projected", "vision_token", "vision_token_mean", "query_token")
+#: The heatmap column of the representations that have no decoder layer.
+NO_LAYER = "pre-LM"
+RESULTS_FILE = "results.csv"
+PREDICTIONS_FILE = "predictions.csv"
+GROUPS_FILE = "groups.csv"
+LABELS_FILE = "labels.csv"
+#: Past this many heatmap columns the intervals no longer fit in a cell; they stay in the table.
+MAX_COLUMNS_WITH_INTERVALS = 12
+
+
+class ReportError(FileNotFoundError):
+    """The run directory lacks what the report is made from; says which file and which command makes it."""
+
+
+def split_feature(feature: str) -> tuple[str, int | None]:
+    """`query_token/layer_7` -> ("query_token", 7); `vision_only` -> ("vision_only", None)."""
+    representation, _, leaf = feature.partition("/")
+    if leaf.startswith("layer_"):
+        try:
+            return representation, int(leaf.removeprefix("layer_"))
+        except ValueError:
+            pass
+    return feature, None
+
+
+def _representation_rank(representation: str) -> int:
+    return REPRESENTATIONS.index(representation) if representation in REPRESENTATIONS else len(REPRESENTATIONS)
+
+
+def is_vision_feature(feature: str) -> bool:
+    """Vision-derived: read from image tokens or the vision tower, not from the prompt's last token."""
+    return split_feature(feature)[0] in {"vision_only", "vision_projected", "vision_token", "vision_token_mean"}
+
+
+@dataclass
+class ProbeResults:
+    """What `halp probe` wrote for one run, read back."""
+
+    results: pd.DataFrame
+    predictions: pd.DataFrame | None = None
+    groups: pd.DataFrame | None = None
+    labels: pd.DataFrame | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    run_attrs: dict[str, Any] = field(default_factory=dict)
+
+    def best(self) -> pd.Series:
+        """The feature x probe row with the highest mean AUROC (ties: the earlier row)."""
+        ranked = self.results.dropna(subset=["auroc_mean"])
+        if ranked.empty:
+            raise ReportError("no feature has an AUROC (every fold had a single class?)")
+        return ranked.loc[ranked["auroc_mean"].idxmax()]
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    # Strings stay strings: question ids like "007" and group values must not become numbers.
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+def _numeric(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    """Columns whose every non-empty cell is a number become floats (empty -> NaN); others stay text."""
+    for column in columns:
+        if column in frame:
+            try:
+                frame[column] = pd.to_numeric(frame[column].replace("", np.nan))
+            except (ValueError, TypeError):
+                continue
+    return frame
+
+
+def read_probe_results(run_dir: str | Path) -> ProbeResults:
+    """Read `RUN_DIR/probes/*` and `RUN_DIR/labels.csv`; only results.csv is required."""
+    run_dir = Path(run_dir)
+    probes = run_dir / "probes"
+    results_path = probes / RESULTS_FILE
+    if not results_path.is_file():
+        raise ReportError(f"{results_path} does not exist; train probes first (`halp probe {run_dir}`)")
+    results = _read_csv(results_path)
+    missing = [column for column in ("feature", "probe", "auroc_mean") if column not in results]
+    if missing:
+        raise ReportError(f"{results_path} lacks column(s) {', '.join(missing)}")
+    results = _numeric(results, [column for column in results.columns if column not in {"feature", "probe"}])
+
+    predictions = None
+    if (probes / PREDICTIONS_FILE).is_file():
+        predictions = _numeric(_read_csv(probes / PREDICTIONS_FILE), ["fold", "label", "score"])
+    groups = None
+    if (probes / GROUPS_FILE).is_file():
+        groups = _numeric(_read_csv(probes / GROUPS_FILE), ["n", "n_positive", "auroc"])
+    labels = _read_csv(run_dir / LABELS_FILE) if (run_dir / LABELS_FILE).is_file() else None
+    settings: dict[str, Any] = {}
+    if (probes / "results.json").is_file():
+        loaded = json.loads((probes / "results.json").read_text())
+        if isinstance(loaded, dict):
+            settings = {k: v for k, v in loaded.items() if not isinstance(v, (list, dict))}
+    return ProbeResults(results, predictions, groups, labels, settings, _run_attrs(run_dir))
+
+
+def _run_attrs(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "features.h5"
+    if not path.is_file():
+        return {}
+    import h5py
+
+    with h5py.File(path, "r") as handle:
+        attrs = dict(handle.attrs.items())
+    return {key: (value.tolist() if isinstance(value, np.ndarray) else value) for key, value in attrs.items()}
+
+
+# ----- the AUROC grid ----------------------------------------------------------------------
+
+
+@dataclass
+class AurocGrid:
+    """AUROC and interval per representation x layer column, for one probe type."""
+
+    probe: str
+    rows: list[str]
+    columns: list[str]
+    auroc: np.ndarray  # (rows, columns), NaN where the representation has no such column
+    low: np.ndarray
+    high: np.ndarray
+
+
+def auroc_grids(results: pd.DataFrame) -> list[AurocGrid]:
+    """One grid per probe type; the layer-free representations share the `pre-LM` column."""
+    parsed = [split_feature(feature) for feature in results["feature"]]
+    representations = sorted({rep for rep, _ in parsed}, key=lambda rep: (_representation_rank(rep), rep))
+    layers = sorted({layer for _, layer in parsed if layer is not None})
+    columns = ([NO_LAYER] if any(layer is None for _, layer in parsed) else []) + [str(layer) for layer in layers]
+    grids = []
+    for probe in sorted(results["probe"].unique()):
+        shape = (len(representations), len(columns))
+        auroc, low, high = np.full(shape, np.nan), np.full(shape, np.nan), np.full(shape, np.nan)
+        for (rep, layer), (_, row) in zip(parsed, results.iterrows(), strict=True):
+            if row["probe"] != probe:
+                continue
+            i = representations.index(rep)
+            j = columns.index(NO_LAYER if layer is None else str(layer))
+            auroc[i, j] = row["auroc_mean"]
+            low[i, j] = row.get("auroc_ci_low", np.nan)
+            high[i, j] = row.get("auroc_ci_high", np.nan)
+        grids.append(AurocGrid(str(probe), representations, columns, auroc, low, high))
+    return grids
+
+
+# ----- figures (matplotlib without pyplot: no global backend state is touched) -------------
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _png(figure: Any) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def heatmap_png(grids: Sequence[AurocGrid], best: tuple[str, str] | None = None) -> bytes:
+    """AUROC per representation x layer; colour from chance (0.5, pale) to perfect (1.0).
+
+    `best` = (feature, probe) is outlined: ties at the top are common, so the cell is named, not searched.
+    """
+    from matplotlib.patches import Rectangle
+
+    n_columns = len(grids[0].columns)
+    show_intervals = n_columns <= MAX_COLUMNS_WITH_INTERVALS
+    cell_width = 1.05 if show_intervals else 0.55
+    panel_width = 2.2 + cell_width * n_columns
+    figure = _figure(panel_width * len(grids) + 0.9, 0.75 * len(grids[0].rows) + 1.5)
+    axes = figure.subplots(1, len(grids), squeeze=False)[0]
+    best_cell = None
+    if best is not None:
+        representation, layer = split_feature(best[0])
+        best_cell = (best[1], representation, NO_LAYER if layer is None else str(layer))
+    image = None
+    for axis, grid in zip(axes, grids, strict=True):
+        masked = np.ma.masked_invalid(grid.auroc)
+        cmap = _colormap()
+        image = axis.imshow(masked, cmap=cmap, vmin=0.5, vmax=1.0, aspect="auto")
+        axis.set_xticks(range(len(grid.columns)), grid.columns)
+        axis.set_yticks(range(len(grid.rows)), grid.rows)
+        axis.set_xlabel("decoder layer")
+        axis.set_title(f"probe: {grid.probe}")
+        axis.tick_params(length=0)
+        for i in range(len(grid.rows)):
+            for j in range(len(grid.columns)):
+                value = grid.auroc[i, j]
+                if not np.isfinite(value):
+                    continue
+                text = f"{value:.2f}"
+                if show_intervals and np.isfinite(grid.low[i, j]) and np.isfinite(grid.high[i, j]):
+                    text += f"\n[{grid.low[i, j]:.2f}, {grid.high[i, j]:.2f}]"
+                colour = "white" if value > 0.82 else "black"
+                axis.text(j, i, text, ha="center", va="center", fontsize=8 if show_intervals else 7, color=colour)
+                if best_cell == (grid.probe, grid.rows[i], grid.columns[j]):
+                    axis.add_patch(
+                        Rectangle((j - 0.46, i - 0.46), 0.92, 0.92, fill=False, edgecolor="#ff3b30", linewidth=3)
+                    )
+        axis.set_xticks(np.arange(-0.5, len(grid.columns)), minor=True)
+        axis.set_yticks(np.arange(-0.5, len(grid.rows)), minor=True)
+        axis.grid(which="minor", color="white", linewidth=1.5)
+        axis.tick_params(which="minor", length=0)
+        for spine in axis.spines.values():
+            spine.set_visible(False)
+    if image is not None:
+        bar = figure.colorbar(image, ax=list(axes), shrink=0.9, pad=0.02)
+        bar.set_label("AUROC (mean over folds; ≤0.5 = chance)")
+    caption = "cell: mean AUROC" + (" [95% bootstrap interval]" if show_intervals else "") + "; red box: best"
+    figure.suptitle(caption, fontsize=9)
+    return _png(figure)
+
+
+def _colormap() -> Any:
+    from matplotlib import colormaps
+
+    base = colormaps["YlGnBu"]
+    # Cells a representation does not have are light grey; below-chance AUROCs take the chance colour.
+    return base.with_extremes(bad="#f2f2f2", under=base(0.0))
+
+
+def roc_curve_rows(data: ProbeResults, limit: int = 5) -> list[pd.Series]:
+    """The best feature x probe of each representation, best first, at most `limit`."""
+    ranked = data.results.dropna(subset=["auroc_mean"]).sort_values("auroc_mean", ascending=False, kind="stable")
+    chosen, seen = [], set()
+    for _, row in ranked.iterrows():
+        representation = split_feature(row["feature"])[0]
+        if representation in seen:
+            continue
+        seen.add(representation)
+        chosen.append(row)
+    return chosen[:limit]
+
+
+def pooled_scores(predictions: pd.DataFrame, feature: str, probe: str) -> tuple[np.ndarray, np.ndarray]:
+    rows = predictions[(predictions["feature"] == feature) & (predictions["probe"] == probe)]
+    rows = rows.dropna(subset=["label", "score"])
+    return rows["label"].to_numpy(dtype=int), rows["score"].to_numpy(dtype=float)
+
+
+def roc_png(data: ProbeResults, limit: int = 5) -> bytes | None:
+    """Pooled out-of-fold ROC curves of the best probe per representation; None without predictions."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    if data.predictions is None or data.predictions.empty:
+        return None
+    figure = _figure(6.4, 5.2)
+    axis = figure.subplots()
+    drawn = 0
+    for row in roc_curve_rows(data, limit):
+        labels, scores = pooled_scores(data.predictions, row["feature"], row["probe"])
+        if len(np.unique(labels)) < 2:
+            continue
+        fpr, tpr, _ = roc_curve(labels, scores)
+        pooled = roc_auc_score(labels, scores)
+        axis.plot(fpr, tpr, linewidth=2, label=f"{row['feature']} ({row['probe']}): {pooled:.3f}")
+        drawn += 1
+    if drawn == 0:
+        return None
+    axis.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance: 0.500")
+    axis.set_xlabel("false positive rate")
+    axis.set_ylabel("true positive rate (hallucinations caught)")
+    axis.set_title("ROC, out-of-fold scores pooled over folds")
+    axis.set_xlim(0, 1)
+    axis.set_ylim(0, 1.01)
+    axis.legend(loc="lower right", fontsize=8, title="feature (probe): pooled AUROC", title_fontsize=8)
+    axis.grid(alpha=0.3)
+    return _png(figure)
+
+
+LABEL_NAMES = {"1": "hallucinated", "0": "not hallucinated", "": "unknown"}
+LABEL_COLOURS = {"hallucinated": "#d62728", "not hallucinated": "#2ca02c", "unknown": "#bbbbbb"}
+
+
+def label_balance(data: ProbeResults) -> pd.DataFrame:
+    """Counts per answer type (rows, plus `all`) x hallucinated / not / unknown (columns)."""
+    if data.labels is not None and "label" in data.labels:
+        labels = data.labels
+        names = labels["label"].str.strip().map(lambda value: LABEL_NAMES.get(value, f"other: {value}"))
+        kinds = labels["answer_type"] if "answer_type" in labels else pd.Series(["all"] * len(labels))
+        table = pd.crosstab(kinds.replace("", "(none)"), names)
+        if list(table.index) != ["all"]:
+            table = pd.concat([table.sum().to_frame("all").T, table])
+    else:
+        # Without labels.csv the balance is the probes' own n / n_positive (labelled rows only).
+        first = data.results.iloc[0]
+        positives = int(first.get("n_positive", 0))
+        table = pd.DataFrame(
+            {"hallucinated": [positives], "not hallucinated": [int(first.get("n", 0)) - positives]}, index=["all"]
+        )
+    ordered = [name for name in LABEL_COLOURS if name in table.columns]
+    return table[ordered + [c for c in table.columns if c not in ordered]]
+
+
+def label_balance_png(balance: pd.DataFrame) -> bytes:
+    figure = _figure(6.4, 0.45 * len(balance.index) + 1.9)
+    axis = figure.subplots()
+    left = np.zeros(len(balance.index))
+    positions = np.arange(len(balance.index))
+    for column in balance.columns:
+        values = balance[column].to_numpy(dtype=float)
+        axis.barh(positions, values, left=left, color=LABEL_COLOURS.get(column, "#9467bd"), label=column)
+        for y, (start, value) in enumerate(zip(left, values, strict=True)):
+            if value > 0:
+                axis.text(start + value / 2, y, f"{int(value)}", ha="center", va="center", fontsize=8)
+        left += values
+    axis.set_yticks(positions, [str(index) for index in balance.index])
+    axis.invert_yaxis()
+    axis.set_xlabel("samples")
+    axis.set_title("label balance by answer type")
+    axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=len(balance.columns), fontsize=8)
+    return _png(figure)
+
+
+# ----- HTML --------------------------------------------------------------------------------
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(frame: pd.DataFrame, highlight: int | None = None, numeric_digits: int = 3) -> str:
+    head = "".join(f"<th>{_e(column)}</th>" for column in frame.columns)
+    body = []
+    for position, (_, row) in enumerate(frame.iterrows()):
+        style = ' class="best"' if position == highlight else ""
+        cells = "".join(f"<td>{_e(_fmt(value, numeric_digits))}</td>" for value in row.tolist())
+        body.append(f"<tr{style}>{cells}</tr>")
+    return f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
+
+
+def _img(png: bytes, alt: str) -> str:
+    encoded = base64.b64encode(png).decode("ascii")
+    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{encoded}">'
+
+
+RESULT_COLUMNS = (
+    "feature",
+    "probe",
+    "n",
+    "n_positive",
+    "auroc_mean",
+    "auroc_std",
+    "auroc_ci_low",
+    "auroc_ci_high",
+    "auprc_mean",
+    "accuracy_mean",
+    "f1_mean",
+    "control_auroc_mean",
+)
+
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; padding: 0 1em; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }
+th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
+th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
+tr.best { background: #fff3cd; font-weight: 600; }
+.headline { font-size: 1.1em; background: #eef6ff; padding: 0.8em 1em; border-left: 4px solid #1f77b4; }
+.muted { color: #666; font-size: 0.9em; } img { max-width: 100%; } .scroll { overflow-x: auto; }
+dl { display: grid; grid-template-columns: max-content auto; gap: 0.2em 1em; font-size: 0.9em; }
+dt { font-weight: 600; }
+"""
+
+
+def _headline(data: ProbeResults) -> str:
+    best = data.best()
+    parts = [
+        f"Best predictor: <b>{_e(best['feature'])}</b> with the <b>{_e(best['probe'])}</b> probe, "
+        f"AUROC <b>{_fmt(best['auroc_mean'])}</b>"
+    ]
+    if "auroc_ci_low" in best and "auroc_ci_high" in best:
+        parts.append(f" (95% interval {_fmt(best['auroc_ci_low'])}–{_fmt(best['auroc_ci_high'])})")
+    if "control_auroc_mean" in best and pd.notna(best["control_auroc_mean"]):
+        parts.append(f"; the same probe on shuffled labels scores {_fmt(best['control_auroc_mean'])}")
+    parts.append(".")
+    by_representation = (
+        data.results.dropna(subset=["auroc_mean"])
+        .assign(representation=[split_feature(f)[0] for f in data.results.dropna(subset=["auroc_mean"])["feature"]])
+        .groupby("representation")["auroc_mean"]
+        .max()
+        .sort_values(ascending=False)
+    )
+    ranking = ", ".join(f"{_e(rep)} {value:.3f}" for rep, value in by_representation.items())
+    return f'<p class="headline">{"".join(parts)}<br><span class="muted">Best per representation: {ranking}</span></p>'
+
+
+def _groups_section(data: ProbeResults) -> str:
+    if data.groups is None or data.groups.empty:
+        return "<p class='muted'>No per-group results (train probes with <code>--group-by COLUMN</code>).</p>"
+    best = data.best()
+    rows = data.groups[(data.groups["feature"] == best["feature"]) & (data.groups["probe"] == best["probe"])]
+    columns = [c for c in ("group", "n", "n_positive", "auroc") if c in rows.columns]
+    intro = f"<p>AUROC of the best probe ({_e(best['feature'])}, {_e(best['probe'])}) within each group.</p>"
+    table = _table(rows[columns].sort_values("group", kind="stable")) if not rows.empty else "<p>none</p>"
+    # Every feature x probe, as a pivot, for who wants to compare groups across features.
+    pivot = data.groups.pivot_table(index=["feature", "probe"], columns="group", values="auroc", aggfunc="first")
+    pivot = pivot.reset_index()
+    pivot.columns = [str(column) for column in pivot.columns]
+    return intro + table + "<details><summary>all features</summary>" + _table(pivot) + "</details>"
+
+
+def _run_section(data: ProbeResults, run_dir: Path) -> str:
+    attrs = data.run_attrs
+    items: list[tuple[str, Any]] = [("run directory", run_dir.resolve())]
+    for key in ("model_id", "architecture", "num_layers", "layers", "dtype", "num_samples", "generated"):
+        if key in attrs:
+            items.append((key, attrs[key]))
+    for key, value in data.settings.items():
+        items.append((f"probe {key}", value))
+    return "<dl>" + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in items) + "</dl>"
+
+
+@dataclass
+class Report:
+    html_path: Path
+    pngs: dict[str, Path]
+    best: pd.Series
+    results: pd.DataFrame
+
+
+def build_report(run_dir: str | Path, out_dir: str | Path | None = None, title: str | None = None) -> Report:
+    """Write the PNGs and report.html for a run whose probes are trained; return where they are."""
+    run_dir = Path(run_dir)
+    data = read_probe_results(run_dir)
+    out = Path(out_dir) if out_dir is not None else run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+
+    grids = auroc_grids(data.results)
+    best = data.best()
+    pngs: dict[str, bytes] = {"auroc_heatmap": heatmap_png(grids, (best["feature"], best["probe"]))}
+    roc = roc_png(data)
+    if roc is not None:
+        pngs["roc_curves"] = roc
+    balance = label_balance(data)
+    pngs["label_balance"] = label_balance_png(balance)
+    paths = {}
+    for name, png in pngs.items():
+        paths[name] = out / f"{name}.png"
+        paths[name].write_bytes(png)
+
+    results = data.results.sort_values("auroc_mean", ascending=False, kind="stable", na_position="last")
+    results = results[[c for c in RESULT_COLUMNS if c in results.columns]].reset_index(drop=True)
+    title = title or f"halp report: {run_dir.resolve().name}"
+    roc_html = (
+        _img(pngs["roc_curves"], "ROC curves")
+        + "<p class='muted'>Curves pool each sample's out-of-fold score, so their AUROC can differ slightly from "
+        "the mean over folds in the table.</p>"
+        if "roc_curves" in pngs
+        else "<p class='muted'>No out-of-fold predictions (probes/predictions.csv) to draw ROC curves from.</p>"
+    )
+    balance_table = balance.reset_index().rename(columns={"index": "answer type", "answer_type": "answer type"})
+    balance_table.columns = [str(c) for c in balance_table.columns]
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title><style>{CSS}</style></head>
+<body>
+<h1>{_e(title)}</h1>
+{_headline(data)}
+<h2>Which representation and layer predicts hallucination</h2>
+{_img(pngs["auroc_heatmap"], "AUROC heatmap")}
+<p class="muted">Rows: where the state is read (vision_only: projector input, vision_projected: projector output,
+vision_token / vision_token_mean: last / mean image token, query_token: last prompt token); columns: decoder layer
+({NO_LAYER}: before the language model). AUROC 0.5 is chance. Probes are cross-validated out of fold.</p>
+<h2>ROC curves of the best probes</h2>
+{roc_html}
+<h2>Label balance</h2>
+{_img(pngs["label_balance"], "label balance")}
+{_table(balance_table)}
+<h2>Per-group AUROC</h2>
+{_groups_section(data)}
+<h2>All results</h2>
+{_table(results, highlight=0)}
+<h2>Run</h2>
+{_run_section(data, run_dir)}
+<p class="muted">Generated by halp on {datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}.</p>
+</body></html>
+"""
+    html_path = out / "report.html"
+    html_path.write_text(page, encoding="utf-8")
+    return Report(html_path, paths, best, data.results)
+
+
+def auroc_grid_tables(results: pd.DataFrame, title: str = "AUROC") -> list[Any]:
+    """The heatmap as rich Tables (one per probe type): representation rows x layer columns."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    tables = []
+    ranked = results.dropna(subset=["auroc_mean"])
+    best = ranked.loc[ranked["auroc_mean"].idxmax()] if not ranked.empty else None
+    for grid in auroc_grids(results):
+        # A light box and two decimals keep a 28-layer grid readable in an 80-column terminal.
+        table = Table(title=f"{title} ({grid.probe} probe; columns: decoder layer)", box=box.SIMPLE_HEAD)
+        table.add_column("representation", no_wrap=True)
+        for column in grid.columns:
+            table.add_column(column, justify="right", no_wrap=True)
+        for i, representation in enumerate(grid.rows):
+            cells = [Text(representation)]
+            for j, column in enumerate(grid.columns):
+                value = grid.auroc[i, j]
+                feature = representation if column == NO_LAYER else f"{representation}/layer_{column}"
+                is_best = best is not None and (best["feature"], best["probe"]) == (feature, grid.probe)
+                text = "" if not np.isfinite(value) else f"{value:.2f}"
+                cells.append(Text(text, style="bold reverse" if is_best else ""))
+            table.add_row(*cells)
+        tables.append(table)
+    return tables
+
+
+def auroc_table(results: pd.DataFrame, title: str = "AUROC by feature") -> Any:
+    """A rich Table of results, best first, for the terminal (`halp report`, `halp demo`)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=title)
+    for column, justify in (
+        ("feature", "left"),
+        ("probe", "left"),
+        ("n", "right"),
+        ("AUROC", "right"),
+        ("95% interval", "right"),
+        ("shuffled control", "right"),
+    ):
+        table.add_column(column, justify=justify)
+    ordered = results.sort_values("auroc_mean", ascending=False, kind="stable", na_position="last")
+    for position, (_, row) in enumerate(ordered.iterrows()):
+        interval = (
+            f"{_fmt(row.get('auroc_ci_low'))}–{_fmt(row.get('auroc_ci_high'))}" if "auroc_ci_low" in row else "n/a"
+        )
+        # Text objects: names from files are shown literally, never parsed as rich markup.
+        table.add_row(
+            Text(str(row["feature"])),
+            Text(str(row["probe"])),
+            Text(_fmt(row.get("n"), 0) if pd.notna(row.get("n")) else "n/a"),
+            Text(_fmt(row["auroc_mean"]), style="bold" if position == 0 else ""),
+            Text(interval),
+            Text(_fmt(row.get("control_auroc_mean"))),
+        )
+    return table
+
+
+def print_summary(console: Any, report: Report, title: str = "AUROC") -> None:
+    """The AUROC grid(s), the best probe and where the report is, for the terminal."""
+    from rich.text import Text
+
+    for table in auroc_grid_tables(report.results, title):
+        console.print(table)
+    best = report.best
+    line = f"best: {best['feature']} ({best['probe']}) AUROC {_fmt(best['auroc_mean'])}"
+    if "auroc_ci_low" in best and "auroc_ci_high" in best:
+        line += f" [{_fmt(best['auroc_ci_low'])}, {_fmt(best['auroc_ci_high'])}]"
+    # soft_wrap: a long path stays one line that a terminal can select and open.
+    console.print(Text(line), soft_wrap=True)
+    console.print(Text(f"report: {report.html_path}"), soft_wrap=True)
