@@ -55,8 +55,10 @@ _NUMBER_WORDS = {
     "sixteen": 16, "seventeen": 17, "eighteen": 18, "nineteen": 19, "twenty": 20, "thirty": 30,
     "forty": 40, "fifty": 50, "hundred": 100,
 }  # fmt: skip
-_YES = {"yes", "yeah", "yep", "true", "correct"}
-_NO = {"no", "nope", "false", "incorrect"}
+_YES = {"yes", "yeah", "yep", "true"}
+_NO = {"no", "nope", "false"}
+# Openings whose first word is not the answer's polarity ("No doubt, there is a beach" means yes).
+_IDIOMS = re.compile(r"^\W*(no (doubt|question|wonder|matter)|not (only|just))\b")
 # Phrases that mean the model declined or hedged: not a claim about the image either way.
 _HEDGES = re.compile(
     r"\b(maybe|perhaps|possibly|unclear|uncertain|not sure|unsure|can ?not (?:be )?(?:tell|determine|see|say)|"
@@ -188,6 +190,8 @@ def _rule_yesno(truth: str, answer: str) -> tuple[int | None, str]:
     polarity = "yes" if first in _YES else "no" if first in _NO else None
     if polarity is None:
         return None, f"answer does not start with yes or no: {answer[:80]!r}"
+    if _IDIOMS.match(answer.lower()):
+        return None, f"answer opens with an idiom, not a polarity: {answer[:80]!r}"
     opposite = _NO if polarity == "yes" else _YES
     if any(word in opposite for word in words[1:3]) or re.match(r"\W*(yes|no)\W+(or|and)\W", answer.lower()):
         return None, f"answer gives both polarities: {answer[:80]!r}"
@@ -221,7 +225,8 @@ def _answer_letter(answer: str, options: dict[str, str]) -> str | None:
         r"^([A-H])[.):]\s",  # "B. blue", "B) blue"
         r"\b(?:answer|option|choice) (?:is )?\(?([A-H])\)?(?![\w])",  # "The answer is B"
     )
-    letters = set()
+    # Several parenthesized letters ("(A) and (B)") name several options: no single choice.
+    letters = set(re.findall(r"\(([A-H])\)", text))
     for pattern in patterns:
         match = re.search(pattern, text)
         if match:
@@ -255,6 +260,9 @@ def _rule_short(question: str, truth: str, answer: str) -> tuple[int | None, str
             return None, f"answer contains {expected!r} but also a negation: {answer[:80]!r}"
         if others:
             return None, f"answer names both {expected!r} and {others[0]!r}"
+        extra_colours = _colours(said) - _colours(expected)
+        if _colours(expected) and extra_colours:
+            return None, f"answer names {expected!r} and other colours too ({', '.join(sorted(extra_colours))})"
         return 0, f"answer contains ground truth {expected!r}"
     if _NEGATIONS.search(said):
         return None, f"answer {said[:60]!r} does not contain {expected!r} and has a negation"

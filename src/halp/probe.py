@@ -413,7 +413,7 @@ def bootstrap_intervals(
 ) -> dict[str, tuple[float, float]]:
     """Percentile intervals of each metric over `resamples` row resamplings (with replacement) of (y, score).
 
-    Resamples holding a single class are drawn again for AUROC/AUPRC by skipping them.
+    AUROC and AUPRC are undefined on a resample holding a single class; such resamples are skipped for them.
     """
     if resamples <= 0:
         return {name: (float("nan"), float("nan")) for name in METRICS}
