@@ -1,3 +1,16 @@
 """halp: predict VLM hallucinations from internal states before a single token is generated."""
 
+from typing import Any
+
 __version__ = "0.1.0"
+
+__all__ = ["RiskScorer", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: `import halp` must stay cheap (no torch/transformers) for the CLI and for tools that read __version__.
+    if name == "RiskScorer":
+        from halp.predict import RiskScorer
+
+        return RiskScorer
+    raise AttributeError(f"module 'halp' has no attribute {name!r}")

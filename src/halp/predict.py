@@ -1,0 +1,245 @@
+"""`halp predict` and `RiskScorer`: score (image, question) pairs before a single answer token exists.
+
+This is the deployment use of a trained run: the run's model is loaded with the run's dtype, one
+prefill pass reads the probe's feature (the same hooks and token positions as `halp extract`), and
+the probe saved by `halp probe` for that feature turns it into a risk (the probe's probability of
+hallucination). Nothing is generated.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from halp.capture import FeatureExtractor
+from halp.data import ImageError, Sample, load_image, read_samples, to_rgb
+from halp.report import split_feature
+
+PROBES_DIR = "probes"
+
+
+class ScorerError(ValueError):
+    """A run cannot be used for scoring as asked (no probes, unknown feature, model mismatch); says why."""
+
+
+def choose_probe(run_dir: str | Path, feature: str | None = None, probe: str | None = None) -> tuple[str, str]:
+    """The (feature, probe) to score with: the given ones, else the best by auroc_mean in results.csv."""
+    run_dir = Path(run_dir)
+    if feature is not None and probe is not None:
+        return feature, probe
+    results_path = run_dir / PROBES_DIR / "results.csv"
+    if not results_path.is_file():
+        raise ScorerError(
+            f"{results_path} does not exist; train probes first (`halp probe {run_dir}`) or name both the "
+            "feature and the probe"
+        )
+    results = pd.read_csv(results_path, dtype={"feature": str, "probe": str})
+    if feature is not None:
+        results = results[results["feature"] == feature]
+    if probe is not None:
+        results = results[results["probe"] == probe]
+    results = results.dropna(subset=["auroc_mean"])
+    if results.empty:
+        wanted = ", ".join(f"{k}={v!r}" for k, v in (("feature", feature), ("probe", probe)) if v is not None)
+        raise ScorerError(f"{results_path} has no scored probe{' with ' + wanted if wanted else ''}")
+    best = results.loc[results["auroc_mean"].idxmax()]
+    return str(best["feature"]), str(best["probe"])
+
+
+def run_attributes(run_dir: str | Path) -> dict[str, Any]:
+    """Root attributes of RUN_DIR/features.h5, plus `model_ref`: the model as `halp extract` resolved it."""
+    import h5py
+
+    from halp.summary import features_file
+
+    run_dir = Path(run_dir)
+    with h5py.File(features_file(run_dir), "r") as handle:
+        raw = dict(handle.attrs.items())
+    attrs = {key: (value.tolist() if isinstance(value, np.ndarray) else value) for key, value in raw.items()}
+    # run.json holds the model as an absolute path for local checkpoints (attrs keep what was typed,
+    # which may be relative to another working directory).
+    identity_path = run_dir / "run.json"
+    identity = json.loads(identity_path.read_text()) if identity_path.is_file() else {}
+    attrs["model_ref"] = identity.get("model") or attrs.get("model_id")
+    if not attrs["model_ref"]:
+        raise ScorerError(f"{run_dir} records no model (neither run.json nor features.h5 attrs)")
+    return attrs
+
+
+def as_image(image: Image.Image | str | Path) -> Image.Image:
+    """A PIL image as RGB; a path is opened with the same rules as `halp extract`."""
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    path = Path(image)
+    return load_image(path.parent, path.name)
+
+
+@dataclass
+class RiskScorer:
+    """A run's model, one feature's extraction point and that feature's trained probe."""
+
+    extractor: FeatureExtractor
+    probe: Any
+    feature: str
+    probe_name: str
+    threshold: float
+    meta: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 8
+
+    @classmethod
+    def from_run(
+        cls,
+        run_dir: str | Path,
+        feature: str | None = None,
+        probe: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        *,
+        threshold: float | None = None,
+        model: str | None = None,
+        batch_size: int = 8,
+        trust_remote_code: bool = False,
+    ) -> RiskScorer:
+        """Load the run's model and the saved probe of `feature` (default: the best by auroc_mean).
+
+        dtype "auto" is the run's dtype: the probe was fitted on features of that precision. `model`
+        overrides where the checkpoint is (a run moved to another machine).
+        """
+        from halp.loading import load_model
+        from halp.models import adapter_for
+        from halp.probe import load_probe, probe_stem
+
+        run_dir = Path(run_dir)
+        feature, probe = choose_probe(run_dir, feature, probe)
+        attrs = run_attributes(run_dir)
+        layers = _layers_for(feature, attrs)
+        stem = probe_stem(run_dir, feature, probe)
+        if not stem.with_name(stem.name + ".safetensors").is_file():
+            raise ScorerError(f"no saved probe {stem}.safetensors for feature {feature!r}, probe {probe!r}")
+        fitted, meta = load_probe(stem)
+        chosen_threshold = threshold if threshold is not None else meta.get("threshold")
+        if chosen_threshold is None:
+            raise ScorerError(f"{stem}.json has no threshold; pass one (--threshold)")
+
+        run_dtype = str(attrs.get("dtype", "float32"))
+        loaded, processor = load_model(
+            model or str(attrs["model_ref"]), device, run_dtype if dtype == "auto" else dtype, trust_remote_code
+        )
+        _check_same_model(loaded, attrs)
+        extractor = FeatureExtractor(adapter_for(loaded, processor), layers)
+        return cls(extractor, fitted, feature, probe, float(chosen_threshold), meta, batch_size)
+
+    def score(self, image: Image.Image | str | Path, question: str) -> float:
+        """Risk of hallucination in [0, 1] for one (image, question), from the prefill alone."""
+        return float(self.score_batch([image], [question])[0])
+
+    def score_batch(self, images: Sequence[Image.Image | str | Path], questions: Sequence[str]) -> np.ndarray:
+        """Risks for aligned lists of images and questions, `batch_size` prefill passes at a time."""
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} images but {len(questions)} questions")
+        risks = np.empty(len(questions), dtype=np.float64)
+        for start in range(0, len(questions), self.batch_size):
+            stop = start + self.batch_size
+            batch_images = [as_image(image) for image in images[start:stop]]
+            result = self.extractor(batch_images, list(questions[start:stop]), max_new_tokens=0)
+            risks[start:stop] = self.probe.predict_proba(result.features[self.feature])[:, 1]
+        return risks
+
+    def flagged(self, risks: np.ndarray) -> np.ndarray:
+        return np.asarray(risks) >= self.threshold
+
+
+def _layers_for(feature: str, attrs: dict[str, Any]) -> list[int]:
+    """The decoder layer the feature needs (none for projector features); it must be one the run extracted."""
+    representation, layer = split_feature(feature)
+    if representation not in {"vision_only", "vision_projected", "vision_token", "vision_token_mean", "query_token"}:
+        raise ScorerError(f"feature {feature!r} is not a halp feature name")
+    if layer is None:
+        if representation not in {"vision_only", "vision_projected"}:
+            raise ScorerError(f"feature {feature!r} needs a layer (e.g. {representation}/layer_0)")
+        return []
+    run_layers = [int(value) for value in np.atleast_1d(attrs.get("layers", []))]
+    if run_layers and layer not in run_layers:
+        raise ScorerError(f"feature {feature!r}: the run extracted layers {run_layers}, not {layer}")
+    return [layer]
+
+
+def _check_same_model(model: Any, attrs: dict[str, Any]) -> None:
+    """A probe only means something on the model it was trained on; catch a wrong --model early."""
+    expected_type = attrs.get("model_type")
+    if expected_type and model.config.model_type != expected_type:
+        raise ScorerError(f"the run was extracted from a {expected_type} model, this is {model.config.model_type}")
+    expected_hidden = attrs.get("hidden_size")
+    text_config = getattr(model.config, "text_config", model.config)
+    hidden = getattr(text_config, "hidden_size", None)
+    if expected_hidden and hidden and int(expected_hidden) != int(hidden):
+        raise ScorerError(f"the run's model has hidden size {expected_hidden}, this one {hidden}")
+
+
+# ----- halp predict ------------------------------------------------------------------------
+
+
+@dataclass
+class PredictSummary:
+    out: Path
+    total: int
+    flagged: int
+    failed: list[tuple[str, str]]
+    feature: str
+    probe: str
+    threshold: float
+
+
+def predict_file(
+    scorer: RiskScorer, data: str | Path, images_dir: str | Path, out: str | Path, progress: bool = False
+) -> PredictSummary:
+    """Score every row of a VQA table; write `question_id,risk,flagged,error` to `out` (atomically).
+
+    A row whose image cannot be read gets an empty risk and the reason in `error`; the others are scored.
+    """
+    from tqdm.auto import tqdm
+
+    samples = read_samples(data)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    risks: dict[str, float] = {}
+    failed: list[tuple[str, str]] = []
+    with tqdm(total=len(samples), unit="sample", disable=not progress, desc="predict") as bar:
+        for start in range(0, len(samples), scorer.batch_size):
+            batch = samples[start : start + scorer.batch_size]
+            good: list[Sample] = []
+            images: list[Image.Image] = []
+            for sample in batch:
+                try:
+                    images.append(load_image(images_dir, sample.image_id))
+                    good.append(sample)
+                except ImageError as err:
+                    failed.append((sample.question_id, str(err)))
+            if good:
+                scores = scorer.score_batch(images, [sample.question for sample in good])
+                risks.update(zip((sample.question_id for sample in good), scores.tolist(), strict=True))
+            bar.update(len(batch))
+    errors = dict(failed)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    with tmp.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["question_id", "risk", "flagged", "error"])
+        for sample in samples:
+            risk = risks.get(sample.question_id, math.nan)
+            if math.isnan(risk):
+                writer.writerow([sample.question_id, "", "", errors.get(sample.question_id, "not scored")])
+            else:
+                writer.writerow([sample.question_id, format(risk, ".10g"), int(risk >= scorer.threshold), ""])
+    os.replace(tmp, out)
+    flagged = sum(risk >= scorer.threshold for risk in risks.values())
+    return PredictSummary(out, len(samples), flagged, failed, scorer.feature, scorer.probe_name, scorer.threshold)

@@ -1,0 +1,186 @@
+"""`RiskScorer` and `halp predict`: risk = the saved probe applied to prefill features, nothing generated.
+
+The reference is independent of the scorer's own path: features written by `halp extract
+--no-generate` (another process-level entry point, another batch size) for the same rows, fed to
+the probe file loaded with `halp.probe.load_probe`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from halp.cli import app
+from halp.data import load_image, read_samples
+from halp.demo import make_planted_set
+from halp.extract import ExtractConfig, run_extraction
+from halp.label import label_run
+from halp.predict import RiskScorer, ScorerError, choose_probe
+from halp.probe import load_probe, probe_stem, train_probes
+from halp.store import read_strings
+
+CLOSE = {"rtol": 1e-4, "atol": 1e-5}
+CHECKED_FEATURES = (
+    "vision_only",
+    "vision_projected",
+    "vision_token/layer_1",
+    "vision_token_mean/layer_2",
+    "query_token/layer_3",
+)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, checkpoint_dir) -> dict[str, Path]:
+    """A generated run (answers decoded) with both probe types trained on the planted image label."""
+    root = tmp_path_factory.mktemp("predict")
+    table, images, planted = make_planted_set(root / "data", n_images=15, unknown_fraction=0.0, seed=1)
+    checkpoint = checkpoint_dir("qwen2_vl")
+    run = root / "run"
+    config = ExtractConfig(
+        model=str(checkpoint),
+        data=table,
+        images=images,
+        out=run,
+        layers="halp",
+        batch_size=4,
+        max_new_tokens=3,
+        device="cpu",
+        dtype="float32",
+        progress=False,
+    )
+    assert run_extraction(config).finished
+    label_run(run, labels=planted, label_column="image_label")
+    train_probes(
+        run, probe="both", folds=3, bootstrap=0, seed=0, probe_params={"logreg": {"C": 1.0}, "mlp": {"epochs": 3}}
+    )
+    # The reference features: the CLI's prefill-only extraction of the same rows, another batch size.
+    reference = root / "no_generate"
+    result = CliRunner().invoke(
+        app,
+        [
+            "extract",
+            *("--model", str(checkpoint), "--data", str(table), "--images", str(images), "--out", str(reference)),
+            *("--no-generate", "--device", "cpu", "--dtype", "float32", "--batch-size", "3"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    return {"run": run, "table": table, "images": images, "reference": reference, "checkpoint": checkpoint}
+
+
+def _reference_risks(trained: dict[str, Path], feature: str, probe: str) -> tuple[list[str], np.ndarray]:
+    with h5py.File(trained["reference"] / "features.h5", "r") as handle:
+        assert handle.attrs["max_new_tokens"] == 0
+        ids = read_strings(handle["question_id"])
+        features = handle[feature][()]
+    fitted, _ = load_probe(probe_stem(trained["run"], feature, probe))
+    return ids, fitted.predict_proba(features)[:, 1]
+
+
+@pytest.mark.parametrize("probe", ["logreg", "mlp"])
+def test_score_equals_saved_probe_on_no_generate_features(trained: dict[str, Path], probe: str) -> None:
+    samples = read_samples(trained["table"])
+    questions = [sample.question for sample in samples]
+    # Paths and PIL images are both accepted.
+    images = [
+        str(trained["images"] / s.image_id) if i % 2 else load_image(trained["images"], s.image_id)
+        for i, s in enumerate(samples)
+    ]
+    per_feature = {}
+    for feature in CHECKED_FEATURES:
+        scorer = RiskScorer.from_run(trained["run"], feature=feature, probe=probe, device="cpu")
+        assert (scorer.feature, scorer.probe_name) == (feature, probe)
+        ids, expected = _reference_risks(trained, feature, probe)
+        assert ids == [sample.question_id for sample in samples]
+        got = scorer.score_batch(images, questions)
+        np.testing.assert_allclose(got, expected, **CLOSE, err_msg=feature)
+        assert scorer.score(images[3], questions[3]) == pytest.approx(expected[3], rel=1e-4, abs=1e-5)
+        per_feature[feature] = got
+    # Non-vacuous: the risks vary across rows and depend on which feature is read.
+    assert all(np.std(risks) > 1e-3 for risks in per_feature.values())
+    assert not np.allclose(per_feature["vision_only"], per_feature["query_token/layer_3"], atol=1e-3)
+
+
+def test_default_is_best_probe_and_run_settings(trained: dict[str, Path]) -> None:
+    results = pd.read_csv(trained["run"] / "probes" / "results.csv")
+    best = results.loc[results["auroc_mean"].idxmax()]
+    scorer = RiskScorer.from_run(trained["run"], device="cpu")
+    assert (scorer.feature, scorer.probe_name) == (best["feature"], best["probe"])
+    assert scorer.threshold == 0.5  # the saved probe's
+    assert str(next(scorer.extractor.model.parameters()).dtype) == "torch.float32"  # the run's dtype
+    only_mlp = results[results["probe"] == "mlp"]
+    assert choose_probe(trained["run"], probe="mlp") == (
+        only_mlp.loc[only_mlp["auroc_mean"].idxmax(), "feature"],
+        "mlp",
+    )
+    assert RiskScorer.from_run(trained["run"], "vision_only", "logreg", "cpu", threshold=0.9).threshold == 0.9
+
+
+def test_predict_cli_writes_risk_and_flags(trained: dict[str, Path], tmp_path: Path) -> None:
+    table = pd.read_csv(trained["table"], dtype=str).head(6)
+    missing = table.iloc[[0]].assign(question_id="lost", image_id="no_such_image.png")
+    data = tmp_path / "new.csv"
+    pd.concat([table, missing]).to_csv(data, index=False)
+    out = tmp_path / "risk.csv"
+    args = ["predict", "--run", str(trained["run"]), "--data", str(data), "--images", str(trained["images"])]
+    result = CliRunner().invoke(
+        app, [*args, "--feature", "query_token/layer_3", "--threshold", "0.4", "--out", str(out)]
+    )
+    assert result.exit_code == 1, result.output  # one row could not be scored
+    written = pd.read_csv(out, dtype={"question_id": str})
+    assert list(written.columns) == ["question_id", "risk", "flagged", "error"]
+    assert list(written["question_id"]) == [*table["question_id"], "lost"]
+    lost = written.iloc[-1]
+    assert np.isnan(lost["risk"]) and "no_such_image.png" in lost["error"]
+    scored = written.iloc[:-1]
+    best_probe = choose_probe(trained["run"], feature="query_token/layer_3")[1]
+    _, expected = _reference_risks(trained, "query_token/layer_3", best_probe)
+    np.testing.assert_allclose(scored["risk"].to_numpy(), expected[:6], **CLOSE)
+    assert list(scored["flagged"].astype(int)) == [int(r >= 0.4) for r in scored["risk"]]
+
+    default_out = trained["run"] / "risk" / "new.csv"
+    result = CliRunner().invoke(app, [*args])
+    assert result.exit_code == 1 and default_out.is_file()
+
+
+def test_errors_say_what_is_wrong(trained: dict[str, Path], tmp_path: Path, checkpoint_dir) -> None:
+    with pytest.raises(ScorerError, match="no scored probe"):
+        RiskScorer.from_run(trained["run"], feature="query_token/layer_99", device="cpu")
+    with pytest.raises(ScorerError, match="no saved probe"):
+        RiskScorer.from_run(trained["run"], feature="query_token/layer_3", probe="svm", device="cpu")
+    with pytest.raises(ScorerError, match="not a halp feature"):
+        RiskScorer.from_run(trained["run"], feature="logits/layer_1", probe="logreg", device="cpu")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy2(trained["run"] / "features.h5", bare / "features.h5")
+    with pytest.raises(ScorerError, match="halp probe"):
+        RiskScorer.from_run(bare, device="cpu")
+    with pytest.raises(ScorerError, match="qwen2_vl model"):
+        RiskScorer.from_run(trained["run"], "vision_only", "logreg", "cpu", model=str(checkpoint_dir("qwen2_5_vl")))
+    scorer = RiskScorer.from_run(trained["run"], "vision_only", "logreg", "cpu")
+    with pytest.raises(ValueError, match="2 images but 1 questions"):
+        scorer.score_batch([trained["images"] / "img_0000.png"] * 2, ["Why?"])
+
+
+def test_import_halp_is_light_and_exports_risk_scorer_lazily() -> None:
+    code = (
+        "import sys, halp\n"
+        "assert 'torch' not in sys.modules and 'halp.predict' not in sys.modules\n"
+        "from halp import RiskScorer\n"
+        "assert RiskScorer.__module__ == 'halp.predict'\n"
+        "try:\n"
+        "    halp.NoSuchThing\n"
+        "except AttributeError:\n"
+        "    pass\n"
+        "else:\n"
+        "    raise SystemExit('missing attribute did not raise')\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
