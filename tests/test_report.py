@@ -7,6 +7,7 @@ label, the others are noise, so what the report must single out is known in adva
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -157,6 +158,21 @@ def test_html_escapes_strings_from_input_files(probed_run: Path) -> None:
     assert "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in page
     assert "plain &amp; simple" in page
     assert "<script" not in page.lower()
+
+
+def test_report_without_optional_inputs(probed_run: Path, tmp_path: Path) -> None:
+    """Only results.csv is required: no predictions, groups or labels.csv still give a full page."""
+    run = tmp_path / "run"
+    (run / "probes").mkdir(parents=True)
+    shutil.copy2(probed_run / "probes" / "results.csv", run / "probes" / "results.csv")
+    report = build_report(run)
+    assert "roc_curves" not in report.pngs and report.pngs["label_balance"].is_file()
+    page = report.html_path.read_text(encoding="utf-8")
+    assert "No out-of-fold predictions" in page and "No per-group results" in page
+    results = pd.read_csv(run / "probes" / "results.csv")
+    balance = label_balance(read_probe_results(run))
+    assert balance.loc["all", "hallucinated"] == results["n_positive"].iloc[0]
+    assert balance.loc["all"].sum() == results["n"].iloc[0]
 
 
 def test_missing_results_say_which_command_makes_them(tmp_path: Path) -> None:

@@ -243,7 +243,8 @@ def heatmap_png(grids: Sequence[AurocGrid], best: tuple[str, str] | None = None)
     if image is not None:
         bar = figure.colorbar(image, ax=list(axes), shrink=0.9, pad=0.02)
         bar.set_label("AUROC (mean over folds; ≤0.5 = chance)")
-    caption = "cell: mean AUROC" + (" [95% bootstrap interval]" if show_intervals else "") + "; red box: best"
+    caption = "cell: mean AUROC " + ("[95% bootstrap interval]" if show_intervals else "(intervals: see the table)")
+    caption += "; red box: best"
     figure.suptitle(caption, fontsize=9)
     return _png(figure)
 
