@@ -4,7 +4,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["RiskScorer", "__version__"]
+__all__ = ["Embedder", "RiskScorer", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -13,4 +13,8 @@ def __getattr__(name: str) -> Any:
         from halp.predict import RiskScorer
 
         return RiskScorer
+    if name == "Embedder":
+        from halp.embed import Embedder
+
+        return Embedder
     raise AttributeError(f"module 'halp' has no attribute {name!r}")

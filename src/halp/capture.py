@@ -106,6 +106,10 @@ class PrefillCapture:
     layers: list[int]
     positions: Positions | None = None
     features: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: Also keep token-level tensors in `tokens` (one per sample): the projector's input/output rows per
+    #: sample (`vision_only`, `vision_projected`) and each layer's states at every column (`layer_k`).
+    keep_tokens: bool = False
+    tokens: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     _armed: bool = False
     _handles: list[Any] = field(default_factory=list)
 
@@ -129,6 +133,7 @@ class PrefillCapture:
     def arm(self, positions: Positions) -> None:
         self.positions = positions
         self.features = {}
+        self.tokens = {}
         self._armed = True
 
     def _on_model_done(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -142,7 +147,14 @@ class PrefillCapture:
     def _per_sample_mean(self, tensor: torch.Tensor, output: bool) -> torch.Tensor:
         assert self.positions is not None
         groups = self.adapter.projector_groups(tensor, self.positions, output)
+        if self.keep_tokens:
+            self._keep("vision_projected" if output else "vision_only", groups)
         return torch.stack([group.float().mean(dim=0) for group in groups])
+
+    def _keep(self, name: str, per_sample: Sequence[torch.Tensor]) -> None:
+        if name in self.tokens:
+            raise ExtractionPointError(f"{name} tokens were produced twice in one prefill pass")
+        self.tokens[name] = [value.detach().float().cpu() for value in per_sample]
 
     def _on_projector(self, module: nn.Module, args: Any, output: Any) -> None:
         if not self._armed:
@@ -172,6 +184,8 @@ class PrefillCapture:
             self._store(f"vision_token/layer_{layer}", hidden[rows, positions.last_image.to(hidden.device)])
             self._store(f"vision_token_mean/layer_{layer}", image_mean)
             self._store(f"query_token/layer_{layer}", hidden[:, positions.query])
+            if self.keep_tokens:
+                self._keep(f"layer_{layer}", list(hidden))
 
         return hook
 
@@ -181,15 +195,19 @@ class BatchResult:
     features: dict[str, np.ndarray]  # name -> (B, dim) float32
     answers: list[str]
     prompt_tokens: list[int]
+    #: With keep_tokens: name -> one float32 array per sample (PrefillCapture.tokens), and the batch's positions.
+    tokens: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    positions: Positions | None = None
 
 
 class FeatureExtractor:
     """Runs one batch: encode, one prefill with hooks, greedy decode from the same cache."""
 
-    def __init__(self, adapter: Adapter, layers: Sequence[int]) -> None:
+    def __init__(self, adapter: Adapter, layers: Sequence[int], keep_tokens: bool = False) -> None:
         self.adapter = adapter
         self.layers = list(layers)
         self.names = feature_names(self.layers)
+        self.keep_tokens = keep_tokens
 
     @property
     def model(self) -> nn.Module:
@@ -211,7 +229,7 @@ class FeatureExtractor:
             for key, value in inputs.items()
         }
         tokenizer = self.adapter.tokenizer()
-        with PrefillCapture(self.adapter, self.layers) as capture:
+        with PrefillCapture(self.adapter, self.layers, keep_tokens=self.keep_tokens) as capture:
             capture.arm(positions)
             # generate() builds position ids from the attention mask (and Qwen's 3-D rope from
             # mm_token_type_ids) exactly as deployment does; max_new_tokens=1 is the pure prefill.
@@ -223,6 +241,7 @@ class FeatureExtractor:
                 pad_token_id=tokenizer.pad_token_id,
             )
             captured = capture.features
+            kept = {name: [value.numpy() for value in values] for name, values in capture.tokens.items()}
         missing = [name for name in self.names if name not in captured]
         if missing:
             raise ExtractionPointError(f"the prefill pass did not produce {', '.join(missing)}")
@@ -231,4 +250,5 @@ class FeatureExtractor:
             new_tokens = sequences[:, inputs["input_ids"].shape[1] :]
             answers = [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
         prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
-        return BatchResult({name: captured[name].numpy() for name in self.names}, answers, prompt_tokens)
+        features = {name: captured[name].numpy() for name in self.names}
+        return BatchResult(features, answers, prompt_tokens, kept, positions if self.keep_tokens else None)

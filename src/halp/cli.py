@@ -19,7 +19,10 @@ err_console = Console(stderr=True)
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    from rich.markup import escape
+
+    # Messages name things like `halp[latentlens]` that rich would otherwise read as markup tags.
+    err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
     raise typer.Exit(code)
 
 
@@ -285,6 +288,158 @@ def demo(
     if not result.passed:
         err_console.print("the planted check failed: see the FAIL lines above", markup=False)
         raise typer.Exit(1)
+
+
+@app.command()
+def embed(
+    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    model: Annotated[str, typer.Option(help="Hub id or local checkpoint directory.")],
+    out: Annotated[Path, typer.Option(help="Output directory: <image stem>/*.npy + manifest.json per image.")],
+    prompt: Annotated[str, typer.Option(help="Prompt paired with each image.")] = "Describe the image.",
+    layers: Annotated[str, typer.Option(help="'halp' = {0,L/4,L/2,3L/4,L-1}, 'all', or e.g. '0,7,-1'.")] = "halp",
+    save_tokens: Annotated[bool, typer.Option(help="Also save token-level arrays (large), not only mean pools.")] = (
+        False
+    ),
+    batch_size: Annotated[int, typer.Option(help="Images per prefill pass.")] = 8,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.")] = "auto",
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the checkpoint's own Python code to run.")] = False,
+) -> None:
+    """Embed images: vision tokens before/after the projector, decoder states of image and text tokens, pools."""
+    from halp.data import ImageError
+    from halp.embed import Embedder, write_embeddings
+    from halp.models import ExtractionPointError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    missing = [str(path) for path in images if not path.is_file()]
+    if missing:
+        _fail(f"no such image file: {', '.join(missing)}")
+    try:
+        embedder = Embedder(
+            model,
+            layers=layers,
+            tokens=save_tokens,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+        )
+        manifest = write_embeddings(
+            embedder,
+            images,
+            out,
+            prompt=prompt,
+            tokens=save_tokens,
+            progress=lambda message: err_console.print(message, markup=False, highlight=False),
+        )
+    except (ExtractionPointError, ImageError, ValueError, OSError) as err:
+        _fail(str(err))
+        return
+    console.print(f"embedded {len(images)} image(s); manifest: {manifest}", markup=False)
+
+
+analyze_app = typer.Typer(no_args_is_help=True, help="Layer-wise analyses of the vision tokens: norms, neighbors.")
+app.add_typer(analyze_app, name="analyze")
+
+
+@analyze_app.command("norms")
+def analyze_norms(
+    model: Annotated[str, typer.Option(help="Hub id or local checkpoint directory.")],
+    images: Annotated[Path, typer.Option(help="A directory of images (or one image file).")],
+    out: Annotated[Path, typer.Option(help="Output directory: norms.json, norms.png (features/).")],
+    layers: Annotated[str, typer.Option(help="'all', 'halp' or e.g. '0,7,-1'.")] = "all",
+    prompt: Annotated[str, typer.Option(help="Prompt paired with each image.")] = "Describe the image.",
+    save_features: Annotated[bool, typer.Option(help="Keep the token-level tensors (.npy) per image.")] = False,
+    limit: Annotated[int | None, typer.Option(help="Only the first N images (by name).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per prefill pass.")] = 4,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.")] = "auto",
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the checkpoint's own Python code to run.")] = False,
+) -> None:
+    """Per image and layer: L2-norm statistics of vision and text tokens (JSON) and a plot across layers."""
+    from halp.analyze import analyze_norms as run_norms
+    from halp.data import ImageError
+    from halp.embed import Embedder
+    from halp.models import ExtractionPointError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        embedder = Embedder(
+            model,
+            layers=layers,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+        )
+        result = run_norms(
+            embedder,
+            images,
+            out,
+            prompt=prompt,
+            save_features=save_features,
+            limit=limit,
+            progress=lambda message: err_console.print(message, markup=False, highlight=False),
+        )
+    except (ExtractionPointError, ImageError, ValueError, OSError) as err:
+        _fail(str(err))
+        return
+    console.print(f"wrote {result.summary_path} and {result.plot_path}", markup=False)
+    if result.features_dir is not None:
+        console.print(f"features: {result.features_dir}", markup=False)
+
+
+@analyze_app.command("neighbors")
+def analyze_neighbors(
+    model: Annotated[str, typer.Option(help="Hub id or local checkpoint directory.")],
+    images: Annotated[Path, typer.Option(help="A directory of images (or one image file).")],
+    out: Annotated[Path, typer.Option(help="Output directory: neighbors.json and neighbors.html.")],
+    layers: Annotated[str, typer.Option(help="'halp', 'all' or e.g. '0,7,-1'.")] = "halp",
+    top_k: Annotated[int, typer.Option(help="Neighbours per vision token and lens.")] = 5,
+    prompt: Annotated[str, typer.Option(help="Prompt paired with each image.")] = "Describe the image.",
+    contextual_corpus: Annotated[
+        Path | None, typer.Option(help="Text file (one sentence a line): adds LatentLens' contextual lens.")
+    ] = None,
+    contextual_layers: Annotated[
+        str | None, typer.Option(help="Layers of the contextual index (default: --layers).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N images (by name).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per prefill pass.")] = 4,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.")] = "auto",
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the checkpoint's own Python code to run.")] = False,
+) -> None:
+    """Nearest vocabulary tokens of each vision token: input-embedding cosine and logit lens (optional LatentLens)."""
+    from halp.analyze import analyze_neighbors as run_neighbors
+    from halp.data import ImageError
+    from halp.embed import Embedder
+    from halp.models import ExtractionPointError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        embedder = Embedder(
+            model,
+            layers=layers,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+        )
+        result = run_neighbors(
+            embedder,
+            images,
+            out,
+            top_k=top_k,
+            prompt=prompt,
+            contextual_corpus=contextual_corpus,
+            contextual_layers=contextual_layers,
+            limit=limit,
+            progress=lambda message: err_console.print(message, markup=False, highlight=False),
+        )
+    except (ExtractionPointError, ImageError, ImportError, ValueError, OSError) as err:
+        _fail(str(err))
+        return
+    console.print(f"wrote {result.json_path} and {result.html_path}", markup=False)
 
 
 if __name__ == "__main__":
