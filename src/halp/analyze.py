@@ -125,6 +125,7 @@ def norms_plot_png(summary: dict[str, Any]) -> bytes:
     """Mean L2 norm (+/- std band, all tokens of all images) of vision and text tokens across layers."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(6.5, 4), dpi=110, layout="constrained")
     FigureCanvasAgg(figure)
@@ -136,6 +137,7 @@ def norms_plot_png(summary: dict[str, Any]) -> bytes:
         stds = np.array([entry["std"] for entry in stats])
         axes.plot(layers, means, marker="o", color=colour, label=f"{kind} tokens (mean)")
         axes.fill_between(layers, means - stds, means + stds, color=colour, alpha=0.2, label=f"{kind} tokens (±std)")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("decoder layer (block output)")
     axes.set_ylabel("L2 norm")
     axes.set_title(f"Token norms across layers, {len(summary['images'])} image(s)")
@@ -348,7 +350,13 @@ def image_neighbors(
 
 
 def _cell(neighbors: list[dict[str, Any]]) -> str:
-    return "<br>".join(f"<code>{html.escape(repr(n['token']))}</code> {n['score']:.3f}" for n in neighbors)
+    # A contextual neighbour's sentence and layer show on hover.
+    return "<br>".join(
+        f"<code title='{html.escape(neighbor.get('context', ''), quote=True)}"
+        f"{html.escape(' (layer ' + str(neighbor['layer']) + ')') if 'layer' in neighbor else ''}'>"
+        f"{html.escape(repr(neighbor['token']))}</code> {neighbor['score']:.3f}"
+        for neighbor in neighbors
+    )
 
 
 def neighbors_html(summary: dict[str, Any]) -> str:
