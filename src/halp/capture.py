@@ -112,9 +112,18 @@ class PrefillCapture:
     tokens: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     _armed: bool = False
     _handles: list[Any] = field(default_factory=list)
+    #: Projector calls of this prefill, per feature name, where they are reduced only once it ends.
+    _projector_calls: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
     def __enter__(self) -> PrefillCapture:
-        self._handles.append(self.adapter.projector_module().register_forward_hook(self._on_projector))
+        adapter = self.adapter
+        if adapter.projector_output or adapter.projector_per_sample:
+            # Input and output come from different modules and/or several calls: collect, reduce at the end.
+            self._handles.append(adapter.projector_module().register_forward_hook(self._collect("vision_only")))
+            output_module = adapter.projector_output_module()
+            self._handles.append(output_module.register_forward_hook(self._collect("vision_projected")))
+        else:
+            self._handles.append(adapter.projector_module().register_forward_hook(self._on_projector))
         for layer in self.layers:
             module, reads_input = self.adapter.layer_state_point(layer)
             hook = self._layer_hook(layer, reads_input)
@@ -132,12 +141,41 @@ class PrefillCapture:
 
     def arm(self, positions: Positions) -> None:
         self.positions = positions
+        self._projector_calls = {}
         self.features = {}
         self.tokens = {}
         self._armed = True
 
     def _on_model_done(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._armed:
+            self._reduce_projector_calls()
         self._armed = False
+
+    def _collect(self, name: str):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if not self._armed:
+                return
+            tensor = (args[0] if args else None) if name == "vision_only" else _first_tensor(output)
+            if not isinstance(tensor, torch.Tensor):
+                raise ExtractionPointError(f"the module giving {name} was called without a tensor")
+            calls = self._projector_calls.setdefault(name, [])
+            if calls and not self.adapter.projector_per_sample:
+                raise ExtractionPointError(f"{name} was produced twice in one prefill pass")
+            calls.append(tensor)
+
+        return hook
+
+    def _reduce_projector_calls(self) -> None:
+        assert self.positions is not None
+        samples = len(self.positions.image_tokens_per_sample)
+        for name, calls in self._projector_calls.items():
+            if self.adapter.projector_per_sample and len(calls) != samples:
+                raise ExtractionPointError(
+                    f"the module giving {name} ran {len(calls)} times for {samples} samples; expected once per sample"
+                )
+            tensor = calls[0] if len(calls) == 1 else torch.cat([call.reshape(-1, call.shape[-1]) for call in calls])
+            self._store(name, self._per_sample_mean(tensor, output=name == "vision_projected"))
+        self._projector_calls = {}
 
     def _store(self, name: str, value: torch.Tensor) -> None:
         if name in self.features:
