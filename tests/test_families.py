@@ -42,6 +42,9 @@ class Quirks:
     #: (inputs, projector input or output) -> the (n, dim) rows its mean covers, where the projector
     #: also sees padding the model never attends to (mllama's padding tiles); None: all rows.
     projector_rows: Callable | None = None
+    #: (model, inputs) -> hidden_states as `output_hidden_states` gives them, for a model whose forward
+    #: fails with it (Phi-4-multimodal: its nested vision call then gets no hidden states back).
+    hidden_states: Callable | None = None
 
 
 def _qwen_vision_tower(model, inputs, got):
@@ -272,6 +275,47 @@ def _molmo2_check(model, inputs, got):
     assert int(ids[image_positions[-1] + 1]) == tokenizer.convert_tokens_to_ids("<im_col>")
 
 
+def _phi4_hidden_states(model, inputs):
+    """Embeddings (input of block 0), block outputs, the last one through the final norm: from hooks."""
+    blocks, states = model.model.layers, {}
+    handles = [blocks[0].register_forward_pre_hook(lambda m, a: states.__setitem__(-1, a[0]))]
+    handles += [
+        block.register_forward_hook(lambda m, a, o, k=index: states.__setitem__(k, o[0] if isinstance(o, tuple) else o))
+        for index, block in enumerate(blocks)
+    ]
+    handles.append(model.model.norm.register_forward_hook(lambda m, a, o: states.__setitem__(len(blocks), o)))
+    model(**inputs)
+    for handle in handles:
+        handle.remove()
+    return (*(states[index] for index in range(-1, len(blocks) - 1)), states[len(blocks)])
+
+
+def _phi4_lora_and_vision(model, inputs, got):
+    """The vision LoRA of vision-lora/ is loaded and active (it changes the states); the tower is bidirectional."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from safetensors.torch import load_file
+
+    saved = load_file(f"{model.name_or_path}/vision-lora/adapter_model.safetensors")
+    loaded = {name: value for name, value in model.named_parameters() if ".lora_" in name}
+    assert len(saved) == len(loaded) > 0
+    for name, value in saved.items():
+        key = name.removeprefix("base_model.model.").replace(".weight", ".vision.weight")
+        torch.testing.assert_close(loaded[key], value)
+    tuners = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+    assert all(tuner.active_adapters == ["vision"] and not tuner.disable_adapters for tuner in tuners)
+    try:
+        for tuner in tuners:
+            tuner.enable_adapters(False)
+        with torch.no_grad():
+            without_lora = _phi4_hidden_states(model, inputs)
+    finally:
+        for tuner in tuners:
+            tuner.enable_adapters(True)
+    assert not torch.allclose(got["query_token/layer_0"], without_lora[1][0, -1], **CLOSE)
+    tower = model.model.embed_tokens_extend.image_embed.img_processor
+    assert not any(getattr(module, "is_causal", False) for module in tower.modules())
+
+
 QUIRKS: dict[str, Quirks] = {
     "qwen2_vl": Quirks(extra_check=_qwen_vision_tower),
     "qwen2_5_vl": Quirks(extra_check=_qwen_vision_tower),
@@ -282,6 +326,7 @@ QUIRKS: dict[str, Quirks] = {
     "idefics3": Quirks(extra_check=_idefics3_global_thumbnail),
     "smolvlm": Quirks(extra_check=_idefics3_global_thumbnail),
     "fast_vlm": Quirks(extra_check=_fast_vlm_tower_grid),
+    "phi4_multimodal": Quirks(hidden_states=_phi4_hidden_states, extra_check=_phi4_lora_and_vision),
     "mllama": Quirks(
         embeds_equal_projector=False, projector_rows=_mllama_real_tiles, extra_check=_mllama_cross_attention
     ),
@@ -293,7 +338,9 @@ QUIRKS: dict[str, Quirks] = {
 
 
 def _image_token_id(model, quirks: Quirks) -> int:
-    for holder in (model.config, getattr(model.config, "text_config", None)):
+    # Phi-4-multimodal keeps it on vision_config.
+    config = model.config
+    for holder in (config, getattr(config, "text_config", None), getattr(config, "vision_config", None)):
         value = getattr(holder, quirks.image_token_attr, None)
         if isinstance(value, int):
             return value
@@ -305,11 +352,18 @@ def _check_row(model, adapter, image, question, layers, got, quirks: Quirks) -> 
     image_positions = torch.nonzero(inputs["input_ids"][0] == _image_token_id(model, quirks)).flatten()
     assert len(image_positions) > 0
     captured = {}
-    handle = adapter.projector_module().register_forward_hook(lambda m, a, o: captured.update(inp=a[0], out=o))
+    # The output may come from another module than the input (Adapter.projector_output, Phi-4-multimodal).
+    handles = [
+        adapter.projector_module().register_forward_hook(lambda m, a, o: captured.update(inp=a[0])),
+        adapter.projector_output_module().register_forward_hook(lambda m, a, o: captured.update(out=o)),
+    ]
     with torch.no_grad():
-        out = model(**inputs, output_hidden_states=True)
-    handle.remove()
-    hidden = out.hidden_states
+        if quirks.hidden_states is None:
+            hidden = model(**inputs, output_hidden_states=True).hidden_states
+        else:
+            hidden = quirks.hidden_states(model, inputs)
+    for handle in handles:
+        handle.remove()
     if quirks.next_block_states is not None:
         hidden = quirks.next_block_states(model, inputs, hidden)
     num_layers = adapter.num_layers

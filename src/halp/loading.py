@@ -52,6 +52,13 @@ def load_model(
         # Remote-code VLMs that register only a causal-LM class (Molmo-*-0924) load through that class.
         if "AutoModelForImageTextToText" not in auto_map and "AutoModelForCausalLM" in auto_map:
             model_class = AutoModelForCausalLM
+    else:
+        from transformers import AutoConfig, AutoModelForMultimodalLM
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+        # Phi-4-multimodal (text, image, audio) is registered as a multimodal LM, not as image-text-to-text.
+        if AutoConfig.from_pretrained(model_id).model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+            model_class = AutoModelForMultimodalLM
     model = model_class.from_pretrained(model_id, **kwargs)
     if device != "cuda":
         model = model.to(device)

@@ -47,6 +47,12 @@ class Adapter:
     image_token_id_attr: ClassVar[str] = "image_token_id"
     #: A short note for `halp models` and docs/models.md.
     notes: ClassVar[str] = ""
+    #: The module whose OUTPUT is `vision_projected`, where the projection is not one module
+    #: (Phi-4-multimodal: up-projection, functional GELU, down-projection); "": the projector's own.
+    projector_output: ClassVar[str] = ""
+    #: The model calls the projector once per sample, in batch order (Phi-4-multimodal loops over the
+    #: batch), instead of once per batch; the capture concatenates the calls' rows.
+    projector_per_sample: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, processor: Any) -> None:
         self.model = model
@@ -55,6 +61,9 @@ class Adapter:
     # ----- modules -------------------------------------------------------------------------
     def projector_module(self) -> nn.Module:
         return get_submodule(self.model, self.projector)
+
+    def projector_output_module(self) -> nn.Module:
+        return get_submodule(self.model, self.projector_output) if self.projector_output else self.projector_module()
 
     def layer_modules(self) -> nn.ModuleList:
         layers = get_submodule(self.model, self.decoder_layers)
