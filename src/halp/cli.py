@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from halp.extract import ExtractSummary
 
 app = typer.Typer(
     add_completion=False,
@@ -41,8 +44,22 @@ def extract(
     limit: Annotated[int | None, typer.Option(help="Only the first N rows of the table.")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the checkpoint's own Python code to run.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Discard an existing run in --out and start afresh.")] = False,
+    num_shards: Annotated[
+        int | None, typer.Option(help="Split the table into K shards, one per process (e.g. a SLURM job array).")
+    ] = None,
+    shard_index: Annotated[int | None, typer.Option(help="This process's shard, 0..K-1.")] = None,
+    engine: Annotated[str, typer.Option(help="local (this process, or torchrun ranks) or ray (halp[ray] extra).")] = (
+        "local"
+    ),
+    num_workers: Annotated[int, typer.Option(help="--engine ray: actors, one model each.")] = 1,
+    gpus_per_worker: Annotated[
+        float | None, typer.Option(help="--engine ray: GPUs per actor (default: 1 if the cluster has GPUs, else 0).")
+    ] = None,
 ) -> None:
-    """Extract HALP features (vision-only, vision token, query token) in one prefill pass per batch."""
+    """Extract HALP features (vision-only, vision token, query token) in one prefill pass per batch.
+
+    Under torchrun / accelerate launch each process extracts its rank's shard; see docs/scaling.md.
+    """
     from halp.data import TableError
     from halp.extract import ExtractConfig, run_extraction
     from halp.models import ExtractionPointError
@@ -63,12 +80,26 @@ def extract(
         limit=limit,
         trust_remote_code=trust_remote_code,
         overwrite=overwrite,
+        num_shards=num_shards,
+        shard_index=shard_index,
     )
+    if engine not in ("local", "ray"):
+        _fail(f"--engine {engine!r}: choose local or ray")
+    if engine == "local" and (num_workers != 1 or gpus_per_worker is not None):
+        _fail("--num-workers and --gpus-per-worker apply to --engine ray")
     try:
-        summary = run_extraction(config)
+        if engine == "ray":
+            from halp.ray_engine import run_ray_extraction
+
+            summary = run_ray_extraction(config, num_workers, gpus_per_worker)
+        else:
+            summary = run_extraction(config)
     except (TableError, RunMismatchError, RunLockedError, StoreWriteError, ExtractionPointError, ValueError,
-            FileNotFoundError) as err:
+            FileNotFoundError, ImportError) as err:
         _fail(str(err))
+        return
+    if summary.shard is not None:
+        _report_shard(summary)
         return
     console.print(
         f"{summary.processed} processed ({summary.samples_per_second:.2f} samples/s), "
@@ -80,6 +111,72 @@ def extract(
             f"{len(summary.failed)} row(s) failed and are not in features.h5; see "
             f"{summary.run_dir / 'errors.jsonl'}. Rerun the same command to retry only them."
         )
+        raise typer.Exit(1)
+
+
+def _report_shard(summary: ExtractSummary) -> None:
+    shard = summary.shard
+    console.print(
+        f"shard {shard.name}: {summary.processed} processed ({summary.samples_per_second:.2f} samples/s), "
+        f"{summary.already_done} already done, {len(summary.failed)} failed, of {summary.total}.",
+        markup=False,
+    )
+    if summary.failed:
+        console.print(f"failed rows: {summary.run_dir / 'shards' / shard.name / 'errors.jsonl'}", markup=False)
+    if summary.pending_shards:
+        console.print(
+            f"waiting for shard(s) {', '.join(summary.pending_shards)}; the last to finish assembles features.h5 "
+            f"(or run `halp merge {summary.run_dir}` once they are done).",
+            markup=False,
+        )
+        # Under a launcher a non-zero exit would make it stop the other ranks: only the assembling rank reports.
+        if summary.failed and shard.source == "flags":
+            raise typer.Exit(1)
+        return
+    console.print(f"features: {summary.run_dir / 'features.h5'} (all {shard.count} shards)", markup=False)
+    if summary.run_failed:
+        console.print(
+            f"{summary.run_failed} row(s) of the run failed and are not in features.h5; see "
+            f"{summary.run_dir / 'errors.jsonl'}. Rerun the shards to retry only them.",
+            markup=False,
+        )
+        raise typer.Exit(1)
+
+
+@app.command()
+def merge(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory of a sharded extraction.")],
+) -> None:
+    """Assemble features.h5 from the shards of a run once every shard is done (the last shard does it too)."""
+    from halp.store import RunLockedError, RunMismatchError, RunStore, StoreWriteError
+
+    store = RunStore(run_dir)
+    identity = store.read_identity()
+    if identity is None:
+        _fail(f"{run_dir} is not a run directory (no run.json)")
+        return
+    num_shards = int(identity.get("num_shards", 1))
+    if num_shards == 1:
+        _fail(f"{run_dir} is a single-writer run; rerun `halp extract` with the same options to finish it")
+        return
+    try:
+        with store.hold_run_lock("merge"):  # no shard starts or finishes while the parts are merged
+            result = store.assemble_shards(num_shards)
+    except (RunLockedError, RunMismatchError, StoreWriteError) as err:
+        _fail(str(err))
+        return
+    if result.missing:
+        running = store.live_writers()
+        states = [
+            f"{name} ({'running' if store.root / 'shards' / name in running else 'not running: rerun it'})"
+            for name in result.missing
+        ]
+        _fail(f"not every shard is done: {', '.join(states)}")
+        return
+    verb = "assembled" if result.assembled else "already assembled"
+    console.print(f"{verb} {result.num_samples} rows from {num_shards} shards: {store.features_path}", markup=False)
+    if result.failed:
+        console.print(f"{len(result.failed)} row(s) failed; see {store.root / 'errors.jsonl'}", markup=False)
         raise typer.Exit(1)
 
 

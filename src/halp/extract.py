@@ -1,4 +1,9 @@
-"""The batch loop: table -> images -> adapter -> one prefill pass -> decode -> committed part."""
+"""The batch loop: table -> images -> adapter -> one prefill pass -> decode -> committed part.
+
+One process extracts the whole table (`num_shards` 1), or one shard of it (`halp.shard`): each shard commits
+to its own directory of the run and the last one to finish assembles `features.h5` (see `halp.store`).
+The Ray engine (`halp.ray_engine`) runs the same per-batch core, `extract_batch`, in its workers.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +24,8 @@ from halp.capture import BatchResult, FeatureExtractor, parse_layers
 from halp.data import ImageError, Sample, load_image, read_samples
 from halp.loading import load_model, resolve_device, resolve_dtype
 from halp.models import adapter_for
-from halp.store import ERRORS_FILE, RunStore, rows_for
+from halp.shard import Shard, resolve_shard
+from halp.store import ERRORS_FILE, RunStore, rows_for, table_digest
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +46,9 @@ class ExtractConfig:
     trust_remote_code: bool = False
     overwrite: bool = False
     progress: bool = True
+    #: Both None: one shard, or the shard a torch launcher (torchrun, accelerate launch) assigns.
+    num_shards: int | None = None
+    shard_index: int | None = None
 
 
 @dataclass
@@ -51,6 +60,12 @@ class ExtractSummary:
     failed: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     finished: bool = False
+    #: Sharded runs: this process's shard, whether features.h5 now holds every shard, shards still to finish,
+    #: and the failed rows of the whole run once assembled.
+    shard: Shard | None = None
+    assembled: bool = False
+    pending_shards: list[str] = field(default_factory=list)
+    run_failed: int = 0
 
     @property
     def samples_per_second(self) -> float:
@@ -70,7 +85,7 @@ def batches(items: Sequence[Sample], size: int) -> Iterator[list[Sample]]:
         yield list(items[start : start + size])
 
 
-def _attach_log(run_dir: Path) -> logging.Handler:
+def attach_log(run_dir: Path) -> logging.Handler:
     handler = logging.FileHandler(run_dir / "extract.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("halp").addHandler(handler)
@@ -87,15 +102,21 @@ def run_extraction(config: ExtractConfig) -> ExtractSummary:
     """Extract features for every sample of the table into config.out, resuming what is there."""
     if config.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
-    samples = read_samples(config.data)  # table problems surface before the model loads
-    if config.limit is not None:
-        samples = samples[: config.limit]
+    shard = resolve_shard(config.num_shards, config.shard_index)
+    if shard.is_sharded and config.overwrite:
+        raise ValueError(
+            "--overwrite cannot be combined with several shards: one shard would delete what another has just "
+            f"committed. Delete {config.out} first (or run once with --overwrite and one shard), then start the shards."
+        )
+    samples = read_table(config)  # table problems surface before the model loads
     if not Path(config.images).is_dir():
         raise FileNotFoundError(f"--images {config.images} is not a directory")
 
-    device = resolve_device(config.device)
+    device = device_for(resolve_device(config.device), shard)
     dtype = str(resolve_dtype(config.dtype, device)).removeprefix("torch.")
     max_new_tokens = config.max_new_tokens if config.generate else 0
+    if shard.is_sharded:
+        return _run_shard(config, shard, samples, device, dtype, max_new_tokens)
 
     store = RunStore(config.out)
     store.lock()
@@ -105,21 +126,41 @@ def run_extraction(config: ExtractConfig) -> ExtractSummary:
         store.unlock()
 
 
+def read_table(config: ExtractConfig) -> list[Sample]:
+    samples = read_samples(config.data)
+    return samples[: config.limit] if config.limit is not None else samples
+
+
+def device_for(device: str, shard: Shard) -> str:
+    """A process started by a torch launcher uses the GPU of its LOCAL_RANK; otherwise `device` as resolved."""
+    if shard.local_rank is None or device != "cuda":
+        return device
+    count = torch.cuda.device_count()
+    if shard.local_rank >= count:
+        raise ValueError(
+            f"LOCAL_RANK is {shard.local_rank} but torch sees {count} GPU(s): start at most {count} processes per node"
+        )
+    torch.cuda.set_device(shard.local_rank)
+    return f"cuda:{shard.local_rank}"
+
+
+def run_identity(config: ExtractConfig, dtype: str, max_new_tokens: int, num_shards: int) -> dict[str, Any]:
+    # The layer list is resolved after loading; the identity check uses the spec until then.
+    return {
+        "model": _model_ref(config.model),
+        "layers": config.layers,
+        "dtype": dtype,
+        "max_new_tokens": max_new_tokens,
+        "prompt_format": "chat_template/user[image,text]",
+        "num_shards": num_shards,
+    }
+
+
 def _locked_run(
     config: ExtractConfig, store: RunStore, samples: list[Sample], device: str, dtype: str, max_new_tokens: int
 ) -> ExtractSummary:
-    # The layer list is resolved after loading; the identity check uses the spec until then.
-    store.open(
-        {
-            "model": _model_ref(config.model),
-            "layers": config.layers,
-            "dtype": dtype,
-            "max_new_tokens": max_new_tokens,
-            "prompt_format": "chat_template/user[image,text]",
-        },
-        overwrite=config.overwrite,
-    )
-    handler = _attach_log(store.root)
+    store.open(run_identity(config, dtype, max_new_tokens, num_shards=1), overwrite=config.overwrite)
+    handler = attach_log(store.root)
     try:
         return _run(config, store, samples, device, dtype, max_new_tokens)
     finally:
@@ -138,10 +179,32 @@ def _run(
     summary = ExtractSummary(store.root, len(samples), len(samples) - len(todo), 0)
     log.info("%d samples, %d already committed, %d to do", len(samples), summary.already_done, len(todo))
 
-    if not todo and store.features_path.exists():
+    if not todo and store.features_path.exists() and not store.all_part_paths():
         summary.finished = True  # nothing is missing: the assembled file stands, no model needed
         return summary
 
+    extractor, attrs = prepare_extractor(config, device, dtype, max_new_tokens)
+    if todo and store.features_path.exists():
+        store.reopen_finished()
+    failures = FailureLog(store.root / ERRORS_FILE, summary)
+    start = time.perf_counter()
+    _extract_all(config, extractor, todo, store, attrs, failures, dtype, max_new_tokens, summary, "extract")
+    summary.seconds = time.perf_counter() - start
+
+    attrs["hidden_size"] = _dim(store, "vision_projected")
+    attrs["vision_hidden_size"] = _dim(store, "vision_only")
+    attrs["complete"] = not summary.failed
+    attrs["num_failed"] = len(summary.failed)
+    store.assemble(order, attrs)
+    summary.finished = not summary.failed
+    log_rate(summary)
+    return summary
+
+
+def prepare_extractor(
+    config: ExtractConfig, device: str, dtype: str, max_new_tokens: int
+) -> tuple[FeatureExtractor, dict[str, Any]]:
+    """Load the model, pick its adapter and layers; the attributes every committed part records."""
     model, processor = load_model(config.model, device, dtype, config.trust_remote_code)
     adapter = adapter_for(model, processor)
     layers = parse_layers(config.layers, adapter.num_layers)
@@ -161,38 +224,10 @@ def _run(
         "versions": json.dumps(versions()),
         "created": datetime.now(timezone.utc).isoformat(),
     }
+    return extractor, attrs
 
-    if todo and store.features_path.exists():
-        store.reopen_finished()
-    failures = FailureLog(store.root / ERRORS_FILE, summary)
-    start = time.perf_counter()
-    with tqdm(total=len(todo), unit="sample", disable=not config.progress, desc="extract") as bar:
-        for batch in batches(todo, config.batch_size):
-            ready, images = [], []
-            for sample in batch:
-                if not sample.question.strip():
-                    failures.record(sample, "input", "EmptyQuestion", "the question is empty")
-                    continue
-                try:
-                    images.append(load_image(config.images, sample.image_id))
-                    ready.append(sample)
-                except ImageError as err:
-                    failures.record(sample, "image", type(err).__name__, str(err))
-            if ready:
-                for samples_done, result in _extract_splitting_on_oom(
-                    extractor, ready, images, max_new_tokens, failures
-                ):
-                    _commit_finite_rows(store, samples_done, result, attrs, failures, dtype)
-                    summary.processed += len(samples_done)
-            bar.update(len(batch))
-    summary.seconds = time.perf_counter() - start
 
-    attrs["hidden_size"] = _dim(store, "vision_projected")
-    attrs["vision_hidden_size"] = _dim(store, "vision_only")
-    attrs["complete"] = not summary.failed
-    attrs["num_failed"] = len(summary.failed)
-    store.assemble(order, attrs)
-    summary.finished = not summary.failed
+def log_rate(summary: ExtractSummary) -> None:
     log.info(
         "processed %d samples in %.1fs (%.2f samples/s); %d failed",
         summary.processed,
@@ -200,23 +235,160 @@ def _run(
         summary.samples_per_second,
         len(summary.failed),
     )
+
+
+def _extract_all(
+    config: ExtractConfig,
+    extractor: FeatureExtractor,
+    todo: Sequence[Sample],
+    store: RunStore,
+    attrs: dict[str, Any],
+    failures: FailureList,
+    dtype: str,
+    max_new_tokens: int,
+    summary: ExtractSummary,
+    desc: str,
+) -> None:
+    with tqdm(total=len(todo), unit="sample", disable=not config.progress, desc=desc) as bar:
+        for batch in batches(todo, config.batch_size):
+            summary.processed += extract_batch(
+                batch, config.images, extractor, max_new_tokens, store, attrs, failures, dtype
+            )
+            bar.update(len(batch))
+
+
+def extract_batch(
+    batch: Sequence[Sample],
+    images_dir: Path,
+    extractor: FeatureExtractor,
+    max_new_tokens: int,
+    store: RunStore,
+    attrs: dict[str, Any],
+    failures: FailureList,
+    dtype: str,
+) -> int:
+    """Extract one batch and commit its good rows to `store`; bad rows go to `failures`. Returns rows extracted."""
+    ready, images = [], []
+    for sample in batch:
+        if not sample.question.strip():
+            failures.record(sample, "input", "EmptyQuestion", "the question is empty")
+            continue
+        try:
+            images.append(load_image(images_dir, sample.image_id))
+            ready.append(sample)
+        except ImageError as err:
+            failures.record(sample, "image", type(err).__name__, str(err))
+    processed = 0
+    if ready:
+        for samples_done, result in _extract_splitting_on_oom(extractor, ready, images, max_new_tokens, failures):
+            _commit_finite_rows(store, samples_done, result, attrs, failures, dtype)
+            processed += len(samples_done)
+    return processed
+
+
+def _run_shard(
+    config: ExtractConfig, shard: Shard, samples: list[Sample], device: str, dtype: str, max_new_tokens: int
+) -> ExtractSummary:
+    """Extract this shard's rows into RUN_DIR/shards/<i>-of-<k>/; the last shard to finish assembles features.h5."""
+    store = RunStore.for_shard(config.out, shard.name)
+    store.lock()  # one writer per shard directory, for the life of this process
+    try:
+        with store.sync():  # the run lock, briefly: identity, clean-up and the committed rows form one view
+            store.open(run_identity(config, dtype, max_new_tokens, num_shards=shard.count))
+            store.remove_stale_temporaries()
+            store.remove_assembled_parts()
+            done = store.committed_ids()
+            store.clear_done()  # until this pass ends, the run cannot be assembled
+        handler = attach_log(store.writer_dir)
+        try:
+            return _shard_pass(config, shard, store, samples, done, device, dtype, max_new_tokens)
+        finally:
+            logging.getLogger("halp").removeHandler(handler)
+            handler.close()
+    finally:
+        store.unlock()
+
+
+def _shard_pass(
+    config: ExtractConfig,
+    shard: Shard,
+    store: RunStore,
+    samples: list[Sample],
+    done: set[str],
+    device: str,
+    dtype: str,
+    max_new_tokens: int,
+) -> ExtractSummary:
+    mine = shard.select(samples)
+    todo = [sample for _, sample in mine if sample.question_id not in done]
+    summary = ExtractSummary(store.root, len(mine), len(mine) - len(todo), 0, shard=shard)
+    log.info(
+        "shard %s: %d of %d samples, %d already committed", shard.name, len(mine), len(samples), summary.already_done
+    )
+    failures = FailureLog(store.writer_dir / ERRORS_FILE, summary)
+    if todo:
+        extractor, attrs = prepare_extractor(config, device, dtype, max_new_tokens)
+        attrs["num_shards"] = shard.count
+        start = time.perf_counter()
+        _extract_all(
+            config, extractor, todo, store, attrs, failures, dtype, max_new_tokens, summary, f"extract {shard.name}"
+        )
+        summary.seconds = time.perf_counter() - start
+        log_rate(summary)
+    store.write_done(
+        {
+            "shard": shard.name,
+            "table_rows": len(samples),
+            "table_sha256": table_digest([sample.question_id for sample in samples]),
+            "positions": [position for position, _ in mine],
+            "question_ids": [sample.question_id for _, sample in mine],
+            "failed": summary.failed,
+            "processed": summary.processed,
+            "ended": datetime.now(timezone.utc).isoformat(),
+        }
+    )
+    with store.sync():
+        assembly = store.assemble_shards(shard.count)
+    summary.pending_shards = assembly.missing
+    summary.assembled = assembly.finished
+    summary.run_failed = len(assembly.failed)
+    summary.finished = assembly.finished and not assembly.failed
+    if assembly.assembled:
+        log.info("shard %s was the last: assembled %d rows into features.h5", shard.name, assembly.num_samples)
+    elif assembly.missing:
+        log.info("shard %s done; waiting for %s", shard.name, ", ".join(assembly.missing))
     return summary
 
 
-class FailureLog:
-    """Failed rows go to errors.jsonl (this attempt's failures) and the summary; they are never committed."""
+class FailureList:
+    """Failed rows are recorded, never committed; a rerun retries them."""
+
+    def __init__(self) -> None:
+        self.failed: list[dict[str, str]] = []
+
+    def record(self, sample: Sample, stage: str, error: str, message: str) -> None:
+        entry = {"question_id": sample.question_id, "stage": stage, "error": error, "message": message}
+        self.failed.append(entry)
+        self._written(entry)
+        log.warning("%s failed at %s: %s: %s", sample.question_id, stage, error, message)
+
+    def _written(self, entry: dict[str, str]) -> None:
+        """Where else an entry goes (nowhere here)."""
+
+
+class FailureLog(FailureList):
+    """Failed rows go to errors.jsonl (this attempt's failures) and the summary."""
 
     def __init__(self, path: Path, summary: ExtractSummary) -> None:
+        super().__init__()
+        self.failed = summary.failed
         self.path = path
         self.summary = summary
         path.write_text("")  # a rerun retries every uncommitted row, so only this attempt's failures matter
 
-    def record(self, sample: Sample, stage: str, error: str, message: str) -> None:
-        entry = {"question_id": sample.question_id, "stage": stage, "error": error, "message": message}
-        self.summary.failed.append(entry)
+    def _written(self, entry: dict[str, str]) -> None:
         with self.path.open("a") as handle:
             handle.write(json.dumps(entry) + "\n")
-        log.warning("%s failed at %s: %s: %s", sample.question_id, stage, error, message)
 
 
 def _out_of_memory_errors() -> tuple[type[BaseException], ...]:
@@ -224,7 +396,7 @@ def _out_of_memory_errors() -> tuple[type[BaseException], ...]:
 
 
 def _extract_splitting_on_oom(
-    extractor: FeatureExtractor, samples: list[Sample], images: list, max_new_tokens: int, failures: FailureLog
+    extractor: FeatureExtractor, samples: list[Sample], images: list, max_new_tokens: int, failures: FailureList
 ) -> Iterator[tuple[list[Sample], BatchResult]]:
     """Extract a batch; on out-of-memory, free the cache and retry the halves; a lone sample that fails is recorded."""
     try:
@@ -244,7 +416,12 @@ def _extract_splitting_on_oom(
 
 
 def _commit_finite_rows(
-    store: RunStore, samples: list[Sample], result: BatchResult, attrs: dict[str, Any], failures: FailureLog, dtype: str
+    store: RunStore,
+    samples: list[Sample],
+    result: BatchResult,
+    attrs: dict[str, Any],
+    failures: FailureList,
+    dtype: str,
 ) -> None:
     """Commit rows whose every feature is finite; flag the others (float16 overflow, typically)."""
     finite = np.ones(len(samples), dtype=bool)
@@ -269,7 +446,7 @@ def _commit_finite_rows(
 def _dim(store: RunStore, name: str) -> int:
     import h5py
 
-    for path in [*store.part_paths(), store.features_path]:
+    for path in [*store.all_part_paths(), store.features_path]:
         if path.exists():
             with h5py.File(path, "r") as handle:
                 if name in handle:
