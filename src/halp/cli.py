@@ -89,9 +89,13 @@ def extract(
         _fail("--num-workers and --gpus-per-worker apply to --engine ray")
     try:
         if engine == "ray":
-            from halp.ray_engine import run_ray_extraction
+            from halp.ray_engine import RayWorkerError, run_ray_extraction
 
-            summary = run_ray_extraction(config, num_workers, gpus_per_worker)
+            try:
+                summary = run_ray_extraction(config, num_workers, gpus_per_worker)
+            except RayWorkerError as err:
+                _fail(str(err))
+                return
         else:
             summary = run_extraction(config)
     except (TableError, RunMismatchError, RunLockedError, StoreWriteError, ExtractionPointError, ValueError,

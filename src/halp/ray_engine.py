@@ -1,0 +1,305 @@
+"""`halp extract --engine ray`: the same extraction core in a pool of Ray actors (optional extra `halp[ray]`).
+
+The driver (the `halp extract` process) validates the table, holds the run lock for its whole life like a
+single-process run, and lists what is already committed. The rows still to do become a Ray Dataset,
+one block per batch; `map_batches` runs them through `ExtractWorker`, a callable class: each actor
+loads the model once on the GPU(s) Ray gives it and commits parts to its own directory of the run,
+`RUN_DIR/ray/<worker>/parts/` (the run directory must be on a filesystem every node sees). Only a
+small status record per row travels back to the driver, which logs failed rows and assembles
+`features.h5` in table order.
+
+Ray retries a task whose actor died, on a restarted actor: rows the dead actor had committed are then
+committed again. That is the only way a row can be committed twice, and the assembly keeps one copy
+(`RunStore.assemble`), so the finished run holds every row exactly once. A rerun after the driver
+died resumes from everything committed, like a single-process run.
+
+`ray` is imported only here, and only when this engine runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from halp.data import Sample
+from halp.extract import (
+    ExtractConfig,
+    ExtractSummary,
+    FailureList,
+    FailureLog,
+    attach_log,
+    extract_batch,
+    log_rate,
+    prepare_extractor,
+    read_table,
+    run_identity,
+)
+from halp.shard import resolve_shard
+from halp.store import ERRORS_FILE, RunLockedError, RunStore
+
+log = logging.getLogger(__name__)
+
+_STATUS_FIELDS = ("question_id", "status", "stage", "error", "message")
+#: Ray stops an actor pool asynchronously once the dataset is consumed; its actors exit within seconds.
+WORKER_EXIT_GRACE_S = 60.0
+_ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)(:|$)")
+
+
+class RayWorkerError(RuntimeError):
+    """A Ray worker failed in a way a retry does not fix (model not loadable, extraction point missing, ...)."""
+
+
+def _worker_failure(err: Exception, run_dir: Path) -> RayWorkerError:
+    """One line a user can act on; Ray's full remote traceback goes to the run's log."""
+    log.error("Ray worker failure:\n%s", err)
+    lines = [line.strip() for line in str(err).splitlines() if _ERROR_LINE.match(line.strip())]
+    cause = lines[-1] if lines else type(err).__name__
+    return RayWorkerError(
+        f"a Ray worker failed: {cause}. Committed rows are kept; fix the cause and rerun the same command "
+        f"(Ray's traceback is in {run_dir / 'extract.log'})."
+    )
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+        import ray.data  # Ray Data comes with the ray[data] extra, not plain ray
+    except ImportError as err:
+        raise ImportError(f"--engine ray needs Ray Data ({err}); install it with: pip install 'halp[ray]'") from err
+    return ray
+
+
+def _wait_for_workers_to_exit(store: RunStore, timeout: float) -> dict[Path, str]:
+    """Wait until no worker (or shard) of the run holds its directory; what is still alive after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while (live := store.live_writers()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return live
+
+
+def worker_dtype(dtype: str, gpus_per_worker: float, device: str) -> str:
+    """The dtype the workers run in, decided on the driver (it may have no GPU) because run.json records it."""
+    if dtype != "auto":
+        return dtype
+    on_gpu = device.startswith("cuda") or (device == "auto" and gpus_per_worker > 0)
+    # The single-process path picks float16 on GPUs without bfloat16; here the driver cannot ask the workers'
+    # GPUs, so those users pass --dtype float16.
+    return "bfloat16" if on_gpu else "float32"
+
+
+class ExtractWorker:
+    """One Ray actor: loads the model once, then extracts and commits the batches Ray Data hands it."""
+
+    def __init__(self, config: dict[str, Any], dtype: str, max_new_tokens: int) -> None:
+        self.config = ExtractConfig(**config)
+        self.dtype = dtype
+        self.max_new_tokens = max_new_tokens
+        # A fresh directory per actor process (a restarted actor gets a new one): one writer per parts directory.
+        worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.store = RunStore.for_ray_worker(self.config.out, worker_id)
+        self.store.lock()
+        self.extractor, self.attrs = prepare_extractor(self.config, self.config.device, dtype, max_new_tokens)
+        self.attrs["engine"] = "ray"
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
+        samples = [
+            Sample(str(qid), str(image_id), str(question), str(truth), json.loads(str(meta)))
+            for qid, image_id, question, truth, meta in zip(
+                batch["question_id"],
+                batch["image_id"],
+                batch["question"],
+                batch["ground_truth"],
+                batch["meta"],
+                strict=True,
+            )
+        ]
+        failures = FailureList()
+        extract_batch(
+            samples,
+            Path(self.config.images),
+            self.extractor,
+            self.max_new_tokens,
+            self.store,
+            self.attrs,
+            failures,
+            self.dtype,
+        )
+        failed = {entry["question_id"]: entry for entry in failures.failed}
+        status: dict[str, list[str]] = {name: [] for name in _STATUS_FIELDS}
+        for sample in samples:
+            entry = failed.get(sample.question_id)
+            status["question_id"].append(sample.question_id)
+            status["status"].append("failed" if entry else "ok")
+            for name in ("stage", "error", "message"):
+                status[name].append(entry[name] if entry else "")
+        return status
+
+
+def run_ray_extraction(
+    config: ExtractConfig,
+    num_workers: int,
+    gpus_per_worker: float | None = None,
+    cpus_per_worker: float = 1.0,
+    worker_class: type[ExtractWorker] = ExtractWorker,
+) -> ExtractSummary:
+    """Extract the table with `num_workers` Ray actors into config.out, resuming what is there.
+
+    Connects to the cluster in RAY_ADDRESS (or the one this process runs in, e.g. under `ray job submit`), or starts
+    a local one. gpus_per_worker None: 1 if the cluster has GPUs, else 0. `worker_class` is for tests (fault
+    injection) and for users who wrap the worker.
+    """
+    if config.batch_size < 1:
+        raise ValueError("--batch-size must be at least 1")
+    if num_workers < 1:
+        raise ValueError("--num-workers must be at least 1")
+    if resolve_shard(config.num_shards, config.shard_index).is_sharded:
+        raise ValueError(
+            "--engine ray spreads the rows over its workers itself: drop --num-shards/--shard-index "
+            "and do not start it under torchrun/accelerate"
+        )
+    samples = read_table(config)  # table problems surface before the cluster is touched
+    if not Path(config.images).is_dir():
+        raise FileNotFoundError(f"--images {config.images} is not a directory")
+    # Workers may run on other nodes: every path they open must be absolute (and on a shared filesystem).
+    config = ExtractConfig(
+        **{
+            **asdict(config),
+            "out": Path(config.out).resolve(),
+            "images": Path(config.images).resolve(),
+            "model": str(Path(config.model).resolve()) if Path(config.model).exists() else config.model,
+        }
+    )
+
+    ray = _import_ray()
+    if not ray.is_initialized():
+        ray.init()
+    if gpus_per_worker is None:
+        gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    dtype = worker_dtype(config.dtype, gpus_per_worker, config.device)
+    max_new_tokens = config.max_new_tokens if config.generate else 0
+
+    store = RunStore(config.out)
+    store.lock()  # the driver is this run's one writer of record, like a single-process run
+    try:
+        store.open(run_identity(config, dtype, max_new_tokens, num_shards=1), overwrite=config.overwrite)
+        live = _wait_for_workers_to_exit(store, WORKER_EXIT_GRACE_S)
+        if live:
+            running = ", ".join(f"{path.relative_to(store.root)} (pid {pid})" for path, pid in live.items())
+            raise RunLockedError(
+                f"{store.root}: {running} still holds its directory (a Ray worker of an earlier run, or a shard); "
+                "stop it (ray job stop ...) before rerunning"
+            )
+        handler = attach_log(store.root)
+        try:
+            return _drive(
+                ray,
+                config,
+                store,
+                samples,
+                dtype,
+                max_new_tokens,
+                num_workers,
+                gpus_per_worker,
+                cpus_per_worker,
+                worker_class,
+            )
+        finally:
+            logging.getLogger("halp").removeHandler(handler)
+            handler.close()
+    finally:
+        store.unlock()
+
+
+def _drive(
+    ray: Any,
+    config: ExtractConfig,
+    store: RunStore,
+    samples: list[Sample],
+    dtype: str,
+    max_new_tokens: int,
+    num_workers: int,
+    gpus_per_worker: float,
+    cpus_per_worker: float,
+    worker_class: type[ExtractWorker],
+) -> ExtractSummary:
+    store.remove_stale_temporaries()
+    store.remove_assembled_parts()
+    done = store.committed_ids()
+    todo = [sample for sample in samples if sample.question_id not in done]
+    summary = ExtractSummary(store.root, len(samples), len(samples) - len(todo), 0)
+    log.info("ray: %d samples, %d already committed, %d to do", len(samples), summary.already_done, len(todo))
+    if not todo and store.features_path.exists() and not store.all_part_paths():
+        summary.finished = True
+        return summary
+
+    failures = FailureLog(store.root / ERRORS_FILE, summary)
+    start = time.perf_counter()
+    if todo:
+        ray.data.DataContext.get_current().enable_progress_bars = config.progress
+        items = [
+            {
+                "question_id": sample.question_id,
+                "image_id": sample.image_id,
+                "question": sample.question,
+                "ground_truth": sample.ground_truth,
+                "meta": json.dumps(sample.meta),
+            }
+            for sample in todo
+        ]
+        # One block per batch: Ray balances blocks over the actors, and a retry redoes one batch only.
+        blocks = -(-len(items) // config.batch_size)
+        dataset = ray.data.from_items(items, override_num_blocks=blocks)
+        worker_config = {**asdict(config), "progress": False, "overwrite": False}
+        statuses = dataset.map_batches(
+            worker_class,
+            fn_constructor_kwargs={"config": worker_config, "dtype": dtype, "max_new_tokens": max_new_tokens},
+            batch_size=config.batch_size,
+            concurrency=num_workers,
+            num_gpus=gpus_per_worker,
+            num_cpus=cpus_per_worker,
+        )
+        by_id = {sample.question_id: sample for sample in todo}
+        seen: set[str] = set()
+        try:
+            for row in statuses.iter_rows():
+                qid = str(row["question_id"])
+                if qid in seen:  # a retried task reports its rows again
+                    continue
+                seen.add(qid)
+                if row["status"] == "ok":
+                    summary.processed += 1
+                else:
+                    failures.record(by_id[qid], str(row["stage"]), str(row["error"]), str(row["message"]))
+        except ray.exceptions.RayError as err:
+            raise _worker_failure(err, store.root) from err
+        # Our actors must be gone before we return: a rerun right away would otherwise see live writers.
+        lingering = _wait_for_workers_to_exit(store, WORKER_EXIT_GRACE_S)
+        if lingering:
+            log.warning("Ray workers still alive %.0fs after the run: %s", WORKER_EXIT_GRACE_S, sorted(lingering))
+        missing = set(by_id) - seen
+        if missing:
+            raise RuntimeError(f"Ray returned no status for {len(missing)} row(s), e.g. {sorted(missing)[:3]}")
+    summary.seconds = time.perf_counter() - start
+
+    attrs = store.recorded_attrs(store.all_part_paths())
+    attrs.update(
+        complete=not summary.failed,
+        num_failed=len(summary.failed),
+        engine="ray",
+        num_workers=num_workers,
+        batch_size=config.batch_size,
+    )
+    store.assemble([sample.question_id for sample in samples], attrs)
+    summary.finished = not summary.failed
+    log_rate(summary)
+    return summary

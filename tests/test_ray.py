@@ -1,0 +1,152 @@
+"""`--engine ray` on a real local Ray cluster (2 CPUs, 2 actors) equals a single-process run, retries included."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from halp.cli import app
+from halp.extract import ExtractConfig, run_extraction
+from halp.store import feature_datasets, read_strings
+from halp.testing import make_vqa_set
+
+ray = pytest.importorskip("ray", reason="the Ray engine is the optional extra halp[ray]: pip install 'halp[ray]'")
+pytest.importorskip("ray.data", reason="the Ray engine needs Ray Data: pip install 'halp[ray]'")
+
+from halp.ray_engine import ExtractWorker, run_ray_extraction  # noqa: E402 - only once ray is known to import
+
+N = 12
+runner = CliRunner()
+
+
+def _config(checkpoint: Path, table: Path, images: Path, out: Path, **overrides) -> ExtractConfig:
+    settings = dict(
+        model=str(checkpoint),
+        data=table,
+        images=images,
+        out=out,
+        batch_size=2,
+        max_new_tokens=3,
+        device="cpu",
+        dtype="float32",
+        progress=False,
+    )
+    settings.update(overrides)
+    return ExtractConfig(**settings)
+
+
+def _read(path: Path) -> dict[str, object]:
+    with h5py.File(path, "r") as handle:
+        content: dict[str, object] = {name: handle[name][()] for name in feature_datasets(handle)}
+        for name in ("question_id", "image_id", "question", "ground_truth", "answer", "meta/category"):
+            content[name] = read_strings(handle[name])
+    return content
+
+
+def _assert_equals_reference(run_dir: Path, reference: dict[str, object]) -> None:
+    got = _read(run_dir / "features.h5")
+    assert got["question_id"] == reference["question_id"], "rows missing, duplicated or out of table order"
+    assert got.keys() == reference.keys()
+    for name, value in reference.items():
+        if isinstance(value, np.ndarray):
+            np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-5, err_msg=name)
+        else:
+            assert got[name] == value, name
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A real local Ray cluster with 2 CPUs; the engine finds it already initialized."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_vqa_set(tmp_path_factory.mktemp("ray_data"), n=N, seed=11)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(checkpoint_dir):
+    return checkpoint_dir("qwen2_vl")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, checkpoint, data):
+    table, images = data
+    out = tmp_path_factory.mktemp("single")
+    assert run_extraction(_config(checkpoint, table, images, out)).finished
+    return _read(out / "features.h5")
+
+
+def test_ray_cli_two_workers_equal_single_process(tmp_path, cluster, checkpoint, data, reference):
+    table, images = data
+    out = tmp_path / "run"
+    args = ["extract", "--model", str(checkpoint), "--data", str(table), "--images", str(images), "--out", str(out)]
+    options = ["--batch-size", "2", "--max-new-tokens", "3", "--device", "cpu", "--dtype", "float32"]
+    result = runner.invoke(app, [*args, *options, "--engine", "ray", "--num-workers", "2", "--gpus-per-worker", "0"])
+    assert result.exit_code == 0, result.output
+    assert f"{N} processed" in result.output
+    _assert_equals_reference(out, reference)
+    assert len(list((out / "ray").iterdir())) == 2, "expected one parts directory per actor"
+    with h5py.File(out / "features.h5") as handle:
+        assert handle.attrs["engine"] == "ray" and int(handle.attrs["num_workers"]) == 2
+        assert bool(handle.attrs["complete"]) and handle.attrs["model_type"] == "qwen2_vl"
+
+    again = run_ray_extraction(_config(checkpoint, table, images, out), num_workers=2, gpus_per_worker=0)
+    assert again.processed == 0 and again.already_done == N and again.finished
+
+
+def test_ray_resumes_only_what_is_missing(tmp_path, cluster, checkpoint, data, reference):
+    table, images = data
+    out = tmp_path / "run"
+    run_extraction(_config(checkpoint, table, images, out, limit=5))  # an earlier run committed 5 rows
+    summary = run_ray_extraction(_config(checkpoint, table, images, out), num_workers=2, gpus_per_worker=0)
+    assert summary.already_done == 5 and summary.processed == N - 5 and summary.finished
+    _assert_equals_reference(out, reference)
+
+
+def test_a_worker_dying_mid_task_is_retried_without_duplicates(tmp_path, cluster, checkpoint, data, reference):
+    table, images = data
+    out = tmp_path / "run"
+    fired = tmp_path / "crash-fired"
+
+    class DiesOnceAfterACommit(ExtractWorker):
+        """Commits the first row of its first batch, then the process dies (once in the whole run)."""
+
+        def __call__(self, batch):
+            if not fired.exists():
+                fired.touch()
+                super().__call__({name: values[:1] for name, values in batch.items()})
+                os._exit(1)
+            return super().__call__(batch)
+
+    summary = run_ray_extraction(
+        _config(checkpoint, table, images, out), num_workers=2, gpus_per_worker=0, worker_class=DiesOnceAfterACommit
+    )
+    assert fired.exists() and summary.finished and summary.processed == N
+    assert len(list((out / "ray").iterdir())) == 3, "the dead actor's directory plus two live ones"
+    assert "1 row(s) committed twice by retried Ray tasks" in (out / "extract.log").read_text()
+    _assert_equals_reference(out, reference)
+
+
+def test_a_worker_that_cannot_start_fails_the_run_with_one_clear_line(tmp_path, cluster, checkpoint, data):
+    table, images = data
+    broken = tmp_path / "no-weights"
+    shutil.copytree(checkpoint, broken, ignore=shutil.ignore_patterns("*.safetensors"))
+    out = tmp_path / "run"
+    args = ["extract", "--model", str(broken), "--data", str(table), "--images", str(images), "--out", str(out)]
+    result = runner.invoke(
+        app, [*args, "--device", "cpu", "--engine", "ray", "--num-workers", "2", "--gpus-per-worker", "0"]
+    )
+    assert result.exit_code == 2, result.output
+    assert "a Ray worker failed: OSError" in result.output and "model.safetensors" in result.output
+    logged = (out / "extract.log").read_text()
+    assert "Ray worker failure" in logged and "creation task" in logged  # the full remote error
