@@ -281,6 +281,8 @@ def run_demo(config: DemoConfig, say: Callable[[str], None] | None = None) -> De
     `say` receives one line per step and per trained probe (default: nothing is printed).
     """
     say = say or (lambda message: None)
+    from threadpoolctl import threadpool_limits
+
     from halp.extract import ExtractConfig, run_extraction
     from halp.label import label_run
     from halp.probe import train_probes
@@ -339,15 +341,18 @@ def run_demo(config: DemoConfig, say: Callable[[str], None] | None = None) -> De
         for name in ("features.h5", "run.json"):
             shutil.copy2(features_run / name, run_dir / name)
         label_run(run_dir, labels=planted, label_column=label)
-        results[label] = train_probes(
-            run_dir,
-            probe=config.probe,
-            folds=config.folds,
-            group_by="shape",
-            seed=config.seed,
-            bootstrap=config.bootstrap,
-            progress=lambda message, label=label: say(f"{label}: {message}"),
-        )
+        # One BLAS thread for these 300 x 64 fits: extra threads only synchronise, and on a loaded
+        # machine OpenBLAS's spinning threads made the probes over ten times slower (measured).
+        with threadpool_limits(limits=1):
+            results[label] = train_probes(
+                run_dir,
+                probe=config.probe,
+                folds=config.folds,
+                group_by="shape",
+                seed=config.seed,
+                bootstrap=config.bootstrap,
+                progress=lambda message, label=label: say(f"{label}: {message}"),
+            )
         reports[label] = build_report(run_dir, title=f"halp demo: {label} (planted on {depends_on})")
         seconds[label] = time.perf_counter() - start
     checks = planted_checks(results["image_label"], results["question_label"])
@@ -367,6 +372,6 @@ def print_demo(console: Any, result: DemoResult) -> None:
     for check in result.checks:
         mark = "PASS" if check.passed else "FAIL"
         style = "green" if check.passed else "bold red"
-        console.print(Text(f"{mark}  {check.label}: {check.claim} — {check.detail}", style=style))
+        console.print(Text(f"{mark}  {check.label}: {check.claim} — {check.detail}", style=style), soft_wrap=True)
     timing = ", ".join(f"{name} {value:.1f}s" for name, value in result.seconds.items())
-    console.print(Text(f"time: {timing}"))
+    console.print(Text(f"time: {timing}"), soft_wrap=True)
