@@ -153,20 +153,22 @@ def test_num_shards_equals_single_process(tmp_path, checkpoint, data, reference,
     _assert_equals_reference(out, reference)
 
 
-def test_torchrun_two_processes_equal_single_process(tmp_path, checkpoint, data, reference):
+LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"],
+    # accelerate launch starts its processes through torchrun; --multi_gpu is its data-parallel mode (CPU here),
+    # and port 0 picks a free port so parallel test runs do not collide.
+    "accelerate": [
+        *("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"),
+        *("--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"),
+    ],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_launcher_two_processes_equal_single_process(tmp_path, checkpoint, data, reference, launcher):
     table, images = data
     out = tmp_path / "run"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "halp",
-        *_cli_args(checkpoint, table, images, out),
-    ]
+    command = [sys.executable, *LAUNCHERS[launcher], "-m", "halp", *_cli_args(checkpoint, table, images, out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
