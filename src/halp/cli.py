@@ -363,6 +363,7 @@ def predict(
         f"scored {summary.total - len(summary.failed)} of {summary.total} with {summary.feature} ({summary.probe}); "
         f"{summary.flagged} flagged at risk >= {summary.threshold:.3g}. wrote {summary.out}",
         markup=False,
+        soft_wrap=True,
     )
     if summary.failed:
         console.print(f"{len(summary.failed)} row(s) could not be scored; see the error column.", markup=False)
