@@ -40,7 +40,7 @@ LABELS_FILE = "labels.csv"
 MAX_COLUMNS_WITH_INTERVALS = 12
 
 
-class ReportError(FileNotFoundError):
+class ReportError(RuntimeError):
     """The run directory lacks what the report is made from; says which file and which command makes it."""
 
 
