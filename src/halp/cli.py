@@ -278,6 +278,7 @@ def probe(
     seed: Annotated[int, typer.Option(help="Seed of splits, shuffled control, bootstrap and probes.")] = 42,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals.")] = 1000,
     device: Annotated[str, typer.Option(help="Device of the MLP probe: cpu, cuda or auto.")] = "cpu",
+    threads: Annotated[int | None, typer.Option(help="Torch threads of the MLP on CPU (default: torch's).")] = None,
 ) -> None:
     """Train and evaluate one probe per feature; write RUN_DIR/probes/ (results, predictions, models)."""
     from halp.probe import print_results, train_probes
@@ -298,6 +299,7 @@ def probe(
             seed=seed,
             bootstrap=bootstrap,
             device=device,
+            threads=threads,
             progress=lambda message: console.print(message, markup=False, highlight=False),
         )
     except (FileNotFoundError, ValueError) as err:

@@ -505,6 +505,7 @@ def train_probes(
     seed: int = 42,
     bootstrap: int = 1000,
     device: str = "cpu",
+    threads: int | None = None,
     probe_params: dict[str, dict[str, Any]] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> pd.DataFrame:
@@ -512,6 +513,7 @@ def train_probes(
 
     `labels`: a table with question_id and a 0/1 column (default: RUN_DIR/labels.csv); rows whose label
     is empty or missing are left out. `label_column=None` takes `label`, else `is_hallucinating_manual`.
+    `device`, `threads`: where the MLP trains and its torch intra-op threads (None: torch's setting).
     `probe_params`: extra constructor arguments per probe type, e.g. {"mlp": {"epochs": 5}}.
     """
     run_dir, features_path = _run_paths(run_dir)
@@ -563,8 +565,8 @@ def train_probes(
             X = handle[feature][()][rows].astype(np.float32, copy=False)
         for kind in kinds:
             params = probe_params.get(kind, {})
-            if kind == "mlp" and device != "cpu":
-                params = {"device": device, **params}
+            if kind == "mlp":
+                params = {"device": device, "threads": threads, **params}
             template = make_probe(kind, seed, **params)
             started = time.perf_counter()
             scores, fold_of, per_fold = cross_validate(lambda t=template: clone(t), X, y, splits)
