@@ -44,6 +44,7 @@ from halp.extract import (
     read_table,
     run_identity,
 )
+from halp.loading import resolve_device
 from halp.shard import resolve_shard
 from halp.store import ERRORS_FILE, RunLockedError, RunStore
 
@@ -108,7 +109,8 @@ class ExtractWorker:
         worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.store = RunStore.for_ray_worker(self.config.out, worker_id)
         self.store.lock()
-        self.extractor, self.attrs = prepare_extractor(self.config, self.config.device, dtype, max_new_tokens)
+        device = resolve_device(self.config.device)  # on the worker: the GPU(s) Ray assigned it, if any
+        self.extractor, self.attrs = prepare_extractor(self.config, device, dtype, max_new_tokens)
         self.attrs["engine"] = "ray"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
