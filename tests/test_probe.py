@@ -378,3 +378,39 @@ def test_cli_probe_writes_results(tmp_path):
     assert {"f1_mean", "control_auroc_mean", "n", "n_positive"} <= set(frame.columns)
     bad = CliRunner().invoke(app, ["probe", str(run_dir), "--probe", "svm"])
     assert bad.exit_code == 2 and "choose logreg, mlp or both" in bad.output
+
+
+def test_ranking_metrics_equal_scikit_learn_with_ties():
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from halp.probe import ranking_metrics
+
+    rng = np.random.default_rng(7)
+    for trial in range(30):
+        n = int(rng.integers(5, 300))
+        y = (rng.random(n) < rng.uniform(0.1, 0.9)).astype(np.int64)
+        if y.min() == y.max():
+            continue
+        score = np.round(rng.random(n), int(rng.integers(1, 4)))  # coarse rounding makes many ties
+        auroc, average_precision = ranking_metrics(y, score)
+        assert auroc == pytest.approx(roc_auc_score(y, score), abs=1e-12), trial
+        assert average_precision == pytest.approx(average_precision_score(y, score), abs=1e-12), trial
+    assert all(np.isnan(ranking_metrics(np.ones(4, dtype=np.int64), rng.random(4))))
+
+
+def test_bootstrap_intervals_equal_a_scikit_learn_loop():
+    from halp.probe import metric_values
+
+    rng = np.random.default_rng(3)
+    y = (rng.random(120) < 0.3).astype(np.int64)
+    score = np.clip(0.3 * y + rng.normal(0.35, 0.2, 120), 0, 1)
+    fast = bootstrap_intervals(y, score, 80, seed=5)
+    rows = np.random.default_rng(5).integers(0, len(y), size=(80, len(y)))
+    slow = {name: [] for name in fast}
+    for resample in rows:
+        for name, value in metric_values(y[resample], score[resample]).items():
+            if not np.isnan(value):
+                slow[name].append(value)
+    for name, (low, high) in fast.items():
+        assert low == pytest.approx(np.percentile(slow[name], 2.5), abs=1e-12), name
+        assert high == pytest.approx(np.percentile(slow[name], 97.5), abs=1e-12), name

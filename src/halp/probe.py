@@ -46,7 +46,9 @@ log = logging.getLogger(__name__)
 PROBES_DIR = "probes"
 PROBE_TYPES = ("logreg", "mlp")
 #: Inverse regularization strengths the logistic probe chooses from (on z-scored features).
-LOGREG_CS = tuple(float(c) for c in np.logspace(-5, 1, 7))
+# Largest first: LogisticRegressionCV keeps the first of equally scored Cs, and on separable data (every C
+# at AUROC 1) the weakest regularization gives usable probabilities instead of all of them near the prior.
+LOGREG_CS = tuple(float(c) for c in np.logspace(1, -5, 7))
 #: Accuracy and F1 count a probability at or above this as "hallucinated" (the paper's 0.5).
 THRESHOLD = 0.5
 PROBE_FORMAT = "halp-probe/1"
@@ -408,6 +410,26 @@ def metric_values(y: np.ndarray, score: np.ndarray) -> dict[str, float]:
     }
 
 
+def ranking_metrics(y: np.ndarray, score: np.ndarray) -> tuple[float, float]:
+    """AUROC and average precision as scikit-learn defines them (ties included), without its per-call input
+    validation, which dominates the cost of a thousand bootstrap resamples. Tested equal to roc_auc_score and
+    average_precision_score."""
+    order = np.argsort(-score, kind="mergesort")
+    ranked_scores, ranked_labels = score[order], y[order]
+    thresholds = np.r_[np.flatnonzero(np.diff(ranked_scores)), len(ranked_scores) - 1]  # last row of each tie
+    true_positives = np.cumsum(ranked_labels)[thresholds]
+    false_positives = thresholds + 1 - true_positives
+    positives, negatives = true_positives[-1], false_positives[-1]
+    if positives == 0 or negatives == 0:
+        return math.nan, math.nan
+    tpr = np.r_[0.0, true_positives / positives]
+    fpr = np.r_[0.0, false_positives / negatives]
+    auroc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))
+    precision = true_positives / (true_positives + false_positives)
+    average_precision = float(np.sum(np.diff(tpr) * precision))
+    return auroc, average_precision
+
+
 def bootstrap_intervals(
     y: np.ndarray, score: np.ndarray, resamples: int = 1000, seed: int = 42, level: float = 0.95
 ) -> dict[str, tuple[float, float]]:
@@ -418,17 +440,27 @@ def bootstrap_intervals(
     if resamples <= 0:
         return {name: (float("nan"), float("nan")) for name in METRICS}
     rng = np.random.default_rng(seed)
-    values: dict[str, list[float]] = {name: [] for name in METRICS}
-    for _ in range(resamples):
-        rows = rng.integers(0, len(y), len(y))
-        for name, value in metric_values(y[rows], score[rows]).items():
-            if not math.isnan(value):
-                values[name].append(value)
-    tail = (1.0 - level) / 2.0 * 100.0
-    return {
-        name: (float(np.percentile(v, tail)), float(np.percentile(v, 100.0 - tail))) if v else (math.nan, math.nan)
-        for name, v in values.items()
+    rows = rng.integers(0, len(y), size=(resamples, len(y)))
+    labels, predicted = y[rows].astype(np.int64), score[rows] >= THRESHOLD
+    hits = (labels == predicted).sum(axis=1)
+    true_pos = (labels & predicted).sum(axis=1)
+    f1_denominator = labels.sum(axis=1) + predicted.sum(axis=1)
+    values: dict[str, np.ndarray] = {
+        "accuracy": hits / len(y),
+        "f1": np.divide(2 * true_pos, f1_denominator, out=np.zeros(resamples), where=f1_denominator > 0),
     }
+    ranking = np.array([ranking_metrics(labels[i], score[rows[i]]) for i in range(resamples)])
+    values["auroc"], values["auprc"] = ranking[:, 0], ranking[:, 1]
+    tail = (1.0 - level) / 2.0 * 100.0
+    intervals = {}
+    for name in METRICS:
+        finite = values[name][~np.isnan(values[name])]
+        intervals[name] = (
+            (float(np.percentile(finite, tail)), float(np.percentile(finite, 100.0 - tail)))
+            if len(finite)
+            else (math.nan, math.nan)
+        )
+    return intervals
 
 
 def cross_validate(
