@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from halp.capture import FeatureExtractor, parse_layers
+from halp.extract import BUCKET_BATCHES, batches_by_size
 from halp.models import adapter_for
 from halp.testing import build_checkpoint
 from halp.testing.vqa import QUESTIONS
@@ -171,9 +172,16 @@ def main() -> None:
         )
 
         def run_halp(new_tokens: int) -> None:
-            for start in range(0, args.samples, args.batch_size):
-                end = start + args.batch_size
-                extractor(images[start:end], questions[start:end], max_new_tokens=new_tokens)
+            # As `halp extract` does: windows of BUCKET_BATCHES batches, batched by image size within each.
+            window = args.batch_size * BUCKET_BATCHES
+            for start in range(0, args.samples, window):
+                window_images, window_questions = images[start : start + window], questions[start : start + window]
+                for chosen in batches_by_size(window_images, args.batch_size):
+                    extractor(
+                        [window_images[i] for i in chosen],
+                        [window_questions[i] for i in chosen],
+                        max_new_tokens=new_tokens,
+                    )
 
         # Warm-up (kernels, allocator) on two samples for both methods.
         extractor(images[:2], questions[:2], max_new_tokens=2)

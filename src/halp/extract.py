@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from halp.capture import BatchResult, FeatureExtractor, parse_layers
@@ -28,6 +29,9 @@ from halp.shard import Shard, resolve_shard
 from halp.store import ERRORS_FILE, RunStore, rows_for, table_digest
 
 log = logging.getLogger(__name__)
+
+#: Rows are read this many batches at a time and batched by image size within that window.
+BUCKET_BATCHES = 16
 
 
 @dataclass
@@ -250,11 +254,66 @@ def _extract_all(
     desc: str,
 ) -> None:
     with tqdm(total=len(todo), unit="sample", disable=not config.progress, desc=desc) as bar:
-        for batch in batches(todo, config.batch_size):
-            summary.processed += extract_batch(
-                batch, config.images, extractor, max_new_tokens, store, attrs, failures, dtype
-            )
-            bar.update(len(batch))
+        for window in batches(todo, config.batch_size * BUCKET_BATCHES):
+            ready, images = load_batch(window, config.images, failures)
+            bar.update(len(window) - len(ready))
+            for chosen in batches_by_size(images, config.batch_size):
+                summary.processed += extract_loaded(
+                    [ready[i] for i in chosen],
+                    [images[i] for i in chosen],
+                    extractor,
+                    max_new_tokens,
+                    store,
+                    attrs,
+                    failures,
+                    dtype,
+                )
+                bar.update(len(chosen))
+
+
+def batches_by_size(images: Sequence[Image.Image], batch_size: int) -> list[list[int]]:
+    """Indices of `images` in batches of similar size: dynamic-resolution models give big images more tokens,
+    so such batches pad less. Features do not depend on batch composition (batch invariance)."""
+    by_size = sorted(range(len(images)), key=lambda i: images[i].width * images[i].height)
+    return [by_size[start : start + batch_size] for start in range(0, len(by_size), batch_size)]
+
+
+def load_batch(
+    batch: Sequence[Sample], images_dir: Path, failures: FailureList
+) -> tuple[list[Sample], list[Image.Image]]:
+    """The rows of `batch` that have a question and a readable image, with their images; others are recorded."""
+    ready, images = [], []
+    for sample in batch:
+        if not sample.question.strip():
+            failures.record(sample, "input", "EmptyQuestion", "the question is empty")
+            continue
+        try:
+            images.append(load_image(images_dir, sample.image_id))
+            ready.append(sample)
+        except ImageError as err:
+            failures.record(sample, "image", type(err).__name__, str(err))
+    return ready, images
+
+
+def extract_loaded(
+    ready: Sequence[Sample],
+    images: Sequence[Image.Image],
+    extractor: FeatureExtractor,
+    max_new_tokens: int,
+    store: RunStore,
+    attrs: dict[str, Any],
+    failures: FailureList,
+    dtype: str,
+) -> int:
+    """Extract loaded rows (splitting on out-of-memory) and commit the finite ones. Returns rows extracted."""
+    processed = 0
+    if ready:
+        for samples_done, result in _extract_splitting_on_oom(
+            extractor, list(ready), list(images), max_new_tokens, failures
+        ):
+            _commit_finite_rows(store, samples_done, result, attrs, failures, dtype)
+            processed += len(samples_done)
+    return processed
 
 
 def extract_batch(
@@ -268,22 +327,8 @@ def extract_batch(
     dtype: str,
 ) -> int:
     """Extract one batch and commit its good rows to `store`; bad rows go to `failures`. Returns rows extracted."""
-    ready, images = [], []
-    for sample in batch:
-        if not sample.question.strip():
-            failures.record(sample, "input", "EmptyQuestion", "the question is empty")
-            continue
-        try:
-            images.append(load_image(images_dir, sample.image_id))
-            ready.append(sample)
-        except ImageError as err:
-            failures.record(sample, "image", type(err).__name__, str(err))
-    processed = 0
-    if ready:
-        for samples_done, result in _extract_splitting_on_oom(extractor, ready, images, max_new_tokens, failures):
-            _commit_finite_rows(store, samples_done, result, attrs, failures, dtype)
-            processed += len(samples_done)
-    return processed
+    ready, images = load_batch(batch, images_dir, failures)
+    return extract_loaded(ready, images, extractor, max_new_tokens, store, attrs, failures, dtype)
 
 
 def _run_shard(
