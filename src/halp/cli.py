@@ -17,6 +17,12 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Predict VLM hallucinations before generation: extract, label, probe, report, predict.",
 )
+# Options shared by several commands.
+ModelOption = Annotated[str, typer.Option(help="Hub id or local checkpoint directory.")]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+DtypeOption = Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.")]
+TrustRemoteCodeOption = Annotated[bool, typer.Option(help="Allow the checkpoint's own Python code to run.")]
+
 console = Console()
 err_console = Console(stderr=True)
 
@@ -31,7 +37,7 @@ def _fail(message: str, code: int = 2) -> None:
 
 @app.command()
 def extract(
-    model: Annotated[str, typer.Option(help="Hub id or local checkpoint directory.")],
+    model: ModelOption,
     data: Annotated[Path, typer.Option(help="VQA table: CSV, JSONL or Parquet.")],
     images: Annotated[Path, typer.Option(help="Directory the table's image ids are relative to.")],
     out: Annotated[Path, typer.Option(help="Run directory (created, or resumed if it exists).")],
@@ -39,10 +45,10 @@ def extract(
     batch_size: Annotated[int, typer.Option(help="Samples per prefill pass.")] = 8,
     max_new_tokens: Annotated[int, typer.Option(help="Greedy answer length, decoded from the prefill cache.")] = 32,
     generate: Annotated[bool, typer.Option("--generate/--no-generate", help="--no-generate: prefill only.")] = True,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.")] = "auto",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
     limit: Annotated[int | None, typer.Option(help="Only the first N rows of the table.")] = None,
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow the checkpoint's own Python code to run.")] = False,
+    trust_remote_code: TrustRemoteCodeOption = False,
     overwrite: Annotated[bool, typer.Option(help="Discard an existing run in --out and start afresh.")] = False,
     num_shards: Annotated[
         int | None, typer.Option(help="Split the table into K shards, one per process (e.g. a SLURM job array).")
@@ -223,14 +229,15 @@ def export(
 @app.command()
 def models(
     model: Annotated[str | None, typer.Option(help="Resolve the extraction points of this checkpoint.")] = None,
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow the checkpoint's own Python code to run.")] = False,
+    trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """List supported families, or show where halp reads a given checkpoint."""
+    from halp.models import ExtractionPointError
     from halp.summary import render_models
 
     try:
         render_models(console, model, trust_remote_code=trust_remote_code)
-    except Exception as err:
+    except (ExtractionPointError, OSError, ValueError, KeyError) as err:  # a checkpoint that cannot be read
         _fail(f"{type(err).__name__}: {err}")
 
 
@@ -334,10 +341,10 @@ def predict(
     threshold: Annotated[float | None, typer.Option(help="Flag risk >= T (default: the probe's).")] = None,
     out: Annotated[Path | None, typer.Option(help="Output CSV (default RUN/risk/<data name>.csv).")] = None,
     batch_size: Annotated[int, typer.Option(help="Samples per prefill pass.")] = 8,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: DeviceOption = "auto",
     dtype: Annotated[str, typer.Option(help="auto = the run's dtype, which the probe was trained on.")] = "auto",
     model: Annotated[str | None, typer.Option(help="The run's checkpoint, if it moved since extraction.")] = None,
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow the checkpoint's own Python code to run.")] = False,
+    trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """Score (image, question) rows for hallucination risk from the prefill alone; write question_id,risk,flagged."""
     from halp.data import TableError
@@ -397,7 +404,7 @@ def demo(
 @app.command()
 def embed(
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
-    model: Annotated[str, typer.Option(help="Hub id or local checkpoint directory.")],
+    model: ModelOption,
     out: Annotated[Path, typer.Option(help="Output directory: <image stem>/*.npy + manifest.json per image.")],
     prompt: Annotated[str, typer.Option(help="Prompt paired with each image.")] = "Describe the image.",
     layers: Annotated[str, typer.Option(help="'halp' = {0,L/4,L/2,3L/4,L-1}, 'all', or e.g. '0,7,-1'.")] = "halp",
@@ -405,9 +412,9 @@ def embed(
         False
     ),
     batch_size: Annotated[int, typer.Option(help="Images per prefill pass.")] = 8,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.")] = "auto",
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow the checkpoint's own Python code to run.")] = False,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """Embed images: vision tokens before/after the projector, decoder states of image and text tokens, pools."""
     from halp.data import ImageError
@@ -448,7 +455,7 @@ app.add_typer(analyze_app, name="analyze")
 
 @analyze_app.command("norms")
 def analyze_norms(
-    model: Annotated[str, typer.Option(help="Hub id or local checkpoint directory.")],
+    model: ModelOption,
     images: Annotated[Path, typer.Option(help="A directory of images (or one image file).")],
     out: Annotated[Path, typer.Option(help="Output directory: norms.json, norms.png (features/).")],
     layers: Annotated[str, typer.Option(help="'all', 'halp' or e.g. '0,7,-1'.")] = "all",
@@ -456,9 +463,9 @@ def analyze_norms(
     save_features: Annotated[bool, typer.Option(help="Keep the token-level tensors (.npy) per image.")] = False,
     limit: Annotated[int | None, typer.Option(help="Only the first N images (by name).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per prefill pass.")] = 4,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.")] = "auto",
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow the checkpoint's own Python code to run.")] = False,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """Per image and layer: L2-norm statistics of vision and text tokens (JSON) and a plot across layers."""
     from halp.analyze import analyze_norms as run_norms
@@ -495,7 +502,7 @@ def analyze_norms(
 
 @analyze_app.command("neighbors")
 def analyze_neighbors(
-    model: Annotated[str, typer.Option(help="Hub id or local checkpoint directory.")],
+    model: ModelOption,
     images: Annotated[Path, typer.Option(help="A directory of images (or one image file).")],
     out: Annotated[Path, typer.Option(help="Output directory: neighbors.json and neighbors.html.")],
     layers: Annotated[str, typer.Option(help="'halp', 'all' or e.g. '0,7,-1'.")] = "halp",
@@ -509,9 +516,9 @@ def analyze_neighbors(
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N images (by name).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per prefill pass.")] = 4,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.")] = "auto",
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow the checkpoint's own Python code to run.")] = False,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """Nearest vocabulary tokens of each vision token: input-embedding cosine and logit lens (optional LatentLens)."""
     from halp.analyze import analyze_neighbors as run_neighbors
