@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from functools import partial
 from pathlib import Path
 
 import h5py
@@ -12,9 +13,9 @@ import pytest
 from typer.testing import CliRunner
 
 from halp.cli import app
-from halp.extract import ExtractConfig, run_extraction
-from halp.store import feature_datasets, read_strings
+from halp.extract import run_extraction
 from halp.testing import make_vqa_set
+from halp.testing.runs import cpu_extract_config, read_run
 
 ray = pytest.importorskip("ray", reason="the Ray engine is the optional extra halp[ray]: pip install 'halp[ray]'")
 pytest.importorskip("ray.data", reason="the Ray engine needs Ray Data: pip install 'halp[ray]'")
@@ -25,28 +26,10 @@ N = 12
 runner = CliRunner()
 
 
-def _config(checkpoint: Path, table: Path, images: Path, out: Path, **overrides) -> ExtractConfig:
-    settings = dict(
-        model=str(checkpoint),
-        data=table,
-        images=images,
-        out=out,
-        batch_size=2,
-        max_new_tokens=3,
-        device="cpu",
-        dtype="float32",
-        progress=False,
-    )
-    settings.update(overrides)
-    return ExtractConfig(**settings)
+_config = partial(cpu_extract_config, batch_size=2, max_new_tokens=3)
 
 
-def _read(path: Path) -> dict[str, object]:
-    with h5py.File(path, "r") as handle:
-        content: dict[str, object] = {name: handle[name][()] for name in feature_datasets(handle)}
-        for name in ("question_id", "image_id", "question", "ground_truth", "answer", "meta/category"):
-            content[name] = read_strings(handle[name])
-    return content
+_read = read_run
 
 
 def _assert_equals_reference(run_dir: Path, reference: dict[str, object]) -> None:

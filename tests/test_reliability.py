@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from functools import partial
 from pathlib import Path
 
 import h5py
@@ -19,27 +20,15 @@ from typer.testing import CliRunner
 
 from halp.capture import FeatureExtractor
 from halp.cli import app
-from halp.extract import ExtractConfig, run_extraction
+from halp.extract import run_extraction
 from halp.store import RunLockedError, RunStore, read_strings
 from halp.testing import make_vqa_set
+from halp.testing.runs import cpu_extract_config
 
 runner = CliRunner()
 
 
-def _config(checkpoint, table, images, out, **overrides) -> ExtractConfig:
-    settings = dict(
-        model=str(checkpoint),
-        data=table,
-        images=images,
-        out=out,
-        batch_size=3,
-        max_new_tokens=2,
-        device="cpu",
-        dtype="float32",
-        progress=False,
-    )
-    settings.update(overrides)
-    return ExtractConfig(**settings)
+_config = partial(cpu_extract_config, batch_size=3, max_new_tokens=2)
 
 
 def _ids(run_dir: Path) -> list[str]:

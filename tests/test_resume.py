@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import h5py
@@ -13,36 +14,18 @@ import numpy as np
 import pytest
 
 from halp.data import read_samples
-from halp.extract import ExtractConfig, run_extraction
-from halp.store import RunMismatchError, RunStore, feature_datasets, read_strings
+from halp.extract import run_extraction
+from halp.store import RunMismatchError, RunStore, feature_datasets
 from halp.testing import make_vqa_set
+from halp.testing.runs import cpu_extract_config, read_run
 
 SLOW_CLI = Path(__file__).parent / "scripts" / "slow_commit_extract.py"
 
 
-def _config(checkpoint: Path, table: Path, images: Path, out: Path, **overrides) -> ExtractConfig:
-    settings = dict(
-        model=str(checkpoint),
-        data=table,
-        images=images,
-        out=out,
-        batch_size=2,
-        max_new_tokens=4,
-        device="cpu",
-        dtype="float32",
-        progress=False,
-    )
-    settings.update(overrides)
-    return ExtractConfig(**settings)
+_config = partial(cpu_extract_config, batch_size=2, max_new_tokens=4)
 
 
-def _read(path: Path) -> dict[str, object]:
-    with h5py.File(path, "r") as handle:
-        content = {name: handle[name][()] for name in feature_datasets(handle)}
-        for name in ("question_id", "image_id", "question", "ground_truth", "answer"):
-            content[name] = read_strings(handle[name])
-        content["meta/category"] = read_strings(handle["meta/category"])
-    return content
+_read = read_run
 
 
 def _assert_same_run(a: dict, b: dict) -> None:
