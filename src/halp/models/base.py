@@ -32,7 +32,8 @@ def get_submodule(model: nn.Module, dotted_path: str) -> nn.Module:
 class Adapter:
     """Declarative mapping from stable names to a family's modules, plus prompt and token rules.
 
-    Paths are relative to the object returned by `AutoModelForImageTextToText.from_pretrained`.
+    Paths are relative to the model `halp.loading.load_model` returns (the `AutoModelForImageTextToText`
+    class of the checkpoint, or `AutoModelForMultimodalLM` / the remote-code class where that is what it registers).
     """
 
     #: transformers `config.model_type` values served by this adapter.
