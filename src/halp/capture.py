@@ -277,6 +277,7 @@ class FeatureExtractor:
                 do_sample=False,
                 num_beams=1,
                 pad_token_id=tokenizer.pad_token_id,
+                use_cache=max_new_tokens > 0,  # prefill only: no decode step will read a KV cache
             )
             captured = capture.features
             kept = {name: [value.numpy() for value in values] for name, values in capture.tokens.items()}
