@@ -11,20 +11,15 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
-import h5py
 import numpy as np
 
-from halp.extract import ExtractConfig, run_extraction
-from halp.store import feature_datasets, read_strings
+from halp.extract import run_extraction
 from halp.testing import build_checkpoint, make_vqa_set
 from halp.testing.faults import kill_and_resume
-
-
-def read(path: Path) -> tuple[list[str], dict[str, np.ndarray]]:
-    with h5py.File(path, "r") as handle:
-        return read_strings(handle["question_id"]), {name: handle[name][()] for name in feature_datasets(handle)}
+from halp.testing.runs import cpu_extract_config, read_run
 
 
 def main() -> None:
@@ -38,43 +33,17 @@ def main() -> None:
         root = Path(tmp)
         checkpoint = str(build_checkpoint("qwen2_vl", root / "model"))
         table, images = make_vqa_set(root / "data", n=args.samples, seed=args.seed)
-        common = dict(
-            model=checkpoint,
-            data=table,
-            images=images,
-            batch_size=1,
-            max_new_tokens=3,
-            device="cpu",
-            dtype="float32",
-            progress=False,
-        )
-        run_extraction(ExtractConfig(out=root / "reference", **common))
-        out = root / "run"
-        cli_args = [
-            "--model",
-            checkpoint,
-            "--data",
-            str(table),
-            "--images",
-            str(images),
-            "--out",
-            str(out),
-            "--batch-size",
-            "1",
-            "--max-new-tokens",
-            "3",
-            "--device",
-            "cpu",
-            "--dtype",
-            "float32",
-        ]
+        config = cpu_extract_config(checkpoint, table, images, root / "run", batch_size=1, max_new_tokens=3)
+        run_extraction(replace(config, out=root / "reference"))
         start = time.perf_counter()
-        report = kill_and_resume(cli_args, out, trials=args.trials, seed=args.seed, max_delay=args.max_delay)
-        run_extraction(ExtractConfig(out=out, **common))
-        ids, features = read(out / "features.h5")
-        ref_ids, ref_features = read(root / "reference" / "features.h5")
-        equal = ids == ref_ids and all(
-            np.allclose(features[name], ref_features[name], rtol=1e-5, atol=1e-6) for name in ref_features
+        report = kill_and_resume(config, trials=args.trials, seed=args.seed, max_delay=args.max_delay)
+        run_extraction(config)
+        got, reference = read_run(root / "run" / "features.h5"), read_run(root / "reference" / "features.h5")
+        ids = got["question_id"]
+        equal = ids == reference["question_id"] and all(
+            np.allclose(got[name], value, rtol=1e-5, atol=1e-6)
+            for name, value in reference.items()
+            if isinstance(value, np.ndarray)
         )
         print(
             f"trials={report.trials} kills={report.kills} committed_rows_lost={report.committed_rows_lost} "

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import h5py
 
+from halp.extract import ExtractConfig
 from halp.store import RunStore, read_strings
+from halp.testing.runs import cli_args
 
 #: Runs the real CLI with a short pause after each commit so kills land inside the extraction phase too.
 _SLOW_CLI = """
@@ -46,10 +48,12 @@ class FaultReport:
 
 
 def kill_and_resume(
-    extract_args: list[str], run_dir: Path, trials: int, seed: int = 0, max_delay: float = 1.5, pause: float = 0.05
+    config: ExtractConfig, trials: int, seed: int = 0, max_delay: float = 1.5, pause: float = 0.05
 ) -> FaultReport:
-    """Start `halp extract <extract_args>` `trials` times, SIGKILL each at a random moment, check nothing committed
+    """Start `halp extract` with `config` `trials` times, SIGKILL each at a random moment, check nothing committed
     is lost or duplicated. The caller finishes the run afterwards and compares it with an uninterrupted one."""
+    run_dir = Path(config.out)
+    extract_args = cli_args(config)
     rng = random.Random(seed)
     store = RunStore(run_dir)
     report = FaultReport()

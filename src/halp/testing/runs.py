@@ -37,3 +37,32 @@ def read_run(path: Path) -> dict[str, Any]:
         for column in handle.get("meta", {}):
             content[f"meta/{column}"] = read_strings(handle["meta"][column])
     return content
+
+
+def cli_args(config: ExtractConfig) -> list[str]:
+    """The `halp extract` command-line arguments equivalent to `config` (the options tests and benchmarks set)."""
+    args = [
+        "--model",
+        config.model,
+        "--data",
+        str(config.data),
+        "--images",
+        str(config.images),
+        "--out",
+        str(config.out),
+        "--layers",
+        config.layers,
+        "--batch-size",
+        str(config.batch_size),
+        "--max-new-tokens",
+        str(config.max_new_tokens),
+        "--device",
+        config.device,
+        "--dtype",
+        config.dtype,
+    ]
+    if not config.generate:
+        args.append("--no-generate")
+    if config.limit is not None:
+        args += ["--limit", str(config.limit)]
+    return args

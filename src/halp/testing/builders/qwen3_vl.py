@@ -9,29 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from halp.testing.builders.qwen_vl import CHAT_TEMPLATE, SPECIAL
 from halp.testing.checkpoints import train_tokenizer
 
 FAMILIES = ("qwen3_vl", "qwen3_vl_moe")
 
-SPECIAL = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-]
-
-# Qwen3-VL's own template reduced to images and text (no tools, no thinking blocks).
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+# Qwen3-VL keeps Qwen2-VL's special tokens and chat-template structure (images and text only here).
 
 
 def build(
