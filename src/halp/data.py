@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from halp.errors import ImageError, TableError
+
 COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
     "question_id": ("question_id",),
     "image_id": ("image_id", "image_name", "image", "image_path"),
@@ -22,9 +24,6 @@ COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
 }
 REQUIRED = ("question_id", "image_id", "question")
 
-
-class TableError(ValueError):
-    """The input table cannot be used; raised before any model is loaded."""
 
 
 @dataclass(frozen=True)
@@ -108,9 +107,6 @@ def read_samples(path: str | Path) -> list[Sample]:
         )
     return samples
 
-
-class ImageError(ValueError):
-    """One row's image cannot be used; the row fails, the run goes on."""
 
 
 def resolve_image_path(images_dir: str | Path, image_id: str) -> Path:

@@ -23,13 +23,11 @@ from PIL import Image
 
 from halp.capture import FeatureExtractor
 from halp.data import ImageError, Sample, load_image, read_samples, to_rgb
+from halp.errors import ScorerError
 from halp.report import split_feature
 
 PROBES_DIR = "probes"
 
-
-class ScorerError(ValueError):
-    """A run cannot be used for scoring as asked (no probes, unknown feature, model mismatch); says why."""
 
 
 def choose_probe(run_dir: str | Path, feature: str | None = None, probe: str | None = None) -> tuple[str, str]:

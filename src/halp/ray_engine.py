@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from halp.data import Sample
+from halp.errors import RayWorkerError
 from halp.extract import (
     ExtractConfig,
     ExtractSummary,
@@ -55,9 +56,6 @@ _STATUS_FIELDS = ("question_id", "status", "stage", "error", "message")
 WORKER_EXIT_GRACE_S = 60.0
 _ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)(:|$)")
 
-
-class RayWorkerError(RuntimeError):
-    """A Ray worker failed in a way a retry does not fix (model not loadable, extraction point missing, ...)."""
 
 
 def _worker_failure(err: Exception, run_dir: Path) -> RayWorkerError:

@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from halp.errors import ReportError
+
 #: Representations in pipeline order: before the LM, then inside it.
 REPRESENTATIONS = ("vision_only", "vision_projected", "vision_token", "vision_token_mean", "query_token")
 #: The heatmap column of the representations that have no decoder layer.
@@ -39,9 +41,6 @@ LABELS_FILE = "labels.csv"
 #: Past this many heatmap columns the intervals no longer fit in a cell; they stay in the table.
 MAX_COLUMNS_WITH_INTERVALS = 12
 
-
-class ReportError(RuntimeError):
-    """The run directory lacks what the report is made from; says which file and which command makes it."""
 
 
 def split_feature(feature: str) -> tuple[str, int | None]:

@@ -49,15 +49,18 @@ import h5py
 import numpy as np
 
 from halp.data import Sample
+from halp.errors import RunLockedError, RunMismatchError, StoreWriteError
+from halp.layout import (
+    DONE_FILE,
+    ERRORS_FILE,
+    FEATURES_FILE,
+    LOCK_FILE,
+    PARTS_DIR,
+    RAY_DIR,
+    RUN_FILE,
+    SHARDS_DIR,
+)
 
-FEATURES_FILE = "features.h5"
-RUN_FILE = "run.json"
-PARTS_DIR = "parts"
-ERRORS_FILE = "errors.jsonl"
-LOCK_FILE = ".lock"
-SHARDS_DIR = "shards"
-RAY_DIR = "ray"
-DONE_FILE = "done.json"
 #: How long a shard waits for another shard's brief hold of the run lock (an assembly of a large run).
 SYNC_TIMEOUT_S = 3600.0
 STRING_FIELDS = ("question_id", "image_id", "question", "ground_truth", "answer")
@@ -72,16 +75,7 @@ _BRIEF = " brief "
 log = logging.getLogger(__name__)
 
 
-class RunMismatchError(RuntimeError):
-    """A rerun asks for different settings than the run directory was created with."""
 
-
-class RunLockedError(RuntimeError):
-    """Another live process is writing to this run directory."""
-
-
-class StoreWriteError(OSError):
-    """Writing to the run directory failed (disk full, read-only, ...); committed data is intact."""
 
 
 def _fsync_dir(path: Path) -> None:

@@ -11,12 +11,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from halp.errors import ExtractionPointError
+
 if TYPE_CHECKING:
     from halp.capture import Positions
 
-
-class ExtractionPointError(RuntimeError):
-    """An extraction point (module, token, position) cannot be found; says what and why."""
 
 
 def get_submodule(model: nn.Module, dotted_path: str) -> nn.Module:

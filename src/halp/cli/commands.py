@@ -1,4 +1,4 @@
-"""The `halp` command: thin typer wrappers; the work is done in the modules they call."""
+"""The pipeline's commands: extract, merge, inspect, export, models, label, probe, report, predict, demo, embed."""
 
 from __future__ import annotations
 
@@ -7,32 +7,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
+
+from halp.cli.app import (
+    DeviceOption,
+    DtypeOption,
+    ModelOption,
+    TrustRemoteCodeOption,
+    app,
+    console,
+    err_console,
+)
+from halp.cli.app import fail as _fail
 
 if TYPE_CHECKING:
     from halp.extract import ExtractSummary
-
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    help="Predict VLM hallucinations before generation: extract, label, probe, report, predict.",
-)
-# Options shared by several commands.
-ModelOption = Annotated[str, typer.Option(help="Hub id or local checkpoint directory.")]
-DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
-DtypeOption = Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.")]
-TrustRemoteCodeOption = Annotated[bool, typer.Option(help="Allow the checkpoint's own Python code to run.")]
-
-console = Console()
-err_console = Console(stderr=True)
-
-
-def _fail(message: str, code: int = 2) -> None:
-    from rich.markup import escape
-
-    # Messages name things like `halp[latentlens]` that rich would otherwise read as markup tags.
-    err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
-    raise typer.Exit(code)
 
 
 @app.command()
@@ -552,6 +540,3 @@ def analyze_neighbors(
         return
     console.print(f"wrote {result.json_path} and {result.html_path}", markup=False)
 
-
-if __name__ == "__main__":
-    app()

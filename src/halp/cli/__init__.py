@@ -1,0 +1,9 @@
+"""The `halp` command: typer wrappers that call the library and render what it returns.
+
+`app.py` holds the app, shared options and the error exit; each module below registers its commands.
+"""
+
+from halp.cli import commands  # noqa: F401  (registers the commands)
+from halp.cli.app import app
+
+__all__ = ["app"]

@@ -1,0 +1,35 @@
+"""The typer app, the options shared by several commands, the consoles and the one error exit."""
+
+from __future__ import annotations
+
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Predict VLM hallucinations before generation: extract, label, probe, report, predict.",
+)
+# Options shared by several commands.
+ModelOption = Annotated[str, typer.Option(help="Hub id or local checkpoint directory.")]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+DtypeOption = Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.")]
+TrustRemoteCodeOption = Annotated[bool, typer.Option(help="Allow the checkpoint's own Python code to run.")]
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    from rich.markup import escape
+
+    # Messages name things like `halp[latentlens]` that rich would otherwise read as markup tags.
+    err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
+    raise typer.Exit(code)
+
+
+def say(message: str) -> None:
+    """A progress line on stderr, printed literally (user strings are never markup)."""
+    err_console.print(message, markup=False, highlight=False)

@@ -1,0 +1,67 @@
+"""The error root: every error halp raises for bad input, bad state or a refused request derives from `HalpError`.
+
+The CLI catches `HalpError` alone (one line, exit 2); anything else is a bug and surfaces with its traceback.
+Each class keeps the built-in base it had before the root existed, so `except ValueError` in user code still works.
+"""
+
+from __future__ import annotations
+
+
+class HalpError(Exception):
+    """A user-facing error: the message says what is wrong and what to do."""
+
+
+class TableError(HalpError, ValueError):
+    """The input table cannot be used; raised before any model is loaded."""
+
+
+class ImageError(HalpError, ValueError):
+    """One row's image cannot be used; the row fails, the run goes on."""
+
+
+class RowError(HalpError, ValueError):
+    """One row cannot be prepared for the model (prompt, processor); the row fails, the run goes on."""
+
+
+class ModelLoadError(HalpError, OSError):
+    """A checkpoint cannot be loaded as asked (no such path or hub id, remote code not allowed, missing kernel)."""
+
+
+class ExtractionPointError(HalpError, RuntimeError):
+    """An extraction point (module, token, position) cannot be found; says what and why."""
+
+
+class RunMismatchError(HalpError, RuntimeError):
+    """A rerun asks for different settings or content than the run directory was created with."""
+
+
+class RunLockedError(HalpError, RuntimeError):
+    """Another live process is writing to this run directory."""
+
+
+class StoreWriteError(HalpError, OSError):
+    """Writing to the run directory failed (disk full, read-only, ...); committed data is intact."""
+
+
+class RunDamagedError(HalpError, RuntimeError):
+    """A file of the run directory cannot be read (truncated, corrupt); names the file and what to do."""
+
+
+class LabelError(HalpError, ValueError):
+    """A label table or labelling request cannot be used; says which file or column and why."""
+
+
+class ProbeError(HalpError, ValueError):
+    """Probes cannot be trained as asked (no labels, one class, unknown feature); says why."""
+
+
+class ReportError(HalpError, RuntimeError):
+    """The run directory lacks what the report is made from; says which file and which command makes it."""
+
+
+class ScorerError(HalpError, ValueError):
+    """A run cannot be used for scoring as asked (no probes, unknown feature, model mismatch); says why."""
+
+
+class RayWorkerError(HalpError, RuntimeError):
+    """A Ray worker failed in a way a retry does not fix (model not loadable, extraction point missing, ...)."""

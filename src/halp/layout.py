@@ -1,0 +1,150 @@
+"""The run directory: every file and folder name halp writes under RUN_DIR, and the one way to write them.
+
+Layout (what writes it)::
+
+    RUN_DIR/run.json             halp extract: the run's identity (model, layers, dtype, ..., num_shards)
+    RUN_DIR/features.h5          halp extract: one row per sample (see halp.store)
+    RUN_DIR/extract.log          halp extract: the log
+    RUN_DIR/errors.jsonl         halp extract: rows that failed (empty when none)
+    RUN_DIR/parts/, shards/, ray/  halp extract: committed batches while the run is in progress
+    RUN_DIR/labels.csv           halp label
+    RUN_DIR/reviews.jsonl        halp review: manual decisions, appended
+    RUN_DIR/probes/              halp probe: results.csv, predictions.csv, groups.csv, settings.json, models/
+    RUN_DIR/report/              halp report: report.html and PNGs
+    RUN_DIR/risk/                halp predict: <table name>.csv
+
+Every file is written through `atomic_write` / `atomic_path`: a temporary name beside the target
+(`.<name>.tmp-<pid>`), fsync, atomic rename, fsync of the directory. A crash leaves either the old file
+or the new one, never half of one, and at most a hidden temporary that the next write replaces.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+RUN_FILE = "run.json"
+FEATURES_FILE = "features.h5"
+LOG_FILE = "extract.log"
+ERRORS_FILE = "errors.jsonl"
+PARTS_DIR = "parts"
+SHARDS_DIR = "shards"
+RAY_DIR = "ray"
+LOCK_FILE = ".lock"
+DONE_FILE = "done.json"
+LABELS_FILE = "labels.csv"
+REVIEWS_FILE = "reviews.jsonl"
+PROBES_DIR = "probes"
+RESULTS_FILE = "results.csv"
+PREDICTIONS_FILE = "predictions.csv"
+GROUPS_FILE = "groups.csv"
+PROBE_SETTINGS_FILE = "settings.json"
+PROBE_MODELS_DIR = "models"
+REPORT_DIR = "report"
+RISK_DIR = "risk"
+
+
+def run_file(run_dir: str | Path) -> Path:
+    return Path(run_dir) / RUN_FILE
+
+
+def features_file(run_dir: str | Path) -> Path:
+    return Path(run_dir) / FEATURES_FILE
+
+
+def errors_file(run_dir: str | Path) -> Path:
+    return Path(run_dir) / ERRORS_FILE
+
+
+def labels_file(run_dir: str | Path) -> Path:
+    return Path(run_dir) / LABELS_FILE
+
+
+def reviews_file(run_dir: str | Path) -> Path:
+    return Path(run_dir) / REVIEWS_FILE
+
+
+def probes_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / PROBES_DIR
+
+
+def probe_file(run_dir: str | Path, name: str) -> Path:
+    """A file of `halp probe`'s output (RESULTS_FILE, PREDICTIONS_FILE, GROUPS_FILE, PROBE_SETTINGS_FILE)."""
+    return probes_dir(run_dir) / name
+
+
+def report_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / REPORT_DIR
+
+
+def risk_file(run_dir: str | Path, table: str | Path) -> Path:
+    """Where `halp predict` writes the risk of a table by default: RUN_DIR/risk/<table stem>.csv."""
+    return Path(run_dir) / RISK_DIR / f"{Path(table).stem}.csv"
+
+
+def temporary_path(path: str | Path) -> Path:
+    """The one temporary-name scheme: hidden, beside the target (same file system), owned by this process."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def fsync_dir(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path to write `path` through (for writers that open files themselves, like h5py or
+    matplotlib); on success it is fsynced and renamed over `path`, on failure removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+@contextmanager
+def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-8", newline: str | None = None
+                 ) -> Iterator[IO]:
+    """Open a temporary file for writing `path`; on success fsync and rename it over `path`."""
+    binary = "b" in mode
+    with atomic_path(path) as tmp, open(
+        tmp, mode, encoding=None if binary else encoding, newline=None if binary else newline
+    ) as handle:
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_write(path) as handle:
+        handle.write(text)
+
+
+def append_line_durably(path: str | Path, line: str) -> None:
+    """Append one line and fsync it (append-only logs such as reviews.jsonl): a crash loses at most this line,
+    and a torn last line is recognisable (no trailing newline) by the reader."""
+    if "\n" in line:
+        raise ValueError("append_line_durably takes one line without newlines")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
