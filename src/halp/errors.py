@@ -65,3 +65,7 @@ class ScorerError(HalpError, ValueError):
 
 class RayWorkerError(HalpError, RuntimeError):
     """A Ray worker failed in a way a retry does not fix (model not loadable, extraction point missing, ...)."""
+
+
+class WorldError(HalpError, RuntimeError):
+    """The synthetic world cannot be generated, trained or studied as asked; says what and why."""

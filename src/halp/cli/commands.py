@@ -374,8 +374,16 @@ def demo(
     ),
     images: Annotated[int | None, typer.Option("--images", help="Synthetic images, two questions each.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the checkpoint, the data and the probes.")] = 0,
+    world: Annotated[
+        bool, typer.Option("--world", help="Instead: `halp world` (a model trained offline, its own mistakes).")
+    ] = False,
 ) -> None:
     """Offline end-to-end run on planted labels (tiny model): extract, label, probe, report, and check."""
+    if world:
+        from halp.cli.world import world as world_command
+
+        world_command(out=out, images=images, seed=seed)
+        return
     from halp.demo import DemoConfig, print_demo, run_demo
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -23,8 +23,11 @@ CORPUS = [
 ]
 
 
-def train_tokenizer(special_tokens: Sequence[str], vocab_size: int = 400, **fast_kwargs: Any) -> Any:
-    """A byte-level BPE trained on CORPUS with the family's special tokens, as a transformers tokenizer."""
+def train_tokenizer(
+    special_tokens: Sequence[str], vocab_size: int = 400, corpus: Sequence[str] | None = None, **fast_kwargs: Any
+) -> Any:
+    """A byte-level BPE trained on `corpus` (default CORPUS) with the family's special tokens, as a transformers
+    tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -37,7 +40,7 @@ def train_tokenizer(special_tokens: Sequence[str], vocab_size: int = 400, **fast
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(CORPUS * 4, trainer)
+    tokenizer.train_from_iterator(list(corpus or CORPUS) * 4, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **fast_kwargs)
 
 

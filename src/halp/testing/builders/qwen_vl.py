@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from halp.testing.checkpoints import train_tokenizer
@@ -38,6 +39,8 @@ def build(
     vision_depth: int = 2,
     min_pixels: int = 28 * 28 * 4,
     max_pixels: int = 28 * 28 * 16,
+    tokenizer_corpus: Sequence[str] | None = None,
+    vocab_size: int = 400,
 ) -> Path:
     from transformers import (
         Qwen2_5_VLConfig,
@@ -50,7 +53,10 @@ def build(
         Qwen2VLVideoProcessor,
     )
 
-    tokenizer = train_tokenizer(SPECIAL, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    # A caller with its own vocabulary (halp.world) passes the sentences the BPE should learn.
+    tokenizer = train_tokenizer(
+        SPECIAL, vocab_size=vocab_size, corpus=tokenizer_corpus, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL}
     heads = max(2, hidden_size // 16)
     head_dim = hidden_size // heads

@@ -1,0 +1,126 @@
+"""`halp world`: train (or reuse) a tiny Qwen2-VL on the synthetic world and run the study on its own mistakes."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from halp.cli.app import app, console, fail, say
+
+if TYPE_CHECKING:
+    from halp.world.study import StudyResult
+
+
+@app.command()
+def world(
+    out: Annotated[Path, typer.Option(help="Directory for the study set, the run and the report.")] = Path(
+        "halp-world"
+    ),
+    steps: Annotated[int | None, typer.Option(help="Training steps (default: the study's recipe).")] = None,
+    images: Annotated[int | None, typer.Option(help="Study-set images, two questions each.")] = None,
+    probe: Annotated[str, typer.Option(help="logreg, mlp or both.")] = "both",
+    folds: Annotated[int, typer.Option(help="Cross-validation folds of the probes.")] = 5,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of every interval.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the model (weights, training stream) and the study set.")] = 0,
+    threads: Annotated[
+        int, typer.Option(help="torch CPU threads (1 is fastest on a shared machine: idle threads spin).")
+    ] = 1,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(help="Where trained models are kept (default $HALP_CACHE/world or ~/.cache/halp/world)."),
+    ] = None,
+) -> None:
+    """Real hallucinations offline: a tiny VLM trained on a synthetic world, probed on its own wrong answers."""
+    from halp.errors import HalpError
+    from halp.world.model import WorldModelConfig
+    from halp.world.study import StudyConfig, run_study
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    model = WorldModelConfig(seed=seed)
+    if steps is not None:
+        model.steps = steps
+    config = StudyConfig(
+        out=out,
+        model=model,
+        probe=probe,
+        folds=folds,
+        bootstrap=bootstrap,
+        seed=seed,
+        cache_dir=cache_dir,
+        threads=threads,
+    )
+    if images is not None:
+        config.n_images = images
+    try:
+        result = run_study(config, say=say)
+    except HalpError as err:
+        fail(str(err))
+    print_world(console, result)
+
+
+def print_world(console: Any, result: StudyResult) -> None:
+    """Accuracy of the model, the AUROC grid, the query-vs-vision comparison, per-type AUROCs, timings."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from halp.report import auroc_grid_tables
+
+    training = result.training
+    console.rule(Text("the world model"))
+    console.print(
+        Text(
+            f"{training.checkpoint} ({'cached' if training.cached else 'trained'}; training took "
+            f"{training.seconds:.0f}s on {training.threads} thread(s)); held-out accuracy "
+            f"{training.heldout_accuracy:.3f}; greedy accuracy on the study set {result.accuracy['overall']:.3f}"
+        ),
+        soft_wrap=True,
+    )
+    accuracy = Table("question type", "accuracy", title="greedy accuracy per question type")
+    for kind, value in result.accuracy["question_type"].items():
+        accuracy.add_row(Text(kind), f"{value:.3f}")
+    console.print(accuracy)
+    console.print(
+        Text(
+            f"labels: exact for all {result.accuracy['n']} rows; halp's rules decide {result.rules.decided} of them "
+            f"and agree on {result.rules.agreed}"
+        ),
+        soft_wrap=True,
+    )
+    for table in auroc_grid_tables(result.results, "AUROC (label: the model's own answer is wrong)"):
+        console.print(table)
+    claim = Table("probe", "comparison", "n", "AUROC difference", "95% interval", title="query-token vs vision")
+    for row in result.claim:
+        claim.add_row(
+            Text(row["probe"]),
+            Text(f"{row['first']} - {row['second']}"),
+            str(row["n"]),
+            f"{row['difference']:+.3f}",
+            f"[{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]",
+        )
+    console.print(claim)
+    best = result.results.dropna(subset=["auroc_mean"]).sort_values("auroc_mean", ascending=False).iloc[0]
+    groups = result.groups[(result.groups["feature"] == best["feature"]) & (result.groups["probe"] == best["probe"])]
+    table = Table(
+        "by",
+        "group",
+        "n",
+        "wrong",
+        "AUROC",
+        "95% interval",
+        title=f"best probe per group: {best['feature']} ({best['probe']})",
+    )
+    for _, row in groups.iterrows():
+        table.add_row(
+            Text(str(row["by"])),
+            Text(str(row["group"])),
+            str(row["n"]),
+            str(row["n_positive"]),
+            f"{row['auroc']:.3f}",
+            f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}]",
+        )
+    console.print(table)
+    timing = ", ".join(f"{name} {value:.0f}s" for name, value in result.seconds.items())
+    console.print(Text(f"time: {timing}; report: {result.report}"), soft_wrap=True)
