@@ -8,6 +8,9 @@ Reads what `halp probe` wrote (`probes/results.csv`, `probes/predictions.csv`, o
   type, each cell annotated with its bootstrap interval; the best cell is outlined.
 - `roc_curves.png`: pooled out-of-fold ROC curves of the best probe of each representation.
 - `label_balance.png`: hallucinated / not / unknown per answer type.
+- `deployment.png`: the best probe's risk-coverage curve (accuracy of the answers kept when those at or above
+  a risk threshold are withheld, against the fraction kept) with its area, and its reliability diagram with
+  the expected calibration error; the HTML adds the threshold for each target accuracy.
 - `report.html`: all of the above (PNGs embedded, so the page can be sent on its own), the full
   results table and the per-group table. Every string that comes from an input file is escaped.
 """
@@ -305,6 +308,150 @@ def roc_png(data: ProbeResults, limit: int = 5) -> bytes | None:
     return _png(figure)
 
 
+# ----- deployment curves: what withholding risky answers buys, and whether the risk is calibrated -----------
+#: Target accuracies the report lists a withholding threshold for.
+TARGET_ACCURACIES = (0.7, 0.8, 0.9, 0.95, 0.99)
+RELIABILITY_BINS = 10
+
+
+@dataclass
+class RiskCoverage:
+    """Answers are kept in order of increasing risk; one point per distinct risk value (ties kept together).
+
+    `coverage[i]`: fraction of answers kept when every answer with risk <= `risk[i]` is kept; `accuracy[i]`:
+    fraction of the kept answers that are right (label 0). `area`: the area under this step curve, i.e. the
+    mean accuracy over coverage; `base` (everything kept, also the expected area of a random ranking) and
+    `oracle` (all right answers first) bracket it.
+    """
+
+    risk: np.ndarray
+    coverage: np.ndarray
+    accuracy: np.ndarray
+    area: float
+    base: float
+    oracle: float
+
+    def threshold_for(self, target: float) -> tuple[float, float, float] | None:
+        """(threshold, coverage, accuracy) of the largest coverage whose kept accuracy reaches `target`.
+
+        Withholding every answer with risk >= threshold (what `halp predict --threshold` flags) keeps exactly
+        that set. None when no coverage reaches the target.
+        """
+        reaching = np.flatnonzero(self.accuracy >= target)
+        if len(reaching) == 0:
+            return None
+        index = int(reaching[-1])
+        # The first withheld risk: flagging risk >= it withholds exactly the answers past this point.
+        threshold = float(self.risk[index + 1]) if index + 1 < len(self.risk) else float("inf")
+        return threshold, float(self.coverage[index]), float(self.accuracy[index])
+
+
+def risk_coverage(labels: np.ndarray, risk: np.ndarray) -> RiskCoverage:
+    """The risk-coverage curve of scores `risk` (P(hallucinated)) for 0/1 `labels` (1: the answer is wrong)."""
+    labels, risk = np.asarray(labels, dtype=np.int64), np.asarray(risk, dtype=float)
+    if len(labels) == 0:
+        raise ReportError("no scored answers to draw a risk-coverage curve from")
+    order = np.argsort(risk, kind="mergesort")
+    ranked_risk, ranked_right = risk[order], 1 - labels[order]
+    ends = np.r_[np.flatnonzero(np.diff(ranked_risk)), len(ranked_risk) - 1]  # last row of each tie
+    kept = ends + 1
+    accuracy = np.cumsum(ranked_right)[ends] / kept
+    coverage = kept / len(labels)
+    widths = np.diff(np.r_[0.0, coverage])
+    right = int(ranked_right.sum())
+    oracle_accuracy = np.minimum(np.arange(1, len(labels) + 1), right) / np.arange(1, len(labels) + 1)
+    return RiskCoverage(
+        ranked_risk[ends], coverage, accuracy, float(np.sum(widths * accuracy)), right / len(labels),
+        float(oracle_accuracy.mean()),
+    )  # fmt: skip
+
+
+@dataclass
+class Reliability:
+    """Equal-width bins of predicted P(hallucinated): mean prediction, observed rate and count per non-empty bin."""
+
+    predicted: np.ndarray
+    observed: np.ndarray
+    counts: np.ndarray
+    ece: float  # expected calibration error: sum over bins of count / n * |observed - predicted|
+
+
+def reliability(labels: np.ndarray, risk: np.ndarray, bins: int = RELIABILITY_BINS) -> Reliability:
+    from sklearn.calibration import calibration_curve
+
+    labels, risk = np.asarray(labels, dtype=np.int64), np.asarray(risk, dtype=float)
+    observed, predicted = calibration_curve(labels, risk, n_bins=bins, strategy="uniform")
+    # The bin of each score exactly as calibration_curve assigns it, for the counts.
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    counts = np.bincount(np.searchsorted(edges[1:-1], risk), minlength=bins)
+    counts = counts[counts > 0]
+    ece = float(np.sum(counts / len(labels) * np.abs(observed - predicted)))
+    return Reliability(predicted, observed, counts, ece)
+
+
+def deployment_png(curve: RiskCoverage, calibration: Reliability, name: str) -> bytes:
+    """Two panels: accuracy of the kept answers vs the fraction kept; observed vs predicted hallucination rate."""
+    figure = _figure(11.0, 4.6)
+    left, right = figure.subplots(1, 2)
+    left.step(curve.coverage, curve.accuracy, where="post", linewidth=2, label=f"{name}: area {curve.area:.3f}")
+    left.axhline(curve.base, linestyle="--", color="grey", linewidth=1, label=f"keep all / random: {curve.base:.3f}")
+    left.set_xlabel("coverage (fraction of answers kept, lowest risk first)")
+    left.set_ylabel("accuracy of the kept answers")
+    left.set_title(f"risk-coverage (oracle area {curve.oracle:.3f})")
+    left.set_xlim(0, 1)
+    left.set_ylim(min(curve.base, float(curve.accuracy.min())) - 0.05, 1.01)
+    left.legend(loc="lower left", fontsize=8)
+    left.grid(alpha=0.3)
+    right.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="perfect calibration")
+    right.plot(calibration.predicted, calibration.observed, marker="o", linewidth=2, label=f"ECE {calibration.ece:.3f}")
+    for x, y, n in zip(calibration.predicted, calibration.observed, calibration.counts, strict=True):
+        right.annotate(str(int(n)), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7, color="#555")
+    right.set_xlabel("predicted P(hallucinated) (bin mean)")
+    right.set_ylabel("observed hallucination rate")
+    right.set_title(f"reliability, {RELIABILITY_BINS} bins (labels: answers per bin)")
+    right.set_xlim(0, 1)
+    right.set_ylim(0, 1)
+    right.legend(loc="upper left", fontsize=8)
+    right.grid(alpha=0.3)
+    return _png(figure)
+
+
+def threshold_table(curve: RiskCoverage, targets: Sequence[float] = TARGET_ACCURACIES) -> pd.DataFrame:
+    rows = []
+    for target in targets:
+        found = curve.threshold_for(target)
+        if found is None:
+            rows.append({"target accuracy": target, "withhold risk >=": "unreachable", "coverage": np.nan,
+                         "accuracy": np.nan})  # fmt: skip
+        else:
+            threshold, coverage, accuracy = found
+            rows.append({"target accuracy": target, "withhold risk >=": threshold, "coverage": coverage,
+                         "accuracy": accuracy})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def _deployment_section(data: ProbeResults, pngs: dict[str, bytes]) -> str:
+    if data.predictions is None or data.predictions.empty:
+        return "<p class='muted'>No out-of-fold predictions (probes/predictions.csv) for deployment curves.</p>"
+    best = data.best()
+    labels, scores = pooled_scores(data.predictions, best["feature"], best["probe"])
+    if len(labels) == 0:
+        return "<p class='muted'>The best probe has no out-of-fold predictions.</p>"
+    curve = risk_coverage(labels, scores)
+    calibration = reliability(labels, scores)
+    pngs["deployment"] = deployment_png(curve, calibration, f"{best['feature']} ({best['probe']})")
+    return (
+        f"<p>The best probe ({_e(best['feature'])}, {_e(best['probe'])}) on its pooled out-of-fold scores: answers "
+        f"whose risk is at or above a threshold are withheld. Area under the risk-coverage curve "
+        f"<b>{curve.area:.3f}</b> (keeping everything, or a random ranking: {curve.base:.3f}; a perfect ranking: "
+        f"{curve.oracle:.3f}); expected calibration error <b>{calibration.ece:.3f}</b>.</p>"
+        + _img(pngs["deployment"], "risk-coverage and reliability")
+        + "<p>Thresholds for a target accuracy of the answers kept (pass one to <code>halp predict --threshold</code>;"
+        " chosen on these same out-of-fold scores, so confirm on held-out data):</p>"
+        + _table(threshold_table(curve))
+    )
+
+
 LABEL_NAMES = {"1": "hallucinated", "0": "not hallucinated", "": "unknown"}
 LABEL_COLOURS = {"hallucinated": "#d62728", "not hallucinated": "#2ca02c", "unknown": "#bbbbbb"}
 
@@ -479,6 +626,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, title: 
         pngs["roc_curves"] = roc
     balance = label_balance(data)
     pngs["label_balance"] = label_balance_png(balance)
+    deployment_html = _deployment_section(data, pngs)
     paths = {}
     for name, png in pngs.items():
         paths[name] = out / f"{name}.png"
@@ -508,6 +656,8 @@ vision_token / vision_token_mean: last / mean image token, query_token: last pro
 ({NO_LAYER}: before the language model). AUROC 0.5 is chance. Probes are cross-validated out of fold.</p>
 <h2>ROC curves of the best probes</h2>
 {roc_html}
+<h2>Deployment: withholding risky answers, and calibration</h2>
+{deployment_html}
 <h2>Label balance</h2>
 {_img(pngs["label_balance"], "label balance")}
 {_table(balance_table)}
