@@ -1,7 +1,9 @@
 """halp.world: the synthetic world's ground truth, a reduced world model's training, and the study end to end.
 
-The reduced model (2 decoder blocks of width 64) trains for TINY_STEPS steps (about a minute on a busy 2-core
-machine) once per session; the study tests share it through a session-scoped cache directory.
+The reduced model (2 decoder blocks of width 64, easy scenes only) trains for TINY_STEPS steps (about 45
+CPU-seconds on one thread) once per session; the study tests share it through a session-scoped cache directory.
+At that size and length it has learned the answer format and priors of each question type, which beats chance
+but is not yet reading the image well; what the full model learns is measured in docs/world.md.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import pytest
 from halp.world.questions import ANSWERS, QUESTION_TYPES, ask, is_wrong
 from halp.world.scene import DIFFICULTIES, RELATION_MARGIN, make_scene, object_mask
 
-TINY_STEPS = 250
+TINY_STEPS = 400
 
 
 def tiny_model_config(**overrides):
@@ -31,6 +33,7 @@ def tiny_model_config(**overrides):
         learning_rate=3e-3,
         warmup_steps=10,
         heldout=192,
+        difficulties=("easy",),
     )
     settings.update(overrides)
     return WorldModelConfig(**settings)
@@ -150,7 +153,10 @@ def test_training_loss_goes_down_and_the_checkpoint_loads_back(tiny_training, wo
 
 
 def test_model_beats_chance_on_held_out_questions(tiny_training) -> None:
-    """Chance: answering uniformly among each question type's possible answers; measured on the held-out set."""
+    """Chance: answering uniformly among each question type's possible answers, on the same held-out questions.
+
+    The margin, 0.08, is about 2.5 binomial standard errors of an accuracy near 0.3 on 192 questions.
+    """
     from halp.world.model import heldout_set
 
     items = heldout_set(tiny_model_config(), tiny_model_config().heldout)
@@ -165,18 +171,18 @@ def test_model_beats_chance_on_held_out_questions(tiny_training) -> None:
     }
     chance = np.mean([1 / choices[q.question_type] for _, q, _ in items])
     # The 95% binomial margin of the held-out accuracy is about 0.07 at n=192.
-    assert tiny_training.heldout_accuracy > chance + 0.1, (tiny_training.heldout_accuracy, chance)
+    assert tiny_training.heldout_accuracy > chance + 0.08, (tiny_training.heldout_accuracy, chance)
 
 
-def test_study_end_to_end_on_the_model_s_own_answers(tiny_training, world_cache: Path, tmp_path: Path) -> None:
-    from halp.label import label_answer
-    from halp.layout import labels_file
-    from halp.world.study import StudyConfig, read_answers, run_study
+@pytest.fixture(scope="module")
+def tiny_study(tiny_training, world_cache: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The whole study (both probe types, 3 folds, a 3-epoch MLP) on the reduced model's own answers."""
+    from halp.world.study import StudyConfig, run_study
 
     config = StudyConfig(
-        out=tmp_path / "study",
+        out=tmp_path_factory.mktemp("world-study"),
         model=tiny_model_config(),
-        n_images=90,
+        n_images=120,
         probe="both",
         folds=3,
         bootstrap=50,
@@ -184,10 +190,18 @@ def test_study_end_to_end_on_the_model_s_own_answers(tiny_training, world_cache:
         progress=False,
         probe_params={"mlp": {"epochs": 3}},
     )
-    result = run_study(config)
+    return run_study(config)
+
+
+def test_study_end_to_end_on_the_model_s_own_answers(tiny_study) -> None:
+    from halp.label import label_answer
+    from halp.layout import labels_file
+    from halp.world.study import read_answers
+
+    result = tiny_study
     assert result.training.cached
     rows = read_answers(result.run_dir)
-    assert len(rows) == 180
+    assert len(rows) == 240
     # Labels are exact: every row labelled, each equal to an independent comparison with the ground truth.
     labels = pd.read_csv(labels_file(result.run_dir), dtype={"question_id": str})
     assert labels["label"].notna().all()
@@ -211,48 +225,30 @@ def test_study_end_to_end_on_the_model_s_own_answers(tiny_training, world_cache:
     assert {"vision_only", "query_token/layer_1"} <= set(result.results["feature"])
     assert set(result.groups[result.groups["by"] == "difficulty"]["group"]) == set(DIFFICULTIES)
     assert result.report.is_file() and (result.out / "world.json").is_file()
+    assert (result.report.parent / "deployment.png").is_file()
     assert 0 < result.accuracy["overall"] < 1
 
 
-def test_shuffled_label_control_stays_near_chance(tiny_training, world_cache: Path, tmp_path: Path) -> None:
-    """The probes' control (labels shuffled once) averaged over features: within 0.5 +- 0.08.
+def test_shuffled_label_control_stays_near_chance(tiny_study) -> None:
+    """The probes' control (the same CV on labels shuffled once): its mean over features within 0.5 +- 0.1.
 
-    Each control AUROC is a fold mean on ~300 rows (its own spread is about +-0.05), so the mean over the
-    features and probe types is held to a band twice the standard error of a single one.
+    Each control AUROC is a mean over 3 folds of ~80 rows (spread about +-0.05), and all features share the one
+    shuffle, so their mean is not much tighter than one of them: 0.1 is two of those spreads.
     """
-    from halp.world.study import StudyConfig, run_study
-
-    config = StudyConfig(
-        out=tmp_path / "study",
-        model=tiny_model_config(),
-        n_images=150,
-        probe="logreg",
-        folds=3,
-        bootstrap=20,
-        cache_dir=world_cache,
-        progress=False,
-        seed=1,
-    )
-    result = run_study(config)
-    control = result.results["control_auroc_mean"].to_numpy()
-    assert abs(np.nanmean(control) - 0.5) <= 0.08, control
+    control = tiny_study.results["control_auroc_mean"].to_numpy()
+    assert abs(np.nanmean(control) - 0.5) <= 0.1, control
 
 
-def test_same_seed_gives_the_same_labels(tiny_training, world_cache: Path, tmp_path: Path) -> None:
-    from halp.world.study import StudyConfig, run_study
+def test_same_seed_gives_the_same_world_and_labels(tiny_training, tmp_path: Path) -> None:
+    """Two study sets from one seed, each extracted with the trained model: the same answers and labels."""
+    from halp.extract import run_extraction
+    from halp.testing.runs import cpu_extract_config
+    from halp.world.study import exact_labels, make_study_set, read_answers
 
     labels = []
     for name in ("a", "b"):
-        config = StudyConfig(
-            out=tmp_path / name,
-            model=tiny_model_config(),
-            n_images=24,
-            probe="logreg",
-            folds=2,
-            bootstrap=0,
-            cache_dir=world_cache,
-            progress=False,
-        )
-        result = run_study(config)
-        labels.append(pd.read_csv(result.run_dir / "labels.csv", dtype=str, keep_default_na=False))
+        table, images = make_study_set(tmp_path / name, 12, 2, seed=3)
+        run_extraction(cpu_extract_config(tiny_training.checkpoint, table, images, tmp_path / name / "run"))
+        rows = read_answers(tmp_path / name / "run")
+        labels.append(exact_labels(rows).assign(answer=rows["answer"]))
     assert labels[0].equals(labels[1])

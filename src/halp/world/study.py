@@ -234,7 +234,7 @@ def paired_difference(
         return frame.set_index("question_id")[["label", "score"]]
 
     a, b = scores(first), scores(second)
-    joined = a.join(b, lsuffix="_a", rsuffix="_b", how="inner")
+    joined = a.merge(b, left_index=True, right_index=True, suffixes=("_a", "_b"))
     y = joined["label_a"].to_numpy(dtype=np.int64)
     score_a, score_b = joined["score_a"].to_numpy(), joined["score_b"].to_numpy()
     observed = ranking_metrics(y, score_a)[0] - ranking_metrics(y, score_b)[0]
