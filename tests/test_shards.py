@@ -242,7 +242,7 @@ def test_one_writer_per_shard_and_shards_cannot_join_a_single_process_run(tmp_pa
     finally:
         single.unlock()
 
-    with pytest.raises(ValueError, match="--overwrite cannot be combined"):
+    with pytest.raises(ValueError, match="overwrite cannot be combined"):
         run_extraction(_config(checkpoint, table, images, out, num_shards=2, shard_index=0, overwrite=True))
 
 

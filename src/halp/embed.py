@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,9 @@ from torch import nn
 
 from halp.capture import BatchResult, FeatureExtractor, parse_layers
 from halp.data import load_image, to_rgb
+from halp.errors import ParameterError
+from halp.features import PROJECTED_TOKENS, VISION_TOKENS, layer_key
+from halp.layout import write_text_atomic
 from halp.models import Adapter, ExtractionPointError, adapter_for
 
 log = logging.getLogger(__name__)
@@ -214,10 +216,10 @@ class Embedder:
             model, processor = load_model(self.model_ref, device, dtype, trust_remote_code)
         else:
             if processor is None:
-                raise ValueError("a loaded model needs its processor: Embedder(model, processor)")
+                raise ParameterError("processor", ": a loaded model needs its processor: Embedder(model, processor)")
             self.model_ref = str(getattr(model, "name_or_path", "") or type(model).__name__)
         if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+            raise ParameterError("batch_size", f"must be at least 1, got {batch_size}")
         self.adapter = adapter_for(model, processor)
         self.layers = parse_layers(layers, self.adapter.num_layers)
         self.tokens = tokens
@@ -262,7 +264,7 @@ class Embedder:
         """Embed many images in batches of `batch_size` (one prompt for all, or one per image)."""
         prompt_list = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
         if len(prompt_list) != len(images):
-            raise ValueError(f"{len(images)} images but {len(prompt_list)} prompts")
+            raise ParameterError("prompt", f": {len(images)} images but {len(prompt_list)} prompts")
         indexed = list(range(len(images)))
         results: list[Embedding] = []
         for chunk in _chunks(indexed, batch_size or self.batch_size):
@@ -287,8 +289,8 @@ class Embedder:
         image_columns = torch.nonzero(image_mask).flatten()
         text_columns = torch.nonzero(text_mask).flatten()
 
-        vision = batch.tokens["vision_only"][row]
-        projected = batch.tokens["vision_projected"][row]
+        vision = batch.tokens[VISION_TOKENS][row]
+        projected = batch.tokens[PROJECTED_TOKENS][row]
         if self._restore_order is not None:
             vision, projected = self._restore_order(self.adapter, inputs, row, vision, projected)
         arrays: dict[str, np.ndarray] = {
@@ -299,7 +301,7 @@ class Embedder:
             arrays["vision_tokens"] = vision
             arrays["projected_tokens"] = projected
         for layer in self.layers:
-            states = batch.tokens[f"layer_{layer}"][row]
+            states = batch.tokens[layer_key(layer)][row]
             text_states = states[text_columns.numpy()]
             for group in ("vision_token", "vision_token_mean", "query_token"):
                 arrays[f"{group}/layer_{layer}"] = batch.features[f"{group}/layer_{layer}"][row]
@@ -332,9 +334,7 @@ def array_filename(name: str) -> str:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def save_embedding(embedding: Embedding, directory: str | Path, tokens: bool = True) -> Path:
@@ -394,10 +394,10 @@ def list_images(source: str | Path) -> list[Path]:
     if source.is_file():
         return [source]
     if not source.is_dir():
-        raise FileNotFoundError(f"{source} is neither an image file nor a directory")
+        raise ParameterError("images", f"{source} is neither an image file nor a directory")
     found = sorted(path for path in source.iterdir() if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
     if not found:
-        raise FileNotFoundError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {source}")
+        raise ParameterError("images", f": no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {source}")
     return found
 
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from halp.capture import BatchResult, FeatureExtractor, parse_layers
 from halp.data import ImageError, Sample, load_image, read_samples
+from halp.errors import ParameterError, ShardError
 from halp.loading import load_model, resolve_device, resolve_dtype
 from halp.models import adapter_for
 from halp.shard import Shard, resolve_shard
@@ -105,16 +106,17 @@ def _model_ref(model: str) -> str:
 def run_extraction(config: ExtractConfig) -> ExtractSummary:
     """Extract features for every sample of the table into config.out, resuming what is there."""
     if config.batch_size < 1:
-        raise ValueError("--batch-size must be at least 1")
+        raise ParameterError("batch_size", "must be at least 1")
     shard = resolve_shard(config.num_shards, config.shard_index)
     if shard.is_sharded and config.overwrite:
-        raise ValueError(
-            "--overwrite cannot be combined with several shards: one shard would delete what another has just "
-            f"committed. Delete {config.out} first (or run once with --overwrite and one shard), then start the shards."
+        raise ParameterError(
+            "overwrite",
+            "cannot be combined with several shards: one shard would delete what another has just "
+            f"committed. Delete {config.out} first (or run once with overwrite and one shard), then start the shards.",
         )
     samples = read_table(config)  # table problems surface before the model loads
     if not Path(config.images).is_dir():
-        raise FileNotFoundError(f"--images {config.images} is not a directory")
+        raise ParameterError("images", f"{config.images} is not a directory")
 
     device = device_for(resolve_device(config.device), shard)
     dtype = str(resolve_dtype(config.dtype, device)).removeprefix("torch.")
@@ -141,7 +143,7 @@ def device_for(device: str, shard: Shard) -> str:
         return device
     count = torch.cuda.device_count()
     if shard.local_rank >= count:
-        raise ValueError(
+        raise ShardError(
             f"LOCAL_RANK is {shard.local_rank} but torch sees {count} GPU(s): start at most {count} processes per node"
         )
     torch.cuda.set_device(shard.local_rank)

@@ -8,8 +8,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from halp.layout import features_file
 from halp.store import STR, feature_datasets, read_strings
-from halp.summary import features_file
 
 LEGACY_GROUPS = {"vision_token": "vision_token_representation", "query_token": "query_token_representation"}
 

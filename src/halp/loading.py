@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from halp.errors import ParameterError
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -17,7 +19,7 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but torch sees no CUDA device")
+        raise ParameterError("device", f"{device!r} was asked for but torch sees no CUDA device")
     return device
 
 
@@ -27,7 +29,7 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: choose auto, {', '.join(DTYPES)}")
+        raise ParameterError("dtype", f"{dtype!r}: choose auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 

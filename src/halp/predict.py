@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +22,9 @@ from PIL import Image
 
 from halp.capture import FeatureExtractor
 from halp.data import ImageError, Sample, load_image, read_samples, to_rgb
-from halp.errors import ScorerError
-from halp.report import split_feature
-
-PROBES_DIR = "probes"
-
+from halp.errors import ParameterError, ScorerError
+from halp.features import PRE_LM_REPRESENTATIONS, REPRESENTATIONS, split_feature
+from halp.layout import RESULTS_FILE, atomic_write, probe_file, run_file
 
 
 def choose_probe(run_dir: str | Path, feature: str | None = None, probe: str | None = None) -> tuple[str, str]:
@@ -35,7 +32,7 @@ def choose_probe(run_dir: str | Path, feature: str | None = None, probe: str | N
     run_dir = Path(run_dir)
     if feature is not None and probe is not None:
         return feature, probe
-    results_path = run_dir / PROBES_DIR / "results.csv"
+    results_path = probe_file(run_dir, RESULTS_FILE)
     if not results_path.is_file():
         raise ScorerError(
             f"{results_path} does not exist; train probes first (`halp probe {run_dir}`) or name both the "
@@ -58,7 +55,7 @@ def run_attributes(run_dir: str | Path) -> dict[str, Any]:
     """Root attributes of RUN_DIR/features.h5, plus `model_ref`: the model as `halp extract` resolved it."""
     import h5py
 
-    from halp.summary import features_file
+    from halp.layout import features_file
 
     run_dir = Path(run_dir)
     with h5py.File(features_file(run_dir), "r") as handle:
@@ -66,7 +63,7 @@ def run_attributes(run_dir: str | Path) -> dict[str, Any]:
     attrs = {key: (value.tolist() if isinstance(value, np.ndarray) else value) for key, value in raw.items()}
     # run.json holds the model as an absolute path for local checkpoints (attrs keep what was typed,
     # which may be relative to another working directory).
-    identity_path = run_dir / "run.json"
+    identity_path = run_file(run_dir)
     identity = json.loads(identity_path.read_text()) if identity_path.is_file() else {}
     attrs["model_ref"] = identity.get("model") or attrs.get("model_id")
     if not attrs["model_ref"]:
@@ -144,7 +141,7 @@ class RiskScorer:
     def score_batch(self, images: Sequence[Image.Image | str | Path], questions: Sequence[str]) -> np.ndarray:
         """Risks for aligned lists of images and questions, `batch_size` prefill passes at a time."""
         if len(images) != len(questions):
-            raise ValueError(f"{len(images)} images but {len(questions)} questions")
+            raise ParameterError("questions", f": {len(images)} images but {len(questions)} questions")
         risks = np.empty(len(questions), dtype=np.float64)
         for start in range(0, len(questions), self.batch_size):
             stop = start + self.batch_size
@@ -160,10 +157,10 @@ class RiskScorer:
 def _layers_for(feature: str, attrs: dict[str, Any]) -> list[int]:
     """The decoder layer the feature needs (none for projector features); it must be one the run extracted."""
     representation, layer = split_feature(feature)
-    if representation not in {"vision_only", "vision_projected", "vision_token", "vision_token_mean", "query_token"}:
+    if representation not in REPRESENTATIONS:
         raise ScorerError(f"feature {feature!r} is not a halp feature name")
     if layer is None:
-        if representation not in {"vision_only", "vision_projected"}:
+        if representation not in PRE_LM_REPRESENTATIONS:
             raise ScorerError(f"feature {feature!r} needs a layer (e.g. {representation}/layer_0)")
         return []
     run_layers = [int(value) for value in np.atleast_1d(attrs.get("layers", []))]
@@ -228,8 +225,7 @@ def predict_file(
                 risks.update(zip((sample.question_id for sample in good), scores.tolist(), strict=True))
             bar.update(len(batch))
     errors = dict(failed)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    with tmp.open("w", newline="", encoding="utf-8") as handle:
+    with atomic_write(out, newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["question_id", "risk", "flagged", "error"])
         for sample in samples:
@@ -238,6 +234,5 @@ def predict_file(
                 writer.writerow([sample.question_id, "", "", errors.get(sample.question_id, "not scored")])
             else:
                 writer.writerow([sample.question_id, format(risk, ".10g"), int(risk >= scorer.threshold), ""])
-    os.replace(tmp, out)
     flagged = sum(risk >= scorer.threshold for risk in risks.values())
     return PredictSummary(out, len(samples), flagged, failed, scorer.feature, scorer.probe_name, scorer.threshold)

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from halp.data import Sample
-from halp.errors import RayWorkerError
+from halp.errors import MissingDependencyError, ParameterError, RayWorkerError, ShardError
 from halp.extract import (
     ExtractConfig,
     ExtractSummary,
@@ -74,7 +74,9 @@ def _import_ray() -> Any:
         import ray
         import ray.data  # Ray Data comes with the ray[data] extra, not plain ray
     except ImportError as err:
-        raise ImportError(f"--engine ray needs Ray Data ({err}); install it with: pip install 'halp[ray]'") from err
+        raise MissingDependencyError(
+            f"--engine ray needs Ray Data ({err}); install it with: pip install 'halp[ray]'"
+        ) from err
     return ray
 
 
@@ -159,17 +161,17 @@ def run_ray_extraction(
     injection) and for users who wrap the worker.
     """
     if config.batch_size < 1:
-        raise ValueError("--batch-size must be at least 1")
+        raise ParameterError("batch_size", "must be at least 1")
     if num_workers < 1:
-        raise ValueError("--num-workers must be at least 1")
+        raise ParameterError("num_workers", "must be at least 1")
     if resolve_shard(config.num_shards, config.shard_index).is_sharded:
-        raise ValueError(
+        raise ShardError(
             "--engine ray spreads the rows over its workers itself: drop --num-shards/--shard-index "
             "and do not start it under torchrun/accelerate"
         )
     samples = read_table(config)  # table problems surface before the cluster is touched
     if not Path(config.images).is_dir():
-        raise FileNotFoundError(f"--images {config.images} is not a directory")
+        raise ParameterError("images", f"{config.images} is not a directory")
     # Workers may run on other nodes: every path they open must be absolute (and on a shared filesystem).
     config = ExtractConfig(
         **{

@@ -49,7 +49,8 @@ import h5py
 import numpy as np
 
 from halp.data import Sample
-from halp.errors import RunLockedError, RunMismatchError, StoreWriteError
+from halp.errors import RunDamagedError, RunLockedError, RunMismatchError, StoreWriteError
+from halp.features import sort_features
 from halp.layout import (
     DONE_FILE,
     ERRORS_FILE,
@@ -144,15 +145,7 @@ def feature_datasets(handle: h5py.File) -> list[str]:
             names.append(name)
 
     handle.visititems(visit)
-    return sorted(names, key=_feature_sort_key)
-
-
-def _feature_sort_key(name: str) -> tuple[int, str, int]:
-    order = ["vision_only", "vision_projected", "vision_token", "vision_token_mean", "query_token"]
-    group, _, leaf = name.partition("/")
-    rank = order.index(group) if group in order else len(order)
-    layer = int(leaf.split("_")[-1]) if leaf.startswith("layer_") else -1
-    return rank, group, layer
+    return sort_features(names)
 
 
 def read_rows(path: Path) -> Rows:
@@ -480,7 +473,9 @@ class RunStore:
             if ids <= assembled:
                 path.unlink()
             elif ids & assembled and not self._is_ray_part(path):
-                raise RuntimeError(f"{path} holds rows that are not in {self.features_path}; the run is inconsistent")
+                raise RunDamagedError(
+                    f"{path} holds rows that are not in {self.features_path}; the run is inconsistent"
+                )
 
     def remove_stale_temporaries(self) -> None:
         """Remove temporaries of dead writers. Call with the run lock held."""
@@ -591,7 +586,9 @@ class RunStore:
                 elif self._is_ray_part(path):
                     repeated += 1
                 else:
-                    raise RuntimeError(f"{self.root}: question_id {qid!r} is committed twice; the run is inconsistent")
+                    raise RunDamagedError(
+                        f"{self.root}: question_id {qid!r} is committed twice; the run is inconsistent"
+                    )
         if repeated:
             log.info("%s: %d row(s) committed twice by retried Ray tasks; keeping one copy", self.root, repeated)
         kept = sorted((qid for qid in owner if qid in rank), key=rank.__getitem__)

@@ -54,10 +54,7 @@ def extract(
 
     Under torchrun / accelerate launch each process extracts its rank's shard; see docs/scaling.md.
     """
-    from halp.data import TableError
     from halp.extract import ExtractConfig, run_extraction
-    from halp.models import ExtractionPointError
-    from halp.store import RunLockedError, RunMismatchError, StoreWriteError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     config = ExtractConfig(
@@ -81,21 +78,12 @@ def extract(
         _fail(f"--engine {engine!r}: choose local or ray")
     if engine == "local" and (num_workers != 1 or gpus_per_worker is not None):
         _fail("--num-workers and --gpus-per-worker apply to --engine ray")
-    try:
-        if engine == "ray":
-            from halp.ray_engine import RayWorkerError, run_ray_extraction
+    if engine == "ray":
+        from halp.ray_engine import run_ray_extraction
 
-            try:
-                summary = run_ray_extraction(config, num_workers, gpus_per_worker)
-            except RayWorkerError as err:
-                _fail(str(err))
-                return
-        else:
-            summary = run_extraction(config)
-    except (TableError, RunMismatchError, RunLockedError, StoreWriteError, ExtractionPointError, ValueError,
-            FileNotFoundError, ImportError) as err:
-        _fail(str(err))
-        return
+        summary = run_ray_extraction(config, num_workers, gpus_per_worker)
+    else:
+        summary = run_extraction(config)
     if summary.shard is not None:
         _report_shard(summary)
         return
@@ -146,7 +134,7 @@ def merge(
     run_dir: Annotated[Path, typer.Argument(help="Run directory of a sharded extraction.")],
 ) -> None:
     """Assemble features.h5 from the shards of a run once every shard is done (the last shard does it too)."""
-    from halp.store import RunLockedError, RunMismatchError, RunStore, StoreWriteError
+    from halp.store import RunStore
 
     store = RunStore(run_dir)
     identity = store.read_identity()
@@ -157,12 +145,8 @@ def merge(
     if num_shards == 1:
         _fail(f"{run_dir} is a single-writer run; rerun `halp extract` with the same options to finish it")
         return
-    try:
-        with store.hold_run_lock("merge"):  # no shard starts or finishes while the parts are merged
-            result = store.assemble_shards(num_shards)
-    except (RunLockedError, RunMismatchError, StoreWriteError) as err:
-        _fail(str(err))
-        return
+    with store.hold_run_lock("merge"):  # no shard starts or finishes while the parts are merged
+        result = store.assemble_shards(num_shards)
     if result.missing:
         running = store.live_writers()
         states = [
@@ -185,14 +169,10 @@ def inspect(
     detailed: Annotated[bool, typer.Option(help="Per-feature min/max/mean/std and the first samples.")] = False,
 ) -> None:
     """Summarize a run: samples, features, shapes and statistics."""
-    from halp.summary import render_inspect
+    from halp.cli import render
+    from halp.summary import summarize_run
 
-    try:
-        render_inspect(run_dir, console, sample=sample, detailed=detailed)
-    except (FileNotFoundError, KeyError) as err:
-        _fail(str(err))
-
-
+    render.run_summary(console, summarize_run(run_dir, sample=sample, detailed=detailed))
 @app.command()
 def export(
     run_dir: Annotated[Path, typer.Argument(help="Finished run directory.")],
@@ -206,11 +186,7 @@ def export(
 
     if format != "halp-legacy":
         _fail(f"unknown format {format!r}; available: halp-legacy")
-    try:
-        path = export_legacy(run_dir, output)
-    except FileNotFoundError as err:
-        _fail(str(err))
-        return
+    path = export_legacy(run_dir, output)
     console.print(f"wrote {path}")
 
 
@@ -220,15 +196,13 @@ def models(
     trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """List supported families, or show where halp reads a given checkpoint."""
-    from halp.models import ExtractionPointError
-    from halp.summary import render_models
+    from halp.cli import render
+    from halp.summary import describe_checkpoint, supported_families
 
-    try:
-        render_models(console, model, trust_remote_code=trust_remote_code)
-    except (ExtractionPointError, OSError, ValueError, KeyError) as err:  # a checkpoint that cannot be read
-        _fail(f"{type(err).__name__}: {err}")
-
-
+    if model is None:
+        render.families(console, supported_families())
+    else:
+        render.checkpoint(console, model, describe_checkpoint(model, trust_remote_code=trust_remote_code))
 @app.command()
 def label(
     run_dir: Annotated[Path, typer.Argument(help="Finished run directory (features.h5 with answers).")],
@@ -240,17 +214,14 @@ def label(
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the judge's own Python code to run.")] = False,
 ) -> None:
     """Label each answer hallucinated / not / unknown; write RUN_DIR/labels.csv and print the coverage."""
-    from halp.label import Judge, label_run, print_coverage
+    from halp.cli import render
+    from halp.label import Judge, label_run
 
     if labels is not None and judge is not None:
         _fail("--labels imports manual labels; --judge labels from answers. Use one of them.")
-    try:
-        chosen_judge = Judge.load(judge, trust_remote_code=trust_remote_code) if judge else None
-        summary = label_run(run_dir, labels=labels, label_column=label_column, judge=chosen_judge)
-    except (FileNotFoundError, ValueError, OSError) as err:
-        _fail(str(err))
-        return
-    print_coverage(console, summary)
+    chosen_judge = Judge.load(judge, trust_remote_code=trust_remote_code) if judge else None
+    summary = label_run(run_dir, labels=labels, label_column=label_column, judge=chosen_judge)
+    render.label_coverage(console, summary)
 
 
 @app.command()
@@ -276,31 +247,28 @@ def probe(
     threads: Annotated[int | None, typer.Option(help="Torch threads of the MLP on CPU (default: torch's).")] = None,
 ) -> None:
     """Train and evaluate one probe per feature; write RUN_DIR/probes/ (results, predictions, models)."""
-    from halp.probe import print_results, train_probes
+    from halp.cli import render
+    from halp.probe import train_probes
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     chosen = [name.strip() for name in features.split(",") if name.strip()] if features else None
-    try:
-        results = train_probes(
-            run_dir,
-            labels=labels,
-            label_column=label_column,
-            features=chosen,
-            probe=probe,
-            folds=folds,
-            split=split,
-            group_by=group_by,
-            group_by_image=group_by_image,
-            seed=seed,
-            bootstrap=bootstrap,
-            device=device,
-            threads=threads,
-            progress=lambda message: console.print(message, markup=False, highlight=False),
-        )
-    except (FileNotFoundError, ValueError) as err:
-        _fail(str(err))
-        return
-    print_results(console, results, run_dir)
+    results = train_probes(
+        run_dir,
+        labels=labels,
+        label_column=label_column,
+        features=chosen,
+        probe=probe,
+        folds=folds,
+        split=split,
+        group_by=group_by,
+        group_by_image=group_by_image,
+        seed=seed,
+        bootstrap=bootstrap,
+        device=device,
+        threads=threads,
+        progress=lambda message: console.print(message, markup=False, highlight=False),
+    )
+    render.probe_results(console, results, run_dir)
 
 
 @app.command()
@@ -309,14 +277,11 @@ def report(
     out: Annotated[Path | None, typer.Option(help="Where report.html and PNGs go (default RUN_DIR/report).")] = None,
 ) -> None:
     """Write report.html and PNGs: AUROC heatmap, ROC curves, per-group table, label balance."""
-    from halp.report import ReportError, build_report, print_summary
+    from halp.cli import render
+    from halp.report import build_report
 
-    try:
-        written = build_report(run_dir, out)
-    except ReportError as err:
-        _fail(str(err))
-        return
-    print_summary(console, written)
+    written = build_report(run_dir, out)
+    render.report_summary(console, written)
 
 
 @app.command()
@@ -335,27 +300,22 @@ def predict(
     trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """Score (image, question) rows for hallucination risk from the prefill alone; write question_id,risk,flagged."""
-    from halp.data import TableError
-    from halp.models import ExtractionPointError
-    from halp.predict import RiskScorer, ScorerError, predict_file
+    from halp.layout import risk_file
+    from halp.predict import RiskScorer, predict_file
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        scorer = RiskScorer.from_run(
-            run,
-            feature,
-            probe,
-            device,
-            dtype,
-            threshold=threshold,
-            model=model,
-            batch_size=batch_size,
-            trust_remote_code=trust_remote_code,
-        )
-        summary = predict_file(scorer, data, images, out or run / "risk" / f"{data.stem}.csv", progress=True)
-    except (ScorerError, TableError, ExtractionPointError, FileNotFoundError, ValueError) as err:
-        _fail(str(err))
-        return
+    scorer = RiskScorer.from_run(
+        run,
+        feature,
+        probe,
+        device,
+        dtype,
+        threshold=threshold,
+        model=model,
+        batch_size=batch_size,
+        trust_remote_code=trust_remote_code,
+    )
+    summary = predict_file(scorer, data, images, out or risk_file(run, data), progress=True)
     console.print(
         f"scored {summary.total - len(summary.failed)} of {summary.total} with {summary.feature} ({summary.probe}); "
         f"{summary.flagged} flagged at risk >= {summary.threshold:.3g}. wrote {summary.out}",
@@ -376,14 +336,15 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed of the checkpoint, the data and the probes.")] = 0,
 ) -> None:
     """Offline end-to-end run on planted labels (tiny model): extract, label, probe, report, and check."""
-    from halp.demo import DemoConfig, print_demo, run_demo
+    from halp.cli import render
+    from halp.demo import DemoConfig, run_demo
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     config = DemoConfig(out=out, seed=seed, progress=True)
     if images is not None:
         config.n_images = images
     result = run_demo(config, say=lambda message: err_console.print(message, markup=False, highlight=False))
-    print_demo(console, result)
+    render.demo_result(console, result)
     if not result.passed:
         err_console.print("the planted check failed: see the FAIL lines above", markup=False)
         raise typer.Exit(1)
@@ -405,35 +366,29 @@ def embed(
     trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """Embed images: vision tokens before/after the projector, decoder states of image and text tokens, pools."""
-    from halp.data import ImageError
     from halp.embed import Embedder, write_embeddings
-    from halp.models import ExtractionPointError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     missing = [str(path) for path in images if not path.is_file()]
     if missing:
         _fail(f"no such image file: {', '.join(missing)}")
-    try:
-        embedder = Embedder(
-            model,
-            layers=layers,
-            tokens=save_tokens,
-            batch_size=batch_size,
-            device=device,
-            dtype=dtype,
-            trust_remote_code=trust_remote_code,
-        )
-        manifest = write_embeddings(
-            embedder,
-            images,
-            out,
-            prompt=prompt,
-            tokens=save_tokens,
-            progress=lambda message: err_console.print(message, markup=False, highlight=False),
-        )
-    except (ExtractionPointError, ImageError, ValueError, OSError) as err:
-        _fail(str(err))
-        return
+    embedder = Embedder(
+        model,
+        layers=layers,
+        tokens=save_tokens,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+    )
+    manifest = write_embeddings(
+        embedder,
+        images,
+        out,
+        prompt=prompt,
+        tokens=save_tokens,
+        progress=lambda message: err_console.print(message, markup=False, highlight=False),
+    )
     console.print(f"embedded {len(images)} image(s); manifest: {manifest}", markup=False)
 
 
@@ -457,32 +412,26 @@ def analyze_norms(
 ) -> None:
     """Per image and layer: L2-norm statistics of vision and text tokens (JSON) and a plot across layers."""
     from halp.analyze import analyze_norms as run_norms
-    from halp.data import ImageError
     from halp.embed import Embedder
-    from halp.models import ExtractionPointError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        embedder = Embedder(
-            model,
-            layers=layers,
-            batch_size=batch_size,
-            device=device,
-            dtype=dtype,
-            trust_remote_code=trust_remote_code,
-        )
-        result = run_norms(
-            embedder,
-            images,
-            out,
-            prompt=prompt,
-            save_features=save_features,
-            limit=limit,
-            progress=lambda message: err_console.print(message, markup=False, highlight=False),
-        )
-    except (ExtractionPointError, ImageError, ValueError, OSError) as err:
-        _fail(str(err))
-        return
+    embedder = Embedder(
+        model,
+        layers=layers,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+    )
+    result = run_norms(
+        embedder,
+        images,
+        out,
+        prompt=prompt,
+        save_features=save_features,
+        limit=limit,
+        progress=lambda message: err_console.print(message, markup=False, highlight=False),
+    )
     console.print(f"wrote {result.summary_path} and {result.plot_path}", markup=False)
     if result.features_dir is not None:
         console.print(f"features: {result.features_dir}", markup=False)
@@ -510,33 +459,27 @@ def analyze_neighbors(
 ) -> None:
     """Nearest vocabulary tokens of each vision token: input-embedding cosine and logit lens (optional LatentLens)."""
     from halp.analyze import analyze_neighbors as run_neighbors
-    from halp.data import ImageError
     from halp.embed import Embedder
-    from halp.models import ExtractionPointError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        embedder = Embedder(
-            model,
-            layers=layers,
-            batch_size=batch_size,
-            device=device,
-            dtype=dtype,
-            trust_remote_code=trust_remote_code,
-        )
-        result = run_neighbors(
-            embedder,
-            images,
-            out,
-            top_k=top_k,
-            prompt=prompt,
-            contextual_corpus=contextual_corpus,
-            contextual_layers=contextual_layers,
-            limit=limit,
-            progress=lambda message: err_console.print(message, markup=False, highlight=False),
-        )
-    except (ExtractionPointError, ImageError, ImportError, ValueError, OSError) as err:
-        _fail(str(err))
-        return
+    embedder = Embedder(
+        model,
+        layers=layers,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+    )
+    result = run_neighbors(
+        embedder,
+        images,
+        out,
+        top_k=top_k,
+        prompt=prompt,
+        contextual_corpus=contextual_corpus,
+        contextual_layers=contextual_layers,
+        limit=limit,
+        progress=lambda message: err_console.print(message, markup=False, highlight=False),
+    )
     console.print(f"wrote {result.json_path} and {result.html_path}", markup=False)
 
