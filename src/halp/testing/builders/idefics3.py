@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from halp.testing.checkpoints import train_tokenizer
+from halp.testing.builders.common import (
+    family_tokenizer,
+    require_family,
+    save_checkpoint,
+    text_config,
+    vision_config,
+)
 
 FAMILIES = ("idefics3", "smolvlm")
 
@@ -56,41 +62,27 @@ def build(
         SmolVLMVideoProcessor,
     )
 
-    if family not in FAMILIES:
-        raise ValueError(f"unknown Idefics3-like family {family!r}")
+    require_family(family, FAMILIES)
     special = TEXT_SPECIAL[family] + IMAGE_TOKENS + ROW_COL_TOKENS
     pad_token = special[0]
-    tokenizer = train_tokenizer(special, eos_token="<end_of_utterance>", pad_token=pad_token)
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in special}
-    heads = max(2, hidden_size // 16)
+    tokenizer, ids = family_tokenizer(special, eos_token="<end_of_utterance>", pad_token=pad_token)
     scale_factor = 2
-    text_config = {
-        "model_type": "llama",
-        "vocab_size": len(tokenizer),
-        "hidden_size": hidden_size,
-        "intermediate_size": hidden_size * 2,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": max(1, heads // 2),
-        "max_position_embeddings": 4096,
-        "bos_token_id": ids[special[0]],
-        "eos_token_id": ids["<end_of_utterance>"],
-        "pad_token_id": ids[pad_token],
-    }
-    vision_config = {
-        "hidden_size": vision_dim,
-        "intermediate_size": vision_dim * 2,
-        "num_hidden_layers": vision_depth,
-        "num_attention_heads": max(2, vision_dim // 16),
-        # The tower's position table covers one tile; the processor's tile size must match it.
-        "image_size": tile_size,
-        "patch_size": patch_size,
-    }
+    text = text_config(
+        len(tokenizer),
+        hidden_size,
+        num_layers,
+        model_type="llama",
+        bos_token_id=ids[special[0]],
+        eos_token_id=ids["<end_of_utterance>"],
+        pad_token_id=ids[pad_token],
+    )
+    # The tower's position table covers one tile; the processor's tile size must match it.
+    vision = vision_config(vision_dim, vision_depth, image_size=tile_size, patch_size=patch_size)
     image_seq_len = (tile_size // patch_size) ** 2 // scale_factor**2
     image_kwargs = {"size": {"longest_edge": longest_edge}, "max_image_size": {"longest_edge": tile_size}}
     common = {
-        "text_config": text_config,
-        "vision_config": vision_config,
+        "text_config": text,
+        "vision_config": vision,
         "image_token_id": ids["<image>"],
         "scale_factor": scale_factor,
     }
@@ -112,8 +104,4 @@ def build(
             image_seq_len=image_seq_len,
             chat_template=template,
         )
-    model.generation_config.eos_token_id = ids["<end_of_utterance>"]
-    model.generation_config.pad_token_id = ids[pad_token]
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    return save_checkpoint(path, model, processor, eos=ids["<end_of_utterance>"], pad=ids[pad_token])

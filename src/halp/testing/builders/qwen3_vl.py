@@ -9,8 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from halp.testing.builders.common import (
+    attention_heads,
+    family_tokenizer,
+    require_family,
+    save_checkpoint,
+    text_config,
+)
 from halp.testing.builders.qwen_vl import CHAT_TEMPLATE, SPECIAL
-from halp.testing.checkpoints import train_tokenizer
 
 FAMILIES = ("qwen3_vl", "qwen3_vl_moe")
 
@@ -38,40 +44,33 @@ def build(
         Qwen3VLVideoProcessor,
     )
 
-    tokenizer = train_tokenizer(SPECIAL, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL}
-    heads = max(2, hidden_size // 16)
-    head_dim = hidden_size // heads
+    require_family(family, FAMILIES)
+    tokenizer, ids = family_tokenizer(SPECIAL, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    head_dim = hidden_size // attention_heads(hidden_size)
     # Interleaved M-RoPE: temporal/height/width sections sum to head_dim / 2, as [24, 20, 20] does for 128.
     mrope_section = [head_dim // 2 - 2 * (head_dim // 8), head_dim // 8, head_dim // 8]
-    text_config = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": hidden_size,
-        "intermediate_size": hidden_size * 2,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": max(1, heads // 2),
-        "head_dim": head_dim,
-        "max_position_embeddings": 4096,
-        "rope_parameters": {
+    text = text_config(
+        len(tokenizer),
+        hidden_size,
+        num_layers,
+        head_dim=head_dim,
+        rope_parameters={
             "rope_type": "default",
             "rope_theta": 5_000_000.0,
             "mrope_section": mrope_section,
             "mrope_interleaved": True,
         },
-        "bos_token_id": ids["<|endoftext|>"],
-        "eos_token_id": ids["<|im_end|>"],
-        "pad_token_id": ids["<|endoftext|>"],
-    }
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
     if family == "qwen3_vl_moe":
-        text_config.update(
-            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden_size, decoder_sparse_step=1
-        )
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden_size, decoder_sparse_step=1)
     vision = {
         "depth": vision_depth,
         "hidden_size": vision_dim,
         "intermediate_size": vision_dim * 2,
-        "num_heads": max(2, vision_dim // 16),
+        "num_heads": attention_heads(vision_dim),
         "patch_size": 16,
         "spatial_merge_size": 2,
         "temporal_patch_size": 2,
@@ -86,13 +85,9 @@ def build(
         "vision_end_token_id": ids["<|vision_end|>"],
     }
     if family == "qwen3_vl":
-        model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(text_config=text_config, vision_config=vision, **common))
-    elif family == "qwen3_vl_moe":
-        model = Qwen3VLMoeForConditionalGeneration(
-            Qwen3VLMoeConfig(text_config=text_config, vision_config=vision, **common)
-        )
+        model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(text_config=text, vision_config=vision, **common))
     else:
-        raise ValueError(f"unknown Qwen3-VL family {family!r}")
+        model = Qwen3VLMoeForConditionalGeneration(Qwen3VLMoeConfig(text_config=text, vision_config=vision, **common))
 
     # Qwen3-VL uses 16 px patches merged 2x2: one <|image_pad|> per 32x32 pixels.
     image_processor = Qwen2VLImageProcessor(
@@ -104,8 +99,4 @@ def build(
         video_processor=Qwen3VLVideoProcessor(),
         chat_template=CHAT_TEMPLATE,
     )
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    return save_checkpoint(path, model, processor, eos=ids["<|im_end|>"], pad=ids["<|endoftext|>"])
