@@ -12,13 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from halp.testing.builders.common import (
-    chatml_template,
-    family_tokenizer,
-    require_family,
-    save_checkpoint,
-    text_config,
-)
+from halp.testing.builders import common
 
 FAMILY = "fast_vlm"
 
@@ -26,7 +20,7 @@ SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
 
 # Qwen2's chat template with its default system prompt; the image goes before the user's text, as
 # in the FastVLM model card.
-CHAT_TEMPLATE = chatml_template("<image>\n", default_system="You are a helpful assistant.")
+CHAT_TEMPLATE = common.chatml_template("<image>\n", default_system="You are a helpful assistant.")
 
 # FastViT-HD downsamples by 4 in the stem and 2 in each of the four later stages.
 DOWNSAMPLE = 64
@@ -65,8 +59,8 @@ def build(
 ) -> Path:
     from transformers import CLIPImageProcessor, FastVlmConfig, FastVlmForConditionalGeneration, LlavaProcessor
 
-    require_family(family, (FAMILY,))
-    tokenizer, ids = family_tokenizer(SPECIAL, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    common.require_family(family, (FAMILY,))
+    tokenizer, ids = common.family_tokenizer(SPECIAL, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     # FastViT's head conv doubles the last stage width (cls_ratio 2): that is the tower's output width.
     vision_width = 2 * stage_dims[-1]
     vision_config = {
@@ -77,7 +71,7 @@ def build(
         "hidden_size": vision_width,
         "model_args": {"inference_mode": True, "layers": [1] * len(stage_dims), "embed_dims": list(stage_dims)},
     }
-    text = text_config(
+    text = common.text_config(
         len(tokenizer),
         hidden_size,
         num_layers,
@@ -109,4 +103,4 @@ def build(
         chat_template=CHAT_TEMPLATE,
         image_token="<image>",
     )
-    return save_checkpoint(path, model, processor, eos=ids["<|im_end|>"], pad=ids["<|endoftext|>"])
+    return common.save_checkpoint(path, model, processor, eos=ids["<|im_end|>"], pad=ids["<|endoftext|>"])

@@ -11,15 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from halp.testing.builders.common import (
-    attention_heads,
-    family_tokenizer,
-    prepend_bos,
-    require_family,
-    save_checkpoint,
-    text_config,
-    vision_config,
-)
+from halp.testing.builders import common
 
 FAMILY = "gemma3"
 
@@ -73,8 +65,8 @@ def build(
         Gemma3Processor,
     )
 
-    require_family(family, (FAMILY,))
-    tokenizer, ids = family_tokenizer(
+    common.require_family(family, (FAMILY,))
+    tokenizer, ids = common.family_tokenizer(
         SPECIAL,
         bos_token="<bos>",
         eos_token="<eos>",
@@ -87,11 +79,11 @@ def build(
         },
     )
     # Gemma's tokenizer adds <bos> itself (add_bos_token), although the template renders it too.
-    prepend_bos(tokenizer, "<bos>")
-    head_dim = hidden_size // attention_heads(hidden_size)
+    common.prepend_bos(tokenizer, "<bos>")
+    head_dim = hidden_size // common.attention_heads(hidden_size)
     # Gemma-3 alternates 5 local layers with 1 global one; keep both kinds with the last one global.
     layer_types = ["sliding_attention"] * (num_layers - 1) + ["full_attention"]
-    text = text_config(
+    text = common.text_config(
         len(tokenizer),
         hidden_size,
         num_layers,
@@ -103,7 +95,7 @@ def build(
         bos_token_id=ids["<bos>"],
         eos_token_id=ids["<eos>"],
     )
-    vision = vision_config(
+    vision = common.vision_config(
         vision_dim,
         vision_depth,
         model_type="siglip_vision_model",
@@ -136,4 +128,4 @@ def build(
     )
     # As the real generation config: stop at <eos> or at the end of the model turn.
     stops = [ids["<eos>"], ids["<end_of_turn>"]]
-    return save_checkpoint(path, model, processor, eos=stops, pad=ids["<pad>"], bos=ids["<bos>"])
+    return common.save_checkpoint(path, model, processor, eos=stops, pad=ids["<pad>"], bos=ids["<bos>"])

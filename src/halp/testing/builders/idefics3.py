@@ -9,13 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from halp.testing.builders.common import (
-    family_tokenizer,
-    require_family,
-    save_checkpoint,
-    text_config,
-    vision_config,
-)
+from halp.testing.builders import common
 
 FAMILIES = ("idefics3", "smolvlm")
 
@@ -62,12 +56,12 @@ def build(
         SmolVLMVideoProcessor,
     )
 
-    require_family(family, FAMILIES)
+    common.require_family(family, FAMILIES)
     special = TEXT_SPECIAL[family] + IMAGE_TOKENS + ROW_COL_TOKENS
     pad_token = special[0]
-    tokenizer, ids = family_tokenizer(special, eos_token="<end_of_utterance>", pad_token=pad_token)
+    tokenizer, ids = common.family_tokenizer(special, eos_token="<end_of_utterance>", pad_token=pad_token)
     scale_factor = 2
-    text = text_config(
+    text = common.text_config(
         len(tokenizer),
         hidden_size,
         num_layers,
@@ -77,10 +71,10 @@ def build(
         pad_token_id=ids[pad_token],
     )
     # The tower's position table covers one tile; the processor's tile size must match it.
-    vision = vision_config(vision_dim, vision_depth, image_size=tile_size, patch_size=patch_size)
+    vision = common.vision_config(vision_dim, vision_depth, image_size=tile_size, patch_size=patch_size)
     image_seq_len = (tile_size // patch_size) ** 2 // scale_factor**2
     image_kwargs = {"size": {"longest_edge": longest_edge}, "max_image_size": {"longest_edge": tile_size}}
-    common = {
+    shared = {
         "text_config": text,
         "vision_config": vision,
         "image_token_id": ids["<image>"],
@@ -88,7 +82,7 @@ def build(
     }
     template = CHAT_TEMPLATE.format(start=TEMPLATE_START[family])
     if family == "idefics3":
-        model = Idefics3ForConditionalGeneration(Idefics3Config(**common))
+        model = Idefics3ForConditionalGeneration(Idefics3Config(**shared))
         processor = Idefics3Processor(
             image_processor=Idefics3ImageProcessor(**image_kwargs),
             tokenizer=tokenizer,
@@ -96,7 +90,7 @@ def build(
             chat_template=template,
         )
     else:
-        model = SmolVLMForConditionalGeneration(SmolVLMConfig(**common))
+        model = SmolVLMForConditionalGeneration(SmolVLMConfig(**shared))
         processor = SmolVLMProcessor(
             image_processor=SmolVLMImageProcessor(**image_kwargs),
             tokenizer=tokenizer,
@@ -104,4 +98,4 @@ def build(
             image_seq_len=image_seq_len,
             chat_template=template,
         )
-    return save_checkpoint(path, model, processor, eos=ids["<end_of_utterance>"], pad=ids[pad_token])
+    return common.save_checkpoint(path, model, processor, eos=ids["<end_of_utterance>"], pad=ids[pad_token])

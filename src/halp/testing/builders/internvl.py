@@ -9,14 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from halp.testing.builders.common import (
-    chatml_template,
-    family_tokenizer,
-    require_family,
-    save_checkpoint,
-    text_config,
-    vision_config,
-)
+from halp.testing.builders import common
 
 FAMILY = "internvl"
 
@@ -24,7 +17,7 @@ SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<I
 
 # InternVL3's template: a system turn, and "<IMG_CONTEXT>\n" before the text for each image part
 # (the processor expands it to <img><IMG_CONTEXT>*N</img>).
-CHAT_TEMPLATE = chatml_template("<IMG_CONTEXT>\n", default_system="You are a helpful assistant.")
+CHAT_TEMPLATE = common.chatml_template("<IMG_CONTEXT>\n", default_system="You are a helpful assistant.")
 
 
 def build(
@@ -46,8 +39,8 @@ def build(
         InternVLVideoProcessor,
     )
 
-    require_family(family, (FAMILY,))
-    tokenizer, ids = family_tokenizer(
+    common.require_family(family, (FAMILY,))
+    tokenizer, ids = common.family_tokenizer(
         SPECIAL,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
@@ -59,7 +52,7 @@ def build(
             "video_token": "<video>",
         },
     )
-    text = text_config(
+    text = common.text_config(
         len(tokenizer),
         hidden_size,
         num_layers,
@@ -68,7 +61,7 @@ def build(
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
     )
-    vision = vision_config(vision_dim, vision_depth, image_size=tile_size, patch_size=vision_patch)
+    vision = common.vision_config(vision_dim, vision_depth, image_size=tile_size, patch_size=vision_patch)
     downsample_ratio = 0.5
     image_seq_length = int((tile_size // vision_patch) ** 2 * downsample_ratio**2)
     config = InternVLConfig(
@@ -98,4 +91,4 @@ def build(
         image_seq_length=image_seq_length,
         chat_template=CHAT_TEMPLATE,
     )
-    return save_checkpoint(path, model, processor, eos=ids["<|im_end|>"], pad=ids["<|endoftext|>"])
+    return common.save_checkpoint(path, model, processor, eos=ids["<|im_end|>"], pad=ids["<|endoftext|>"])

@@ -10,14 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from halp.testing.builders.common import (
-    family_tokenizer,
-    prepend_bos,
-    require_family,
-    save_checkpoint,
-    text_config,
-    vision_config,
-)
+from halp.testing.builders import common
 
 FAMILIES = ("llava", "llava_next", "llava_onevision")
 
@@ -53,7 +46,7 @@ ONEVISION_TEMPLATE = (
 
 def _llama_tokenizer():
     """A Llama-style tokenizer: <s> prepended by the tokenizer itself, as the real one does."""
-    tokenizer, _ = family_tokenizer(
+    tokenizer, _ = common.family_tokenizer(
         LLAMA_SPECIAL,
         bos_token="<s>",
         eos_token="</s>",
@@ -61,11 +54,11 @@ def _llama_tokenizer():
         pad_token="<pad>",
         extra_special_tokens={"image_token": "<image>"},
     )
-    return prepend_bos(tokenizer, "<s>")
+    return common.prepend_bos(tokenizer, "<s>")
 
 
 def _text_config(model_type: str, tokenizer, hidden_size: int, num_layers: int) -> dict:
-    config = text_config(
+    config = common.text_config(
         len(tokenizer),
         hidden_size,
         num_layers,
@@ -80,7 +73,9 @@ def _text_config(model_type: str, tokenizer, hidden_size: int, num_layers: int) 
 
 
 def _vision_config(model_type: str, vision_dim: int, vision_depth: int, image_size: int, patch_size: int) -> dict:
-    return vision_config(vision_dim, vision_depth, model_type=model_type, image_size=image_size, patch_size=patch_size)
+    return common.vision_config(
+        vision_dim, vision_depth, model_type=model_type, image_size=image_size, patch_size=patch_size
+    )
 
 
 def build(
@@ -91,7 +86,7 @@ def build(
     vision_dim: int = 32,
     vision_depth: int = 3,
 ) -> Path:
-    require_family(family, FAMILIES)
+    common.require_family(family, FAMILIES)
     if family == "llava":
         _build_llava(path, hidden_size, num_layers, vision_dim, vision_depth)
     elif family == "llava_next":
@@ -102,7 +97,7 @@ def build(
 
 
 def _save(path: Path, model, processor, tokenizer) -> None:
-    save_checkpoint(path, model, processor, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id)
+    common.save_checkpoint(path, model, processor, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id)
 
 
 def _build_llava(path: Path, hidden_size: int, num_layers: int, vision_dim: int, vision_depth: int) -> None:
@@ -183,7 +178,7 @@ def _build_llava_onevision(path: Path, hidden_size: int, num_layers: int, vision
     # grids up to 6x6 as in the real pinpoints, so a large image exceeds anyres_max_9 and is down-sampled.
     image_size, patch_size = 28, 7
     pinpoints = [[image_size * rows, image_size * cols] for rows in range(1, 7) for cols in range(1, 7)]
-    tokenizer, _ = family_tokenizer(
+    tokenizer, _ = common.family_tokenizer(
         QWEN_SPECIAL,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",

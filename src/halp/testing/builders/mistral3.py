@@ -10,14 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from halp.testing.builders.common import (
-    attention_heads,
-    family_tokenizer,
-    require_family,
-    save_checkpoint,
-    text_config,
-    vision_config,
-)
+from halp.testing.builders import common
 
 FAMILY = "mistral3"
 
@@ -51,23 +44,25 @@ def build(
         PixtralProcessor,
     )
 
-    require_family(family, (FAMILY,))
-    tokenizer, ids = family_tokenizer(SPECIAL, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
-    text = text_config(
+    common.require_family(family, (FAMILY,))
+    tokenizer, ids = common.family_tokenizer(
+        SPECIAL, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    text = common.text_config(
         len(tokenizer),
         hidden_size,
         num_layers,
         model_type="mistral",
-        head_dim=hidden_size // attention_heads(hidden_size),
+        head_dim=hidden_size // common.attention_heads(hidden_size),
         bos_token_id=ids["<s>"],
         eos_token_id=ids["</s>"],
         pad_token_id=ids["<pad>"],
     )
-    vision = vision_config(
+    vision = common.vision_config(
         vision_dim,
         vision_depth,
         model_type="pixtral",
-        head_dim=vision_dim // attention_heads(vision_dim),
+        head_dim=vision_dim // common.attention_heads(vision_dim),
         image_size=longest_edge,
         patch_size=vision_patch,
     )
@@ -89,4 +84,4 @@ def build(
         spatial_merge_size=2,
         chat_template=CHAT_TEMPLATE,
     )
-    return save_checkpoint(path, model, processor, eos=ids["</s>"], pad=ids["<pad>"], bos=ids["<s>"])
+    return common.save_checkpoint(path, model, processor, eos=ids["</s>"], pad=ids["<pad>"], bos=ids["<s>"])

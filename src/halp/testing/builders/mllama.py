@@ -9,13 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from halp.testing.builders.common import (
-    attention_heads,
-    family_tokenizer,
-    require_family,
-    save_checkpoint,
-    text_config,
-)
+from halp.testing.builders import common
 
 FAMILY = "mllama"
 
@@ -60,8 +54,8 @@ def build(
     import torch
     from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaImageProcessor, MllamaProcessor
 
-    require_family(family, (FAMILY,))
-    tokenizer, ids = family_tokenizer(
+    common.require_family(family, (FAMILY,))
+    tokenizer, ids = common.family_tokenizer(
         SPECIAL, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>"
     )
     intermediate_layers = [0, vision_depth - 1]
@@ -70,7 +64,7 @@ def build(
         "intermediate_size": vision_dim * 2,
         "num_hidden_layers": vision_depth,
         "num_global_layers": 1,
-        "attention_heads": attention_heads(vision_dim),
+        "attention_heads": common.attention_heads(vision_dim),
         "image_size": tile_size,
         "patch_size": patch_size,
         "max_num_tiles": 4,
@@ -78,7 +72,7 @@ def build(
         # The projector input: the global encoder's output concatenated with the intermediate layers.
         "vision_output_dim": vision_dim * (1 + len(intermediate_layers)),
     }
-    text = text_config(
+    text = common.text_config(
         len(tokenizer),
         hidden_size,
         num_layers,
@@ -98,4 +92,4 @@ def build(
         tokenizer=tokenizer,
         chat_template=CHAT_TEMPLATE,
     )
-    return save_checkpoint(path, model, processor, eos=ids["<|eot_id|>"], pad=ids["<|finetune_right_pad_id|>"])
+    return common.save_checkpoint(path, model, processor, eos=ids["<|eot_id|>"], pad=ids["<|finetune_right_pad_id|>"])

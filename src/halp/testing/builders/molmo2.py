@@ -10,14 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from halp.testing.builders.common import (
-    attention_heads,
-    family_tokenizer,
-    require_family,
-    save_checkpoint,
-    text_config,
-    vision_config,
-)
+from halp.testing.builders import common
 
 FAMILY = "molmo2"
 
@@ -72,22 +65,22 @@ def build(
         Molmo2VideoProcessor,
     )
 
-    require_family(family, (FAMILY,))
+    common.require_family(family, (FAMILY,))
     # As in Molmo2's tokenizer, <|im_end|> doubles as BOS (the processor prepends it).
-    tokenizer, ids = family_tokenizer(
+    tokenizer, ids = common.family_tokenizer(
         SPECIAL, bos_token="<|im_end|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
     )
-    vision_heads = attention_heads(vision_dim)
-    text = text_config(
+    vision_heads = common.attention_heads(vision_dim)
+    text = common.text_config(
         len(tokenizer),
         hidden_size,
         num_layers,
         additional_vocab_size=0,
-        head_dim=hidden_size // attention_heads(hidden_size),
+        head_dim=hidden_size // common.attention_heads(hidden_size),
         qk_norm_type="qwen3",
         rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0},
     )
-    vision = vision_config(
+    vision = common.vision_config(
         vision_dim,
         vision_depth,
         num_key_value_heads=vision_heads,
@@ -133,6 +126,6 @@ def build(
         tokenizer=tokenizer,
         chat_template=CHAT_TEMPLATE,
     )
-    return save_checkpoint(
+    return common.save_checkpoint(
         path, model, processor, eos=ids["<|im_end|>"], pad=ids["<|endoftext|>"], bos=ids["<|im_end|>"]
     )

@@ -12,13 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from halp.testing.builders.common import (
-    family_tokenizer,
-    require_family,
-    save_checkpoint,
-    text_config,
-    vision_config,
-)
+from halp.testing.builders import common
 
 FAMILY = "phi4_multimodal"
 VISION_LORA = "vision-lora"
@@ -55,8 +49,8 @@ def build(
         Phi4MultimodalProcessor,
     )
 
-    require_family(family, (FAMILY,))
-    tokenizer, ids = family_tokenizer(
+    common.require_family(family, (FAMILY,))
+    tokenizer, ids = common.family_tokenizer(
         SPECIAL,
         eos_token="<|end|>",
         pad_token="<|endoftext|>",
@@ -65,7 +59,7 @@ def build(
     tokenizer.chat_template = CHAT_TEMPLATE
     patch_size = crop_size // 32
     # One config holds the decoder's sizes (no text_config) next to the towers'.
-    decoder = text_config(
+    decoder = common.text_config(
         len(tokenizer),
         hidden_size,
         num_layers,
@@ -77,7 +71,7 @@ def build(
     )
     config = Phi4MultimodalConfig(
         **decoder,
-        vision_config=vision_config(
+        vision_config=common.vision_config(
             vision_dim,
             vision_depth,
             image_size=crop_size,
@@ -105,7 +99,7 @@ def build(
         audio_processor=Phi4MultimodalFeatureExtractor(),
         tokenizer=tokenizer,
     )
-    save_checkpoint(path, model, processor, eos=ids["<|end|>"], pad=ids["<|endoftext|>"])
+    common.save_checkpoint(path, model, processor, eos=ids["<|end|>"], pad=ids["<|endoftext|>"])
     # Random A and B (PEFT's default B = 0 would make the adapter a no-op and its checks vacuous).
     lora = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=LORA_TARGETS, init_lora_weights=False)
     get_peft_model(model, lora).save_pretrained(path / VISION_LORA)

@@ -9,13 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from halp.testing.builders.common import (
-    attention_heads,
-    family_tokenizer,
-    require_family,
-    save_checkpoint,
-    text_config,
-)
+from halp.testing.builders import common
 from halp.testing.builders.qwen_vl import CHAT_TEMPLATE, SPECIAL
 
 FAMILIES = ("qwen3_vl", "qwen3_vl_moe")
@@ -44,12 +38,12 @@ def build(
         Qwen3VLVideoProcessor,
     )
 
-    require_family(family, FAMILIES)
-    tokenizer, ids = family_tokenizer(SPECIAL, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    head_dim = hidden_size // attention_heads(hidden_size)
+    common.require_family(family, FAMILIES)
+    tokenizer, ids = common.family_tokenizer(SPECIAL, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    head_dim = hidden_size // common.attention_heads(hidden_size)
     # Interleaved M-RoPE: temporal/height/width sections sum to head_dim / 2, as [24, 20, 20] does for 128.
     mrope_section = [head_dim // 2 - 2 * (head_dim // 8), head_dim // 8, head_dim // 8]
-    text = text_config(
+    text = common.text_config(
         len(tokenizer),
         hidden_size,
         num_layers,
@@ -70,7 +64,7 @@ def build(
         "depth": vision_depth,
         "hidden_size": vision_dim,
         "intermediate_size": vision_dim * 2,
-        "num_heads": attention_heads(vision_dim),
+        "num_heads": common.attention_heads(vision_dim),
         "patch_size": 16,
         "spatial_merge_size": 2,
         "temporal_patch_size": 2,
@@ -78,16 +72,16 @@ def build(
         "num_position_embeddings": 64,
         "deepstack_visual_indexes": list(deepstack_visual_indexes),
     }
-    common = {
+    shared = {
         "image_token_id": ids["<|image_pad|>"],
         "video_token_id": ids["<|video_pad|>"],
         "vision_start_token_id": ids["<|vision_start|>"],
         "vision_end_token_id": ids["<|vision_end|>"],
     }
     if family == "qwen3_vl":
-        model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(text_config=text, vision_config=vision, **common))
+        model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(text_config=text, vision_config=vision, **shared))
     else:
-        model = Qwen3VLMoeForConditionalGeneration(Qwen3VLMoeConfig(text_config=text, vision_config=vision, **common))
+        model = Qwen3VLMoeForConditionalGeneration(Qwen3VLMoeConfig(text_config=text, vision_config=vision, **shared))
 
     # Qwen3-VL uses 16 px patches merged 2x2: one <|image_pad|> per 32x32 pixels.
     image_processor = Qwen2VLImageProcessor(
@@ -99,4 +93,4 @@ def build(
         video_processor=Qwen3VLVideoProcessor(),
         chat_template=CHAT_TEMPLATE,
     )
-    return save_checkpoint(path, model, processor, eos=ids["<|im_end|>"], pad=ids["<|endoftext|>"])
+    return common.save_checkpoint(path, model, processor, eos=ids["<|im_end|>"], pad=ids["<|endoftext|>"])

@@ -4,14 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from halp.testing.builders.common import (
-    attention_heads,
-    chatml_template,
-    family_tokenizer,
-    require_family,
-    save_checkpoint,
-    text_config,
-)
+from halp.testing.builders import common
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 
@@ -26,7 +19,7 @@ SPECIAL = [
 ]
 
 # The structure of Qwen's own template, reduced to images and text.
-CHAT_TEMPLATE = chatml_template("<|vision_start|><|image_pad|><|vision_end|>")
+CHAT_TEMPLATE = common.chatml_template("<|vision_start|><|image_pad|><|vision_end|>")
 
 
 def build(
@@ -50,12 +43,12 @@ def build(
         Qwen2VLVideoProcessor,
     )
 
-    require_family(family, FAMILIES)
-    tokenizer, ids = family_tokenizer(SPECIAL, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    head_dim = hidden_size // attention_heads(hidden_size)
+    common.require_family(family, FAMILIES)
+    tokenizer, ids = common.family_tokenizer(SPECIAL, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    head_dim = hidden_size // common.attention_heads(hidden_size)
     # temporal/height/width rotary sections; they must sum to head_dim / 2
     mrope_section = [head_dim // 2 - 2 * (head_dim // 8), head_dim // 8, head_dim // 8]
-    text = text_config(
+    text = common.text_config(
         len(tokenizer),
         hidden_size,
         num_layers,
@@ -64,14 +57,14 @@ def build(
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
     )
-    common = {
+    shared = {
         "image_token_id": ids["<|image_pad|>"],
         "video_token_id": ids["<|video_pad|>"],
         "vision_start_token_id": ids["<|vision_start|>"],
         "eos_token_id": ids["<|im_end|>"],
         "pad_token_id": ids["<|endoftext|>"],
     }
-    vision_heads = attention_heads(vision_dim)
+    vision_heads = common.attention_heads(vision_dim)
     if family == "qwen2_vl":
         vision = {
             "depth": vision_depth,
@@ -80,7 +73,7 @@ def build(
             "num_heads": vision_heads,
             "mlp_ratio": 2,
         }
-        config = Qwen2VLConfig(text_config=text, vision_config=vision, **common)
+        config = Qwen2VLConfig(text_config=text, vision_config=vision, **shared)
         model = Qwen2VLForConditionalGeneration(config)
         processor_class = Qwen2VLProcessor
     else:
@@ -94,7 +87,7 @@ def build(
             "window_size": 56,
             "fullatt_block_indexes": [vision_depth - 1],
         }
-        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common)
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **shared)
         model = Qwen2_5_VLForConditionalGeneration(config)
         processor_class = Qwen2_5_VLProcessor
     processor = processor_class(
@@ -103,4 +96,4 @@ def build(
         video_processor=Qwen2VLVideoProcessor(),
         chat_template=CHAT_TEMPLATE,
     )
-    return save_checkpoint(path, model, processor, eos=ids["<|im_end|>"], pad=ids["<|endoftext|>"])
+    return common.save_checkpoint(path, model, processor, eos=ids["<|im_end|>"], pad=ids["<|endoftext|>"])
