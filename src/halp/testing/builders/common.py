@@ -95,6 +95,18 @@ def chatml_template(image_markup: str, default_system: str | None = None) -> str
     )
 
 
+def chatml_token_ids(ids: dict[str, int]) -> dict[str, int]:
+    """The decoder's BOS/EOS/pad ids in ChatML families (Qwen, InternVL, FastVLM).
+
+    `<|endoftext|>` is BOS and padding, `<|im_end|>` ends a turn.
+    """
+    return {
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
+
+
 def save_checkpoint(
     path: Path, model: Any, processor: Any, *, eos: int | list[int], pad: int, bos: int | None = None
 ) -> Path:

@@ -76,9 +76,7 @@ def build(
         hidden_size,
         num_layers,
         model_type="qwen2",
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
+        **common.chatml_token_ids(ids),
     )
     config = FastVlmConfig(
         vision_config=vision_config,

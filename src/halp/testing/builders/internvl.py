@@ -57,9 +57,7 @@ def build(
         hidden_size,
         num_layers,
         model_type="qwen2",
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
+        **common.chatml_token_ids(ids),
     )
     vision = common.vision_config(vision_dim, vision_depth, image_size=tile_size, patch_size=vision_patch)
     downsample_ratio = 0.5

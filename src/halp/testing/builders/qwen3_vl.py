@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from halp.testing.builders import common
-from halp.testing.builders.qwen_vl import CHAT_TEMPLATE, SPECIAL
+from halp.testing.builders.qwen_vl import CHAT_TEMPLATE, mrope_head_dim_and_section, tokenizer_and_ids, vision_token_ids
 
 FAMILIES = ("qwen3_vl", "qwen3_vl_moe")
 
@@ -39,10 +39,9 @@ def build(
     )
 
     common.require_family(family, FAMILIES)
-    tokenizer, ids = common.family_tokenizer(SPECIAL, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    head_dim = hidden_size // common.attention_heads(hidden_size)
-    # Interleaved M-RoPE: temporal/height/width sections sum to head_dim / 2, as [24, 20, 20] does for 128.
-    mrope_section = [head_dim // 2 - 2 * (head_dim // 8), head_dim // 8, head_dim // 8]
+    tokenizer, ids = tokenizer_and_ids()
+    # Interleaved M-RoPE; the sections are as [24, 20, 20] for head_dim 128.
+    head_dim, mrope_section = mrope_head_dim_and_section(hidden_size)
     text = common.text_config(
         len(tokenizer),
         hidden_size,
@@ -54,9 +53,7 @@ def build(
             "mrope_section": mrope_section,
             "mrope_interleaved": True,
         },
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
+        **common.chatml_token_ids(ids),
     )
     if family == "qwen3_vl_moe":
         text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden_size, decoder_sparse_step=1)
@@ -72,12 +69,7 @@ def build(
         "num_position_embeddings": 64,
         "deepstack_visual_indexes": list(deepstack_visual_indexes),
     }
-    shared = {
-        "image_token_id": ids["<|image_pad|>"],
-        "video_token_id": ids["<|video_pad|>"],
-        "vision_start_token_id": ids["<|vision_start|>"],
-        "vision_end_token_id": ids["<|vision_end|>"],
-    }
+    shared = {**vision_token_ids(ids), "vision_end_token_id": ids["<|vision_end|>"]}
     if family == "qwen3_vl":
         model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(text_config=text, vision_config=vision, **shared))
     else:

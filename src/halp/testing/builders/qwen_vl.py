@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from halp.testing.builders import common
 
@@ -20,6 +21,26 @@ SPECIAL = [
 
 # The structure of Qwen's own template, reduced to images and text.
 CHAT_TEMPLATE = common.chatml_template("<|vision_start|><|image_pad|><|vision_end|>")
+
+
+def tokenizer_and_ids() -> tuple[Any, dict[str, int]]:
+    """The toy tokenizer with Qwen's special tokens, and their ids."""
+    return common.family_tokenizer(SPECIAL, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+def mrope_head_dim_and_section(hidden_size: int) -> tuple[int, list[int]]:
+    """The decoder's head_dim and its M-RoPE temporal/height/width sections, which must sum to head_dim / 2."""
+    head_dim = hidden_size // common.attention_heads(hidden_size)
+    return head_dim, [head_dim // 2 - 2 * (head_dim // 8), head_dim // 8, head_dim // 8]
+
+
+def vision_token_ids(ids: dict[str, int]) -> dict[str, int]:
+    """The config's ids of the image and video placeholders and of the token opening a vision block."""
+    return {
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+    }
 
 
 def build(
@@ -44,26 +65,16 @@ def build(
     )
 
     common.require_family(family, FAMILIES)
-    tokenizer, ids = common.family_tokenizer(SPECIAL, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    head_dim = hidden_size // common.attention_heads(hidden_size)
-    # temporal/height/width rotary sections; they must sum to head_dim / 2
-    mrope_section = [head_dim // 2 - 2 * (head_dim // 8), head_dim // 8, head_dim // 8]
+    tokenizer, ids = tokenizer_and_ids()
+    _, mrope_section = mrope_head_dim_and_section(hidden_size)
     text = common.text_config(
         len(tokenizer),
         hidden_size,
         num_layers,
         rope_scaling={"type": "mrope", "mrope_section": mrope_section},
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
+        **common.chatml_token_ids(ids),
     )
-    shared = {
-        "image_token_id": ids["<|image_pad|>"],
-        "video_token_id": ids["<|video_pad|>"],
-        "vision_start_token_id": ids["<|vision_start|>"],
-        "eos_token_id": ids["<|im_end|>"],
-        "pad_token_id": ids["<|endoftext|>"],
-    }
+    shared = {**vision_token_ids(ids), "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]}
     vision_heads = common.attention_heads(vision_dim)
     if family == "qwen2_vl":
         vision = {
