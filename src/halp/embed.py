@@ -11,7 +11,7 @@ One prefill pass per batch (the capture core's hooks, with token-level tensors k
 
 The pooled names that HALP also stores are computed by the same hooks as `halp extract`, so they are
 the same numbers. Qwen2.5-VL runs its vision tower and merger in window order; the rows are put back
-in the processor's patch order here (see `SPATIAL_ORDER`).
+in the processor's patch order here (`Adapter.restore_spatial_order`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from halp.data import load_image, to_rgb
 from halp.errors import ParameterError
 from halp.features import PROJECTED_TOKENS, VISION_TOKENS, layer_key
 from halp.layout import write_text_atomic
-from halp.models import Adapter, ExtractionPointError, adapter_for
+from halp.models import ExtractionPointError, adapter_for
 
 log = logging.getLogger(__name__)
 
@@ -44,77 +44,9 @@ MANIFEST = "manifest.json"
 #: Token-level array names (kept only with tokens=True / --save-tokens); everything else is a pooled vector.
 TOKEN_ARRAYS = ("vision_tokens", "projected_tokens", "image_states/", "text_states/")
 
-_QWEN_MERGE_GROUPS = (
-    "processor patch order: row-major over 2x2 merge groups, the 4 patches of a group row-major "
-    "(projected_tokens: one row per group, the LM's order)"
-)
-_PROJECTOR_ORDER = "the projector's input order (for ViT towers: per tile, patches row-major; see docs)"
-
 
 def is_token_array(name: str) -> bool:
     return name.startswith(TOKEN_ARRAYS)
-
-
-# ----- spatial order ------------------------------------------------------------------------------
-
-SpatialOrder = Callable[[Adapter, dict[str, torch.Tensor], int, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
-
-
-def _qwen2_5_vl_window_index(adapter: Adapter, grid_thw: torch.Tensor) -> torch.Tensor:
-    """The permutation the vision tower applies to the 2x2 merge groups of one image (window order)."""
-    visual = adapter.model.get_submodule(adapter.projector.rsplit(".", 1)[0])
-    if hasattr(visual, "get_window_index"):  # transformers 5.0-5.x kept it as a method
-        return visual.get_window_index(grid_thw)[0]
-    try:
-        from transformers.vision_utils import get_vision_window_index
-    except ImportError as err:
-        raise ExtractionPointError(
-            "cannot find Qwen2.5-VL's window index (neither visual.get_window_index nor "
-            "transformers.vision_utils.get_vision_window_index) to undo the window order of its vision tokens"
-        ) from err
-    config = adapter.model.config.vision_config
-    window_index, _ = get_vision_window_index(
-        grid_thw,
-        spatial_merge_size=config.spatial_merge_size,
-        window_size=config.window_size,
-        patch_size=config.patch_size,
-    )
-    return window_index
-
-
-def _qwen2_5_vl_grid_order(
-    adapter: Adapter, inputs: dict[str, torch.Tensor], row: int, vision: np.ndarray, projected: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Undo Qwen2.5-VL's window permutation of merge groups; the merger output is permuted alike.
-
-    The model itself un-permutes the merger output with argsort(window_index) before the LM; the
-    merger's input (and the hooked output) are still in window order, whole 2x2 groups moved together.
-    """
-    grid = inputs.get("image_grid_thw")
-    batch = inputs["input_ids"].shape[0]
-    if grid is None or grid.shape[0] != batch:
-        raise ExtractionPointError(
-            f"Qwen2.5-VL needs one image_grid_thw row per sample to restore the spatial order; got "
-            f"{None if grid is None else tuple(grid.shape)} for {batch} samples"
-        )
-    groups = int(grid[row].prod()) // adapter.model.config.vision_config.spatial_merge_size**2
-    order = torch.argsort(_qwen2_5_vl_window_index(adapter, grid[row : row + 1].cpu())).numpy()
-    if len(order) != groups or projected.shape[0] != groups or vision.shape[0] % groups:
-        raise ExtractionPointError(
-            f"Qwen2.5-VL window order: {len(order)} window entries, {groups} merge groups, "
-            f"{vision.shape[0]} vision rows and {projected.shape[0]} projected rows do not match"
-        )
-    restored = vision.reshape(groups, vision.shape[0] // groups, -1)[order].reshape(vision.shape)
-    return restored, projected[order]
-
-
-#: model_type -> (how the vision_tokens rows are ordered, a function restoring that order or None).
-SPATIAL_ORDER: dict[str, tuple[str, SpatialOrder | None]] = {
-    "qwen2_5_vl": (_QWEN_MERGE_GROUPS + "; the tower's window order is undone", _qwen2_5_vl_grid_order),
-    "qwen2_vl": (_QWEN_MERGE_GROUPS, None),
-    "qwen3_vl": (_QWEN_MERGE_GROUPS, None),
-    "qwen3_vl_moe": (_QWEN_MERGE_GROUPS, None),
-}
 
 
 # ----- results ------------------------------------------------------------------------------------
@@ -226,7 +158,7 @@ class Embedder:
         self.batch_size = batch_size
         self.extractor = FeatureExtractor(self.adapter, self.layers, keep_tokens=True)
         self.model_type = str(model.config.model_type)
-        self.vision_token_order, self._restore_order = SPATIAL_ORDER.get(self.model_type, (_PROJECTOR_ORDER, None))
+        self.vision_token_order = self.adapter.vision_token_order
 
     @property
     def model(self) -> nn.Module:
@@ -291,8 +223,7 @@ class Embedder:
 
         vision = batch.tokens[VISION_TOKENS][row]
         projected = batch.tokens[PROJECTED_TOKENS][row]
-        if self._restore_order is not None:
-            vision, projected = self._restore_order(self.adapter, inputs, row, vision, projected)
+        vision, projected = self.adapter.restore_spatial_order(inputs, row, vision, projected)
         arrays: dict[str, np.ndarray] = {
             "vision_only": batch.features["vision_only"][row],
             "vision_projected": batch.features["vision_projected"][row],

@@ -95,3 +95,7 @@ class ScorerError(HalpError, ValueError):
 
 class RayWorkerError(HalpError, RuntimeError):
     """A Ray worker failed in a way a retry does not fix (model not loadable, extraction point missing, ...)."""
+
+
+class AdapterPluginError(HalpError, ImportError):
+    """A third-party adapter registered under the `halp.adapters` entry-point group cannot be used; names the plugin."""
