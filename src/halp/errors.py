@@ -65,3 +65,11 @@ class ScorerError(HalpError, ValueError):
 
 class RayWorkerError(HalpError, RuntimeError):
     """A Ray worker failed in a way a retry does not fix (model not loadable, extraction point missing, ...)."""
+
+
+class ReviewError(HalpError, ValueError):
+    """A review cannot be done or recorded as asked (no answers, unknown row or reviewer, a stale undo); says why."""
+
+
+class ReviewServerError(HalpError, OSError):
+    """The review server cannot start (port in use, address not available, web extra missing); says what to do."""
