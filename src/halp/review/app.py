@@ -216,7 +216,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock.close()
         if err.errno in (98, 48):  # EADDRINUSE on Linux, macOS
             raise ReviewServerError(
-                f"port {port} on {host} is in use (another halp review?); pass --port with a free port, or --port 0"
+                f"port {port} on {host} is in use; choose another --port (0: any free)"
             ) from err
         raise ReviewServerError(f"cannot listen on {host}:{port}: {err.strerror}") from err
     return sock
