@@ -456,6 +456,17 @@ def test_risk_from_halp_predict_output(tmp_path):
     assert session.rows[4].risk is None
 
 
+def test_probes_without_results_show_no_risk_and_say_why(tmp_path):
+    run, images = make_run(tmp_path)
+    (run / "probes").mkdir()
+    predictions = "question_id,feature,probe,fold,label,score\nq0,vision_only,logreg,0,1,0.9\n"
+    (run / "probes" / "predictions.csv").write_text(predictions)
+    session = ReviewSession(run, images, "ana")
+    assert all(row.risk is None for row in session.rows)
+    (note,) = session.risk_sources
+    assert note.startswith("no probe risk:") and "results.csv does not exist" in note
+
+
 def test_pace_counts_pauses_up_to_two_minutes():
     start = datetime(2026, 1, 1, tzinfo=timezone.utc)
     assert pace_per_minute([start + timedelta(seconds=10 * i) for i in range(4)]) == pytest.approx(6.0, abs=1e-9)

@@ -90,19 +90,26 @@ def attach_risk(run_dir: str | Path, rows: Sequence[Row]) -> list[str]:
     used: list[str] = []
     predictions = probe_file(run_dir, PREDICTIONS_FILE)
     if predictions.is_file():
+        from halp.errors import ScorerError
         from halp.predict import choose_probe
 
-        feature, probe = choose_probe(run_dir)
-        frame = pd.read_csv(predictions, dtype={"question_id": str, "feature": str, "probe": str})
-        frame = frame[(frame["feature"] == feature) & (frame["probe"] == probe)]
-        source = f"out-of-fold score of the {probe} probe on {feature}"
-        for qid, score in zip(frame["question_id"], frame["score"], strict=True):
-            if qid in by_id and not math.isnan(score):
-                by_id[qid].risk, by_id[qid].risk_source = float(score), source
-        used.append(source)
-        final = _final_probe_risk(run_dir, rows, feature, probe, set(frame["question_id"]))
-        if final:
-            used.append(final)
+        try:
+            chosen: tuple[str, str] | None = choose_probe(run_dir)
+        except ScorerError as err:  # probes/ without a usable results.csv: the page says so and shows no risk
+            chosen = None
+            used.append(f"no probe risk: {err}")
+        if chosen is not None:
+            feature, probe = chosen
+            frame = pd.read_csv(predictions, dtype={"question_id": str, "feature": str, "probe": str})
+            frame = frame[(frame["feature"] == feature) & (frame["probe"] == probe)]
+            source = f"out-of-fold score of the {probe} probe on {feature}"
+            for qid, score in zip(frame["question_id"], frame["score"], strict=True):
+                if qid in by_id and not math.isnan(score):
+                    by_id[qid].risk, by_id[qid].risk_source = float(score), source
+            used.append(source)
+            final = _final_probe_risk(run_dir, rows, feature, probe, set(frame["question_id"]))
+            if final:
+                used.append(final)
     risk_dir = run_dir / RISK_DIR
     for table in sorted(risk_dir.glob("*.csv")) if risk_dir.is_dir() else []:
         frame = pd.read_csv(table, dtype={"question_id": str})

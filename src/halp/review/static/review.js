@@ -137,11 +137,16 @@ function render(item) {
   setText("truth", item.ground_truth || "(no ground truth)");
   badge($("rule-badge"), item.rule.label);
   setText("rule-reason", item.rule.method + " · " + item.rule.reason);
+  const risk = $("risk");
+  risk.className = "risk";
   if (item.risk == null) {
     setText("risk", "none");
-    setText("risk-source", "(run halp probe or halp predict to see one)");
+    const problem = state.config.risk_sources.find((text) => text.startsWith("no probe risk"));
+    setText("risk-source", problem || (state.config.risk_sources.length ? "(no score for this row)"
+      : "(run halp probe or halp predict to see one)"));
   } else {
-    setText("risk", item.risk.toFixed(3));
+    setText("risk", item.risk.toFixed(2));
+    risk.classList.add(item.risk >= 0.5 ? "high" : "low");
     setText("risk-source", item.risk_source);
   }
   const meta = $("meta");
