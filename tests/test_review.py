@@ -295,6 +295,26 @@ def test_halp_label_then_probe_trains_on_reviewed_rows(tmp_path):
     assert {qid: predictions.loc[f"q{qid}", "label"] for qid in reviewed} == {i: i % 2 for i in reviewed}
 
 
+def test_the_report_shows_rule_vs_manual_agreement_and_kappa(tmp_path):
+    from halp.probe import train_probes
+    from halp.report import build_report
+
+    run, _ = make_run(tmp_path, ROWS * 3)
+    log = ReviewLog(run / "reviews.jsonl")
+    for i in range(18):
+        log.decide(f"q{i}", "hallucinated" if i % 2 else "correct", "ana")
+        if i < 6:
+            log.decide(f"q{i}", "correct", "bob")
+    label_run(run)
+    train_probes(run, folds=2, bootstrap=0, group_by_image=False, probe_params={"logreg": {"C": 1.0}})
+    page = build_report(run).html_path.read_text()
+    assert "<h2>Manual review</h2>" in page and "18 rows reviewed by ana (18), bob (6); 3 in conflict" in page
+    # The rules label rows 0-2 of every 6 as the answers are (correct, hallucinated, correct), as ana does; bob's
+    # "correct" puts q1, q3, q5 in conflict, so rule vs manual compares the other 8 rule-labelled rows.
+    assert "<td>rule vs manual</td><td>8</td><td>8</td><td>1.000</td>" in page
+    assert "<td>ana vs bob</td><td>6</td><td>3</td><td>0.500</td><td>0.000</td>" in page
+
+
 # ----- Label Studio ----------------------------------------------------------------------------------------------
 def test_export_writes_tasks_with_rule_predictions_and_a_labeling_config(tmp_path):
     run, _ = make_run(tmp_path)

@@ -455,3 +455,20 @@ def apply_reviews(
     merged, summary = merge_decisions(question_ids, automatic, state, resolve, sources)
     summary.damaged = damaged
     return merged, summary
+
+
+def review_agreement(run_dir: str | Path) -> ReviewSummary | None:
+    """The review summary of a run against its rule labels (for `halp report`); None without reviews.jsonl."""
+    from halp.label import _run_rows, label_answer
+
+    if not reviews_file(run_dir).is_file():
+        return None
+    rows = _run_rows(Path(run_dir))
+    rules = [
+        label_answer(question, truth, answer)
+        for question, truth, answer in zip(rows["question"], rows["ground_truth"], rows["answer"], strict=True)
+    ]
+    log = ReviewLog.of_run(run_dir)
+    _, summary = merge_decisions(rows["question_id"], rules, log.state, sources=[str(log.path)])
+    summary.damaged = log.damaged
+    return summary
