@@ -206,8 +206,10 @@ def bind(host: str, port: int) -> socket.socket:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as err:
         raise ReviewServerError(f"--host {host}: cannot resolve it ({err.strerror})") from err
-    family, _, _, _, address = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    family, kind, proto, _, address = infos[0]
+    # The protocol must be IPPROTO_TCP (not 0): asyncio sets TCP_NODELAY only on sockets that say so, and without
+    # it each small response waits ~40 ms for the browser's delayed ACK (Nagle).
+    sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)

@@ -205,6 +205,7 @@ class ReviewSession:
         self.risk_sources = attach_risk(self.run_dir, self.rows)
         self.index_of = {row.question_id: row.index for row in self.rows}
         self.log = ReviewLog.of_run(self.run_dir)
+        self._queues: dict[tuple, tuple[int, ...]] = {}
 
     # --- what can be filtered
     def filter_values(self, limit: int = 200) -> dict[str, list[str]]:
@@ -231,7 +232,13 @@ class ReviewSession:
         for column in filters:
             if column not in known:
                 raise ReviewError(f"cannot filter by {column!r}: the run has {', '.join(known)}")
-        state = self.log.refresh()
+        key = (name, tuple(sorted(filters.items())), order)
+        if key in self._queues:  # every queue but `disagree` depends on the run alone
+            return list(self._queues[key])
+        split: set[str] = set()
+        if name == "disagree":
+            rows = self.log.refresh().by_row()
+            split = {qid for qid, items in rows.items() if len({d.label for _, d in items}) > 1}
         chosen = []
         for row in self.rows:
             if any(self._value(row, column) != value for column, value in filters.items()):
@@ -240,18 +247,21 @@ class ReviewSession:
                 continue
             if name == "rules" and row.rule.label is None:
                 continue
-            if name == "disagree" and len({d.label for _, d in state.verdicts(row.question_id)}) < 2:
+            if name == "disagree" and row.question_id not in split:
                 continue
             chosen.append(row.index)
         if order == "risk":
             chosen.sort(key=lambda i: (self.rows[i].risk is None, -(self.rows[i].risk or 0.0), i))
+        if name != "disagree":
+            self._queues[key] = tuple(chosen)
         return chosen
 
     def progress(self, indices: Sequence[int], reviewer: str) -> dict[str, Any]:
         """Done / total of a queue for a reviewer, their pace (decisions per minute) and the time left."""
         state = self.log.refresh()
         mine = state.reviewed_by(check_reviewer(reviewer))
-        done = sum(self.rows[i].question_id in mine for i in indices)
+        queued = set(indices)
+        done = sum(self.index_of.get(qid) in queued for qid in mine)
         times = [
             parse_time(d.time) for d in state.decisions if d.reviewer == reviewer and d.action == "decide" and d.label
         ]
