@@ -14,6 +14,9 @@ import threading
 import xml.etree.ElementTree as ET
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from urllib.error import HTTPError
+from urllib.parse import parse_qs, urlsplit
+from urllib.request import urlopen
 
 import h5py
 import numpy as np
@@ -32,7 +35,11 @@ from halp.review.session import ReviewSession, pace_per_minute
 from halp.store import rows_for, write_rows
 from halp.testing import make_vqa_set
 
-starlette = pytest.importorskip("starlette", reason="the review extra (starlette) is not installed")
+
+def require_web_stack() -> None:
+    pytest.importorskip("starlette", reason="the review extra (starlette, uvicorn) is not installed")
+    pytest.importorskip("uvicorn", reason="the review extra (starlette, uvicorn) is not installed")
+
 
 # (question, ground truth, answer): rows 0-2 the rules label, 3-5 they leave unknown.
 ROWS = [
@@ -498,6 +505,7 @@ def test_pace_counts_pauses_up_to_two_minutes():
 
 # ----- the app ---------------------------------------------------------------------------------------------------
 def _client(session: ReviewSession, token: str | None = None, loopback: bool = True, host: str = "127.0.0.1:8765"):
+    require_web_stack()
     from starlette.testclient import TestClient
 
     from halp.review.app import create_app
@@ -567,6 +575,7 @@ def test_loopback_refuses_other_host_names_and_cross_origin_posts(tmp_path):
 def test_a_port_in_use_is_a_one_line_error(tmp_path):
     from halp.review.app import bind
 
+    require_web_stack()
     run, images = make_run(tmp_path)
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
@@ -593,6 +602,30 @@ def test_the_listening_socket_is_tcp_so_responses_are_not_held_by_nagle():
         assert sock.proto == socket.IPPROTO_TCP
     finally:
         sock.close()
+
+
+def test_another_host_prints_a_token_url_and_refuses_requests_without_it(tmp_path):
+    require_web_stack()
+    run, images = make_run(tmp_path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(halp.__file__).parents[1]), *sys.path])}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "halp", "review", str(run), "--images", str(images), "--host", "0.0.0.0", "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        url = urlsplit(server.stdout.readline().strip())
+        token = parse_qs(url.query)["token"][0]
+        assert len(token) >= 32
+        local = f"http://127.0.0.1:{url.port}"
+        with pytest.raises(HTTPError) as refused:
+            urlopen(f"{local}/api/config", timeout=30)
+        assert refused.value.code == 403
+        with urlopen(f"{local}/api/config?token={token}", timeout=30) as response:
+            assert json.loads(response.read())["rows"] == 6
+    finally:
+        server.terminate()
+        _, err = server.communicate(timeout=30)
+    assert "needs the token in this URL" in err
 
 
 def test_review_needs_images_and_a_known_export_format(tmp_path):

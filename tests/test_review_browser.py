@@ -235,6 +235,20 @@ def test_user_strings_are_text_and_a_missing_image_shows_its_path(browser, tmp_p
         page.keyboard.press("Escape")
         page.wait_for_selector("#help", state="hidden", timeout=WAIT_MS)
         assert _text(page, "#qid") == "q4" and _text(page, "#mine") == "not decided"
+
+        # A second tab, as another reviewer: both tabs' decisions are kept, and each sees the other's.
+        other = browser.new_page(viewport={"width": 1280, "height": 800})
+        _open(other, server.url + "?reviewer=bob#row=4")
+        assert _text(other, "#reviewer") == "bob" and _text(other, "#qid") == "q4"
+        _decide(other, "c")
+        _decide(page, "u")
+        assert {(r["question_id"], r["reviewer"], r["label"]) for r in _log(run)} == {
+            ("q3", "ana", "hallucinated"), ("q4", "bob", "correct"), ("q4", "ana", "unsure"),
+        }  # fmt: skip
+        page.keyboard.press("ArrowLeft")
+        _wait_text(page, "#qid", "q4")
+        assert _text(page, "#others") == "bob correct" and _text(page, "#mine") == "unsure"
+        other.close()
     finally:
         server.stop()
         page.close()
