@@ -634,3 +634,8 @@ def test_review_needs_images_and_a_known_export_format(tmp_path):
     assert result.exit_code == 2 and "pass --images DIR" in result.output
     result = CliRunner().invoke(app, ["review", str(run), "--export", "cvat", str(tmp_path / "x.json")])
     assert result.exit_code == 2 and "choose one of label-studio" in result.output
+    images = tmp_path / "data" / "images"
+    result = CliRunner().invoke(app, ["review", str(run), "--images", str(images), "--queue", "later"])
+    assert result.exit_code == 2 and "queue 'later': choose one of unknown, all, rules, disagree" in result.output
+    result = CliRunner().invoke(app, ["review", str(run), "--images", str(images), "--only", "colour=red"])
+    assert result.exit_code == 2 and "cannot filter by 'colour'" in result.output

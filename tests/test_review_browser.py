@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pandas as pd
 import pytest
@@ -57,7 +58,9 @@ class Server:
             self.process.kill()
             raise AssertionError(f"halp review printed no URL; stderr: {log.read_text()}") from None
         assert self.url.startswith("http://127.0.0.1:"), f"{self.url!r}; stderr: {log.read_text()}"
-        self.port = int(self.url.rsplit(":", 1)[1].strip("/"))
+        self.port = urlsplit(self.url).port
+        assert parse_qs(urlsplit(self.url).query) == {"queue": ["unknown"], "order": ["table"]}
+        self.base = f"http://127.0.0.1:{self.port}/"
 
     def kill(self) -> None:
         self.process.send_signal(signal.SIGKILL)
@@ -129,7 +132,7 @@ def test_keyboard_review_survives_reload_and_a_killed_server_then_trains_a_probe
     dialogs: list[str] = []
     page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
     try:
-        _open(page, server.url + "?queue=all")
+        _open(page, server.base + "?queue=all")
         assert _text(page, "#count") == "12"
         decided: dict[str, str] = {}
         for key in "hcu":
@@ -238,7 +241,7 @@ def test_user_strings_are_text_and_a_missing_image_shows_its_path(browser, tmp_p
 
         # A second tab, as another reviewer: both tabs' decisions are kept, and each sees the other's.
         other = browser.new_page(viewport={"width": 1280, "height": 800})
-        _open(other, server.url + "?reviewer=bob#row=4")
+        _open(other, server.base + "?reviewer=bob#row=4")
         assert _text(other, "#reviewer") == "bob" and _text(other, "#qid") == "q4"
         _decide(other, "c")
         _decide(page, "u")

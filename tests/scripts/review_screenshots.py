@@ -102,7 +102,7 @@ def main(out_dir: Path) -> None:
             stdout=subprocess.PIPE, text=True, env=env,
         )  # fmt: skip
         try:
-            url = server.stdout.readline().strip()
+            url = server.stdout.readline().strip().split("?")[0]
             with sync_playwright() as playwright:
                 browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
                 page = browser.new_page(viewport={"width": 1440, "height": 860})

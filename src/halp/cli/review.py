@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
+from urllib.parse import urlencode
 
 import typer
 
@@ -41,6 +42,11 @@ def review(
     reviewer: Annotated[
         str | None, typer.Option(help="Your name in reviews.jsonl (default: login name; the URL's ?reviewer= wins).")
     ] = None,
+    queue: Annotated[str, typer.Option(help="Rows to start with: unknown, all, rules (audit) or disagree.")] = (
+        "unknown"
+    ),
+    only: Annotated[str | None, typer.Option(help="Narrow the queue to column=value (category=animals).")] = None,
+    order: Annotated[str, typer.Option(help="table, or risk (highest probe risk first).")] = "table",
     export: Annotated[str | None, typer.Option(help="Write tasks for another tool instead: label-studio.")] = None,
     image_url_prefix: Annotated[
         str, typer.Option(help="With --export label-studio: prefix of each image id in the task URLs.")
@@ -61,13 +67,15 @@ def review(
         from halp.review.session import ReviewSession
 
         session = ReviewSession(run_dir, images, reviewer or default_reviewer())
-        unknown = len(session.queue("unknown"))
+        chosen = session.queue(queue, only, order)  # checks the choices before the server starts
+        start = {"queue": queue, "order": order, **({"where": only} if only else {})}
 
         def ready(url: str) -> None:
-            typer.echo(url)
+            typer.echo(url + ("&" if "?" in url else "?") + urlencode(start))
             err_console.print(
-                f"halp review: {len(session.rows)} rows, {unknown} the rules leave unknown; reviewer "
-                f"{session.reviewer}; decisions go to {reviews_file(run_dir)}. Ctrl-C stops.",
+                f"halp review: {len(session.rows)} rows, {len(chosen)} in queue {queue}"
+                f"{' (' + only + ')' if only else ''}; reviewer {session.reviewer}; decisions go to "
+                f"{reviews_file(run_dir)}. Ctrl-C stops.",
                 markup=False,
                 highlight=False,
             )
