@@ -349,7 +349,9 @@ class ReviewSummary:
 
 
 def _automatic_source(method: str) -> str:
-    return method.split(":", 1)[0] or method
+    """rule, judge, or `table` for labels imported with --labels (method `manual`)."""
+    source = method.split(":", 1)[0] or method
+    return "table" if source == "manual" else source
 
 
 def merge_decisions(

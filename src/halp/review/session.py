@@ -5,6 +5,7 @@ No web code here: `halp.review.app` turns these into HTTP, and tests call them d
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Mapping, Sequence
@@ -208,6 +209,7 @@ class ReviewSession:
         self._queues: dict[tuple, tuple[int, ...]] = {}
 
     # --- what can be filtered
+    @functools.cache  # noqa: B019  (one session per server: the cache lives as long as it does)
     def filter_values(self, limit: int = 200) -> dict[str, list[str]]:
         """Columns a queue can be narrowed by, with their values (columns with more than `limit` are left out)."""
         columns: dict[str, list[str]] = {"answer_type": sorted({row.rule.answer_type for row in self.rows})}
@@ -262,10 +264,15 @@ class ReviewSession:
         mine = state.reviewed_by(check_reviewer(reviewer))
         queued = set(indices)
         done = sum(self.index_of.get(qid) in queued for qid in mine)
-        times = [
-            parse_time(d.time) for d in state.decisions if d.reviewer == reviewer and d.action == "decide" and d.label
-        ]
-        pace = pace_per_minute([time for time in times if time is not None])
+        times = []
+        for decision in reversed(state.decisions):  # the latest PACE_WINDOW decisions are all the pace needs
+            if decision.reviewer == reviewer and decision.action == "decide" and decision.label:
+                time = parse_time(decision.time)
+                if time is not None:
+                    times.append(time)
+                if len(times) == PACE_WINDOW:
+                    break
+        pace = pace_per_minute(times)
         left = len(indices) - done
         eta = left / pace * 60.0 if pace else None
         return {"done": done, "total": len(indices), "per_minute": pace, "eta_seconds": eta}
