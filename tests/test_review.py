@@ -285,6 +285,21 @@ def test_halp_label_takes_reviews_reports_conflicts_and_kappa(tmp_path):
     assert (read_labels(run).loc["q4", "label"], read_labels(run).loc["q4", "method"]) == ("1", "manual:bob")
 
 
+def test_reviews_apply_over_an_imported_table_too(tmp_path):
+    run, _ = make_run(tmp_path)
+    table = tmp_path / "manual.csv"
+    table.write_text("question_id,label\nq0,0\nq1,1\nq3,0\n")
+    log = ReviewLog(run / "reviews.jsonl")
+    log.decide("q1", "hallucinated", "ana")
+    log.decide("q3", "hallucinated", "ana")
+    summary = label_run(run, labels=table)
+    labels = read_labels(run)
+    assert (labels.loc["q0", "label"], labels.loc["q0", "method"]) == ("0", "manual")
+    assert (labels.loc["q3", "label"], labels.loc["q3", "method"]) == ("1", "manual:ana")
+    (versus,) = summary.reviews.automatic
+    assert (versus.first, versus.n, versus.agree) == ("table", 2, 1)
+
+
 def test_halp_label_then_probe_trains_on_reviewed_rows(tmp_path):
     from halp.probe import train_probes
 
