@@ -226,6 +226,10 @@ def test_user_strings_are_text_and_a_missing_image_shows_its_path(browser, tmp_p
         assert _text(page, "#qid") == "q3"
         assert _text(page, "#answer") == ROWS[3][2]  # the markup shows as text
         assert page.query_selector("#answer b") is None and page.query_selector("#answer script") is None
+        page.keyboard.press("f")  # zoom to full size and back
+        page.wait_for_selector("#image-pane.zoomed", timeout=WAIT_MS)
+        page.click("#image")
+        page.wait_for_selector("#image-pane:not(.zoomed)", timeout=WAIT_MS)
         _decide(page, "h")
         assert _text(page, "#qid") == "q4"
         page.wait_for_selector("#placeholder:not([hidden])", timeout=WAIT_MS)
