@@ -577,6 +577,8 @@ def test_loopback_refuses_other_host_names_and_cross_origin_posts(tmp_path):
     run, images = make_run(tmp_path)
     session = ReviewSession(run, images, "ana")
     assert _client(session, host="evil.example:8765").get("/").status_code == 400  # DNS rebinding
+    assert _client(session, host="[::1]:8765").get("/").status_code == 200
+    assert _client(session, host="localhost:8765").get("/api/config").status_code == 200
     client = _client(session)
     body = {"index": 3, "label": "correct"}
     assert client.post("/api/decide", json=body, headers={"Origin": "http://evil.example"}).status_code == 403

@@ -32,7 +32,7 @@ PAGE_POLICY = (
 )
 # An image is shown by an <img>; opened on its own (an SVG with a script, say) it may do nothing.
 IMAGE_POLICY = "default-src 'none'; style-src 'unsafe-inline'; sandbox"
-LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 
 
 def is_loopback(host: str) -> bool:
@@ -60,7 +60,6 @@ def create_app(session: ReviewSession, token: str | None = None, loopback: bool 
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
     from starlette.middleware.base import BaseHTTPMiddleware
-    from starlette.middleware.trustedhost import TrustedHostMiddleware
     from starlette.requests import Request
     from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
     from starlette.routing import Mount, Route
@@ -154,9 +153,12 @@ def create_app(session: ReviewSession, token: str | None = None, loopback: bool 
         return error(message, 409 if "changed since" in message else 400)
 
     class Guard(BaseHTTPMiddleware):
-        """Token (when set), same-origin JSON POSTs, and the security headers of every response."""
+        """Loopback host names (on loopback), the token (when set), same-origin POSTs, and security headers."""
 
         async def dispatch(self, request: Request, call_next: Callable) -> Response:
+            if loopback and (request.url.hostname or "").lower() not in LOOPBACK_NAMES:
+                # A page of another site that made its name resolve to 127.0.0.1 (DNS rebinding) gets nothing.
+                return PlainTextResponse("Invalid host header", 400)
             set_cookie = False
             if token is not None:
                 offered = request.query_params.get("token")
@@ -185,8 +187,6 @@ def create_app(session: ReviewSession, token: str | None = None, loopback: bool 
             return response
 
     middleware = [Middleware(Guard)]
-    if loopback:
-        middleware.insert(0, Middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "::1"]))
     routes = [
         Route("/", index),
         Route("/api/config", config),
