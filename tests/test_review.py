@@ -138,6 +138,12 @@ def test_a_torn_last_line_is_not_read_then_ended_and_counted_never_glued(tmp_pat
     assert reread.damaged == [2]
 
 
+def test_an_unwritable_log_is_a_clear_error_not_a_lost_decision(tmp_path):
+    (tmp_path / "reviews.jsonl").mkdir()  # something that cannot be appended to, even by root
+    with pytest.raises(ReviewError, match=r"cannot open .*reviews\.jsonl to append: .*the decision was not saved"):
+        ReviewLog(tmp_path / "reviews.jsonl").decide("q1", "correct", "ana")
+
+
 def test_bad_reviewer_names_and_labels_are_refused(tmp_path):
     log = ReviewLog(tmp_path / "reviews.jsonl")
     with pytest.raises(ReviewError, match="not allowed"):

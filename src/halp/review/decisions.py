@@ -205,8 +205,11 @@ class ReviewLog:
     def _exclusive(self) -> Iterator[None]:
         """This thread and no other process appends now; the state is fresh inside."""
         with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            except OSError as err:
+                raise ReviewError(f"cannot open {self.path} to append: {err}; the decision was not saved") from err
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 size = os.fstat(fd).st_size
