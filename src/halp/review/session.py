@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -206,6 +207,9 @@ class ReviewSession:
         self.risk_sources = attach_risk(self.run_dir, self.rows)
         self.index_of = {row.question_id: row.index for row in self.rows}
         self.log = ReviewLog.of_run(self.run_dir)
+        writable = self.log.path if self.log.path.exists() else self.run_dir
+        if not os.access(writable, os.W_OK):  # say so now, not at the first key press
+            raise ReviewError(f"{writable} is not writable: decisions could not be saved to {self.log.path}")
         self._queues: dict[tuple, tuple[int, ...]] = {}
 
     # --- what can be filtered
