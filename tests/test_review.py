@@ -572,6 +572,7 @@ def test_a_token_is_required_off_loopback(tmp_path):
     assert client.get("/").status_code == 403
     assert client.get("/api/queue").status_code == 403
     assert client.get("/?token=wrong").status_code == 403
+    assert client.get("/?token=%C3%A9").status_code == 403  # non-ASCII: refused, not a server error
     first = client.get("/?token=s3cret")
     assert first.status_code == 200 and "httponly" in first.headers["set-cookie"].lower()
     assert client.get("/api/queue").status_code == 200  # the cookie carries the token

@@ -164,7 +164,7 @@ def create_app(session: ReviewSession, token: str | None = None, loopback: bool 
                 offered = request.query_params.get("token")
                 header = request.headers.get("authorization", "")
                 ok = any(
-                    value is not None and secrets.compare_digest(value, token)
+                    value is not None and secrets.compare_digest(value.encode(), token.encode())  # bytes: any text
                     for value in (offered, request.cookies.get(TOKEN_COOKIE), header.removeprefix("token ") or None)
                 )
                 if not ok:
