@@ -99,3 +99,11 @@ class RayWorkerError(HalpError, RuntimeError):
 
 class AdapterPluginError(HalpError, ImportError):
     """A third-party adapter registered under the `halp.adapters` entry-point group cannot be used; names the plugin."""
+
+
+class ReviewError(HalpError, ValueError):
+    """A review cannot be done or recorded as asked (no answers, unknown row or reviewer, a stale undo); says why."""
+
+
+class ReviewServerError(HalpError, OSError):
+    """The review server cannot start (port in use, address not available, web extra missing); says what to do."""

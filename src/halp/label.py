@@ -479,6 +479,7 @@ class LabelSummary:
     methods: Counter
     label_column: str | None = None
     unmatched_manual: int = 0
+    reviews: Any = None  # halp.review.decisions.ReviewSummary when manual decisions were merged
 
     @property
     def labelled(self) -> int:
@@ -509,19 +510,28 @@ def label_run(
     labels: str | Path | None = None,
     label_column: str | None = None,
     judge: Judge | Callable[[str, str, str, str], Label] | None = None,
+    resolve: str = "none",
 ) -> LabelSummary:
     """Label every sample of a run and write RUN_DIR/labels.csv.
 
     With `labels`, the manual labels of that table are used as they are (rows it lacks are unknown);
-    otherwise the rules run, then `judge` (if given) on the rows they leave unknown.
+    otherwise the rules run, then `judge` (if given) on the rows they leave unknown. Decisions of
+    `halp review` (RUN_DIR/reviews.jsonl) and of a Label Studio export given as `labels` then take
+    precedence (see halp.review.decisions.merge_decisions; `resolve` settles reviewers' conflicts).
     """
+    from halp.review import decisions, label_studio
+
     run_dir = Path(run_dir)
     rows = _run_rows(run_dir)
     ids = rows["question_id"]
     results: list[Label] = []
     used_column = None
     unmatched = 0
-    if labels is not None:
+    studio = labels is not None and label_studio.is_export(labels)
+    if studio:
+        results = [Label(None, "none", f"not annotated in {Path(labels).name}", infer_answer_type(q, t))
+                   for q, t in zip(rows["question"], rows["ground_truth"], strict=True)]  # fmt: skip
+    elif labels is not None:
         manual, used_column = read_label_table(labels, label_column)
         unmatched = len(set(manual) - set(ids))
         source = f"{Path(labels).name}:{used_column}"
@@ -539,8 +549,9 @@ def label_run(
             if item.label is None and judge is not None and truth.strip() and answer.strip():
                 item = judge(question, truth, answer, item.answer_type)
             results.append(item)
+    results, reviews = decisions.apply_reviews(run_dir, ids, results, resolve, labels if studio else None)
     path = run_dir / LABELS_FILE
     write_labels(path, ids, results)
     counts = Counter((item.answer_type, item.label) for item in results)
     methods = Counter(item.method.split(":")[0] if item.method.startswith("judge") else item.method for item in results)
-    return LabelSummary(path, len(results), counts, methods, used_column, unmatched)
+    return LabelSummary(path, len(results), counts, methods, used_column, unmatched, reviews)

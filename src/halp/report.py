@@ -449,6 +449,27 @@ class Report:
     results: pd.DataFrame
 
 
+def _review_section(run_dir: Path) -> str:
+    """Manual review (`halp review`): agreement with the rules and Cohen's kappa between reviewers, if any."""
+    from halp.review.decisions import review_agreement
+
+    summary = review_agreement(run_dir)
+    if summary is None:
+        return ""
+    rows = [
+        {"compared": f"{a.first} vs {a.second}", "rows": a.n, "agree": a.agree, "rate": a.rate}
+        | {"Cohen's kappa": a.kappa}
+        for a in [*summary.automatic, *summary.reviewer_pairs]
+    ]
+    who = ", ".join(f"{name} ({n})" for name, n in summary.reviewers.items())
+    text = (
+        f"<p>{summary.reviewed} rows reviewed by {_e(who or 'nobody')}; {len(summary.conflicts)} in conflict "
+        "between reviewers (left unknown unless <code>halp label --resolve latest</code>).</p>"
+    )
+    table = _table(pd.DataFrame(rows)) if rows else "<p class='muted'>No rows to compare yet.</p>"
+    return f"<h2>Manual review</h2>{text}{table}"
+
+
 def build_report(run_dir: str | Path, out_dir: str | Path | None = None, title: str | None = None) -> Report:
     """Write the PNGs and report.html for a run whose probes are trained; return where they are."""
     run_dir = Path(run_dir)
@@ -496,6 +517,7 @@ vision_token / vision_token_mean: last / mean image token, query_token: last pro
 <h2>Label balance</h2>
 {_img(pngs["label_balance"], "label balance")}
 {_table(balance_table)}
+{_review_section(run_dir)}
 <h2>Per-group AUROC</h2>
 {_groups_section(data)}
 <h2>All results</h2>

@@ -206,21 +206,32 @@ def models(
 @app.command()
 def label(
     run_dir: Annotated[Path, typer.Argument(help="Finished run directory (features.h5 with answers).")],
-    labels: Annotated[Path | None, typer.Option(help="Import manual labels from this table instead.")] = None,
+    labels: Annotated[
+        Path | None, typer.Option(help="Import manual labels from this table (or Label Studio JSON export) instead.")
+    ] = None,
     label_column: Annotated[
         str | None, typer.Option(help="0/1 column of --labels (default: label, else is_hallucinating_manual).")
     ] = None,
     judge: Annotated[str | None, typer.Option(help="Local causal LM asked a rubric for open answers.")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the judge's own Python code to run.")] = False,
+    resolve: Annotated[
+        str, typer.Option(help="Reviewers' conflicts (reviews.jsonl): none leaves them unknown, latest takes the last.")
+    ] = "none",
 ) -> None:
-    """Label each answer hallucinated / not / unknown; write RUN_DIR/labels.csv and print the coverage."""
+    """Label each answer hallucinated / not / unknown; write RUN_DIR/labels.csv and print the coverage.
+
+    Manual decisions (`halp review`'s RUN_DIR/reviews.jsonl, or a Label Studio export as --labels) win over rules.
+    """
     from halp.cli import render
+    from halp.cli.review import print_review_summary
     from halp.label import Judge, label_run
 
     if labels is not None and judge is not None:
         _fail("--labels imports manual labels; --judge labels from answers. Use one of them.")
     chosen_judge = Judge.load(judge, trust_remote_code=trust_remote_code) if judge else None
-    summary = label_run(run_dir, labels=labels, label_column=label_column, judge=chosen_judge)
+    summary = label_run(run_dir, labels=labels, label_column=label_column, judge=chosen_judge, resolve=resolve)
+    if summary.reviews is not None:
+        print_review_summary(summary.reviews)
     render.label_coverage(console, summary)
 
 
