@@ -132,8 +132,8 @@ def _final_probe_risk(run_dir: Path, rows: Sequence[Row], feature: str, probe: s
     """Score the rows the probes were not trained on with the final probe, when that set is known (k-fold CV)."""
     import json
 
-    from halp.probe import load_probe, probe_stem
     from halp.layout import features_file
+    from halp.probe import load_probe, probe_stem
 
     settings_path = probe_file(run_dir, RESULTS_JSON_FILE)
     settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
