@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from halp.capture import BatchResult, FeatureExtractor, parse_layers
 from halp.data import ImageError, Sample, load_image, read_samples
-from halp.loading import load_model, resolve_device, resolve_dtype
+from halp.loading import check_model_source, load_model, resolve_device, resolve_dtype
 from halp.models import adapter_for
 from halp.shard import Shard, resolve_shard
 from halp.store import ERRORS_FILE, RunStore, rows_for, table_digest
@@ -115,6 +115,7 @@ def run_extraction(config: ExtractConfig) -> ExtractSummary:
     samples = read_table(config)  # table problems surface before the model loads
     if not Path(config.images).is_dir():
         raise FileNotFoundError(f"--images {config.images} is not a directory")
+    check_model_source(config.model, config.trust_remote_code)  # a missing or refused model touches no run dir
 
     device = device_for(resolve_device(config.device), shard)
     dtype = str(resolve_dtype(config.dtype, device)).removeprefix("torch.")

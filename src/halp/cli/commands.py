@@ -18,6 +18,7 @@ from halp.cli.app import (
     err_console,
 )
 from halp.cli.app import fail as _fail
+from halp.errors import HalpError
 
 if TYPE_CHECKING:
     from halp.extract import ExtractSummary
@@ -92,7 +93,7 @@ def extract(
                 return
         else:
             summary = run_extraction(config)
-    except (TableError, RunMismatchError, RunLockedError, StoreWriteError, ExtractionPointError, ValueError,
+    except (HalpError, TableError, RunMismatchError, RunLockedError, StoreWriteError, ExtractionPointError, ValueError,
             FileNotFoundError, ImportError) as err:
         _fail(str(err))
         return
@@ -225,6 +226,8 @@ def models(
 
     try:
         render_models(console, model, trust_remote_code=trust_remote_code)
+    except HalpError as err:
+        _fail(str(err))
     except (ExtractionPointError, OSError, ValueError, KeyError) as err:  # a checkpoint that cannot be read
         _fail(f"{type(err).__name__}: {err}")
 
@@ -353,7 +356,7 @@ def predict(
             trust_remote_code=trust_remote_code,
         )
         summary = predict_file(scorer, data, images, out or run / "risk" / f"{data.stem}.csv", progress=True)
-    except (ScorerError, TableError, ExtractionPointError, FileNotFoundError, ValueError) as err:
+    except (HalpError, ScorerError, TableError, ExtractionPointError, FileNotFoundError, ValueError) as err:
         _fail(str(err))
         return
     console.print(
@@ -431,7 +434,7 @@ def embed(
             tokens=save_tokens,
             progress=lambda message: err_console.print(message, markup=False, highlight=False),
         )
-    except (ExtractionPointError, ImageError, ValueError, OSError) as err:
+    except (HalpError, ExtractionPointError, ImageError, ValueError, OSError) as err:
         _fail(str(err))
         return
     console.print(f"embedded {len(images)} image(s); manifest: {manifest}", markup=False)
@@ -480,7 +483,7 @@ def analyze_norms(
             limit=limit,
             progress=lambda message: err_console.print(message, markup=False, highlight=False),
         )
-    except (ExtractionPointError, ImageError, ValueError, OSError) as err:
+    except (HalpError, ExtractionPointError, ImageError, ValueError, OSError) as err:
         _fail(str(err))
         return
     console.print(f"wrote {result.summary_path} and {result.plot_path}", markup=False)
@@ -535,7 +538,7 @@ def analyze_neighbors(
             limit=limit,
             progress=lambda message: err_console.print(message, markup=False, highlight=False),
         )
-    except (ExtractionPointError, ImageError, ImportError, ValueError, OSError) as err:
+    except (HalpError, ExtractionPointError, ImageError, ImportError, ValueError, OSError) as err:
         _fail(str(err))
         return
     console.print(f"wrote {result.json_path} and {result.html_path}", markup=False)
