@@ -9,7 +9,6 @@ from functools import partial
 from pathlib import Path
 
 import h5py
-import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
@@ -115,3 +114,67 @@ def test_a_mistyped_model_path_is_one_line(tmp_path, small_set):
         )
         assert result.exit_code == 2, result.output
         assert "no such directory or hub id" in _one_line_error(result.output)
+
+
+# ----- finding 4: one bad row never stops a run ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def hostile_rows(tmp_path):
+    """Good rows mixed, in one batch, with rows that each stopped the whole run before (issue 10, finding 4)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for index, colour in enumerate(["red", "green", "blue"]):
+        Image.new("RGB", (48, 40 + 8 * index), colour).save(images / f"good{index}.png")
+    Image.new("RGB", (1200, 4), "red").save(images / "sliver.png")  # aspect ratio 300: the processor refuses it
+    rows = [
+        {"question_id": "good0", "image_id": "good0.png", "question": "Is it red?"},
+        {"question_id": "sliver", "image_id": "sliver.png", "question": "Is it red?"},
+        {"question_id": "good1", "image_id": "good1.png", "question": "Is it green?"},
+        {"question_id": "placeholder", "image_id": "good0.png", "question": "What is <|image_pad|> here?"},
+        {"question_id": "long_name", "image_id": "x" * 300 + ".png", "question": "Is it red?"},
+        {"question_id": "nul_image", "image_id": "good0\x00.png", "question": "Is it red?"},
+        {"question_id": "nul\x00id", "image_id": "good0.png", "question": "Is it red?"},
+        {"question_id": "good2", "image_id": "good2.png", "question": "Is it blue?"},
+    ]
+    table = tmp_path / "hostile.jsonl"
+    table.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return table, images
+
+
+def test_bad_rows_are_row_errors_and_the_batch_goes_on(tmp_path, checkpoint_dir, hostile_rows):
+    table, images = hostile_rows
+    out = tmp_path / "run"
+    args = ["extract", "--model", str(checkpoint_dir("qwen2_vl")), "--data", str(table), "--images", str(images),
+            "--out", str(out), "--batch-size", "8", "--max-new-tokens", "2", "--device", "cpu", "--dtype", "float32"]
+    for attempt in range(2):  # the rerun retries the failed rows and fails them again: it does not stop either
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1, (attempt, result.output)
+        assert _ids(out) == ["good0", "good1", "good2"]
+        errors = _errors(out)
+        assert set(errors) == {"sliver", "placeholder", "long_name", "nul_image", "nul\x00id"}, errors
+        assert errors["sliver"]["stage"] == "extract" and "aspect ratio" in errors["sliver"]["message"]
+        assert errors["placeholder"]["error"] == "SpecialTokenInQuestion"
+        assert "<|image_pad|>" in errors["placeholder"]["message"]
+        assert errors["long_name"]["stage"] == "image" and "not a usable file name" in errors["long_name"]["message"]
+        assert errors["nul_image"]["error"] == "UnstorableText" and "image_id" in errors["nul_image"]["message"]
+        assert "question_id" in errors["nul\x00id"]["message"]
+
+
+def test_a_batch_failing_in_the_model_is_retried_row_by_row(tmp_path, checkpoint_dir, small_set, monkeypatch):
+    from halp.capture import FeatureExtractor
+
+    table, images = small_set
+    real = FeatureExtractor.__call__
+
+    def fails_with_q3(self, batch_images, questions, max_new_tokens=0):
+        if any("image 3 " in question for question in questions):
+            raise RuntimeError("the model rejects row q3")
+        return real(self, batch_images, questions, max_new_tokens)
+
+    monkeypatch.setattr(FeatureExtractor, "__call__", fails_with_q3)
+    out = tmp_path / "run"
+    summary = run_extraction(_config(checkpoint_dir("qwen2_vl"), table, images, out, batch_size=6))
+    assert [entry["question_id"] for entry in summary.failed] == ["q3"]
+    assert _ids(out) == ["q0", "q1", "q2", "q4", "q5"]
+    assert "the model rejects row q3" in _errors(out)["q3"]["message"]

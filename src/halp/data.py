@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
+from PIL import Image, ImageOps
 
 from halp.errors import ImageError, TableError
 
@@ -118,18 +118,31 @@ def resolve_image_path(images_dir: str | Path, image_id: str) -> Path:
     return candidate
 
 
-def load_image(images_dir: str | Path, image_id: str) -> Image.Image:
-    """Open an image as RGB, converting palette, grayscale, alpha, CMYK and 16-bit modes."""
-    path = resolve_image_path(images_dir, image_id)
-    if not path.is_file():
+def load_image(images_dir: str | Path, image_id: str, exif_orientation: bool = True) -> Image.Image:
+    """Open an image as RGB, converting palette, grayscale, alpha, CMYK and 16-bit modes.
+
+    Policies (README, "Input images"): with `exif_orientation` (the default) the EXIF Orientation tag is applied,
+    so a portrait phone photo reaches the model upright, as every image viewer shows it; without it the stored
+    pixels are used as they are. An animated image (GIF, APNG, WebP) contributes its first frame.
+    """
+    try:
+        path = resolve_image_path(images_dir, image_id)
+        exists = path.is_file()
+    except (OSError, ValueError) as err:  # a name longer than NAME_MAX, a NUL byte, ...
+        raise ImageError(f"image id {image_id!r} is not a usable file name under {images_dir}: {err}") from err
+    if not exists:
         raise ImageError(f"image file {path} does not exist")
     try:
         with Image.open(path) as image:
+            image.seek(0)  # animated: the first frame
             image.load()
+            if exif_orientation:
+                oriented = ImageOps.exif_transpose(image)
+                return to_rgb(oriented if oriented is not None else image)
             return to_rgb(image)
     except Image.DecompressionBombError as err:
         raise ImageError(f"image {path} exceeds the decompression-bomb limit: {err}") from err
-    except (OSError, SyntaxError, ValueError) as err:
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise ImageError(f"image {path} cannot be read: {err}") from err
 
 

@@ -48,6 +48,8 @@ class ExtractConfig:
     dtype: str = "auto"
     limit: int | None = None
     trust_remote_code: bool = False
+    #: Apply the EXIF Orientation tag (the default) or feed the stored pixels; part of the run identity.
+    exif_orientation: bool = True
     overwrite: bool = False
     progress: bool = True
     #: Both None: one shard, or the shard a torch launcher (torchrun, accelerate launch) assigns.
@@ -157,6 +159,7 @@ def run_identity(config: ExtractConfig, dtype: str, max_new_tokens: int, num_sha
         "dtype": dtype,
         "max_new_tokens": max_new_tokens,
         "prompt_format": "chat_template/user[image,text]",
+        "exif_orientation": config.exif_orientation,
         "num_shards": num_shards,
     }
 
@@ -226,6 +229,7 @@ def prepare_extractor(
         "batch_size": config.batch_size,
         "max_new_tokens": max_new_tokens,
         "generated": max_new_tokens > 0,
+        "exif_orientation": config.exif_orientation,
         "versions": json.dumps(versions()),
         "created": datetime.now(timezone.utc).isoformat(),
     }
@@ -256,7 +260,7 @@ def _extract_all(
 ) -> None:
     with tqdm(total=len(todo), unit="sample", disable=not config.progress, desc=desc) as bar:
         for window in batches(todo, config.batch_size * BUCKET_BATCHES):
-            ready, images = load_batch(window, config.images, failures)
+            ready, images = load_batch(window, config.images, failures, config.exif_orientation)
             bar.update(len(window) - len(ready))
             for chosen in batches_by_size(images, config.batch_size):
                 summary.processed += extract_loaded(
@@ -280,7 +284,7 @@ def batches_by_size(images: Sequence[Image.Image], batch_size: int) -> list[list
 
 
 def load_batch(
-    batch: Sequence[Sample], images_dir: Path, failures: FailureList
+    batch: Sequence[Sample], images_dir: Path, failures: FailureList, exif_orientation: bool = True
 ) -> tuple[list[Sample], list[Image.Image]]:
     """The rows of `batch` that have a question and a readable image, with their images; others are recorded."""
     ready, images = [], []
@@ -288,12 +292,75 @@ def load_batch(
         if not sample.question.strip():
             failures.record(sample, "input", "EmptyQuestion", "the question is empty")
             continue
+        unstorable = unstorable_text(sample)
+        if unstorable:
+            failures.record(sample, "input", "UnstorableText", unstorable)
+            continue
         try:
-            images.append(load_image(images_dir, sample.image_id))
+            images.append(load_image(images_dir, sample.image_id, exif_orientation))
             ready.append(sample)
         except ImageError as err:
             failures.record(sample, "image", type(err).__name__, str(err))
     return ready, images
+
+
+def unstorable_text(sample: Sample) -> str:
+    """Why one of the row's strings cannot be stored in features.h5 (HDF5 strings are NUL-free UTF-8), or ""."""
+    fields = {
+        "question_id": sample.question_id,
+        "image_id": sample.image_id,
+        "question": sample.question,
+        "ground_truth": sample.ground_truth,
+        **{f"meta/{column}": value for column, value in sample.meta.items()},
+    }
+    for name, value in fields.items():
+        if "\x00" in value:
+            return f"{name} contains a NUL byte, which HDF5 strings cannot hold"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return f"{name} is not valid Unicode text ({err.reason} at position {err.start})"
+    return ""
+
+
+def special_tokens_of(extractor: FeatureExtractor) -> set[str]:
+    """The model's special tokens (image placeholder, chat markers, ...), which a question must not contain."""
+    tokenizer = extractor.adapter.tokenizer()
+    found = {str(token) for token in getattr(tokenizer, "all_special_tokens", [])}
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    found |= {str(token.content) for token in decoder.values() if getattr(token, "special", False)}
+    for holder in (extractor.adapter.processor, tokenizer):
+        for name in ("image_token", "video_token", "boi_token", "eoi_token", "audio_token"):
+            value = getattr(holder, name, None)
+            if isinstance(value, str):
+                found.add(value)
+    image_token = tokenizer.convert_ids_to_tokens(extractor.adapter.image_token_id)
+    if isinstance(image_token, str):
+        found.add(image_token)
+    return {token for token in found if token.strip()}
+
+
+def reject_special_tokens(
+    samples: Sequence[Sample], images: Sequence[Image.Image], extractor: FeatureExtractor, failures: FailureList
+) -> tuple[list[Sample], list[Image.Image]]:
+    """Rows whose question contains one of the model's special tokens fail: the prompt would change shape (an
+    image placeholder in the text gives the row a second image slot, a chat marker ends the user turn)."""
+    specials = special_tokens_of(extractor)
+    kept, kept_images = [], []
+    for sample, image in zip(samples, images, strict=True):
+        present = sorted(token for token in specials if token in sample.question)
+        if present:
+            failures.record(
+                sample,
+                "input",
+                "SpecialTokenInQuestion",
+                f"the question contains the model's special token(s) {', '.join(map(repr, present[:3]))}; "
+                "remove them from the question",
+            )
+            continue
+        kept.append(sample)
+        kept_images.append(image)
+    return kept, kept_images
 
 
 def extract_loaded(
@@ -308,8 +375,9 @@ def extract_loaded(
 ) -> int:
     """Extract loaded rows (splitting on out-of-memory) and commit the finite ones. Returns rows extracted."""
     processed = 0
+    ready, images = reject_special_tokens(ready, images, extractor, failures)
     if ready:
-        for samples_done, result in _extract_splitting_on_oom(
+        for samples_done, result in _extract_isolating_failures(
             extractor, list(ready), list(images), max_new_tokens, failures
         ):
             _commit_finite_rows(store, samples_done, result, attrs, failures, dtype)
@@ -326,9 +394,10 @@ def extract_batch(
     attrs: dict[str, Any],
     failures: FailureList,
     dtype: str,
+    exif_orientation: bool = True,
 ) -> int:
     """Extract one batch and commit its good rows to `store`; bad rows go to `failures`. Returns rows extracted."""
-    ready, images = load_batch(batch, images_dir, failures)
+    ready, images = load_batch(batch, images_dir, failures, exif_orientation)
     return extract_loaded(ready, images, extractor, max_new_tokens, store, attrs, failures, dtype)
 
 
@@ -441,10 +510,12 @@ def _out_of_memory_errors() -> tuple[type[BaseException], ...]:
     return (torch.OutOfMemoryError,)
 
 
-def _extract_splitting_on_oom(
+def _extract_isolating_failures(
     extractor: FeatureExtractor, samples: list[Sample], images: list, max_new_tokens: int, failures: FailureList
 ) -> Iterator[tuple[list[Sample], BatchResult]]:
-    """Extract a batch; on out-of-memory, free the cache and retry the halves; a lone sample that fails is recorded."""
+    """Extract a batch. On out-of-memory, free the cache and retry the halves. On any other error (the processor
+    refusing an image, a prompt the model rejects), retry the rows one by one, so only the guilty row is recorded
+    and the others are extracted. A lone row that fails is recorded with its error."""
     try:
         result = extractor(images, [s.question for s in samples], max_new_tokens)
     except _out_of_memory_errors() as err:
@@ -455,10 +526,26 @@ def _extract_splitting_on_oom(
             return
         half = len(samples) // 2
         log.warning("out of memory with %d samples; retrying as %d + %d", len(samples), half, len(samples) - half)
-        yield from _extract_splitting_on_oom(extractor, samples[:half], images[:half], max_new_tokens, failures)
-        yield from _extract_splitting_on_oom(extractor, samples[half:], images[half:], max_new_tokens, failures)
+        yield from _extract_isolating_failures(extractor, samples[:half], images[:half], max_new_tokens, failures)
+        yield from _extract_isolating_failures(extractor, samples[half:], images[half:], max_new_tokens, failures)
+        return
+    except Exception as err:
+        if len(samples) == 1:
+            failures.record(samples[0], "extract", type(err).__name__, _one_line(err))
+            return
+        log.warning("batch of %d failed (%s: %s); retrying its rows one by one", len(samples), type(err).__name__,
+                    _one_line(err))
+        for index in range(len(samples)):
+            yield from _extract_isolating_failures(
+                extractor, samples[index : index + 1], images[index : index + 1], max_new_tokens, failures
+            )
         return
     yield samples, result
+
+
+def _one_line(err: BaseException, width: int = 500) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _commit_finite_rows(
@@ -482,6 +569,11 @@ def _commit_finite_rows(
             "NonFiniteFeatures",
             f"inf/nan in {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''} (dtype {dtype}).{advice}",
         )
+    for index in np.flatnonzero(finite):
+        if "\x00" in result.answers[index]:
+            # HDF5 strings cannot hold NUL; storing a cut answer would be a silent change.
+            failures.record(samples[index], "answer", "UnstorableAnswer", "the decoded answer contains a NUL byte")
+            finite[index] = False
     keep = np.flatnonzero(finite)
     if len(keep):
         kept = [samples[i] for i in keep]

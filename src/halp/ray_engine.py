@@ -133,6 +133,7 @@ class ExtractWorker:
             self.attrs,
             failures,
             self.dtype,
+            self.config.exif_orientation,
         )
         failed = {entry["question_id"]: entry for entry in failures.failed}
         status: dict[str, list[str]] = {name: [] for name in _STATUS_FIELDS}

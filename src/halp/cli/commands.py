@@ -38,6 +38,13 @@ def extract(
     dtype: DtypeOption = "auto",
     limit: Annotated[int | None, typer.Option(help="Only the first N rows of the table.")] = None,
     trust_remote_code: TrustRemoteCodeOption = False,
+    exif_orientation: Annotated[
+        bool,
+        typer.Option(
+            "--exif-orientation/--no-exif-orientation",
+            help="Turn images upright by their EXIF Orientation tag (default), or use the stored pixels as they are.",
+        ),
+    ] = True,
     overwrite: Annotated[bool, typer.Option(help="Discard an existing run in --out and start afresh.")] = False,
     num_shards: Annotated[
         int | None, typer.Option(help="Split the table into K shards, one per process (e.g. a SLURM job array).")
@@ -74,6 +81,7 @@ def extract(
         dtype=dtype,
         limit=limit,
         trust_remote_code=trust_remote_code,
+        exif_orientation=exif_orientation,
         overwrite=overwrite,
         num_shards=num_shards,
         shard_index=shard_index,
