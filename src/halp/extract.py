@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -22,11 +22,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from halp.capture import BatchResult, FeatureExtractor, parse_layers
-from halp.data import ImageError, Sample, load_image, read_samples
-from halp.loading import check_model_source, load_model, resolve_device, resolve_dtype
+from halp.data import ImageError, Sample, image_file_sha256, read_image, read_samples
+from halp.loading import check_model_source, load_model, model_fingerprint, resolve_device, resolve_dtype
 from halp.models import adapter_for
 from halp.shard import Shard, resolve_shard
-from halp.store import ERRORS_FILE, RunStore, rows_for, table_digest
+from halp.store import ERRORS_FILE, RunStore, row_digest, rows_for, table_text_digest
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,8 @@ class ExtractSummary:
     assembled: bool = False
     pending_shards: list[str] = field(default_factory=list)
     run_failed: int = 0
+    #: Committed rows whose content (question, image bytes, ...) changed since: extracted again.
+    changed: list[str] = field(default_factory=list)
 
     @property
     def samples_per_second(self) -> float:
@@ -164,10 +166,59 @@ def run_identity(config: ExtractConfig, dtype: str, max_new_tokens: int, num_sha
     }
 
 
+def with_model_fingerprint(identity: dict[str, Any], store: RunStore, model: str) -> dict[str, Any]:
+    """The identity plus the checkpoint's content fingerprint (cheap on reruns: the run's file record is reused)."""
+    existing = store.read_identity() if store.run_path.exists() else None
+    fingerprint, files = model_fingerprint(model, (existing or {}).get("model_files"))
+    return {**identity, "model_sha256": fingerprint, "model_files": files}
+
+
+def recheck_model_after_loading(identity: dict[str, Any], store: RunStore, model: str) -> None:
+    """A hub model not cached before loading has a fingerprint (its snapshot commit) only now."""
+    if identity.get("model_sha256") is None:
+        fingerprint, files = model_fingerprint(model)
+        with store.sync():
+            store.check_model(fingerprint, files)
+
+
+@dataclass
+class ResumePlan:
+    """What a rerun must do: the table's content digests, and the rows to extract (new, failed or changed)."""
+
+    digests: dict[str, str]
+    todo: list[Sample]
+    changed: list[str]
+
+
+def content_digests(samples: Sequence[Sample], images_dir: Path) -> dict[str, str]:
+    """question_id -> the row's content digest (its text and its image file's bytes), read from disk now."""
+    return {sample.question_id: row_digest(sample, image_file_sha256(images_dir, sample.image_id))
+            for sample in samples}
+
+
+def plan_resume(
+    store: RunStore, samples: Sequence[Sample], images_dir: Path, digests: dict[str, str] | None = None
+) -> ResumePlan:
+    """Compare the table's rows (text and image bytes) with what is committed: a row is done only if committed with
+    the same content digest. Changed rows are extracted again; their old copies leave at assembly."""
+    if digests is None:
+        digests = content_digests(samples, images_dir)
+    committed = store.committed_digests()
+    todo = [sample for sample in samples if digests[sample.question_id] not in committed.get(sample.question_id, ())]
+    changed = [sample.question_id for sample in todo if sample.question_id in committed]
+    if changed:
+        log.warning(
+            "%d committed row(s) changed in the table or image since they were extracted; extracting them again: %s",
+            len(changed), ", ".join(changed[:10]) + (" ..." if len(changed) > 10 else ""),
+        )
+    return ResumePlan(digests, todo, changed)
+
+
 def _locked_run(
     config: ExtractConfig, store: RunStore, samples: list[Sample], device: str, dtype: str, max_new_tokens: int
 ) -> ExtractSummary:
-    store.open(run_identity(config, dtype, max_new_tokens, num_shards=1), overwrite=config.overwrite)
+    identity = with_model_fingerprint(run_identity(config, dtype, max_new_tokens, num_shards=1), store, config.model)
+    store.open(identity, overwrite=config.overwrite)
     handler = attach_log(store.root)
     try:
         return _run(config, store, samples, device, dtype, max_new_tokens)
@@ -182,17 +233,27 @@ def _run(
     store.remove_stale_temporaries()
     store.remove_assembled_parts()
     order = [sample.question_id for sample in samples]
-    done = store.committed_ids()
-    todo = [sample for sample in samples if sample.question_id not in done]
-    summary = ExtractSummary(store.root, len(samples), len(samples) - len(todo), 0)
+    plan = plan_resume(store, samples, config.images)
+    todo = plan.todo
+    summary = ExtractSummary(store.root, len(samples), len(samples) - len(todo), 0, changed=plan.changed)
     log.info("%d samples, %d already committed, %d to do", len(samples), summary.already_done, len(todo))
 
-    if not todo and store.features_path.exists() and not store.all_part_paths():
+    if not todo and store.assembled_as(order, plan.digests) and not store.all_part_paths():
         summary.finished = True  # nothing is missing: the assembled file stands, no model needed
+        return summary
+    if not todo:
+        # Every row is committed, but features.h5 must follow the table now (rows removed or reordered, parts
+        # not yet assembled): assemble again, no model needed.
+        FailureLog(store.root / ERRORS_FILE, summary)
+        attrs = store.recorded_attrs(store.all_part_paths())
+        attrs.update(complete=True, num_failed=0)
+        store.assemble(order, attrs, plan.digests)
+        summary.finished = True
         return summary
 
     extractor, attrs = prepare_extractor(config, device, dtype, max_new_tokens)
-    if todo and store.features_path.exists():
+    recheck_model_after_loading(store.read_identity() or {}, store, config.model)
+    if store.features_path.exists():
         store.reopen_finished()
     failures = FailureLog(store.root / ERRORS_FILE, summary)
     start = time.perf_counter()
@@ -203,7 +264,7 @@ def _run(
     attrs["vision_hidden_size"] = _dim(store, "vision_only")
     attrs["complete"] = not summary.failed
     attrs["num_failed"] = len(summary.failed)
-    store.assemble(order, attrs)
+    store.assemble(order, attrs, plan.digests)
     summary.finished = not summary.failed
     log_rate(summary)
     return summary
@@ -297,8 +358,10 @@ def load_batch(
             failures.record(sample, "input", "UnstorableText", unstorable)
             continue
         try:
-            images.append(load_image(images_dir, sample.image_id, exif_orientation))
-            ready.append(sample)
+            image, image_sha256 = read_image(images_dir, sample.image_id, exif_orientation)
+            images.append(image)
+            # The digest of the bytes decoded here is what the committed row records.
+            ready.append(replace(sample, row_sha256=row_digest(sample, image_sha256)))
         except ImageError as err:
             failures.record(sample, "image", type(err).__name__, str(err))
     return ready, images
@@ -408,15 +471,20 @@ def _run_shard(
     store = RunStore.for_shard(config.out, shard.name)
     store.lock()  # one writer per shard directory, for the life of this process
     try:
+        mine = [sample for _, sample in shard.select(samples)]
+        digests = content_digests(mine, config.images)  # the images are read outside the run lock
         with store.sync():  # the run lock, briefly: identity, clean-up and the committed rows form one view
-            store.open(run_identity(config, dtype, max_new_tokens, num_shards=shard.count))
+            identity = with_model_fingerprint(
+                run_identity(config, dtype, max_new_tokens, num_shards=shard.count), RunStore(config.out), config.model
+            )
+            store.open(identity)
             store.remove_stale_temporaries()
             store.remove_assembled_parts()
-            done = store.committed_ids()
+            plan = plan_resume(store, mine, config.images, digests)
             store.clear_done()  # until this pass ends, the run cannot be assembled
         handler = attach_log(store.writer_dir)
         try:
-            return _shard_pass(config, shard, store, samples, done, device, dtype, max_new_tokens)
+            return _shard_pass(config, shard, store, samples, plan, device, dtype, max_new_tokens)
         finally:
             logging.getLogger("halp").removeHandler(handler)
             handler.close()
@@ -429,20 +497,21 @@ def _shard_pass(
     shard: Shard,
     store: RunStore,
     samples: list[Sample],
-    done: set[str],
+    plan: ResumePlan,
     device: str,
     dtype: str,
     max_new_tokens: int,
 ) -> ExtractSummary:
     mine = shard.select(samples)
-    todo = [sample for _, sample in mine if sample.question_id not in done]
-    summary = ExtractSummary(store.root, len(mine), len(mine) - len(todo), 0, shard=shard)
+    todo = plan.todo
+    summary = ExtractSummary(store.root, len(mine), len(mine) - len(todo), 0, shard=shard, changed=plan.changed)
     log.info(
         "shard %s: %d of %d samples, %d already committed", shard.name, len(mine), len(samples), summary.already_done
     )
     failures = FailureLog(store.writer_dir / ERRORS_FILE, summary)
     if todo:
         extractor, attrs = prepare_extractor(config, device, dtype, max_new_tokens)
+        recheck_model_after_loading(store.read_identity() or {}, store, config.model)
         attrs["num_shards"] = shard.count
         start = time.perf_counter()
         _extract_all(
@@ -454,9 +523,10 @@ def _shard_pass(
         {
             "shard": shard.name,
             "table_rows": len(samples),
-            "table_sha256": table_digest([sample.question_id for sample in samples]),
+            "table_sha256": table_text_digest(samples),
             "positions": [position for position, _ in mine],
             "question_ids": [sample.question_id for _, sample in mine],
+            "row_sha256": [plan.digests[sample.question_id] for _, sample in mine],
             "failed": summary.failed,
             "processed": summary.processed,
             "ended": datetime.now(timezone.utc).isoformat(),

@@ -9,6 +9,7 @@ transformers' own classes, and its `.py` files are never imported.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -150,3 +151,57 @@ def _model_class_and_processor(model_id: str, trust_remote_code: bool) -> tuple[
     if config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
         return AutoModelForMultimodalLM, processor
     return AutoModelForImageTextToText, processor
+
+
+#: Files of a local checkpoint whose bytes decide the model's numbers (weights, configs, tokenizer, processor).
+_FINGERPRINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model", ".txt", ".tiktoken", ".py")
+
+
+def model_fingerprint(model_id: str, known: dict[str, list[Any]] | None = None) -> tuple[str | None, dict[str, Any]]:
+    """The content identity of a checkpoint, and the per-file record that makes the next call cheap.
+
+    A local directory: SHA-256 over every weight, config, tokenizer and code file (name, size, SHA-256 of its
+    bytes). A file whose (size, mtime_ns, inode) equals the one in `known` (the record of an earlier call) is not
+    hashed again, so a rerun costs a `stat` per file. A hub id: `hub:<id>@<commit>` of the cached snapshot
+    (None while it is not cached: the caller checks again once the model is loaded).
+    """
+    path = Path(model_id).expanduser()
+    if not path.is_dir():
+        commit = hub_commit(model_id)
+        return (f"hub:{model_id}@{commit}" if commit else None), {}
+    known = known or {}
+    record: dict[str, list[Any]] = {}
+    total = hashlib.sha256()
+    files = sorted(
+        file for file in path.rglob("*")
+        if file.suffix in _FINGERPRINT_SUFFIXES
+        and not any(part.startswith(".") for part in file.relative_to(path).parts)
+        and file.is_file()
+    )
+    for file in files:
+        name = file.relative_to(path).as_posix()
+        stat = file.stat()
+        key = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+        previous = known.get(name)
+        if previous is not None and list(previous[:3]) == key:
+            digest = str(previous[3])
+        else:
+            with file.open("rb") as handle:
+                digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        record[name] = [*key, digest]
+        total.update(f"{name}\t{stat.st_size}\t{digest}\n".encode())
+    return total.hexdigest(), record
+
+
+def hub_commit(model_id: str) -> str | None:
+    """The commit of the cached snapshot of a hub model (from the cache's path), or None if not cached."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(model_id, "config.json")
+    except ValueError:  # not a valid repo id
+        return None
+    if not isinstance(cached, str):
+        return None
+    parts = Path(cached).parts
+    return parts[parts.index("snapshots") + 1] if "snapshots" in parts else None

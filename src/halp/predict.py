@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,8 @@ from PIL import Image
 
 from halp.capture import FeatureExtractor
 from halp.data import ImageError, Sample, load_image, read_samples, to_rgb
-from halp.errors import ScorerError
+from halp.errors import OutputPathError, ScorerError
+from halp.layout import atomic_write
 from halp.report import split_feature
 
 PROBES_DIR = "probes"
@@ -190,6 +190,18 @@ def _check_same_model(model: Any, attrs: dict[str, Any]) -> None:
 # ----- halp predict ------------------------------------------------------------------------
 
 
+def check_predict_output(out: str | Path, run_dir: str | Path, data: str | Path) -> None:
+    """Refuse an output path that is one of predict's inputs: the table, or a file of the run it reads."""
+    target = Path(out).resolve()
+    run_dir = Path(run_dir).resolve()
+    inputs = [Path(data).resolve(), run_dir / "features.h5", run_dir / "run.json"]
+    if target in inputs or target.is_relative_to(run_dir / PROBES_DIR) or target.is_dir():
+        raise OutputPathError(
+            f"--out {out} is one of the inputs of `halp predict` (or a directory); choose another file"
+        )
+
+
+
 @dataclass
 class PredictSummary:
     out: Path
@@ -237,8 +249,7 @@ def predict_file(
             risks.update(_score_isolating_failures(scorer, good, images, failed))
             bar.update(len(batch))
     errors = dict(failed)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    with tmp.open("w", newline="", encoding="utf-8") as handle:
+    with atomic_write(out, newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["question_id", "risk", "flagged", "error"])
         for sample in samples:
@@ -247,7 +258,6 @@ def predict_file(
                 writer.writerow([sample.question_id, "", "", errors.get(sample.question_id, "not scored")])
             else:
                 writer.writerow([sample.question_id, format(risk, ".10g"), int(risk >= scorer.threshold), ""])
-    os.replace(tmp, out)
     flagged = sum(risk >= scorer.threshold for risk in risks.values())
     return PredictSummary(out, len(samples), flagged, failed, scorer.feature, scorer.probe_name, scorer.threshold)
 

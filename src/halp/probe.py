@@ -40,6 +40,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from halp.store import feature_datasets, read_strings
+from halp.store import meta_columns as stored_meta_columns
 
 log = logging.getLogger(__name__)
 
@@ -560,7 +561,7 @@ def train_probes(
     with h5py.File(features_path, "r") as handle:
         question_ids = read_strings(handle["question_id"])
         image_ids = read_strings(handle["image_id"])
-        meta_columns = {name: read_strings(handle["meta"][name]) for name in handle.get("meta", {})}
+        meta_columns = {name: read_strings(dataset) for name, dataset in stored_meta_columns(handle).items()}
         available = feature_datasets(handle)
         attrs = {key: handle.attrs[key] for key in handle.attrs}
     chosen = list(features) if features else available

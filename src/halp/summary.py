@@ -5,13 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from halp.store import FEATURES_FILE, STRING_FIELDS, RunStore, feature_datasets, read_strings
+from halp.store import (
+    FEATURES_FILE,
+    STRING_FIELDS,
+    RunStore,
+    feature_datasets,
+    meta_columns,
+    open_run_file,
+    read_strings,
+)
 
 
 def features_file(run_dir: str | Path) -> Path:
@@ -34,7 +41,7 @@ def _short(text: str, width: int = 80) -> str:
 
 def render_inspect(run_dir: str | Path, console: Console, sample: str | None = None, detailed: bool = False) -> None:
     path = features_file(run_dir)
-    with h5py.File(path, "r") as handle:
+    with open_run_file(path) as handle:
         ids = read_strings(handle["question_id"])
         names = feature_datasets(handle)
         console.print(f"[bold]{escape(str(path))}[/]: {len(ids)} samples, {len(names)} features", soft_wrap=True)
@@ -57,7 +64,7 @@ def render_inspect(run_dir: str | Path, console: Console, sample: str | None = N
                 row += [f"{values.min():.4g}", f"{values.max():.4g}", f"{values.mean():.4g}", f"{values.std():.4g}"]
             features.add_row(*row)
         console.print(features)
-        meta = list(handle.get("meta", {}))
+        meta = meta_columns(handle)
         if meta:
             console.print("metadata columns: " + ", ".join(escape(m) for m in meta))
         shown = []
@@ -73,8 +80,8 @@ def render_inspect(run_dir: str | Path, console: Console, sample: str | None = N
             view.add_column("value")
             for field in STRING_FIELDS:
                 view.add_row(field, _short(read_strings(handle[field])[index], 200))
-            for column in meta:
-                view.add_row(f"meta/{escape(column)}", _short(read_strings(handle["meta"][column])[index], 200))
+            for column, dataset in meta.items():
+                view.add_row(f"meta/{escape(column)}", _short(read_strings(dataset)[index], 200))
             for name in names:
                 vector = handle[name][index]
                 view.add_row(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -21,7 +23,17 @@ from halp.cli.app import fail as _fail
 from halp.errors import HalpError
 
 if TYPE_CHECKING:
-    from halp.extract import ExtractSummary
+    from halp.extract import ExtractConfig, ExtractSummary
+
+
+@contextmanager
+def interrupted_exits(message: str) -> Iterator[None]:
+    """Ctrl-C ends the command with one line and exit status 130 (128 + SIGINT), not a traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        err_console.print(message, markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
 
 
 @app.command()
@@ -36,7 +48,7 @@ def extract(
     generate: Annotated[bool, typer.Option("--generate/--no-generate", help="--no-generate: prefill only.")] = True,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
-    limit: Annotated[int | None, typer.Option(help="Only the first N rows of the table.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N rows of the table.")] = None,
     trust_remote_code: TrustRemoteCodeOption = False,
     exif_orientation: Annotated[
         bool,
@@ -63,7 +75,7 @@ def extract(
     Under torchrun / accelerate launch each process extracts its rank's shard; see docs/scaling.md.
     """
     from halp.data import TableError
-    from halp.extract import ExtractConfig, run_extraction
+    from halp.extract import ExtractConfig
     from halp.models import ExtractionPointError
     from halp.store import RunLockedError, RunMismatchError, StoreWriteError
 
@@ -91,32 +103,49 @@ def extract(
     if engine == "local" and (num_workers != 1 or gpus_per_worker is not None):
         _fail("--num-workers and --gpus-per-worker apply to --engine ray")
     try:
-        if engine == "ray":
-            from halp.ray_engine import RayWorkerError, run_ray_extraction
-
-            try:
-                summary = run_ray_extraction(config, num_workers, gpus_per_worker)
-            except RayWorkerError as err:
-                _fail(str(err))
-                return
-        else:
-            summary = run_extraction(config)
+        with interrupted_exits("interrupted; rerun to resume (committed rows are kept)"):
+            summary = _extract_with(engine, config, num_workers, gpus_per_worker)
     except (HalpError, TableError, RunMismatchError, RunLockedError, StoreWriteError, ExtractionPointError, ValueError,
             FileNotFoundError, ImportError) as err:
         _fail(str(err))
         return
+    _report_extraction(summary)
+
+
+def _extract_with(engine: str, config: ExtractConfig, num_workers: int, gpus_per_worker: float | None
+                  ) -> ExtractSummary:
+    from halp.extract import run_extraction
+
+    if engine == "ray":
+        from halp.ray_engine import run_ray_extraction
+
+        return run_ray_extraction(config, num_workers, gpus_per_worker)
+    return run_extraction(config)
+
+
+def _report_extraction(summary: ExtractSummary) -> None:
     if summary.shard is not None:
         _report_shard(summary)
         return
+    # User paths are printed literally (markup=False): `--out "runs/exp[v2]"` is a path, not rich markup.
     console.print(
         f"{summary.processed} processed ({summary.samples_per_second:.2f} samples/s), "
-        f"{summary.already_done} already done, {len(summary.failed)} failed, of {summary.total}."
+        f"{summary.already_done} already done, {len(summary.failed)} failed, of {summary.total}.",
+        markup=False,
     )
-    console.print(f"features: {summary.run_dir / 'features.h5'}")
+    if summary.changed:
+        shown = ", ".join(summary.changed[:5]) + (" ..." if len(summary.changed) > 5 else "")
+        console.print(
+            f"{len(summary.changed)} committed row(s) had changed (question, image or other content) and were "
+            f"extracted again: {shown}",
+            markup=False,
+        )
+    console.print(f"features: {summary.run_dir / 'features.h5'}", markup=False, highlight=False, soft_wrap=True)
     if not summary.finished:
         console.print(
             f"{len(summary.failed)} row(s) failed and are not in features.h5; see "
-            f"{summary.run_dir / 'errors.jsonl'}. Rerun the same command to retry only them."
+            f"{summary.run_dir / 'errors.jsonl'}. Rerun the same command to retry only them.",
+            markup=False,
         )
         raise typer.Exit(1)
 
@@ -198,8 +227,10 @@ def inspect(
 
     try:
         render_inspect(run_dir, console, sample=sample, detailed=detailed)
-    except (FileNotFoundError, KeyError) as err:
+    except HalpError as err:
         _fail(str(err))
+    except (FileNotFoundError, KeyError) as err:
+        _fail(str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err))
 
 
 @app.command()
@@ -217,10 +248,10 @@ def export(
         _fail(f"unknown format {format!r}; available: halp-legacy")
     try:
         path = export_legacy(run_dir, output)
-    except FileNotFoundError as err:
+    except (HalpError, FileNotFoundError) as err:
         _fail(str(err))
         return
-    console.print(f"wrote {path}")
+    console.print(f"wrote {path}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -346,24 +377,32 @@ def predict(
     trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """Score (image, question) rows for hallucination risk from the prefill alone; write question_id,risk,flagged."""
-    from halp.data import TableError
+    from halp.data import TableError, read_samples
     from halp.models import ExtractionPointError
-    from halp.predict import RiskScorer, ScorerError, predict_file
+    from halp.predict import RiskScorer, ScorerError, check_predict_output, predict_file
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    destination = out or run / "risk" / f"{data.stem}.csv"
     try:
-        scorer = RiskScorer.from_run(
-            run,
-            feature,
-            probe,
-            device,
-            dtype,
-            threshold=threshold,
-            model=model,
-            batch_size=batch_size,
-            trust_remote_code=trust_remote_code,
-        )
-        summary = predict_file(scorer, data, images, out or run / "risk" / f"{data.stem}.csv", progress=True)
+        check_predict_output(destination, run, data)
+        read_samples(data)  # a bad or header-only table is refused before the model loads
+    except (HalpError, TableError) as err:
+        _fail(str(err))
+        return
+    try:
+        with interrupted_exits(f"interrupted; nothing was written to {destination}; rerun to score the table"):
+            scorer = RiskScorer.from_run(
+                run,
+                feature,
+                probe,
+                device,
+                dtype,
+                threshold=threshold,
+                model=model,
+                batch_size=batch_size,
+                trust_remote_code=trust_remote_code,
+            )
+            summary = predict_file(scorer, data, images, destination, progress=True)
     except (HalpError, ScorerError, TableError, ExtractionPointError, FileNotFoundError, ValueError) as err:
         _fail(str(err))
         return
@@ -460,7 +499,7 @@ def analyze_norms(
     layers: Annotated[str, typer.Option(help="'all', 'halp' or e.g. '0,7,-1'.")] = "all",
     prompt: Annotated[str, typer.Option(help="Prompt paired with each image.")] = "Describe the image.",
     save_features: Annotated[bool, typer.Option(help="Keep the token-level tensors (.npy) per image.")] = False,
-    limit: Annotated[int | None, typer.Option(help="Only the first N images (by name).")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N images (by name).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per prefill pass.")] = 4,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
@@ -513,7 +552,7 @@ def analyze_neighbors(
     contextual_layers: Annotated[
         str | None, typer.Option(help="Layers of the contextual index (default: --layers).")
     ] = None,
-    limit: Annotated[int | None, typer.Option(help="Only the first N images (by name).")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N images (by name).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per prefill pass.")] = 4,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
