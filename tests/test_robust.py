@@ -395,8 +395,14 @@ def test_export_group_names_never_collide_and_the_study_tools_serialize_the_attr
         assert json.loads(handle.attrs["question_id_map"]) == encoded
         assert handle["plain"]["question"][()].decode() == "Question 6?"
         # What the study's h5_to_json.py does: arrays to lists, then json.dump of the root attributes.
-        attrs = {key: (value.tolist() if isinstance(value, np.ndarray) else value) for key, value in handle.attrs.items()}
-        text = json.dumps(attrs, default=lambda value: value.item() if isinstance(value, np.integer) else str(value))
+        attrs = {key: (v.tolist() if isinstance(v, np.ndarray) else v) for key, v in handle.attrs.items()}
+
+        def numbers_only(value):  # numpy numbers become plain; anything else (a numpy bool) is not serializable
+            if isinstance(value, (np.integer, np.floating)):
+                return value.item()
+            raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+        text = json.dumps(attrs, default=numbers_only)
         assert json.loads(text)["complete"] == 1 and json.loads(text)["generated"] == 1
         assert attrs["model_name"] == str(checkpoint_dir("qwen2_vl")) and attrs["created_at"]
     refused = runner.invoke(app, ["export", str(out), str(out / "features.h5")])
@@ -446,3 +452,15 @@ def test_exif_orientation_is_applied_by_default_and_recorded(tmp_path, checkpoin
     assert json.loads((out / "run.json").read_text())["exif_orientation"] is True
     with pytest.raises(RunMismatchError, match="exif_orientation"):
         run_extraction(_config(checkpoint_dir("qwen2_vl"), table, images, out, exif_orientation=False))
+
+
+def test_predict_refuses_to_write_onto_its_own_input_before_loading_anything(tmp_path, small_set):
+    table, images = small_set
+    run = tmp_path / "run"
+    run.mkdir()
+    for out in (table, run / "features.h5", run / "probes" / "results.csv"):
+        result = runner.invoke(app, ["predict", "--run", str(run), "--data", str(table), "--images", str(images),
+                                     "--out", str(out)])
+        assert result.exit_code == 2, result.output
+        assert "one of the inputs" in _one_line_error(result.output)
+    assert table.read_text().startswith("question_id,image_id,question")

@@ -265,7 +265,11 @@ def _run(
     attrs["complete"] = not summary.failed
     attrs["num_failed"] = len(summary.failed)
     store.assemble(order, attrs, plan.digests)
-    summary.finished = not summary.failed
+    summary.finished = not summary.failed and _assembled_count(store) == len(order)
+    if not summary.failed and not summary.finished:
+        # A row whose image changed between the start of the run and its loading was committed with the new
+        # content's digest and left out of features.h5; the next rerun extracts it.
+        log.warning("some rows changed while the run was in progress; rerun the same command to extract them")
     log_rate(summary)
     return summary
 
@@ -649,6 +653,11 @@ def _commit_finite_rows(
         kept = [samples[i] for i in keep]
         features = {name: values[keep] for name, values in result.features.items()}
         store.commit(rows_for(kept, [result.answers[i] for i in keep], features), attrs)
+
+
+def _assembled_count(store: RunStore) -> int:
+    with store.reading(store.features_path) as handle:
+        return int(handle["question_id"].shape[0])
 
 
 def _dim(store: RunStore, name: str) -> int:

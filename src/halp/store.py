@@ -24,9 +24,16 @@ Every parts directory has exactly one live writer, so part numbers never collide
 are global: a shard never extracts a row committed anywhere in the run directory.
 
 `features.h5`: 1-D UTF-8 string datasets `question_id`, `image_id`, `question`, `ground_truth`,
-`answer`, `meta/<column>`; float32 (N, dim) datasets `vision_only`, `vision_projected`,
+`answer`, `row_sha256` (the row's content digest, `row_digest`), `meta/<column>` (the column name through
+`hdf5_name`; `meta_columns` reads them back); float32 (N, dim) datasets `vision_only`, `vision_projected`,
 `vision_token/layer_<k>`, `vision_token_mean/layer_<k>`, `query_token/layer_<k>`; root attributes
 describing the run.
+
+Content identity: a committed row is "done" for a rerun only while its `row_sha256` equals the digest of the
+table's row and image now; assembly keeps exactly the current table's rows, in its order, and drops copies of
+rows that changed (`assemble(..., digests)`). `run.json` records the model's content fingerprint
+(`halp.loading.model_fingerprint`); `check_model` refuses other content. A file that cannot be read is a
+`RunDamagedError` naming it and what to do (`open_run_file`, `read_json_file`).
 """
 
 from __future__ import annotations
@@ -304,14 +311,6 @@ def rows_for(samples: Sequence[Sample], answers: Sequence[str], features: dict[s
         meta={column: [s.meta.get(column, "") for s in samples] for column in meta_columns},
         features=features,
     )
-
-
-def table_digest(question_ids: Sequence[str]) -> str:
-    """Fingerprint of a table's rows in order: shards of one run must have read the same table."""
-    digest = hashlib.sha256()
-    for qid in question_ids:
-        digest.update(qid.encode("utf-8") + b"\n")
-    return digest.hexdigest()
 
 
 def _try_lock(path: Path) -> IO[str] | None:

@@ -187,7 +187,11 @@ def merge(
     from halp.store import RunLockedError, RunMismatchError, RunStore, StoreWriteError
 
     store = RunStore(run_dir)
-    identity = store.read_identity()
+    try:
+        identity = store.read_identity()
+    except HalpError as err:
+        _fail(str(err))
+        return
     if identity is None:
         _fail(f"{run_dir} is not a run directory (no run.json)")
         return
@@ -198,7 +202,7 @@ def merge(
     try:
         with store.hold_run_lock("merge"):  # no shard starts or finishes while the parts are merged
             result = store.assemble_shards(num_shards)
-    except (RunLockedError, RunMismatchError, StoreWriteError) as err:
+    except (HalpError, RunLockedError, RunMismatchError, StoreWriteError) as err:
         _fail(str(err))
         return
     if result.missing:
