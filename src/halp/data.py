@@ -176,8 +176,8 @@ def read_image(images_dir: str | Path, image_id: str, exif_orientation: bool = T
             return to_rgb(image), digest
     except Image.DecompressionBombError as err:
         raise ImageError(f"image {path} exceeds the decompression-bomb limit: {err}") from err
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
-        raise ImageError(f"image {path} cannot be read: {err}") from err
+    except Exception as err:  # any decoder failure (malformed EXIF, a codec bug) is this row's error only
+        raise ImageError(f"image {path} cannot be read: {type(err).__name__}: {err}") from err
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
