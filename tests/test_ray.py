@@ -84,11 +84,11 @@ def test_a_worker_dying_mid_task_is_retried_without_duplicates(
     committed: list[str] = []
     assemble = RunStore.assemble
 
-    def counting_assemble(store, order, attrs):
+    def counting_assemble(store, order, attrs, *args, **kwargs):
         for path in store.all_part_paths():
             with h5py.File(path, "r") as handle:
                 committed.extend(read_strings(handle["question_id"]))
-        return assemble(store, order, attrs)
+        return assemble(store, order, attrs, *args, **kwargs)
 
     monkeypatch.setattr(RunStore, "assemble", counting_assemble)
     summary = run_ray_extraction(

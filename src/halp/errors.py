@@ -77,6 +77,10 @@ class RunDamagedError(HalpError, RuntimeError):
     """A file of the run directory cannot be read (truncated, corrupt); names the file and what to do."""
 
 
+class OutputPathError(HalpError, ValueError):
+    """An output path is refused: it is one of the command's own inputs (writing it would destroy the input)."""
+
+
 class LabelError(HalpError, ValueError):
     """A label table or labelling request cannot be used; says which file or column and why."""
 

@@ -54,6 +54,7 @@ from halp.layout import (
     write_text_atomic,
 )
 from halp.store import feature_datasets, read_strings
+from halp.store import meta_columns as stored_meta_columns
 
 log = logging.getLogger(__name__)
 
@@ -590,7 +591,7 @@ def load_probe_data(
     with h5py.File(features_path, "r") as handle:
         question_ids = read_strings(handle["question_id"])
         image_ids = read_strings(handle["image_id"])
-        meta_columns = {name: read_strings(handle["meta"][name]) for name in handle.get("meta", {})}
+        meta_columns = {name: read_strings(dataset) for name, dataset in stored_meta_columns(handle).items()}
         available = feature_datasets(handle)
         attrs = {key: handle.attrs[key] for key in handle.attrs}
     chosen = list(features) if features else available

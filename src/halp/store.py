@@ -24,9 +24,16 @@ Every parts directory has exactly one live writer, so part numbers never collide
 are global: a shard never extracts a row committed anywhere in the run directory.
 
 `features.h5`: 1-D UTF-8 string datasets `question_id`, `image_id`, `question`, `ground_truth`,
-`answer`, `meta/<column>`; float32 (N, dim) datasets `vision_only`, `vision_projected`,
+`answer`, `row_sha256` (the row's content digest, `row_digest`), `meta/<column>` (the column name through
+`hdf5_name`; `meta_columns` reads them back); float32 (N, dim) datasets `vision_only`, `vision_projected`,
 `vision_token/layer_<k>`, `vision_token_mean/layer_<k>`, `query_token/layer_<k>`; root attributes
 describing the run.
+
+Content identity: a committed row is "done" for a rerun only while its `row_sha256` equals the digest of the
+table's row and image now; assembly keeps exactly the current table's rows, in its order, and drops copies of
+rows that changed (`assemble(..., digests)`). `run.json` records the model's content fingerprint
+(`halp.loading.model_fingerprint`); `check_model` refuses other content. A file that cannot be read is a
+`RunDamagedError` naming it and what to do (`open_run_file`, `read_json_file`).
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ import h5py
 import numpy as np
 
 from halp.data import Sample
-from halp.errors import RunDamagedError, RunLockedError, RunMismatchError, StoreWriteError
+from halp.errors import HalpError, RunDamagedError, RunLockedError, RunMismatchError, StoreWriteError
 from halp.features import sort_features
 from halp.layout import (
     DONE_FILE,
@@ -60,16 +67,21 @@ from halp.layout import (
     RAY_DIR,
     RUN_FILE,
     SHARDS_DIR,
+    write_text_atomic,
 )
 
 #: How long a shard waits for another shard's brief hold of the run lock (an assembly of a large run).
 SYNC_TIMEOUT_S = 3600.0
-STRING_FIELDS = ("question_id", "image_id", "question", "ground_truth", "answer")
+STRING_FIELDS = ("question_id", "image_id", "question", "ground_truth", "answer", "row_sha256")
+#: The per-row content digest (see `row_digest`); parts written before it existed lack it.
+ROW_DIGEST = "row_sha256"
 STR = h5py.string_dtype("utf-8")
 _PART_RE = re.compile(r"^part-(\d{6})\.h5$")
 
 #: Settings that change the numbers; a rerun into the same directory must agree on them.
-IDENTITY_KEYS = ("model", "layers", "dtype", "max_new_tokens", "prompt_format")
+IDENTITY_KEYS = ("model", "layers", "dtype", "max_new_tokens", "prompt_format", "exif_orientation")
+#: Identity keys added after runs already existed: a run.json without them gets the present value recorded.
+LATER_IDENTITY_KEYS = ("exif_orientation", "model_sha256")
 #: Brief holders of the run lock write "<pid> brief <writer>" in the lock file; lifetime holders just "<pid>".
 _BRIEF = " brief "
 
@@ -93,6 +105,114 @@ def _write_strings(group: h5py.Group, name: str, values: Sequence[str]) -> None:
 
 def read_strings(dataset: h5py.Dataset) -> list[str]:
     return [value.decode("utf-8") if isinstance(value, bytes) else str(value) for value in dataset[()]]
+
+
+def hdf5_name(text: str) -> str:
+    """A name HDF5 can give a dataset or group for any non-empty text: itself when it can, else percent-encoded
+    (`%` -> `%25`, `/` -> `%2F`, a leading `.` -> `%2E`). Injective, so names never collide; `from_hdf5_name`
+    reverses it. Metadata columns (`meta/<name>`) and the legacy export's groups are named this way."""
+    if "/" not in text and "%" not in text and not text.startswith("."):
+        return text
+    encoded = text.replace("%", "%25").replace("/", "%2F")
+    return "%2E" + encoded[1:] if encoded.startswith(".") else encoded
+
+
+def from_hdf5_name(name: str) -> str:
+    from urllib.parse import unquote
+
+    return unquote(name) if "%" in name else name
+
+
+def meta_columns(handle: h5py.Group) -> dict[str, h5py.Dataset]:
+    """The metadata columns of a features.h5 or part: the table's column name -> its dataset."""
+    group = handle.get("meta")
+    if group is None:
+        return {}
+    return {from_hdf5_name(name): group[name] for name in group}
+
+
+def _strings_or_blank(handle: h5py.Group, name: str, count: int) -> np.ndarray:
+    """A string dataset's values; "" for each row of a file written before the dataset existed (row_sha256)."""
+    if name in handle:
+        return handle[name][()]
+    return np.array([b""] * count, dtype=object)
+
+
+def _texts_or_blank(handle: h5py.Group, name: str, count: int) -> list[str]:
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in _strings_or_blank(handle, name, count)]
+
+
+def row_digest(sample: Sample, image_sha256: str) -> str:
+    """The content identity of one row: everything of the table row (ids, question, ground truth, metadata) and
+    the image's bytes. A rerun re-extracts a committed row whose digest differs from the table's."""
+    text = json.dumps(
+        [sample.question_id, sample.image_id, sample.question, sample.ground_truth, sorted(sample.meta.items())],
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(f"{text}\n{image_sha256}".encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def table_text_digest(samples: Sequence[Sample]) -> str:
+    """Fingerprint of a table's text (every row's ids, question, ground truth, metadata) in order: the shards of one
+    run must have read the same table. Images are not read here (each shard digests its own rows' images)."""
+    digest = hashlib.sha256()
+    for sample in samples:
+        digest.update(row_digest(sample, "").encode("ascii") + b"\n")
+    return digest.hexdigest()
+
+
+def damage_advice(path: Path) -> str:
+    """What to do about a damaged file of a run directory, by what the file is."""
+    name = path.name
+    if _PART_RE.match(name):
+        return (
+            "remove that part file and rerun the same command: its rows are extracted again, rows committed in "
+            "other files are kept"
+        )
+    if name == FEATURES_FILE:
+        return (
+            "restore it from a copy, or remove it and rerun the same `halp extract` command to extract the run again "
+            "(parts/ still holds any rows not yet assembled)"
+        )
+    if name == RUN_FILE:
+        return "restore it from a copy, or rerun `halp extract` with --overwrite (this discards the run's rows)"
+    if name == DONE_FILE:
+        return "remove it and rerun that shard: its committed rows are kept"
+    return "remove or restore it and rerun"
+
+
+@contextmanager
+def open_run_file(path: str | Path) -> Iterator[h5py.File]:
+    """Open an HDF5 file of a run for reading; a truncated or corrupt one is a RunDamagedError naming the file."""
+    path = Path(path)
+    try:
+        handle = h5py.File(path, "r")
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as err:
+        raise RunDamagedError(f"{path} is damaged ({_first_line(err)}); {damage_advice(path)}") from err
+    try:
+        with handle:
+            yield handle
+    except (KeyError, OSError, ValueError) as err:
+        if isinstance(err, HalpError):
+            raise
+        raise RunDamagedError(
+            f"{path} is damaged (cannot read {_first_line(err)}); {damage_advice(path)}"
+        ) from err
+
+
+def read_json_file(path: Path) -> Any:
+    """A JSON file of the run directory (run.json, done.json); a corrupt one is a RunDamagedError naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RunDamagedError(f"{path} is damaged (not JSON: {err}); {damage_advice(path)}") from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 @dataclass
@@ -121,7 +241,7 @@ def write_rows(path: Path, rows: Rows, attrs: dict[str, Any]) -> None:
                     _write_strings(handle, name, rows.strings[name])
                 meta = handle.create_group("meta")
                 for column, values in rows.meta.items():
-                    _write_strings(meta, column, values)
+                    _write_strings(meta, hdf5_name(column), values)
                 for name, array in rows.features.items():
                     handle.create_dataset(name, data=np.asarray(array, dtype=np.float32))
             raw.flush()
@@ -149,9 +269,12 @@ def feature_datasets(handle: h5py.File) -> list[str]:
 
 
 def read_rows(path: Path) -> Rows:
-    with h5py.File(path, "r") as handle:
-        strings = {name: read_strings(handle[name]) for name in STRING_FIELDS}
-        meta = {column: read_strings(handle["meta"][column]) for column in handle.get("meta", {})}
+    with open_run_file(path) as handle:
+        count = int(handle["question_id"].shape[0])
+        strings = {
+            name: _texts_or_blank(handle, name, count) for name in STRING_FIELDS
+        }
+        meta = {column: read_strings(dataset) for column, dataset in meta_columns(handle).items()}
         features = {name: handle[name][()] for name in feature_datasets(handle)}
     return Rows(strings, meta, features)
 
@@ -176,18 +299,11 @@ def rows_for(samples: Sequence[Sample], answers: Sequence[str], features: dict[s
             "question": [s.question for s in samples],
             "ground_truth": [s.ground_truth for s in samples],
             "answer": list(answers),
+            ROW_DIGEST: [s.row_sha256 for s in samples],
         },
         meta={column: [s.meta.get(column, "") for s in samples] for column in meta_columns},
         features=features,
     )
-
-
-def table_digest(question_ids: Sequence[str]) -> str:
-    """Fingerprint of a table's rows in order: shards of one run must have read the same table."""
-    digest = hashlib.sha256()
-    for qid in question_ids:
-        digest.update(qid.encode("utf-8") + b"\n")
-    return digest.hexdigest()
 
 
 def _try_lock(path: Path) -> IO[str] | None:
@@ -256,6 +372,10 @@ class RunStore:
     @property
     def run_path(self) -> Path:
         return self.root / RUN_FILE
+
+    def reading(self, path: Path) -> Any:
+        """Open one of the run's HDF5 files for reading (see `open_run_file`)."""
+        return open_run_file(path)
 
     # ----- one writer ----------------------------------------------------------------------
     def lock(self) -> None:
@@ -368,12 +488,10 @@ class RunStore:
     def read_identity(self) -> dict[str, Any] | None:
         if not self.run_path.exists():
             return None
-        return json.loads(self.run_path.read_text())
+        return read_json_file(self.run_path)
 
     def _write_identity(self, identity: dict[str, Any]) -> None:
-        tmp = self.run_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(identity, indent=2, sort_keys=True))
-        os.replace(tmp, self.run_path)
+        write_text_atomic(self.run_path, json.dumps(identity, indent=2, sort_keys=True))
 
     def open(self, identity: dict[str, Any], overwrite: bool = False) -> None:
         """Create the directory, or check that an existing one was made with the same settings.
@@ -399,6 +517,10 @@ class RunStore:
                 )
             self._write_identity(identity)
             return
+        adopted = {key: identity[key] for key in LATER_IDENTITY_KEYS if key not in existing and key in identity}
+        if adopted:  # a run made before these keys existed: record them now (its past cannot be checked)
+            existing = {**existing, **adopted}
+            self._write_identity(existing)
         differences = [
             f"{key}: run has {existing.get(key)!r}, now {identity.get(key)!r}"
             for key in IDENTITY_KEYS
@@ -409,6 +531,7 @@ class RunStore:
                 f"{self.root} was created with other settings ({'; '.join(differences)}). "
                 "Use another --out, or --overwrite to discard it."
             )
+        self.check_model(identity.get("model_sha256"), identity.get("model_files"))
         before, now = int(existing.get("num_shards", 1)), int(identity.get("num_shards", 1))
         if before != now:
             self._require_no_live_writers(f"this run asks for {now} shard(s) where the run directory has {before}")
@@ -416,6 +539,24 @@ class RunStore:
                 (directory / DONE_FILE).unlink(missing_ok=True)  # done markers belong to the old layout
             self._write_identity({**existing, "num_shards": now})
             log.info("%s: shard layout changes from %d to %d; committed rows are kept", self.root, before, now)
+
+    def check_model(self, fingerprint: str | None, files: dict[str, Any] | None = None) -> None:
+        """Refuse a checkpoint whose content differs from the run's (other weights at the same path or hub id);
+        record the fingerprint if the run has none yet. Call with the run lock held."""
+        if fingerprint is None:
+            return
+        existing = self.read_identity() or {}
+        recorded = existing.get("model_sha256")
+        if recorded is not None and recorded != fingerprint:
+            changed = _changed_files(existing.get("model_files") or {}, files or {})
+            raise RunMismatchError(
+                f"{self.root} was extracted from other model content than {existing.get('model')} has now "
+                f"(model_sha256 {str(recorded)[:12]}…, now {fingerprint[:12]}…"
+                f"{'; changed: ' + ', '.join(changed[:5]) if changed else ''}). "
+                "Use another --out for the new checkpoint, or --overwrite to discard this run."
+            )
+        if recorded != fingerprint or (files and existing.get("model_files") != files):
+            self._write_identity({**existing, "model_sha256": fingerprint, "model_files": files or {}})
 
     # ----- parts ---------------------------------------------------------------------------
     def part_paths(self) -> list[Path]:
@@ -436,9 +577,30 @@ class RunStore:
         done: set[str] = set()
         sources = [*self.all_part_paths(), self.features_path] if self.features_path.exists() else self.all_part_paths()
         for path in sources:
-            with h5py.File(path, "r") as handle:
+            with self.reading(path) as handle:
                 done.update(read_strings(handle["question_id"]))
         return done
+
+    def committed_digests(self) -> dict[str, set[str]]:
+        """question_id -> the content digests it is committed with (several while a changed row awaits assembly)."""
+        found: dict[str, set[str]] = {}
+        sources = [*self.all_part_paths(), self.features_path] if self.features_path.exists() else self.all_part_paths()
+        for path in sources:
+            with self.reading(path) as handle:
+                ids = read_strings(handle["question_id"])
+                digests = _texts_or_blank(handle, ROW_DIGEST, len(ids))
+            for qid, digest in zip(ids, digests, strict=True):
+                found.setdefault(qid, set()).add(digest)
+        return found
+
+    def assembled_as(self, order: Sequence[str], digests: dict[str, str]) -> bool:
+        """Whether features.h5 holds exactly the rows of `order`, in that order, with these content digests."""
+        if not self.features_path.exists():
+            return False
+        with self.reading(self.features_path) as handle:
+            ids = read_strings(handle["question_id"])
+            stored = _texts_or_blank(handle, ROW_DIGEST, len(ids))
+        return ids == list(order) and stored == [digests.get(qid) for qid in order]
 
     def reopen_finished(self) -> None:
         """Turn a finished features.h5 back into a part, so a larger rerun can extend it."""
@@ -465,17 +627,22 @@ class RunStore:
         """
         if not self.features_path.exists():
             return
-        with h5py.File(self.features_path, "r") as handle:
-            assembled = set(read_strings(handle["question_id"]))
+        assembled = self._row_pairs(self.features_path)
         for path in self.all_part_paths():
-            with h5py.File(path, "r") as handle:
-                ids = set(read_strings(handle["question_id"]))
-            if ids <= assembled:
+            rows = self._row_pairs(path)  # (question_id, content digest): a changed row's new copy is not assembled
+            if rows <= assembled:
                 path.unlink()
-            elif ids & assembled and not self._is_ray_part(path):
+            elif rows & assembled and not self._is_ray_part(path):
                 raise RunDamagedError(
-                    f"{path} holds rows that are not in {self.features_path}; the run is inconsistent"
+                    f"{path} holds rows that are not in {self.features_path} beside rows that are: the run is "
+                    f"inconsistent; {damage_advice(path)}"
                 )
+
+    def _row_pairs(self, path: Path) -> set[tuple[str, str]]:
+        with self.reading(path) as handle:
+            ids = read_strings(handle["question_id"])
+            digests = _texts_or_blank(handle, ROW_DIGEST, len(ids))
+        return set(zip(ids, digests, strict=True))
 
     def remove_stale_temporaries(self) -> None:
         """Remove temporaries of dead writers. Call with the run lock held."""
@@ -505,7 +672,7 @@ class RunStore:
 
     def read_done(self, shard_name: str) -> dict[str, Any] | None:
         path = self.root / SHARDS_DIR / shard_name / DONE_FILE
-        return json.loads(path.read_text()) if path.exists() else None
+        return read_json_file(path) if path.exists() else None
 
     def assemble_shards(self, num_shards: int) -> ShardAssembly:
         """If every shard of the layout is done, assemble features.h5 in table order. Call with the run lock held.
@@ -526,6 +693,12 @@ class RunStore:
                 "rerun every shard with the same --data and --limit"
             )
         table_rows = next(iter(digests))[0]
+        row_digests: dict[str, str] | None = {}
+        for marker in markers.values():
+            if "row_sha256" not in marker:  # a shard of an older halp: no content check for this assembly
+                row_digests = None
+                break
+            row_digests.update(zip(marker["question_ids"], marker["row_sha256"], strict=True))
         positions: dict[int, str] = {}
         for marker in markers.values():
             positions.update(zip(marker["positions"], marker["question_ids"], strict=True))
@@ -540,12 +713,14 @@ class RunStore:
 
         _write_errors(self.root / ERRORS_FILE, result.failed)
         parts = self.all_part_paths()
-        if parts or not self.features_path.exists():
+        if parts or not self.features_path.exists() or (
+            row_digests is not None and not self.assembled_as(order, row_digests)
+        ):
             attrs = self.recorded_attrs(parts)
             attrs.update(complete=not result.failed, num_failed=len(result.failed), num_shards=num_shards)
-            self.assemble(order, attrs)
+            self.assemble(order, attrs, row_digests)
             result.assembled = True
-        with h5py.File(self.features_path, "r") as handle:
+        with self.reading(self.features_path) as handle:
             result.num_samples = int(handle["question_id"].shape[0])
         return result
 
@@ -553,7 +728,7 @@ class RunStore:
         """The run's attributes as the writers recorded them (model, layers, dtype, ...), plus feature sizes."""
         attrs: dict[str, Any] = {}
         for path in [*([self.features_path] if self.features_path.exists() else []), *parts]:
-            with h5py.File(path, "r") as handle:
+            with self.reading(path) as handle:
                 attrs = {key: value for key, value in handle.attrs.items() if key != "num_samples"} | attrs
                 for name, key in (("vision_projected", "hidden_size"), ("vision_only", "vision_hidden_size")):
                     if name in handle and key not in attrs:
@@ -563,34 +738,44 @@ class RunStore:
         return attrs
 
     # ----- assembly ------------------------------------------------------------------------
-    def assemble(self, order: Sequence[str], attrs: dict[str, Any]) -> Path:
+    def assemble(self, order: Sequence[str], attrs: dict[str, Any], digests: dict[str, str] | None = None) -> Path:
         """Write features.h5 with the committed rows in `order`, streaming source by source, then drop the parts.
 
         Sources: an existing features.h5 (a sharded run assembles again when shards add rows), then every part.
+        With `digests` (question_id -> the table's content digest), a committed copy whose digest differs (the row
+        changed and was extracted again) is dropped. Rows not in `order` (removed from the table) are dropped too.
         A row may be committed twice only by Ray (a retried task); the first copy is kept.
         """
         parts = self.all_part_paths()
         existing = [self.features_path] if self.features_path.exists() else []
         sources = [*existing, *sorted(parts, key=self._is_ray_part)]
         ids_per_source = []
+        digests_per_source = []
         for path in sources:
-            with h5py.File(path, "r") as handle:
-                ids_per_source.append(read_strings(handle["question_id"]))
+            with self.reading(path) as handle:
+                ids = read_strings(handle["question_id"])
+                ids_per_source.append(ids)
+                digests_per_source.append(_texts_or_blank(handle, ROW_DIGEST, len(ids)))
         rank = {qid: i for i, qid in enumerate(order)}
         owner: dict[str, int] = {}
-        repeated = 0
+        repeated = stale = 0
         for index, (path, ids) in enumerate(zip(sources, ids_per_source, strict=True)):
-            for qid in ids:
-                if qid not in owner:
+            for qid, digest in zip(ids, digests_per_source[index], strict=True):
+                if digests is not None and qid in rank and digests.get(qid) != digest:
+                    stale += 1
+                elif qid not in owner:
                     owner[qid] = index
                 elif self._is_ray_part(path):
                     repeated += 1
                 else:
                     raise RunDamagedError(
-                        f"{self.root}: question_id {qid!r} is committed twice; the run is inconsistent"
+                        f"{self.root}: question_id {qid!r} is committed twice with the same content; the run is "
+                        "inconsistent. Rerun with --overwrite to extract it afresh."
                     )
         if repeated:
             log.info("%s: %d row(s) committed twice by retried Ray tasks; keeping one copy", self.root, repeated)
+        if stale:
+            log.info("%s: %d committed row(s) of an earlier version of the table dropped", self.root, stale)
         kept = sorted((qid for qid in owner if qid in rank), key=rank.__getitem__)
         destination = {qid: i for i, qid in enumerate(kept)}
         total = len(kept)
@@ -612,11 +797,12 @@ class RunStore:
                         rows_here.sort()
                         dest = np.array([d for d, _ in rows_here], dtype=np.int64)
                         src = np.array([s for _, s in rows_here], dtype=np.int64)
-                        with h5py.File(path, "r") as part:
+                        with self.reading(path) as part:
+                            count = len(ids)
                             for name in [*STRING_FIELDS, *(f"meta/{c}" for c in part.get("meta", {}))]:
                                 if name not in out:
                                     out.create_dataset(name, shape=(total,), dtype=STR)
-                                values = part[name][()]
+                                values = _strings_or_blank(part, name, count)
                                 out[name][dest] = values[src]
                             for name in feature_datasets(part):
                                 array = part[name][()]
@@ -640,6 +826,12 @@ class RunStore:
         for path in parts:
             path.unlink()
         return self.features_path
+
+
+def _changed_files(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Names of checkpoint files added, removed or with other bytes between two fingerprint records."""
+    names = sorted(set(before) | set(now))
+    return [name for name in names if (before.get(name) or [None] * 4)[3] != (now.get(name) or [None] * 4)[3]]
 
 
 def _parts_in(directory: Path) -> list[Path]:

@@ -9,12 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
 from halp.errors import ParameterError
 from halp.layout import features_file
-from halp.store import STRING_FIELDS, feature_datasets, read_strings
+from halp.store import STRING_FIELDS, feature_datasets, meta_columns, open_run_file, read_strings
 
 
 @dataclass
@@ -45,7 +44,7 @@ def summarize_run(run: str | Path, sample: str | None = None, detailed: bool = F
     """The run's attributes, features (with statistics if `detailed`), metadata columns and the samples asked for:
     `sample` (a question_id), else the first three when `detailed`."""
     path = features_file(run)
-    with h5py.File(path, "r") as handle:
+    with open_run_file(path) as handle:
         ids = read_strings(handle["question_id"])
         names = feature_datasets(handle)
         features = []
@@ -61,7 +60,7 @@ def summarize_run(run: str | Path, sample: str | None = None, detailed: bool = F
                     "std": float(values.std()),
                 }
             features.append(FeatureInfo(name, tuple(dataset.shape), str(dataset.dtype), stats))
-        meta = list(handle.get("meta", {}))
+        meta = meta_columns(handle)
         if sample is not None:
             if sample not in ids:
                 raise ParameterError("sample", f": question_id {sample!r} is not in {path}")
@@ -73,8 +72,8 @@ def summarize_run(run: str | Path, sample: str | None = None, detailed: bool = F
             view: dict[str, Any] = {"question_id": ids[index]}
             for name in STRING_FIELDS:
                 view[name] = read_strings(handle[name])[index]
-            for column in meta:
-                view[f"meta/{column}"] = read_strings(handle["meta"][column])[index]
+            for column, dataset in meta.items():
+                view[f"meta/{column}"] = read_strings(dataset)[index]
             for name in names:
                 vector = handle[name][index]
                 view[name] = {
@@ -85,7 +84,7 @@ def summarize_run(run: str | Path, sample: str | None = None, detailed: bool = F
                 }
             samples.append(view)
         attrs = {key: _plain(value) for key, value in handle.attrs.items()}
-    return RunSummary(path, len(ids), attrs, features, meta, samples)
+    return RunSummary(path, len(ids), attrs, features, list(meta), samples)
 
 
 def supported_families() -> list[dict[str, str]]:

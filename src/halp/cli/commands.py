@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -20,7 +22,17 @@ from halp.cli.app import (
 from halp.cli.app import fail as _fail
 
 if TYPE_CHECKING:
-    from halp.extract import ExtractSummary
+    from halp.extract import ExtractConfig, ExtractSummary
+
+
+@contextmanager
+def interrupted_exits(message: str) -> Iterator[None]:
+    """Ctrl-C ends the command with this one line and exit status 130 (128 + SIGINT), not a traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        err_console.print(message, markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
 
 
 @app.command()
@@ -35,7 +47,14 @@ def extract(
     generate: Annotated[bool, typer.Option("--generate/--no-generate", help="--no-generate: prefill only.")] = True,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
-    limit: Annotated[int | None, typer.Option(help="Only the first N rows of the table.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N rows of the table.")] = None,
+    exif_orientation: Annotated[
+        bool,
+        typer.Option(
+            "--exif-orientation/--no-exif-orientation",
+            help="Turn images upright by their EXIF Orientation tag (default), or use the stored pixels as they are.",
+        ),
+    ] = True,
     trust_remote_code: TrustRemoteCodeOption = False,
     overwrite: Annotated[bool, typer.Option(help="Discard an existing run in --out and start afresh.")] = False,
     num_shards: Annotated[
@@ -54,7 +73,7 @@ def extract(
 
     Under torchrun / accelerate launch each process extracts its rank's shard; see docs/scaling.md.
     """
-    from halp.extract import ExtractConfig, run_extraction
+    from halp.extract import ExtractConfig
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     config = ExtractConfig(
@@ -69,6 +88,7 @@ def extract(
         device=device,
         dtype=dtype,
         limit=limit,
+        exif_orientation=exif_orientation,
         trust_remote_code=trust_remote_code,
         overwrite=overwrite,
         num_shards=num_shards,
@@ -78,24 +98,45 @@ def extract(
         _fail(f"--engine {engine!r}: choose local or ray")
     if engine == "local" and (num_workers != 1 or gpus_per_worker is not None):
         _fail("--num-workers and --gpus-per-worker apply to --engine ray")
+    with interrupted_exits("interrupted; rerun to resume (committed rows are kept)"):
+        summary = _extract_with(engine, config, num_workers, gpus_per_worker)
+    _report_extraction(summary)
+
+
+def _extract_with(engine: str, config: ExtractConfig, num_workers: int, gpus_per_worker: float | None
+                  ) -> ExtractSummary:
+    from halp.extract import run_extraction
+
     if engine == "ray":
         from halp.ray_engine import run_ray_extraction
 
-        summary = run_ray_extraction(config, num_workers, gpus_per_worker)
-    else:
-        summary = run_extraction(config)
+        return run_ray_extraction(config, num_workers, gpus_per_worker)
+    return run_extraction(config)
+
+
+def _report_extraction(summary: ExtractSummary) -> None:
     if summary.shard is not None:
         _report_shard(summary)
         return
     console.print(
         f"{summary.processed} processed ({summary.samples_per_second:.2f} samples/s), "
-        f"{summary.already_done} already done, {len(summary.failed)} failed, of {summary.total}."
+        f"{summary.already_done} already done, {len(summary.failed)} failed, of {summary.total}.",
+        markup=False,
     )
-    console.print(f"features: {summary.run_dir / 'features.h5'}")
+    if summary.changed:
+        shown = ", ".join(summary.changed[:5]) + (" ..." if len(summary.changed) > 5 else "")
+        console.print(
+            f"{len(summary.changed)} committed row(s) had changed (question, image or other content) and were "
+            f"extracted again: {shown}",
+            markup=False,
+        )
+    # User paths are printed literally (markup=False): `--out "runs/exp[v2]"` is a path, not rich markup.
+    console.print(f"features: {summary.run_dir / 'features.h5'}", markup=False, highlight=False, soft_wrap=True)
     if not summary.finished:
         console.print(
             f"{len(summary.failed)} row(s) failed and are not in features.h5; see "
-            f"{summary.run_dir / 'errors.jsonl'}. Rerun the same command to retry only them."
+            f"{summary.run_dir / 'errors.jsonl'}. Rerun the same command to retry only them.",
+            markup=False,
         )
         raise typer.Exit(1)
 
@@ -187,7 +228,7 @@ def export(
     if format != "halp-legacy":
         _fail(f"unknown format {format!r}; available: halp-legacy")
     path = export_legacy(run_dir, output)
-    console.print(f"wrote {path}")
+    console.print(f"wrote {path}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -311,22 +352,27 @@ def predict(
     trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """Score (image, question) rows for hallucination risk from the prefill alone; write question_id,risk,flagged."""
+    from halp.data import read_samples
     from halp.layout import risk_file
-    from halp.predict import RiskScorer, predict_file
+    from halp.predict import RiskScorer, check_predict_output, predict_file
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    scorer = RiskScorer.from_run(
-        run,
-        feature,
-        probe,
-        device,
-        dtype,
-        threshold=threshold,
-        model=model,
-        batch_size=batch_size,
-        trust_remote_code=trust_remote_code,
-    )
-    summary = predict_file(scorer, data, images, out or risk_file(run, data), progress=True)
+    destination = out or risk_file(run, data)
+    check_predict_output(destination, run, data)
+    read_samples(data)  # a bad or header-only table is refused before the model loads
+    with interrupted_exits(f"interrupted; nothing was written to {destination}; rerun to score the table"):
+        scorer = RiskScorer.from_run(
+            run,
+            feature,
+            probe,
+            device,
+            dtype,
+            threshold=threshold,
+            model=model,
+            batch_size=batch_size,
+            trust_remote_code=trust_remote_code,
+        )
+        summary = predict_file(scorer, data, images, destination, progress=True)
     console.print(
         f"scored {summary.total - len(summary.failed)} of {summary.total} with {summary.feature} ({summary.probe}); "
         f"{summary.flagged} flagged at risk >= {summary.threshold:.3g}. wrote {summary.out}",
@@ -415,7 +461,7 @@ def analyze_norms(
     layers: Annotated[str, typer.Option(help="'all', 'halp' or e.g. '0,7,-1'.")] = "all",
     prompt: Annotated[str, typer.Option(help="Prompt paired with each image.")] = "Describe the image.",
     save_features: Annotated[bool, typer.Option(help="Keep the token-level tensors (.npy) per image.")] = False,
-    limit: Annotated[int | None, typer.Option(help="Only the first N images (by name).")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N images (by name).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per prefill pass.")] = 4,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
@@ -462,7 +508,7 @@ def analyze_neighbors(
     contextual_layers: Annotated[
         str | None, typer.Option(help="Layers of the contextual index (default: --layers).")
     ] = None,
-    limit: Annotated[int | None, typer.Option(help="Only the first N images (by name).")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N images (by name).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per prefill pass.")] = 4,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 
 from halp.extract import ExtractConfig
-from halp.store import STRING_FIELDS, feature_datasets, read_strings
+from halp.store import STRING_FIELDS, feature_datasets, meta_columns, read_strings
 
 
 def cpu_extract_config(checkpoint: str | Path, table: Path, images: Path, out: Path, **overrides: Any) -> ExtractConfig:
@@ -63,8 +63,8 @@ def read_run(path: Path) -> dict[str, Any]:
         content: dict[str, Any] = {name: handle[name][()] for name in feature_datasets(handle)}
         for name in STRING_FIELDS:
             content[name] = read_strings(handle[name])
-        for column in handle.get("meta", {}):
-            content[f"meta/{column}"] = read_strings(handle["meta"][column])
+        for column, dataset in meta_columns(handle).items():
+            content[f"meta/{column}"] = read_strings(dataset)
     return content
 
 
