@@ -23,11 +23,7 @@ assembles `features.h5` from all parts. A Ray worker commits to `RUN_DIR/ray/<wo
 Every parts directory has exactly one live writer, so part numbers never collide. Committed rows
 are global: a shard never extracts a row committed anywhere in the run directory.
 
-`features.h5`: 1-D UTF-8 string datasets `question_id`, `image_id`, `question`, `ground_truth`,
-`answer`, `row_sha256` (the row's content digest, `row_digest`), `meta/<column>` (the column name through
-`hdf5_name`; `meta_columns` reads them back); float32 (N, dim) datasets `vision_only`, `vision_projected`,
-`vision_token/layer_<k>`, `vision_token_mean/layer_<k>`, `query_token/layer_<k>`; root attributes
-describing the run.
+The `features.h5` contract (rows, digests, damaged files) is in halp.rows; the locks in halp.locks.
 
 Content identity: a committed row is "done" for a rerun only while its `row_sha256` equals the digest of the
 table's row and image now; assembly keeps exactly the current table's rows, in its order, and drops copies of
@@ -38,295 +34,64 @@ rows that changed (`assemble(..., digests)`). `run.json` records the model's con
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import logging
 import os
-import re
 import shutil
-import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import h5py
 import numpy as np
 
-from halp.data import Sample
-from halp.errors import HalpError, RunDamagedError, RunLockedError, RunMismatchError, StoreWriteError
-from halp.features import sort_features
+from halp.errors import RunDamagedError, RunMismatchError, StoreWriteError
 from halp.layout import (
     DONE_FILE,
     ERRORS_FILE,
     FEATURES_FILE,
-    LOCK_FILE,
     PARTS_DIR,
     RAY_DIR,
     RUN_FILE,
     SHARDS_DIR,
+    fsync_dir,
     write_text_atomic,
 )
-
-#: How long a shard waits for another shard's brief hold of the run lock (an assembly of a large run).
-SYNC_TIMEOUT_S = 3600.0
-STRING_FIELDS = ("question_id", "image_id", "question", "ground_truth", "answer", "row_sha256")
-#: The per-row content digest (see `row_digest`); parts written before it existed lack it.
-ROW_DIGEST = "row_sha256"
-STR = h5py.string_dtype("utf-8")
-_PART_RE = re.compile(r"^part-(\d{6})\.h5$")
+from halp.locks import SYNC_TIMEOUT_S, RunLocks  # noqa: F401  (SYNC_TIMEOUT_S re-exported)
+from halp.rows import (  # noqa: F401  (re-exported: halp.store was their home)
+    PART_RE,
+    ROW_DIGEST,
+    STR,
+    STRING_FIELDS,
+    Rows,
+    _strings_or_blank,
+    _texts_or_blank,
+    concat_rows,
+    damage_advice,
+    feature_datasets,
+    from_hdf5_name,
+    hdf5_name,
+    meta_columns,
+    open_run_file,
+    read_json_file,
+    read_rows,
+    read_strings,
+    row_digest,
+    rows_for,
+    table_text_digest,
+    write_rows,
+)
 
 #: Settings that change the numbers; a rerun into the same directory must agree on them.
 IDENTITY_KEYS = ("model", "layers", "dtype", "max_new_tokens", "prompt_format", "exif_orientation")
 #: Identity keys added after runs already existed: a run.json without them gets the present value recorded.
 LATER_IDENTITY_KEYS = ("exif_orientation", "model_sha256")
-#: Brief holders of the run lock write "<pid> brief <writer>" in the lock file; lifetime holders just "<pid>".
-_BRIEF = " brief "
 
 log = logging.getLogger(__name__)
 
 
 
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_strings(group: h5py.Group, name: str, values: Sequence[str]) -> None:
-    group.create_dataset(name, data=np.array(list(values), dtype=object), dtype=STR)
-
-
-def read_strings(dataset: h5py.Dataset) -> list[str]:
-    return [value.decode("utf-8") if isinstance(value, bytes) else str(value) for value in dataset[()]]
-
-
-def hdf5_name(text: str) -> str:
-    """A name HDF5 can give a dataset or group for any non-empty text: itself when it can, else percent-encoded
-    (`%` -> `%25`, `/` -> `%2F`, a leading `.` -> `%2E`). Injective, so names never collide; `from_hdf5_name`
-    reverses it. Metadata columns (`meta/<name>`) and the legacy export's groups are named this way."""
-    if "/" not in text and "%" not in text and not text.startswith("."):
-        return text
-    encoded = text.replace("%", "%25").replace("/", "%2F")
-    return "%2E" + encoded[1:] if encoded.startswith(".") else encoded
-
-
-def from_hdf5_name(name: str) -> str:
-    from urllib.parse import unquote
-
-    return unquote(name) if "%" in name else name
-
-
-def meta_columns(handle: h5py.Group) -> dict[str, h5py.Dataset]:
-    """The metadata columns of a features.h5 or part: the table's column name -> its dataset."""
-    group = handle.get("meta")
-    if group is None:
-        return {}
-    return {from_hdf5_name(name): group[name] for name in group}
-
-
-def _strings_or_blank(handle: h5py.Group, name: str, count: int) -> np.ndarray:
-    """A string dataset's values; "" for each row of a file written before the dataset existed (row_sha256)."""
-    if name in handle:
-        return handle[name][()]
-    return np.array([b""] * count, dtype=object)
-
-
-def _texts_or_blank(handle: h5py.Group, name: str, count: int) -> list[str]:
-    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in _strings_or_blank(handle, name, count)]
-
-
-def row_digest(sample: Sample, image_sha256: str) -> str:
-    """The content identity of one row: everything of the table row (ids, question, ground truth, metadata) and
-    the image's bytes. A rerun re-extracts a committed row whose digest differs from the table's."""
-    text = json.dumps(
-        [sample.question_id, sample.image_id, sample.question, sample.ground_truth, sorted(sample.meta.items())],
-        ensure_ascii=False,
-    )
-    return hashlib.sha256(f"{text}\n{image_sha256}".encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def table_text_digest(samples: Sequence[Sample]) -> str:
-    """Fingerprint of a table's text (every row's ids, question, ground truth, metadata) in order: the shards of one
-    run must have read the same table. Images are not read here (each shard digests its own rows' images)."""
-    digest = hashlib.sha256()
-    for sample in samples:
-        digest.update(row_digest(sample, "").encode("ascii") + b"\n")
-    return digest.hexdigest()
-
-
-def damage_advice(path: Path) -> str:
-    """What to do about a damaged file of a run directory, by what the file is."""
-    name = path.name
-    if _PART_RE.match(name):
-        return (
-            "remove that part file and rerun the same command: its rows are extracted again, rows committed in "
-            "other files are kept"
-        )
-    if name == FEATURES_FILE:
-        return (
-            "restore it from a copy, or remove it and rerun the same `halp extract` command to extract the run again "
-            "(parts/ still holds any rows not yet assembled)"
-        )
-    if name == RUN_FILE:
-        return "restore it from a copy, or rerun `halp extract` with --overwrite (this discards the run's rows)"
-    if name == DONE_FILE:
-        return "remove it and rerun that shard: its committed rows are kept"
-    return "remove or restore it and rerun"
-
-
-@contextmanager
-def open_run_file(path: str | Path) -> Iterator[h5py.File]:
-    """Open an HDF5 file of a run for reading; a truncated or corrupt one is a RunDamagedError naming the file."""
-    path = Path(path)
-    try:
-        handle = h5py.File(path, "r")
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError) as err:
-        raise RunDamagedError(f"{path} is damaged ({_first_line(err)}); {damage_advice(path)}") from err
-    try:
-        with handle:
-            yield handle
-    except (KeyError, OSError, ValueError) as err:
-        if isinstance(err, HalpError):
-            raise
-        raise RunDamagedError(
-            f"{path} is damaged (cannot read {_first_line(err)}); {damage_advice(path)}"
-        ) from err
-
-
-def read_json_file(path: Path) -> Any:
-    """A JSON file of the run directory (run.json, done.json); a corrupt one is a RunDamagedError naming it."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RunDamagedError(f"{path} is damaged (not JSON: {err}); {damage_advice(path)}") from err
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-@dataclass
-class Rows:
-    """Rows of a part or a finished run, in memory."""
-
-    strings: dict[str, list[str]]
-    meta: dict[str, list[str]]
-    features: dict[str, np.ndarray]
-
-    def __len__(self) -> int:
-        return len(self.strings["question_id"])
-
-
-def write_rows(path: Path, rows: Rows, attrs: dict[str, Any]) -> None:
-    """Write rows to `path` atomically (temporary file, fsync, rename); on failure nothing is left behind."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        # h5py writes through a Python file object so that a failed write (disk full, file-size limit) is a
-        # plain OSError here instead of an HDF5 library state that can crash the interpreter at exit.
-        with open(tmp, "w+b") as raw:
-            with h5py.File(raw, "w") as handle:
-                for key, value in attrs.items():
-                    handle.attrs[key] = value
-                for name in STRING_FIELDS:
-                    _write_strings(handle, name, rows.strings[name])
-                meta = handle.create_group("meta")
-                for column, values in rows.meta.items():
-                    _write_strings(meta, hdf5_name(column), values)
-                for name, array in rows.features.items():
-                    handle.create_dataset(name, data=np.asarray(array, dtype=np.float32))
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise StoreWriteError(
-            f"could not write {path}: {err}. Everything committed before is intact; "
-            "free disk space or fix permissions, then rerun the same command to resume."
-        ) from err
-
-
-def feature_datasets(handle: h5py.File) -> list[str]:
-    """Paths of the float feature datasets, in a stable order."""
-    names: list[str] = []
-
-    def visit(name: str, item: Any) -> None:
-        if isinstance(item, h5py.Dataset) and item.dtype.kind == "f":
-            names.append(name)
-
-    handle.visititems(visit)
-    return sort_features(names)
-
-
-def read_rows(path: Path) -> Rows:
-    with open_run_file(path) as handle:
-        count = int(handle["question_id"].shape[0])
-        strings = {
-            name: _texts_or_blank(handle, name, count) for name in STRING_FIELDS
-        }
-        meta = {column: read_strings(dataset) for column, dataset in meta_columns(handle).items()}
-        features = {name: handle[name][()] for name in feature_datasets(handle)}
-    return Rows(strings, meta, features)
-
-
-def concat_rows(parts: Iterable[Rows]) -> Rows:
-    """Rows of several parts, one after the other."""
-    parts = list(parts)
-    first = parts[0]
-    return Rows(
-        {name: [v for part in parts for v in part.strings[name]] for name in first.strings},
-        {column: [v for part in parts for v in part.meta[column]] for column in first.meta},
-        {name: np.concatenate([part.features[name] for part in parts]) for name in first.features},
-    )
-
-
-def rows_for(samples: Sequence[Sample], answers: Sequence[str], features: dict[str, np.ndarray]) -> Rows:
-    meta_columns = list(samples[0].meta) if samples else []
-    return Rows(
-        strings={
-            "question_id": [s.question_id for s in samples],
-            "image_id": [s.image_id for s in samples],
-            "question": [s.question for s in samples],
-            "ground_truth": [s.ground_truth for s in samples],
-            "answer": list(answers),
-            ROW_DIGEST: [s.row_sha256 for s in samples],
-        },
-        meta={column: [s.meta.get(column, "") for s in samples] for column in meta_columns},
-        features=features,
-    )
-
-
-def _try_lock(path: Path) -> IO[str] | None:
-    """An open handle holding an exclusive lock on `path`, or None if another open file holds it."""
-    handle = open(path, "a+")  # noqa: SIM115 - returned to the caller, who closes it
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        return None
-    return handle
-
-
-def _release(handle: IO[str]) -> None:
-    fcntl.flock(handle, fcntl.LOCK_UN)
-    handle.close()
-
-
-def _holder(path: Path) -> str:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return ""
 
 
 @dataclass
@@ -343,7 +108,7 @@ class ShardAssembly:
         return not self.missing
 
 
-class RunStore:
+class RunStore(RunLocks):
     """A run directory: identity, committed parts, assembly into features.h5.
 
     `writer` names the parts directory this object commits to: None for the single-process writer
@@ -376,113 +141,6 @@ class RunStore:
     def reading(self, path: Path) -> Any:
         """Open one of the run's HDF5 files for reading (see `open_run_file`)."""
         return open_run_file(path)
-
-    # ----- one writer ----------------------------------------------------------------------
-    def lock(self) -> None:
-        """Hold an exclusive lock for this process's lifetime; the OS drops it if the process dies (no stale locks).
-
-        The single-process writer locks RUN_DIR/.lock (the run lock); a shard or Ray worker locks its own directory.
-        """
-        self.writer_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(self.writer_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held open until the process ends or unlock()
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            handle.close()
-            what = f"{self.root}" if self.writer is None else f"{self.writer} of {self.root}"
-            raise RunLockedError(
-                f"{what} is being written by another halp process (pid {holder.split()[0]}); "
-                "wait for it to finish or stop it, then rerun"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        self._lock_handle = handle
-
-    def unlock(self) -> None:
-        handle = getattr(self, "_lock_handle", None)
-        if handle is not None:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            handle.close()
-            self._lock_handle = None
-
-    @contextmanager
-    def sync(self, timeout: float = SYNC_TIMEOUT_S) -> Iterator[None]:
-        """Hold the run lock briefly (a shard's start and finish). The single-process writer already holds it."""
-        if self.writer is None:
-            yield
-            return
-        with self.hold_run_lock(self.writer, timeout):
-            yield
-
-    @contextmanager
-    def hold_run_lock(self, holder_name: str, timeout: float = SYNC_TIMEOUT_S) -> Iterator[None]:
-        """Hold the run lock briefly, as `holder_name` (a shard, `merge`).
-
-        Waits while another shard holds it briefly; fails at once if a single-process run or a Ray driver holds it
-        for its lifetime (a shard cannot join such a run: both would extract the same rows).
-        """
-        self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / LOCK_FILE
-        deadline = time.monotonic() + timeout
-        lifetime_seen: str | None = None
-        while (handle := _try_lock(path)) is None:
-            holder = _holder(path)
-            if holder.isdigit():
-                # A bare pid: a lifetime holder, unless a new brief holder has not rewritten the file yet;
-                # seeing the same pid twice, half a second apart, rules that out.
-                if lifetime_seen == holder:
-                    raise RunLockedError(
-                        f"{self.root} is being written by a single-process run or a Ray driver (pid {holder}); "
-                        "a shard cannot join it. Wait for it to finish, or stop it and rerun the shards."
-                    )
-                lifetime_seen = holder
-                time.sleep(0.5)
-                continue
-            lifetime_seen = None
-            if time.monotonic() > deadline:
-                raise RunLockedError(f"{self.root}: the run lock was held by {holder or 'another process'} too long")
-            time.sleep(0.05)
-        try:
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"{os.getpid()}{_BRIEF}{holder_name}")
-            handle.flush()
-            yield
-        finally:
-            _release(handle)
-
-    # ----- other writers -------------------------------------------------------------------
-    def writer_dirs(self) -> list[Path]:
-        """Directories of shards and Ray workers, past and present."""
-        found: list[Path] = []
-        for group in (SHARDS_DIR, RAY_DIR):
-            base = self.root / group
-            if base.is_dir():
-                found += sorted(path for path in base.iterdir() if path.is_dir())
-        return found
-
-    def live_writers(self) -> dict[Path, str]:
-        """Directories of shards and Ray workers, other than this one, whose lock is held right now -> holder pid."""
-        live = {}
-        for directory in self.writer_dirs():
-            if directory == self.writer_dir or not (directory / LOCK_FILE).exists():
-                continue
-            handle = _try_lock(directory / LOCK_FILE)
-            if handle is None:
-                live[directory] = (_holder(directory / LOCK_FILE).split() or ["unknown"])[0]
-            else:
-                _release(handle)
-        return live
-
-    def _require_no_live_writers(self, why: str) -> None:
-        live = self.live_writers()
-        if live:
-            running = ", ".join(f"{path.relative_to(self.root)} (pid {pid})" for path, pid in live.items())
-            raise RunLockedError(f"{self.root}: {why}, but {running} is still running. Wait for it or stop it.")
 
     # ----- identity ------------------------------------------------------------------------
     def read_identity(self) -> dict[str, Any] | None:
@@ -607,10 +265,10 @@ class RunStore:
         if self.features_path.exists():
             target = self.parts_dir / f"part-{self._next_part_number():06d}.h5"
             os.replace(self.features_path, target)
-            _fsync_dir(self.parts_dir)
+            fsync_dir(self.parts_dir)
 
     def _next_part_number(self) -> int:
-        numbers = [int(_PART_RE.match(path.name).group(1)) for path in self.part_paths()]
+        numbers = [int(PART_RE.match(path.name).group(1)) for path in self.part_paths()]
         return max(numbers, default=-1) + 1
 
     def commit(self, rows: Rows, attrs: dict[str, Any]) -> Path:
@@ -665,7 +323,7 @@ class RunStore:
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-        _fsync_dir(self.writer_dir)
+        fsync_dir(self.writer_dir)
 
     def clear_done(self) -> None:
         (self.writer_dir / DONE_FILE).unlink(missing_ok=True)
@@ -822,7 +480,7 @@ class RunStore:
                 f"could not write {self.features_path}: {err}. The committed parts in {self.parts_dir} are intact; "
                 "free disk space or fix permissions, then rerun the same command to assemble them."
             ) from err
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         for path in parts:
             path.unlink()
         return self.features_path
@@ -837,7 +495,7 @@ def _changed_files(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
 def _parts_in(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
-    return sorted(path for path in directory.iterdir() if _PART_RE.match(path.name))
+    return sorted(path for path in directory.iterdir() if PART_RE.match(path.name))
 
 
 def _write_errors(path: Path, failed: Sequence[dict[str, str]]) -> None:
