@@ -66,7 +66,7 @@ def print_world(console: Any, result: StudyResult) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from halp.report import auroc_grid_tables
+    from halp.cli.render import auroc_grid_tables
 
     training = result.training
     console.rule(Text("the world model"))

@@ -143,14 +143,14 @@ def make_study_set(directory: Path, n_images: int, questions_per_image: int, see
 
 def read_answers(run_dir: Path) -> pd.DataFrame:
     """question_id, question, ground_truth, answer and the metadata columns of a run's features.h5."""
-    from halp.store import read_strings
+    from halp.rows import meta_columns, read_strings
 
     with h5py.File(features_file(run_dir), "r") as handle:
         frame = pd.DataFrame(
             {name: read_strings(handle[name]) for name in ("question_id", "question", "ground_truth", "answer")}
         )
-        for column in handle.get("meta", {}):
-            frame[column] = read_strings(handle["meta"][column])
+        for column, dataset in meta_columns(handle).items():
+            frame[column] = read_strings(dataset)
     return frame
 
 
