@@ -252,3 +252,17 @@ def test_same_seed_gives_the_same_world_and_labels(tiny_training, tmp_path: Path
         rows = read_answers(tmp_path / name / "run")
         labels.append(exact_labels(rows).assign(answer=rows["answer"]))
     assert labels[0].equals(labels[1])
+
+
+def test_cli_registers_world_and_the_demo_hook() -> None:
+    from typer.testing import CliRunner
+
+    from halp.cli import app
+
+    runner = CliRunner()
+    world_help = runner.invoke(app, ["world", "--help"])
+    assert world_help.exit_code == 0
+    for option in ("--steps", "--images", "--probe", "--threads", "--cache-dir"):
+        assert option in world_help.output
+    demo_help = runner.invoke(app, ["demo", "--help"])
+    assert demo_help.exit_code == 0 and "--world" in demo_help.output
