@@ -65,3 +65,11 @@ class ScorerError(HalpError, ValueError):
 
 class RayWorkerError(HalpError, RuntimeError):
     """A Ray worker failed in a way a retry does not fix (model not loadable, extraction point missing, ...)."""
+
+
+class ExtractOptionError(HalpError, ValueError):
+    """An extraction option cannot be honoured with this model or device (processor device, batch size, workers)."""
+
+
+class InputWorkerError(HalpError, RuntimeError):
+    """The input worker processes cannot start (the processor does not load in a worker); says why."""

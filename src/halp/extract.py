@@ -7,10 +7,12 @@ The Ray engine (`halp.ray_engine`) runs the same per-batch core, `extract_batch`
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,15 +25,32 @@ from tqdm.auto import tqdm
 
 from halp.capture import BatchResult, FeatureExtractor, parse_layers
 from halp.data import ImageError, Sample, load_image, read_samples
-from halp.loading import load_model, resolve_device, resolve_dtype
+from halp.errors import ExtractOptionError
+from halp.loading import check_attn_implementation, load_model, resolve_device, resolve_dtype
 from halp.models import adapter_for
+from halp.pipeline import (
+    AUTO_BATCH_CPU,
+    AUTO_BATCH_START,
+    InputPipeline,
+    OrderedWriter,
+    Prepared,
+    StageTimes,
+    TokenCounter,
+    WorkerSpec,
+    default_workers,
+    find_batch_size,
+    load_rows,
+    padding_of,
+    pin,
+    plan_batches,
+)
 from halp.shard import Shard, resolve_shard
 from halp.store import ERRORS_FILE, RunStore, rows_for, table_digest
 
 log = logging.getLogger(__name__)
 
-#: Rows are read this many batches at a time and batched by image size within that window.
-BUCKET_BATCHES = 16
+#: --processor-device choices.
+PROCESSOR_DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -41,7 +60,8 @@ class ExtractConfig:
     images: Path
     out: Path
     layers: str = "halp"
-    batch_size: int = 8
+    #: Rows per prefill pass, or "auto": the largest that fits in the device's memory (found at start).
+    batch_size: int | str = 8
     max_new_tokens: int = 32
     generate: bool = True
     device: str = "auto"
@@ -53,6 +73,14 @@ class ExtractConfig:
     #: Both None: one shard, or the shard a torch launcher (torchrun, accelerate launch) assigns.
     num_shards: int | None = None
     shard_index: int | None = None
+    #: Input worker processes (decode + processor); None: one per spare core, at most 4; 0: all in series.
+    workers: int | None = None
+    #: Where the image processor runs: auto (the GPU when the model is on one and the processor can), cpu, cuda.
+    processor_device: str = "auto"
+    #: Attention kernel: sdpa, flash_attention_2 or eager.
+    attn_implementation: str = "sdpa"
+    #: Fault injection for tests: "module:function" run first in every input worker (halp.testing.faults).
+    worker_init: str | None = None
 
 
 @dataclass
@@ -70,6 +98,10 @@ class ExtractSummary:
     assembled: bool = False
     pending_shards: list[str] = field(default_factory=list)
     run_failed: int = 0
+    #: Seconds per stage of this pass, the model's input-stall fraction, the padding paid.
+    stages: StageTimes = field(default_factory=StageTimes)
+    #: The batch size used (resolved from "auto").
+    batch_size: int = 0
 
     @property
     def samples_per_second(self) -> float:
@@ -104,8 +136,7 @@ def _model_ref(model: str) -> str:
 
 def run_extraction(config: ExtractConfig) -> ExtractSummary:
     """Extract features for every sample of the table into config.out, resuming what is there."""
-    if config.batch_size < 1:
-        raise ValueError("--batch-size must be at least 1")
+    validate_options(config)
     shard = resolve_shard(config.num_shards, config.shard_index)
     if shard.is_sharded and config.overwrite:
         raise ValueError(
@@ -128,6 +159,18 @@ def run_extraction(config: ExtractConfig) -> ExtractSummary:
         return _locked_run(config, store, samples, device, dtype, max_new_tokens)
     finally:
         store.unlock()
+
+
+def validate_options(config: ExtractConfig) -> None:
+    """Option errors surface before the table is read or a model loads."""
+    if config.batch_size != "auto" and (not isinstance(config.batch_size, int) or config.batch_size < 1):
+        raise ExtractOptionError(f"--batch-size {config.batch_size!r}: a positive integer or auto")
+    if config.workers is not None and config.workers < 0:
+        raise ExtractOptionError("--workers must be 0 (all stages in series) or more")
+    if config.processor_device not in PROCESSOR_DEVICES:
+        choices = ", ".join(PROCESSOR_DEVICES)
+        raise ExtractOptionError(f"--processor-device {config.processor_device!r}: choose {choices}")
+    check_attn_implementation(config.attn_implementation, resolve_device(config.device))
 
 
 def read_table(config: ExtractConfig) -> list[Sample]:
@@ -194,6 +237,7 @@ def _run(
     start = time.perf_counter()
     _extract_all(config, extractor, todo, store, attrs, failures, dtype, max_new_tokens, summary, "extract")
     summary.seconds = time.perf_counter() - start
+    attrs["stage_seconds"] = json.dumps(summary.stages.as_dict())
 
     attrs["hidden_size"] = _dim(store, "vision_projected")
     attrs["vision_hidden_size"] = _dim(store, "vision_only")
@@ -209,7 +253,9 @@ def prepare_extractor(
     config: ExtractConfig, device: str, dtype: str, max_new_tokens: int
 ) -> tuple[FeatureExtractor, dict[str, Any]]:
     """Load the model, pick its adapter and layers; the attributes every committed part records."""
-    model, processor = load_model(config.model, device, dtype, config.trust_remote_code)
+    model, processor = load_model(
+        config.model, device, dtype, config.trust_remote_code, attn_implementation=config.attn_implementation
+    )
     adapter = adapter_for(model, processor)
     layers = parse_layers(config.layers, adapter.num_layers)
     extractor = FeatureExtractor(adapter, layers)
@@ -224,6 +270,7 @@ def prepare_extractor(
         "device": device,
         "batch_size": config.batch_size,
         "max_new_tokens": max_new_tokens,
+        "attn_implementation": getattr(model.config, "_attn_implementation", None) or config.attn_implementation,
         "generated": max_new_tokens > 0,
         "versions": json.dumps(versions()),
         "created": datetime.now(timezone.utc).isoformat(),
@@ -239,6 +286,8 @@ def log_rate(summary: ExtractSummary) -> None:
         summary.samples_per_second,
         len(summary.failed),
     )
+    if summary.stages.batches:
+        log.info("%s", summary.stages.line())
 
 
 def _extract_all(
@@ -253,22 +302,169 @@ def _extract_all(
     summary: ExtractSummary,
     desc: str,
 ) -> None:
-    with tqdm(total=len(todo), unit="sample", disable=not config.progress, desc=desc) as bar:
-        for window in batches(todo, config.batch_size * BUCKET_BATCHES):
-            ready, images = load_batch(window, config.images, failures)
-            bar.update(len(window) - len(ready))
-            for chosen in batches_by_size(images, config.batch_size):
-                summary.processed += extract_loaded(
-                    [ready[i] for i in chosen],
-                    [images[i] for i in chosen],
+    """The overlapped loop (halp.pipeline): input workers -> the model in this thread -> the in-order writer."""
+    if not todo:
+        return
+    device = str(extractor.input_device())
+    counter = TokenCounter(extractor.adapter, Path(config.images))
+    batch_size = resolve_batch_size(config, extractor, todo, counter, max_new_tokens, device)
+    attrs["batch_size"] = summary.batch_size = batch_size
+    attrs["batch_size_auto"] = config.batch_size == "auto"
+    workers = default_workers() if config.workers is None else config.workers
+    processor_device = resolve_processor_device(config.processor_device, extractor, device)
+    attrs["workers"] = workers
+    attrs["processor_device"] = processor_device
+    timing = summary.stages
+    timing.workers, timing.processor_device = workers, processor_device
+    # With the processor on the GPU the workers only decode; the feeder thread processes on the device.
+    device_encoder = _device_encoder(extractor, processor_device) if processor_device != "cpu" else None
+    spec = WorkerSpec(
+        model=_model_ref(config.model),
+        trust_remote_code=config.trust_remote_code,
+        adapter_class=type(extractor.adapter),
+        images_dir=Path(config.images),
+        encode=device_encoder is None,
+        init=config.worker_init,
+    )
+    pinned = device.startswith("cuda")
+
+    def finish(prepared: Prepared) -> Prepared:
+        if prepared.samples and prepared.inputs is None and device_encoder is not None:
+            start = time.perf_counter()
+            try:
+                with _DEVICE_PROCESSOR_LOCK:
+                    prepared.inputs = device_encoder.encode(prepared.images, [s.question for s in prepared.samples])
+            finally:
+                timing.add(processing=time.perf_counter() - start)
+            prepared.images = None
+        if prepared.inputs is not None:
+            tokens, padding = padding_of(prepared.inputs)
+            timing.add(tokens=tokens, padding_tokens=padding, batches=1)
+            prepared.positions = extractor.locate(prepared.inputs)
+            if pinned:
+                prepared.inputs = pin(prepared.inputs)
+        return prepared
+
+    plan = plan_batches(todo, batch_size, counter)
+    start = time.perf_counter()
+    with (
+        tqdm(total=len(todo), unit="sample", disable=not config.progress, desc=desc) as bar,
+        InputPipeline(plan, spec, workers, finish, timing, encoder=extractor.adapter) as inputs,
+        OrderedWriter(timing, background=workers > 0) as writer,
+    ):
+        try:
+            for prepared in inputs:
+                for failure in prepared.failures:
+                    failures.record(*failure)
+                bar.update(len(prepared.failures))
+                if not prepared.samples:
+                    continue
+                model_start = time.perf_counter()
+                batches_done = _extract_splitting_on_oom(
                     extractor,
+                    prepared.samples,
+                    _reloading_encoder(extractor, Path(config.images), failures),
                     max_new_tokens,
-                    store,
-                    attrs,
                     failures,
-                    dtype,
+                    inputs=prepared.inputs,
+                    positions=prepared.positions,
                 )
-                bar.update(len(chosen))
+                for samples_done, result in batches_done:
+                    timing.add(model=time.perf_counter() - model_start)
+                    writer.submit(
+                        lambda s=samples_done, r=result: _commit_finite_rows(store, s, r, attrs, failures, dtype)
+                    )
+                    summary.processed += len(samples_done)
+                    model_start = time.perf_counter()
+                bar.update(len(prepared.samples))
+        finally:
+            timing.wall += time.perf_counter() - start
+    log.info(
+        "batch size %d%s, %d input worker(s), processor on %s, attention %s",
+        batch_size,
+        " (auto)" if config.batch_size == "auto" else "",
+        workers,
+        processor_device,
+        attrs.get("attn_implementation"),
+    )
+
+
+#: The processor on the GPU runs in the feeder thread only; the lock keeps the OOM path's re-encoding apart.
+_DEVICE_PROCESSOR_LOCK = threading.Lock()
+
+
+def _device_encoder(extractor: FeatureExtractor, device: str) -> Any:
+    """An adapter whose processor returns its image tensors on `device` (transformers' torchvision backend)."""
+    processor = copy.deepcopy(extractor.adapter.processor)
+    processor.image_processor.device = torch.device(device)
+    return type(extractor.adapter)(extractor.adapter.model, processor)
+
+
+def resolve_processor_device(choice: str, extractor: FeatureExtractor, device: str) -> str:
+    """cpu, or the model's CUDA device where transformers' torchvision image-processor backend can run there."""
+    from transformers.image_processing_backends import TorchvisionBackend
+
+    image_processor = getattr(extractor.adapter.processor, "image_processor", None)
+    capable = isinstance(image_processor, TorchvisionBackend)
+    on_gpu = device.startswith("cuda")
+    if choice == "cpu" or (choice == "auto" and not (capable and on_gpu)):
+        return "cpu"
+    if not on_gpu:
+        raise ExtractOptionError(f"--processor-device cuda needs the model on a CUDA device; it is on {device}")
+    if not capable:
+        raise ExtractOptionError(
+            f"--processor-device cuda: this checkpoint's image processor ({type(image_processor).__name__}) is not "
+            "a torchvision backend, which is what runs on a GPU; use --processor-device cpu"
+        )
+    return device
+
+
+def resolve_batch_size(
+    config: ExtractConfig,
+    extractor: FeatureExtractor,
+    todo: Sequence[Sample],
+    counter: TokenCounter,
+    max_new_tokens: int,
+    device: str,
+) -> int:
+    """config.batch_size, or for "auto" the largest batch of the longest rows that runs without out-of-memory."""
+    if config.batch_size != "auto":
+        return int(config.batch_size)
+    if not device.startswith("cuda"):
+        log.info("--batch-size auto on %s: no device memory to fit, using %d", device, AUTO_BATCH_CPU)
+        return AUTO_BATCH_CPU
+    counts = counter(todo)
+    longest = [todo[i] for i in sorted(range(len(todo)), key=lambda i: -counts[i])[:AUTO_BATCH_START]]
+
+    def try_batch(rows: list[Sample]) -> None:
+        ready, images, _ = load_rows(rows, Path(config.images))
+        if ready:
+            extractor.run(extractor.adapter.encode(images, [s.question for s in ready]), max_new_tokens)
+
+    size = find_batch_size(longest, try_batch, _out_of_memory_errors(), on_out_of_memory=_free_device_cache)
+    log.info("--batch-size auto: %d (the %d longest rows fit on %s)", size, size, device)
+    return size
+
+
+def _free_device_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _reloading_encoder(
+    extractor: FeatureExtractor, images_dir: Path, failures: FailureList
+) -> Callable[[list[Sample]], tuple[list[Sample], dict[str, Any] | None]]:
+    """Encodes part of a batch again (after an out-of-memory split): images reloaded, processed in this thread."""
+
+    def encode(samples: list[Sample]) -> tuple[list[Sample], dict[str, Any] | None]:
+        ready, images, failed = load_rows(samples, images_dir)
+        for failure in failed:
+            failures.record(*failure)
+        if not ready:
+            return [], None
+        return ready, extractor.adapter.encode(images, [s.question for s in ready])
+
+    return encode
 
 
 def batches_by_size(images: Sequence[Image.Image], batch_size: int) -> list[list[int]]:
@@ -308,9 +504,13 @@ def extract_loaded(
     """Extract loaded rows (splitting on out-of-memory) and commit the finite ones. Returns rows extracted."""
     processed = 0
     if ready:
-        for samples_done, result in _extract_splitting_on_oom(
-            extractor, list(ready), list(images), max_new_tokens, failures
-        ):
+        by_id = {sample.question_id: image for sample, image in zip(ready, images, strict=True)}
+
+        def encode(samples: list[Sample]) -> tuple[list[Sample], dict[str, Any]]:
+            images_of = [by_id[s.question_id] for s in samples]
+            return samples, extractor.adapter.encode(images_of, [s.question for s in samples])
+
+        for samples_done, result in _extract_splitting_on_oom(extractor, list(ready), encode, max_new_tokens, failures):
             _commit_finite_rows(store, samples_done, result, attrs, failures, dtype)
             processed += len(samples_done)
     return processed
@@ -410,11 +610,13 @@ class FailureList:
 
     def __init__(self) -> None:
         self.failed: list[dict[str, str]] = []
+        self._lock = threading.Lock()  # the model's thread and the writer's both record
 
     def record(self, sample: Sample, stage: str, error: str, message: str) -> None:
         entry = {"question_id": sample.question_id, "stage": stage, "error": error, "message": message}
-        self.failed.append(entry)
-        self._written(entry)
+        with self._lock:
+            self.failed.append(entry)
+            self._written(entry)
         log.warning("%s failed at %s: %s: %s", sample.question_id, stage, error, message)
 
     def _written(self, entry: dict[str, str]) -> None:
@@ -441,21 +643,33 @@ def _out_of_memory_errors() -> tuple[type[BaseException], ...]:
 
 
 def _extract_splitting_on_oom(
-    extractor: FeatureExtractor, samples: list[Sample], images: list, max_new_tokens: int, failures: FailureList
+    extractor: FeatureExtractor,
+    samples: list[Sample],
+    encode: Callable[[list[Sample]], tuple[list[Sample], dict[str, Any] | None]],
+    max_new_tokens: int,
+    failures: FailureList,
+    inputs: dict[str, Any] | None = None,
+    positions: Any = None,
 ) -> Iterator[tuple[list[Sample], BatchResult]]:
-    """Extract a batch; on out-of-memory, free the cache and retry the halves; a lone sample that fails is recorded."""
+    """Extract a batch (its processor inputs given, or made by `encode`); on out-of-memory, free the cache and
+    retry the halves, encoded again; a lone sample that fails is recorded."""
     try:
-        result = extractor(images, [s.question for s in samples], max_new_tokens)
+        if inputs is None:
+            samples, inputs = encode(samples)
+            positions = None
+            if inputs is None:
+                return
+        result = extractor.run(inputs, max_new_tokens, positions)
     except _out_of_memory_errors() as err:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        del inputs
+        _free_device_cache()
         if len(samples) == 1:
             failures.record(samples[0], "extract", "OutOfMemoryError", f"does not fit even alone: {err}")
             return
         half = len(samples) // 2
         log.warning("out of memory with %d samples; retrying as %d + %d", len(samples), half, len(samples) - half)
-        yield from _extract_splitting_on_oom(extractor, samples[:half], images[:half], max_new_tokens, failures)
-        yield from _extract_splitting_on_oom(extractor, samples[half:], images[half:], max_new_tokens, failures)
+        yield from _extract_splitting_on_oom(extractor, samples[:half], encode, max_new_tokens, failures)
+        yield from _extract_splitting_on_oom(extractor, samples[half:], encode, max_new_tokens, failures)
         return
     yield samples, result
 

@@ -30,7 +30,9 @@ def extract(
     images: Annotated[Path, typer.Option(help="Directory the table's image ids are relative to.")],
     out: Annotated[Path, typer.Option(help="Run directory (created, or resumed if it exists).")],
     layers: Annotated[str, typer.Option(help="'halp' = {0,L/4,L/2,3L/4,L-1}, 'all', or e.g. '0,7,-1'.")] = "halp",
-    batch_size: Annotated[int, typer.Option(help="Samples per prefill pass.")] = 8,
+    batch_size: Annotated[
+        str, typer.Option(help="Samples per prefill pass, or 'auto': the largest that fits in GPU memory.")
+    ] = "8",
     max_new_tokens: Annotated[int, typer.Option(help="Greedy answer length, decoded from the prefill cache.")] = 32,
     generate: Annotated[bool, typer.Option("--generate/--no-generate", help="--no-generate: prefill only.")] = True,
     device: DeviceOption = "auto",
@@ -49,24 +51,39 @@ def extract(
     gpus_per_worker: Annotated[
         float | None, typer.Option(help="--engine ray: GPUs per actor (default: 1 if the cluster has GPUs, else 0).")
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Input worker processes decoding and processing ahead of the model (0: in series)."),
+    ] = None,
+    processor_device: Annotated[
+        str, typer.Option(help="Where the image processor runs: auto (the GPU if the model is on one), cpu, cuda.")
+    ] = "auto",
+    attn_implementation: Annotated[
+        str, typer.Option(help="Attention kernel: sdpa, flash_attention_2 (flash-attn package) or eager.")
+    ] = "sdpa",
 ) -> None:
     """Extract HALP features (vision-only, vision token, query token) in one prefill pass per batch.
 
     Under torchrun / accelerate launch each process extracts its rank's shard; see docs/scaling.md.
     """
     from halp.data import TableError
+    from halp.errors import HalpError
     from halp.extract import ExtractConfig, run_extraction
     from halp.models import ExtractionPointError
     from halp.store import RunLockedError, RunMismatchError, StoreWriteError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if batch_size != "auto" and not batch_size.isdigit():
+        _fail(f"--batch-size {batch_size!r}: a positive integer or auto")
+    if batch_size == "auto" and engine == "ray":
+        _fail("--batch-size auto applies to --engine local; give Ray workers a number")
     config = ExtractConfig(
         model=model,
         data=data,
         images=images,
         out=out,
         layers=layers,
-        batch_size=batch_size,
+        batch_size=batch_size if batch_size == "auto" else int(batch_size),
         max_new_tokens=max_new_tokens,
         generate=generate,
         device=device,
@@ -76,6 +93,9 @@ def extract(
         overwrite=overwrite,
         num_shards=num_shards,
         shard_index=shard_index,
+        workers=workers,
+        processor_device=processor_device,
+        attn_implementation=attn_implementation,
     )
     if engine not in ("local", "ray"):
         _fail(f"--engine {engine!r}: choose local or ray")
@@ -93,7 +113,7 @@ def extract(
         else:
             summary = run_extraction(config)
     except (TableError, RunMismatchError, RunLockedError, StoreWriteError, ExtractionPointError, ValueError,
-            FileNotFoundError, ImportError) as err:
+            FileNotFoundError, ImportError, HalpError) as err:
         _fail(str(err))
         return
     if summary.shard is not None:
@@ -103,6 +123,8 @@ def extract(
         f"{summary.processed} processed ({summary.samples_per_second:.2f} samples/s), "
         f"{summary.already_done} already done, {len(summary.failed)} failed, of {summary.total}."
     )
+    if summary.stages.batches:
+        console.print(summary.stages.line(), markup=False, highlight=False)
     console.print(f"features: {summary.run_dir / 'features.h5'}")
     if not summary.finished:
         console.print(
@@ -119,6 +141,8 @@ def _report_shard(summary: ExtractSummary) -> None:
         f"{summary.already_done} already done, {len(summary.failed)} failed, of {summary.total}.",
         markup=False,
     )
+    if summary.stages.batches:
+        console.print(summary.stages.line(), markup=False, highlight=False)
     if summary.failed:
         console.print(f"failed rows: {summary.run_dir / 'shards' / shard.name / 'errors.jsonl'}", markup=False)
     if summary.pending_shards:
@@ -328,7 +352,9 @@ def predict(
     probe: Annotated[str | None, typer.Option(help="logreg or mlp (default: best AUROC).")] = None,
     threshold: Annotated[float | None, typer.Option(help="Flag risk >= T (default: the probe's).")] = None,
     out: Annotated[Path | None, typer.Option(help="Output CSV (default RUN/risk/<data name>.csv).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Samples per prefill pass.")] = 8,
+    batch_size: Annotated[
+        str, typer.Option(help="Samples per prefill pass, or 'auto': the largest that fits in GPU memory.")
+    ] = "8",
     device: DeviceOption = "auto",
     dtype: Annotated[str, typer.Option(help="auto = the run's dtype, which the probe was trained on.")] = "auto",
     model: Annotated[str | None, typer.Option(help="The run's checkpoint, if it moved since extraction.")] = None,
