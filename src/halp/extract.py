@@ -43,6 +43,7 @@ from halp.pipeline import (
     padding_of,
     pin,
     plan_batches,
+    warm_up,
 )
 from halp.shard import Shard, resolve_shard
 from halp.store import ERRORS_FILE, RunStore, rows_for, table_digest
@@ -230,6 +231,7 @@ def _run(
         summary.finished = True  # nothing is missing: the assembled file stands, no model needed
         return summary
 
+    warm_up(resolve_workers(config))
     extractor, attrs = prepare_extractor(config, device, dtype, max_new_tokens)
     if todo and store.features_path.exists():
         store.reopen_finished()
@@ -310,7 +312,7 @@ def _extract_all(
     batch_size = resolve_batch_size(config, extractor, todo, counter, max_new_tokens, device)
     attrs["batch_size"] = summary.batch_size = batch_size
     attrs["batch_size_auto"] = config.batch_size == "auto"
-    workers = default_workers() if config.workers is None else config.workers
+    workers = resolve_workers(config)
     processor_device = resolve_processor_device(config.processor_device, extractor, device)
     attrs["workers"] = workers
     attrs["processor_device"] = processor_device
@@ -391,6 +393,10 @@ def _extract_all(
 
 #: The processor on the GPU runs in the feeder thread only; the lock keeps the OOM path's re-encoding apart.
 _DEVICE_PROCESSOR_LOCK = threading.Lock()
+
+
+def resolve_workers(config: ExtractConfig) -> int:
+    return default_workers() if config.workers is None else config.workers
 
 
 def _device_encoder(extractor: FeatureExtractor, device: str) -> Any:
@@ -572,6 +578,7 @@ def _shard_pass(
     )
     failures = FailureLog(store.writer_dir / ERRORS_FILE, summary)
     if todo:
+        warm_up(resolve_workers(config))
         extractor, attrs = prepare_extractor(config, device, dtype, max_new_tokens)
         attrs["num_shards"] = shard.count
         start = time.perf_counter()

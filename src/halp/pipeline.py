@@ -40,6 +40,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -65,6 +66,24 @@ def default_workers() -> int:
     return max(1, min(4, cores - 1))
 
 
+def _context() -> Any:
+    import multiprocessing
+
+    # forkserver: workers fork from a clean process, never from one whose threads hold locks (OpenMP, CUDA).
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["halp.pipeline", "transformers"])
+    return context
+
+
+def warm_up(workers: int) -> None:
+    """Start the process the input workers fork from now, so its imports overlap the model's loading."""
+    if workers > 0:
+        from multiprocessing import forkserver
+
+        _context()
+        forkserver.ensure_running()
+
+
 # ----- stage timing ------------------------------------------------------------------------------------
 
 
@@ -82,6 +101,8 @@ class StageTimes:
     model: float = 0.0
     committing: float = 0.0
     waiting_for_input: float = 0.0
+    #: Of waiting_for_input, the wait for the first batch (worker start-up, processor loading).
+    first_batch_wait: float = 0.0
     wall: float = 0.0
     batches: int = 0
     tokens: int = 0
@@ -116,7 +137,8 @@ class StageTimes:
             f"stages: loading images {self.loading_images:.1f}s, processing {self.processing:.1f}s "
             f"({self.workers} worker(s), processor on {self.processor_device}), model {self.model:.1f}s, "
             f"committing {self.committing:.1f}s, wall {self.wall:.1f}s; model waited for input "
-            f"{self.stall_fraction:.1%} of the time; padding {self.padding_fraction:.1%} of "
+            f"{self.stall_fraction:.1%} of the time ({self.first_batch_wait:.1f}s for the first batch); "
+            f"padding {self.padding_fraction:.1%} of "
             f"{self.tokens + self.padding_tokens} tokens in {self.batches} batch(es)"
         )
 
@@ -212,12 +234,15 @@ class WorkerSpec:
     encode: bool = True
     #: "module:function" called first in each worker: fault injection in tests (halp.testing.faults).
     init: str | None = None
+    #: The main process's decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS), applied in the workers too.
+    max_image_pixels: int | None = field(default_factory=lambda: Image.MAX_IMAGE_PIXELS)
 
 
 def _worker_main(conn: Any, spec: WorkerSpec) -> None:
     # Ctrl-C reaches the whole process group: the main process stops the workers itself, in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
+    Image.MAX_IMAGE_PIXELS = spec.max_image_pixels
     try:
         if spec.init:
             module, _, function = spec.init.partition(":")
@@ -239,7 +264,12 @@ def _worker_main(conn: Any, spec: WorkerSpec) -> None:
         if task is None:
             return
         index, samples = task
-        conn.send(prepare(index, samples, spec.images_dir, encoder))
+        prepared = prepare(index, samples, spec.images_dir, encoder)
+        if prepared.inputs is not None:
+            # Through the pipe as numpy arrays (a copy), not torch's shared-memory files: those fail where
+            # /dev/shm is small (64 MiB in a default Docker container) or a file-size limit applies.
+            prepared.inputs = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in prepared.inputs.items()}
+        conn.send(prepared)
 
 
 class _Worker:
@@ -250,6 +280,7 @@ class _Worker:
         child.close()
         self.task: tuple[int, list[Sample]] | None = None
         self.ready = False
+        self.closed = False
 
     def stop(self, timeout: float) -> None:
         with contextlib.suppress(OSError, ValueError):
@@ -313,10 +344,13 @@ class InputPipeline:
         if self.workers == 0:
             yield from self._serial()
             return
+        first = True
         while True:
             start = time.perf_counter()
             item = self._out.get()
-            self.timing.add(waiting_for_input=time.perf_counter() - start)
+            waited = time.perf_counter() - start
+            self.timing.add(waiting_for_input=waited, first_batch_wait=waited if first else 0.0)
+            first = False
             if item is _END:
                 return
             if isinstance(item, _Raised):
@@ -354,12 +388,7 @@ class InputPipeline:
             self._out.put(_Raised(err))
 
     def _start_worker(self) -> _Worker:
-        import torch.multiprocessing as mp  # its pickler moves tensors through shared memory
-
-        # forkserver: workers fork from a clean process, never from one whose threads hold locks (OpenMP, CUDA).
-        context = mp.get_context("forkserver")
-        context.set_forkserver_preload(["halp.pipeline", "transformers"])
-        return _Worker(context, self.spec)
+        return _Worker(_context(), self.spec)
 
     def _feed_loop(self) -> None:
         from multiprocessing.connection import wait
@@ -389,33 +418,47 @@ class InputPipeline:
                 return
             waitables = [w.conn for w in self._pool] + [w.process.sentinel for w in self._pool]
             wait(waitables, timeout=0.2)
-            for position, worker in enumerate(self._pool):
-                message = self._receive(worker)
-                if message is not None:
+            for position, worker in enumerate(list(self._pool)):
+                while (message := self._receive(worker)) is not None:
                     ready[message.index] = message
-                elif not worker.process.is_alive() and not worker.conn.poll():
+                if worker.closed or not worker.process.is_alive():
+                    while (message := self._receive(worker)) is not None:  # what it sent before it ended
+                        ready[message.index] = message
                     lost = self._replace(position, worker)
                     if lost is not None:
                         ready[lost.index] = lost
 
     def _receive(self, worker: _Worker) -> Prepared | None:
-        try:
-            if not worker.conn.poll():
+        """The worker's next result, if one is waiting; sets worker.closed when its end of the pipe is gone."""
+        while not worker.closed:
+            try:
+                if not worker.conn.poll():
+                    return None
+                message = worker.conn.recv()
+            except (EOFError, OSError):
+                worker.closed = True
                 return None
-            message = worker.conn.recv()
-        except (EOFError, OSError):
-            return None
-        if isinstance(message, tuple) and message and message[0] == "failed":
-            raise InputWorkerError(f"an input worker could not start: {message[1].strip().splitlines()[-1]}")
-        if isinstance(message, tuple) and message and message[0] == "ready":
-            worker.ready = True
-            return None
-        worker.task = None
-        self.timing.add(loading_images=message.loading_seconds, processing=message.processing_seconds)
-        return message
+            if isinstance(message, tuple) and message and message[0] == "failed":
+                raise InputWorkerError(f"an input worker could not start: {message[1].strip().splitlines()[-1]}")
+            if isinstance(message, tuple) and message and message[0] == "ready":
+                worker.ready = True
+                log.info("input worker pid %d ready", message[1])
+                continue
+            worker.task = None
+            if message.inputs is not None:
+                message.inputs = {
+                    k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in message.inputs.items()
+                }
+            self.timing.add(loading_images=message.loading_seconds, processing=message.processing_seconds)
+            return message
+        return None
 
     def _replace(self, position: int, worker: _Worker) -> Prepared | None:
         """A worker died: its batch's rows fail (a rerun retries them) and a new worker takes its place."""
+        worker.process.join(5)
+        if worker.process.is_alive():  # its pipe is gone but it is not: it is no use any more
+            worker.process.terminate()
+            worker.process.join(5)
         code = worker.process.exitcode
         worker.conn.close()
         if not worker.ready:
@@ -533,8 +576,9 @@ class TokenCounter:
             if size is None:
                 counts.append(0.0)
                 continue
-            text = len(tokenizer(self.encoder.prompt(sample.question), add_special_tokens=False)["input_ids"])
-            counts.append(text + self._image_tokens(size))
+            ids = tokenizer(self.encoder.prompt(sample.question), add_special_tokens=False)["input_ids"]
+            # The processor replaces the prompt's image placeholder by the image's tokens.
+            counts.append(len(ids) - ids.count(self.encoder.image_token_id) + self._image_tokens(size))
         return counts
 
     def _image_tokens(self, size: tuple[int, int]) -> float:
