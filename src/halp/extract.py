@@ -82,6 +82,9 @@ class ExtractConfig:
     attn_implementation: str = "sdpa"
     #: Fault injection for tests: "module:function" run first in every input worker (halp.testing.faults).
     worker_init: str | None = None
+    #: (model, processor) already in memory, used instead of loading `model` (benchmarks on random-weight
+    #: full-size shapes); `model` must still name a checkpoint whose processor the input workers can load.
+    preloaded: tuple[Any, Any] | None = None
 
 
 @dataclass
@@ -255,9 +258,12 @@ def prepare_extractor(
     config: ExtractConfig, device: str, dtype: str, max_new_tokens: int
 ) -> tuple[FeatureExtractor, dict[str, Any]]:
     """Load the model, pick its adapter and layers; the attributes every committed part records."""
-    model, processor = load_model(
-        config.model, device, dtype, config.trust_remote_code, attn_implementation=config.attn_implementation
-    )
+    if config.preloaded is not None:
+        model, processor = config.preloaded
+    else:
+        model, processor = load_model(
+            config.model, device, dtype, config.trust_remote_code, attn_implementation=config.attn_implementation
+        )
     adapter = adapter_for(model, processor)
     layers = parse_layers(config.layers, adapter.num_layers)
     extractor = FeatureExtractor(adapter, layers)

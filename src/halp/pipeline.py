@@ -71,7 +71,10 @@ def _context() -> Any:
 
     # forkserver: workers fork from a clean process, never from one whose threads hold locks (OpenMP, CUDA).
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["halp.pipeline", "transformers"])
+    # What every worker imports to load a processor, imported once in the server (workers fork with it).
+    context.set_forkserver_preload(
+        ["halp.pipeline", "transformers", "transformers.models.auto.processing_auto", "torchvision"]
+    )
     return context
 
 
@@ -121,6 +124,12 @@ class StageTimes:
         return self.waiting_for_input / self.wall if self.wall > 0 else 0.0
 
     @property
+    def steady_stall_fraction(self) -> float:
+        """The stall once the first batch has arrived (without the workers' start-up)."""
+        steady = self.wall - self.first_batch_wait
+        return (self.waiting_for_input - self.first_batch_wait) / steady if steady > 0 else 0.0
+
+    @property
     def padding_fraction(self) -> float:
         total = self.tokens + self.padding_tokens
         return self.padding_tokens / total if total else 0.0
@@ -128,6 +137,7 @@ class StageTimes:
     def as_dict(self) -> dict[str, float | int | str]:
         values = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
         values["stall_fraction"] = self.stall_fraction
+        values["steady_stall_fraction"] = self.steady_stall_fraction
         values["padding_fraction"] = self.padding_fraction
         return values
 
@@ -137,7 +147,8 @@ class StageTimes:
             f"stages: loading images {self.loading_images:.1f}s, processing {self.processing:.1f}s "
             f"({self.workers} worker(s), processor on {self.processor_device}), model {self.model:.1f}s, "
             f"committing {self.committing:.1f}s, wall {self.wall:.1f}s; model waited for input "
-            f"{self.stall_fraction:.1%} of the time ({self.first_batch_wait:.1f}s for the first batch); "
+            f"{self.stall_fraction:.1%} of the time ({self.first_batch_wait:.1f}s for the first batch, "
+            f"{self.steady_stall_fraction:.1%} after it); "
             f"padding {self.padding_fraction:.1%} of "
             f"{self.tokens + self.padding_tokens} tokens in {self.batches} batch(es)"
         )
