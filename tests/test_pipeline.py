@@ -30,8 +30,6 @@ from halp.testing import make_vqa_set
 from halp.testing.faults import CRASH_MARKER
 from halp.testing.runs import cli_args, cpu_extract_config, read_run
 
-SLOW_CLI = Path(__file__).parent / "scripts" / "slow_commit_extract.py"
-
 
 def _assert_same_run(got: dict, reference: dict, rtol: float = 1e-5) -> None:
     assert got.keys() == reference.keys()
@@ -157,9 +155,9 @@ def test_ctrl_c_stops_the_workers_and_leaves_a_resumable_run(tmp_path, checkpoin
     table, images = data10
     out = tmp_path / "run"
     config = cpu_extract_config(checkpoint_dir("qwen2_vl"), table, images, out, workers=2)
-    env = {**os.environ, "SLOW_COMMIT_SECONDS": "0.5"}
+    env = {**os.environ, "HALP_COMMIT_PAUSE": "0.5"}
     process = subprocess.Popen(
-        [sys.executable, str(SLOW_CLI), "extract", *cli_args(config)],
+        [sys.executable, "-m", "halp.testing.slow_cli", "extract", *cli_args(config)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -13,8 +13,8 @@ series, the device waits while the host decodes, processes and commits. Here the
   `--processor-device cuda`, runs the processor on the GPU (the workers then only decode);
 - the **model** runs in the main thread, one batch after the other, in plan order;
 - a **writer thread** commits finished batches in the same order. The commit is unchanged (atomic parts), so
-  a crash loses at most the batches in flight — the one in the model and the one being committed — never a
-  committed row; a rerun extracts exactly the rows with no committed part.
+  a crash loses at most the batches not yet committed — the one in the model, the one being committed and
+  one waiting for the writer — never a committed row; a rerun extracts exactly the rows with no committed part.
 
 `--workers 0` runs every stage in series in the calling thread (no process, no thread), as before.
 
@@ -502,7 +502,7 @@ class OrderedWriter:
     submitting thread at its next submit or at close.
     """
 
-    def __init__(self, timing: StageTimes, background: bool = True, depth: int = 2) -> None:
+    def __init__(self, timing: StageTimes, background: bool = True, depth: int = 1) -> None:
         self.timing = timing
         self.background = background
         self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=depth)
