@@ -27,6 +27,7 @@ masks and reported with the stage times (`StageTimes`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import logging
 import os
@@ -569,6 +570,10 @@ class TokenCounter:
     def __init__(self, encoder: Any, images_dir: Path) -> None:
         self.encoder = encoder
         self.images_dir = Path(images_dir)
+        # Its own tokenizer: the feeder thread counts while the model's thread decodes answers, and a Rust
+        # tokenizer called with padding/truncation settings must not be shared across threads ("Already borrowed").
+        self.tokenizer = copy.deepcopy(encoder.tokenizer())
+        self.image_token_id = encoder.image_token_id
         processor = encoder.processor
         self.counts_images = callable(getattr(processor, "_get_num_multimodal_tokens", None))
 
@@ -581,15 +586,14 @@ class TokenCounter:
 
     def __call__(self, samples: Sequence[Sample]) -> list[float]:
         sizes = [self.image_size(sample) for sample in samples]
-        tokenizer = self.encoder.tokenizer()
         counts = []
         for sample, size in zip(samples, sizes, strict=True):
             if size is None:
                 counts.append(0.0)
                 continue
-            ids = tokenizer(self.encoder.prompt(sample.question), add_special_tokens=False)["input_ids"]
+            ids = self.tokenizer(self.encoder.prompt(sample.question), add_special_tokens=False)["input_ids"]
             # The processor replaces the prompt's image placeholder by the image's tokens.
-            counts.append(len(ids) - ids.count(self.encoder.image_token_id) + self._image_tokens(size))
+            counts.append(len(ids) - ids.count(self.image_token_id) + self._image_tokens(size))
         return counts
 
     def _image_tokens(self, size: tuple[int, int]) -> float:
