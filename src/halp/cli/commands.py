@@ -124,7 +124,7 @@ def extract(
         f"{summary.already_done} already done, {len(summary.failed)} failed, of {summary.total}."
     )
     if summary.stages.batches:
-        console.print(summary.stages.line(), markup=False, highlight=False)
+        console.print(summary.stages.line(), markup=False, highlight=False, soft_wrap=True)
     console.print(f"features: {summary.run_dir / 'features.h5'}")
     if not summary.finished:
         console.print(
@@ -142,7 +142,7 @@ def _report_shard(summary: ExtractSummary) -> None:
         markup=False,
     )
     if summary.stages.batches:
-        console.print(summary.stages.line(), markup=False, highlight=False)
+        console.print(summary.stages.line(), markup=False, highlight=False, soft_wrap=True)
     if summary.failed:
         console.print(f"failed rows: {summary.run_dir / 'shards' / shard.name / 'errors.jsonl'}", markup=False)
     if summary.pending_shards:
