@@ -21,7 +21,7 @@ import torch
 
 from halp.capture import FeatureExtractor, parse_layers
 from halp.data import load_image, read_samples
-from halp.errors import ExtractOptionError, ModelLoadError
+from halp.errors import ModelLoadError, ParameterError
 from halp.extract import resolve_processor_device, run_extraction
 from halp.models import adapter_for
 from halp.pipeline import OrderedWriter, StageTimes, TokenCounter, find_batch_size, plan_batches
@@ -260,5 +260,5 @@ def test_processor_on_the_gpu_needs_the_model_there(loaded):
     adapter = adapter_for(model, processor)
     extractor = FeatureExtractor(adapter, [0])
     assert resolve_processor_device("auto", extractor, "cpu") == "cpu"
-    with pytest.raises(ExtractOptionError, match="CUDA"):
+    with pytest.raises(ParameterError, match="CUDA"):
         resolve_processor_device("cuda", extractor, "cpu")

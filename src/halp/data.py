@@ -5,6 +5,8 @@ The column aliases are those of the HALP seeds, so their VQA tables load unchang
 
 from __future__ import annotations
 
+import hashlib
+import io
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
+from PIL import Image, ImageOps
 
 from halp.errors import ImageError, TableError
 
@@ -33,6 +35,8 @@ class Sample:
     question: str
     ground_truth: str = ""
     meta: dict[str, str] = field(default_factory=dict)
+    #: The row's content identity (halp.store.row_digest), set when its image is loaded for extraction.
+    row_sha256: str = ""
 
 
 def _as_text(value: object) -> str:
@@ -84,6 +88,12 @@ def read_samples(path: str | Path) -> list[Sample]:
     resolved = resolve_columns(columns)
     used = set(resolved.values())
     meta_columns = [column for column in columns if column not in used]
+    unnamed = [repr(column) for column in meta_columns if not column.strip() or "\x00" in column]
+    if unnamed:
+        # Metadata is stored under the column's name (percent-encoded where HDF5 needs it): it needs one.
+        raise TableError(f"{path}: column name(s) {', '.join(unnamed)} cannot name metadata; rename or drop them")
+    if frame.empty:
+        raise TableError(f"{path} has a header but no rows: nothing to extract")
 
     ids = [_as_text(value) for value in frame[resolved["question_id"]]]
     empty = [index for index, qid in enumerate(ids) if not qid.strip()]
@@ -118,19 +128,56 @@ def resolve_image_path(images_dir: str | Path, image_id: str) -> Path:
     return candidate
 
 
-def load_image(images_dir: str | Path, image_id: str) -> Image.Image:
-    """Open an image as RGB, converting palette, grayscale, alpha, CMYK and 16-bit modes."""
-    path = resolve_image_path(images_dir, image_id)
-    if not path.is_file():
-        raise ImageError(f"image file {path} does not exist")
+def load_image(images_dir: str | Path, image_id: str, exif_orientation: bool = True) -> Image.Image:
+    """Open an image as RGB, converting palette, grayscale, alpha, CMYK and 16-bit modes.
+
+    Policies (README, "Input images"): with `exif_orientation` (the default) the EXIF Orientation tag is applied,
+    so a portrait phone photo reaches the model upright, as every image viewer shows it; without it the stored
+    pixels are used as they are. An animated image (GIF, APNG, WebP) contributes its first frame.
+    """
+    return read_image(images_dir, image_id, exif_orientation)[0]
+
+
+def _image_file(images_dir: str | Path, image_id: str) -> Path:
     try:
-        with Image.open(path) as image:
+        path = resolve_image_path(images_dir, image_id)
+        exists = path.is_file()
+    except (OSError, ValueError) as err:  # a name longer than NAME_MAX, a NUL byte, ...
+        raise ImageError(f"image id {image_id!r} is not a usable file name under {images_dir}: {err}") from err
+    if not exists:
+        raise ImageError(f"image file {path} does not exist")
+    return path
+
+
+def image_file_sha256(images_dir: str | Path, image_id: str) -> str:
+    """SHA-256 of the image file's bytes; "" when there is no readable file (the row will fail when loaded)."""
+    try:
+        with _image_file(images_dir, image_id).open("rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    except (ImageError, OSError):
+        return ""
+
+
+def read_image(images_dir: str | Path, image_id: str, exif_orientation: bool = True) -> tuple[Image.Image, str]:
+    """`load_image`, and the SHA-256 of the very bytes decoded (the row's content identity, see halp.store)."""
+    path = _image_file(images_dir, image_id)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ImageError(f"image {path} cannot be read: {err}") from err
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.seek(0)  # animated: the first frame
             image.load()
-            return to_rgb(image)
+            if exif_orientation:
+                oriented = ImageOps.exif_transpose(image)
+                return to_rgb(oriented if oriented is not None else image), digest
+            return to_rgb(image), digest
     except Image.DecompressionBombError as err:
         raise ImageError(f"image {path} exceeds the decompression-bomb limit: {err}") from err
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ImageError(f"image {path} cannot be read: {err}") from err
+    except Exception as err:  # any decoder failure (malformed EXIF, a codec bug) is this row's error only
+        raise ImageError(f"image {path} cannot be read: {type(err).__name__}: {err}") from err
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

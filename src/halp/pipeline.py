@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from halp.data import Sample, load_image, resolve_image_path
+from halp.data import Sample, resolve_image_path
 from halp.errors import ImageError, InputWorkerError
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def _context() -> Any:
     context = multiprocessing.get_context("forkserver")
     # What every worker imports to load a processor, imported once in the server (workers fork with it).
     context.set_forkserver_preload(
-        ["halp.pipeline", "transformers", "transformers.models.auto.processing_auto", "torchvision"]
+        ["halp.extract", "transformers", "transformers.models.auto.processing_auto", "torchvision"]
     )
     return context
 
@@ -174,19 +174,42 @@ class Prepared:
     positions: Any = None
 
 
-def load_rows(samples: Sequence[Sample], images_dir: Path) -> tuple[list[Sample], list[Image.Image], list[RowFailure]]:
-    """The rows that have a question and a readable image, with their images; the others as failures."""
-    ready, images, failures = [], [], []
-    for sample in samples:
-        if not sample.question.strip():
-            failures.append((sample, "input", "EmptyQuestion", "the question is empty"))
+@dataclass(frozen=True)
+class RowRules:
+    """How a row's inputs are read: the same rules in a worker process as in the serial loop."""
+
+    images_dir: Path
+    exif_orientation: bool = True
+    #: The model's special tokens: a question holding one fails (halp.extract.reject_special_tokens).
+    specials: frozenset[str] = frozenset()
+
+
+def load_rows(
+    samples: Sequence[Sample], rules: RowRules
+) -> tuple[list[Sample], list[Image.Image], list[RowFailure]]:
+    """The rows that can be given to the processor, with their images (and content digests); the others as
+    failures. The rules are the serial loop's own (halp.extract.load_batch, special_token_message)."""
+    from halp.extract import FailureList, load_batch, special_token_message
+
+    class Collected(FailureList):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows: list[RowFailure] = []
+
+        def record(self, sample: Sample, stage: str, error: str, message: str) -> None:
+            self.rows.append((sample, stage, error, message))
+
+    collected = Collected()
+    loaded, loaded_images = load_batch(samples, rules.images_dir, collected, rules.exif_orientation)
+    ready, images = [], []
+    for sample, image in zip(loaded, loaded_images, strict=True):
+        message = special_token_message(sample.question, rules.specials)
+        if message:
+            collected.rows.append((sample, "input", "SpecialTokenInQuestion", message))
             continue
-        try:
-            images.append(load_image(images_dir, sample.image_id))
-            ready.append(sample)
-        except ImageError as err:
-            failures.append((sample, "image", type(err).__name__, str(err)))
-    return ready, images, failures
+        ready.append(sample)
+        images.append(image)
+    return ready, images, collected.rows
 
 
 def encode_rows(
@@ -214,10 +237,10 @@ def encode_rows(
     return kept, encoder.encode(kept_images, [s.question for s in kept]), failures
 
 
-def prepare(index: int, samples: list[Sample], images_dir: Path, encoder: Any | None) -> Prepared:
+def prepare(index: int, samples: list[Sample], rules: RowRules, encoder: Any | None) -> Prepared:
     """Load (and, given an encoder, process) one batch; `encoder` is an Adapter (only `encode` is used)."""
     start = time.perf_counter()
-    ready, images, failures = load_rows(samples, images_dir)
+    ready, images, failures = load_rows(samples, rules)
     loaded = time.perf_counter()
     prepared = Prepared(index, ready, failures, images=images, loading_seconds=loaded - start)
     if encoder is not None:
@@ -241,7 +264,7 @@ class WorkerSpec:
     model: str
     trust_remote_code: bool
     adapter_class: type
-    images_dir: Path
+    rules: RowRules
     #: False: decode only (the processor runs in the main process, on the GPU).
     encode: bool = True
     #: "module:function" called first in each worker: fault injection in tests (halp.testing.faults).
@@ -253,6 +276,9 @@ class WorkerSpec:
 def _worker_main(conn: Any, spec: WorkerSpec) -> None:
     # Ctrl-C reaches the whole process group: the main process stops the workers itself, in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Row failures are reported to the main process, which logs them; nothing here goes to the console.
+    logging.getLogger("halp").addHandler(logging.NullHandler())
+    logging.getLogger("halp").propagate = False
     torch.set_num_threads(1)
     Image.MAX_IMAGE_PIXELS = spec.max_image_pixels
     try:
@@ -276,7 +302,7 @@ def _worker_main(conn: Any, spec: WorkerSpec) -> None:
         if task is None:
             return
         index, samples = task
-        prepared = prepare(index, samples, spec.images_dir, encoder)
+        prepared = prepare(index, samples, spec.rules, encoder)
         if prepared.inputs is not None:
             # Through the pipe as numpy arrays (a copy), not torch's shared-memory files: those fail where
             # /dev/shm is small (64 MiB in a default Docker container) or a file-size limit applies.
@@ -372,7 +398,7 @@ class InputPipeline:
     def _serial(self) -> Iterator[Prepared]:
         for index, samples in self.plan:
             start = time.perf_counter()
-            prepared = self.finish(prepare(index, samples, self.spec.images_dir, self.encoder))
+            prepared = self.finish(prepare(index, samples, self.spec.rules, self.encoder))
             # In series the model waits for every stage of its input.
             self.timing.add(
                 loading_images=prepared.loading_seconds,

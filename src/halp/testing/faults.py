@@ -90,17 +90,17 @@ CRASH_MARKER = b"HALP-CRASH-DECODER"
 
 def crash_decoder_on_marker() -> None:
     """Input-worker fault injection (`ExtractConfig.worker_init="halp.testing.faults:crash_decoder_on_marker"`):
-    the worker's image loading aborts the whole process (as a native decoder crash does, no Python exception)
+    the worker's image reading aborts the whole process (as a native decoder crash does, no Python exception)
     on a file starting with CRASH_MARKER."""
-    from halp import pipeline
+    from halp import extract
     from halp.data import resolve_image_path
 
-    real_load = pipeline.load_image
+    real_read = extract.read_image
 
-    def load(images_dir: str | Path, image_id: str) -> Any:
+    def read(images_dir: str | Path, image_id: str, *args: Any, **kwargs: Any) -> Any:
         path = resolve_image_path(images_dir, image_id)
         if path.is_file() and path.read_bytes()[: len(CRASH_MARKER)] == CRASH_MARKER:
             os.abort()
-        return real_load(images_dir, image_id)
+        return real_read(images_dir, image_id, *args, **kwargs)
 
-    pipeline.load_image = load
+    extract.read_image = read
