@@ -212,6 +212,12 @@ def load_rows(
     return ready, images, collected.rows
 
 
+def _one_line(err: BaseException) -> str:
+    from halp.extract import _one_line as one_line  # the serial loop's wording of a row's error
+
+    return one_line(err)
+
+
 def encode_rows(
     encoder: Any, samples: list[Sample], images: list[Image.Image]
 ) -> tuple[list[Sample], dict[str, Any] | None, list[RowFailure]]:
@@ -228,7 +234,7 @@ def encode_rows(
         try:
             encoder.encode([image], [sample.question])
         except Exception as err:  # this row's error, recorded; the run goes on
-            failures.append((sample, "processor", type(err).__name__, str(err)))
+            failures.append((sample, "extract", type(err).__name__, _one_line(err)))
             continue
         kept.append(sample)
         kept_images.append(image)
@@ -247,7 +253,7 @@ def prepare(index: int, samples: list[Sample], rules: RowRules, encoder: Any | N
         try:
             ready, inputs, more = encode_rows(encoder, ready, images)
         except Exception as err:  # a lone row the processor cannot take
-            ready, inputs, more = [], None, [(ready[0], "processor", type(err).__name__, str(err))]
+            ready, inputs, more = [], None, [(ready[0], "extract", type(err).__name__, _one_line(err))]
         prepared.samples, prepared.inputs, prepared.images = ready, inputs, None
         prepared.failures += more
         prepared.processing_seconds = time.perf_counter() - loaded
