@@ -1,14 +1,29 @@
-"""Input tables (CSV, JSONL, Parquet) and images.
+"""Input tables and their images.
+
+A table is a CSV/TSV/JSON/JSONL/Parquet file whose image ids are files under an images directory, or a table
+that embeds its images: Parquet or Arrow with the `datasets` Image struct (`{bytes, path}`) or a binary column,
+JSONL with data-URL / base64 images, a `datasets.Dataset.save_to_disk` directory, a hub dataset
+(`--hf-dataset NAME [--config C] --split S`, through `datasets.load_dataset`) or an `hf://datasets/...` file
+(huggingface_hub's fsspec file system). Text columns are read up front (every table problem surfaces before a
+model loads); images are read and decoded only when a batch asks for them (`ImageSource.load`), so memory does
+not grow with the table.
 
 The column aliases are those of the HALP seeds, so their VQA tables load unchanged.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import io
+import json
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -23,7 +38,9 @@ COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
     "ground_truth": ("answer", "gt_answer", "ground_truth"),
 }
 REQUIRED = ("question_id", "image_id", "question")
-
+#: Columns that may hold embedded images, in order of preference when a table has several.
+IMAGE_COLUMNS = ("image", "decoded_image", "img", "image_bytes", "image_base64", "image_b64")
+_TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".json", ".parquet", ".pq", ".arrow")
 
 
 @dataclass(frozen=True)
@@ -33,15 +50,37 @@ class Sample:
     question: str
     ground_truth: str = ""
     meta: dict[str, str] = field(default_factory=dict)
+    #: Row of the table that embeds this sample's image (None: the image is the file image_id under --images).
+    image_row: int | None = None
 
 
 def _as_text(value: object) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(_plain(value), ensure_ascii=False)
     return str(value)
 
 
+def _plain(value: Any) -> Any:
+    """Nested numpy/pyarrow values as JSON-able Python values."""
+    if isinstance(value, np.ndarray):
+        return [_plain(item) for item in value.tolist()]
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, bytes):
+        return f"<{len(value)} bytes>"
+    return value
+
+
 def read_frame(path: str | Path) -> pd.DataFrame:
+    """A whole table as text (CSV, TSV, JSON, JSONL, Parquet); tables with embedded images go through `open_table`."""
     path = Path(path)
     if not path.is_file():
         raise TableError(f"input table {path} does not exist")
@@ -62,53 +101,487 @@ def read_frame(path: str | Path) -> pd.DataFrame:
     raise TableError(f"{path}: unsupported table format {suffix!r}; use .csv, .tsv, .jsonl, .json or .parquet")
 
 
-def resolve_columns(columns: list[str]) -> dict[str, str]:
-    """Map canonical names to the table's column names, or fail listing the accepted aliases."""
+def resolve_columns(columns: list[str], embedded: bool = False) -> dict[str, str]:
+    """Map canonical names to the table's column names, or fail listing the accepted aliases.
+
+    With `embedded` (the table holds its images), image_id may be missing: it is then derived per row."""
     resolved: dict[str, str] = {}
     for canonical, aliases in COLUMN_ALIASES.items():
         found = next((alias for alias in aliases if alias in columns), None)
         if found is not None:
             resolved[canonical] = found
-    missing = [name for name in REQUIRED if name not in resolved]
+    required = [name for name in REQUIRED if not (embedded and name == "image_id")]
+    missing = [name for name in required if name not in resolved]
     if missing:
         details = "; ".join(f"{name}: one of {', '.join(COLUMN_ALIASES[name])}" for name in missing)
         raise TableError(f"missing required column(s) — {details}. Columns present: {', '.join(columns)}")
     return resolved
 
 
-def read_samples(path: str | Path) -> list[Sample]:
-    """Read and validate a VQA table; every problem is reported before a model is loaded."""
-    frame = read_frame(path)
+def samples_from_frame(
+    frame: pd.DataFrame, source: str, image_ids: Sequence[str] | None = None, embedded: bool = False
+) -> list[Sample]:
+    """Validated samples from a text frame; with `embedded`, sample i's image is row i of the table."""
     columns = [str(column) for column in frame.columns]
     frame.columns = columns
-    resolved = resolve_columns(columns)
+    resolved = resolve_columns(columns, embedded=embedded)
     used = set(resolved.values())
     meta_columns = [column for column in columns if column not in used]
 
     ids = [_as_text(value) for value in frame[resolved["question_id"]]]
     empty = [index for index, qid in enumerate(ids) if not qid.strip()]
     if empty:
-        raise TableError(f"{path}: empty question_id in row(s) {', '.join(str(i + 2) for i in empty[:10])}")
+        raise TableError(f"{source}: empty question_id in row(s) {', '.join(str(i + 2) for i in empty[:10])}")
     duplicates = sorted(qid for qid, count in Counter(ids).items() if count > 1)
     if duplicates:
         shown = ", ".join(duplicates[:10])
-        raise TableError(f"{path}: duplicate question_id values ({len(duplicates)}), e.g. {shown}")
+        raise TableError(f"{source}: duplicate question_id values ({len(duplicates)}), e.g. {shown}")
 
     samples = []
     for row_index, row in enumerate(frame.to_dict(orient="records")):
+        if image_ids is not None:
+            image_id = image_ids[row_index] or f"row-{row_index}"
+        else:
+            image_id = _as_text(row[resolved["image_id"]])
         samples.append(
             Sample(
                 question_id=ids[row_index],
-                image_id=_as_text(row[resolved["image_id"]]),
+                image_id=image_id,
                 question=_as_text(row[resolved["question"]]),
                 ground_truth=_as_text(row[resolved["ground_truth"]]) if "ground_truth" in resolved else "",
                 meta={column: _as_text(row[column]) for column in meta_columns},
+                image_row=row_index if embedded else None,
             )
         )
     return samples
 
 
+def read_samples(path: str | Path) -> list[Sample]:
+    """Read and validate a VQA table; every problem is reported before a model is loaded."""
+    return open_table(path).samples
 
+
+# ----- image sources -------------------------------------------------------------------------------------
+class ImageSource:
+    """Where a table's images come from; `load` opens one batch's images (an ImageError per unreadable one)."""
+
+    embedded = False
+
+    def load(self, samples: Sequence[Sample]) -> list[Image.Image | ImageError]:
+        raise NotImplementedError
+
+
+class FolderImages(ImageSource):
+    """Image files named by image_id, confined to one directory."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def load(self, samples: Sequence[Sample]) -> list[Image.Image | ImageError]:
+        out: list[Image.Image | ImageError] = []
+        for sample in samples:
+            try:
+                out.append(load_image(self.root, sample.image_id))
+            except ImageError as err:
+                out.append(err)
+        return out
+
+
+def decode_image_bytes(data: bytes | None, what: str) -> Image.Image:
+    """An embedded image's bytes as an RGB image, or an ImageError saying which row and why."""
+    if not data:
+        raise ImageError(f"{what}: the embedded image has no bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return to_rgb(image)
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"{what} exceeds the decompression-bomb limit: {err}") from err
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageError(f"{what} cannot be decoded: {err}") from err
+
+
+def _cell_bytes(cell: Any) -> bytes | None:
+    """The bytes of an embedded-image cell: the `datasets` Image struct {bytes, path}, or raw binary."""
+    if isinstance(cell, dict):
+        return cell.get("bytes")
+    return cell
+
+
+class _RowGroupImages(ImageSource):
+    """Images embedded in a Parquet file, read one row group at a time (the row group in use is cached)."""
+
+    embedded = True
+
+    def __init__(self, opener: Any, column: str, label: str) -> None:
+        import pyarrow.parquet as pq
+
+        self._file = pq.ParquetFile(opener())
+        self.column = column
+        self.label = label
+        metadata = self._file.metadata
+        self._starts = np.cumsum([0] + [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)])
+        self._cached: tuple[int, list[Any]] | None = None
+
+    def _cell(self, row: int) -> Any:
+        group = int(np.searchsorted(self._starts, row, side="right") - 1)
+        if self._cached is None or self._cached[0] != group:
+            self._cached = None  # drop the previous group before reading the next one
+            values = self._file.read_row_group(group, columns=[self.column]).column(0).to_pylist()
+            self._cached = (group, values)
+        return self._cached[1][row - int(self._starts[group])]
+
+    def load(self, samples: Sequence[Sample]) -> list[Image.Image | ImageError]:
+        out: list[Image.Image | ImageError] = []
+        for sample in samples:
+            assert sample.image_row is not None
+            try:
+                data = _cell_bytes(self._cell(sample.image_row))
+                out.append(decode_image_bytes(data, f"{self.label} row {sample.image_row} ({sample.question_id})"))
+            except ImageError as err:
+                out.append(err)
+        return out
+
+
+class DatasetImages(ImageSource):
+    """Images of a `datasets.Dataset` (memory-mapped Arrow): each batch reads only its rows' bytes."""
+
+    embedded = True
+
+    def __init__(self, dataset: Any, column: str, label: str) -> None:
+        import datasets
+
+        self._images = dataset.select_columns([column]).cast_column(column, datasets.Image(decode=False))
+        self.column = column
+        self.label = label
+
+    def load(self, samples: Sequence[Sample]) -> list[Image.Image | ImageError]:
+        rows = [int(sample.image_row) for sample in samples if sample.image_row is not None]
+        cells = self._images[rows][self.column] if rows else []
+        out: list[Image.Image | ImageError] = []
+        for sample, cell in zip(samples, cells, strict=True):
+            try:
+                out.append(
+                    decode_image_bytes(_cell_bytes(cell), f"{self.label} row {sample.image_row} ({sample.question_id})")
+                )
+            except ImageError as err:
+                out.append(err)
+        return out
+
+
+class JsonlImages(ImageSource):
+    """Images embedded in JSONL lines (data URLs or base64): a batch re-reads only its own lines."""
+
+    embedded = True
+
+    def __init__(self, path: Path, column: str, offsets: list[int]) -> None:
+        self.path = path
+        self.column = column
+        self.offsets = offsets
+
+    def load(self, samples: Sequence[Sample]) -> list[Image.Image | ImageError]:
+        out: list[Image.Image | ImageError] = []
+        with self.path.open("rb") as handle:
+            for sample in samples:
+                assert sample.image_row is not None
+                what = f"{self.path.name} line {sample.image_row + 1} ({sample.question_id})"
+                handle.seek(self.offsets[sample.image_row])
+                value = json.loads(handle.readline()).get(self.column)
+                try:
+                    out.append(decode_image_bytes(decode_embedded_text(value, what), what))
+                except ImageError as err:
+                    out.append(err)
+        return out
+
+
+def decode_embedded_text(value: Any, what: str) -> bytes:
+    """The bytes of a JSON image value: a data URL, a base64 string, or {"bytes": base64}."""
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    if not isinstance(value, str) or not value:
+        raise ImageError(f"{what}: the embedded image has no bytes")
+    if value.startswith("data:"):
+        header, _, value = value.partition(",")
+        if ";base64" not in header:
+            raise ImageError(f"{what}: data URL is not base64-encoded ({header[:40]!r})")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise ImageError(f"{what}: the embedded image is not valid base64: {err}") from err
+
+
+# ----- tables --------------------------------------------------------------------------------------------
+@dataclass
+class Table:
+    """The rows of a table (text only) and where their images come from."""
+
+    samples: list[Sample]
+    images: ImageSource | None  # None: files under --images, given at extraction
+    #: What the run identity records about the input: the table or dataset, and a digest of its content.
+    identity: dict[str, str]
+
+    @property
+    def embedded(self) -> bool:
+        return self.images is not None and self.images.embedded
+
+    def image_source(self, images_dir: str | Path | None) -> ImageSource:
+        if self.images is not None:
+            return self.images
+        if images_dir is None:
+            raise TableError(
+                f"{self.identity.get('data', 'the table')} names image files but embeds no images: give --images DIR"
+            )
+        if not Path(images_dir).is_dir():
+            raise FileNotFoundError(f"--images {images_dir} is not a directory")
+        return FolderImages(images_dir)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _embedded_column(names: Sequence[str], kinds: dict[str, str]) -> str | None:
+    """The image column among columns whose kind is 'struct' ({bytes, path}) or 'binary', preferring IMAGE_COLUMNS."""
+    candidates = [name for name in names if kinds.get(name) in {"struct", "binary"}]
+    for preferred in IMAGE_COLUMNS:
+        if preferred in candidates:
+            return preferred
+    return candidates[0] if candidates else None
+
+
+def _arrow_kind(arrow_type: Any) -> str:
+    import pyarrow as pa
+
+    if pa.types.is_struct(arrow_type):
+        names = {arrow_type.field(i).name for i in range(arrow_type.num_fields)}
+        if "bytes" in names:
+            return "struct"
+    if pa.types.is_binary(arrow_type) or pa.types.is_large_binary(arrow_type):
+        return "binary"
+    return "other"
+
+
+def _open_parquet(source: str | Path, label: str, digest: str) -> Table:
+    import pyarrow.parquet as pq
+
+    opener, filesystem, path = _opener(source)
+    try:
+        schema = pq.read_schema(opener())
+    except Exception as err:  # pyarrow raises ArrowInvalid/OSError for a file that is not Parquet
+        raise TableError(f"{label} could not be read as Parquet: {err}") from err
+    kinds = {name: _arrow_kind(schema.field(name).type) for name in schema.names}
+    column = _embedded_column(schema.names, kinds)
+    if column is None:
+        frame = pq.read_table(path, filesystem=filesystem).to_pandas()
+        return Table(samples_from_frame(frame, label), None, {"data": label, "table_sha256": digest})
+    text_columns = [name for name in schema.names if name != column]
+    frame = pq.read_table(path, filesystem=filesystem, columns=text_columns).to_pandas()
+    stored_paths = None
+    if kinds[column] == "struct" and "path" in _struct_fields(schema.field(column).type):
+        stored_paths = pq.read_table(path, filesystem=filesystem, columns=[f"{column}.path"]).column(0)
+    image_ids = _struct_paths(stored_paths, len(frame))
+    samples = samples_from_frame(frame, label, image_ids=_image_ids(frame, image_ids), embedded=True)
+    images = _RowGroupImages(opener, column, label)
+    return Table(samples, images, {"data": label, "image_column": column, "table_sha256": digest})
+
+
+def _struct_fields(arrow_type: Any) -> set[str]:
+    return {arrow_type.field(i).name for i in range(arrow_type.num_fields)}
+
+
+def _struct_paths(column: Any, rows: int) -> list[str]:
+    if column is None:
+        return [""] * rows
+    return [Path(value).name if value else "" for value in column.to_pylist()]
+
+
+def _image_ids(frame: pd.DataFrame, paths: list[str]) -> list[str] | None:
+    """image_id of embedded rows: the table's own image_id column if it has one, else the image's stored path."""
+    columns = [str(column) for column in frame.columns]
+    if any(alias in columns for alias in COLUMN_ALIASES["image_id"]):
+        return None
+    return paths
+
+
+def _opener(source: str | Path) -> tuple[Any, Any, str]:
+    """(a function opening the file for reading, the pyarrow filesystem or None, the path in it)."""
+    if isinstance(source, str) and "://" in source:
+        import fsspec
+
+        filesystem, path = fsspec.core.url_to_fs(source)
+        return (lambda: filesystem.open(path, "rb")), filesystem, path
+    return (lambda: str(source)), None, str(source)
+
+
+def _open_dataset(dataset: Any, label: str, identity: dict[str, str]) -> Table:
+    """A `datasets.Dataset` (from save_to_disk, load_dataset or an Arrow file): text now, images per batch."""
+    import datasets
+
+    columns = list(dataset.column_names)
+    kinds = {name: ("struct" if isinstance(feature, datasets.Image) else "other")
+             for name, feature in dataset.features.items()}
+    column = _embedded_column(columns, kinds)
+    text = dataset.remove_columns([column]) if column else dataset
+    frame = text.to_pandas()
+    if column is None:
+        return Table(samples_from_frame(frame, label), None, identity)
+    paths = _dataset_paths(dataset, column)
+    samples = samples_from_frame(frame, label, image_ids=_image_ids(frame, paths), embedded=True)
+    return Table(samples, DatasetImages(dataset, column, label), {**identity, "image_column": column})
+
+
+def _dataset_paths(dataset: Any, column: str) -> list[str]:
+    """The stored path of each row's image, read from Arrow without touching the bytes."""
+    import pyarrow.compute as pc
+
+    flat = dataset.flatten_indices() if dataset._indices is not None else dataset
+    chunked = flat.data.column(column)
+    if not hasattr(chunked.type, "num_fields") or "path" not in _struct_fields(chunked.type):
+        return [""] * len(flat)
+    return _struct_paths(pc.struct_field(chunked, "path"), len(flat))
+
+
+def _open_jsonl(path: Path) -> Table:
+    """JSONL, line by line: embedded image fields are located and dropped; each line's offset is kept."""
+    rows: list[dict[str, Any]] = []
+    offsets: list[int] = []
+    column: str | None = None
+    position = 0
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            start, position = position, position + len(raw)
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as err:
+                raise TableError(f"{path} line {number} is not valid UTF-8 ({err}); re-encode it as UTF-8") from err
+            except json.JSONDecodeError as err:
+                raise TableError(f"{path} line {number} is not valid JSON: {err}") from err
+            if not isinstance(row, dict):
+                raise TableError(f"{path} line {number} is a JSON {type(row).__name__}, expected an object")
+            if column is None:
+                column = _jsonl_image_column(row)
+            if column is not None:
+                row.pop(column, None)
+            rows.append(row)
+            offsets.append(start)
+    digest = file_sha256(path)
+    frame = pd.DataFrame(rows)
+    if column is None:
+        return Table(samples_from_frame(frame, str(path)), None, {"data": str(path), "table_sha256": digest})
+    samples = samples_from_frame(frame, str(path), image_ids=_image_ids(frame, [""] * len(rows)), embedded=True)
+    return Table(samples, JsonlImages(path, column, offsets),
+                 {"data": str(path), "image_column": column, "table_sha256": digest})
+
+
+def _jsonl_image_column(row: dict[str, Any]) -> str | None:
+    """The field of a JSONL row that embeds an image: a data URL, {"bytes": ...}, or an *_base64/_b64 field."""
+    for name in IMAGE_COLUMNS + tuple(row):
+        value = row.get(name)
+        if isinstance(value, str) and value.startswith("data:image/"):
+            return name
+        if isinstance(value, dict) and "bytes" in value:
+            return name
+        if name in {"image_base64", "image_b64"} and name in row:
+            return name
+    return None
+
+
+def open_table(
+    data: str | Path | None,
+    hf_dataset: str | None = None,
+    config: str | None = None,
+    split: str | None = None,
+) -> Table:
+    """Open a table (or a hub dataset) as samples plus an image source; table problems raise TableError."""
+    if hf_dataset is not None:
+        if data is not None:
+            raise TableError("give --data or --hf-dataset, not both")
+        return open_hub_dataset(hf_dataset, config, split)
+    if data is None:
+        raise TableError("no input: give --data TABLE or --hf-dataset NAME --split SPLIT")
+    if isinstance(data, str) and "://" in data:
+        if not data.lower().endswith((".parquet", ".pq")):
+            raise TableError(f"{data}: remote tables are read as Parquet; name a .parquet file")
+        import fsspec
+
+        filesystem, path = fsspec.core.url_to_fs(data)
+        if not filesystem.exists(path):
+            raise TableError(f"input table {data} does not exist")
+        return _open_parquet(data, data, f"{type(filesystem).__name__}:{filesystem.ukey(path)}")
+    path = Path(data)
+    if path.is_dir():
+        return _open_saved_dataset(path)
+    if not path.is_file():
+        raise TableError(f"input table {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix in {".parquet", ".pq"}:
+        return _open_parquet(path, str(path), file_sha256(path))
+    if suffix == ".arrow":
+        import datasets
+
+        try:
+            dataset = datasets.Dataset.from_file(str(path))
+        except Exception as err:  # pyarrow raises ArrowInvalid for a file that is not an Arrow stream
+            raise TableError(f"{path} could not be read as a `datasets` Arrow file: {err}") from err
+        return _open_dataset(dataset, str(path), {"data": str(path), "table_sha256": file_sha256(path)})
+    if suffix in {".jsonl", ".ndjson"}:
+        return _open_jsonl(path)
+    frame = read_frame(path)
+    return Table(samples_from_frame(frame, str(path)), None, {"data": str(path), "table_sha256": file_sha256(path)})
+
+
+def _open_saved_dataset(path: Path) -> Table:
+    import datasets
+
+    if not (path / "state.json").is_file():
+        found = ", ".join(sorted(child.name for child in path.iterdir())[:10]) or "nothing"
+        raise TableError(
+            f"{path} is a directory but not one written by datasets.Dataset.save_to_disk (expected state.json and "
+            f"data-*.arrow; found {found})"
+        )
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as err:
+        raise TableError(f"{path} could not be loaded with datasets.load_from_disk: {err}") from err
+    if isinstance(dataset, datasets.DatasetDict):
+        raise TableError(
+            f"{path} holds a DatasetDict with splits {', '.join(dataset)}; pass the split's own directory "
+            f"(e.g. {path / next(iter(dataset))})"
+        )
+    return _open_dataset(dataset, str(path), {"data": str(path), "table_sha256": dataset._fingerprint})
+
+
+def open_hub_dataset(name: str, config: str | None, split: str | None) -> Table:
+    """A dataset by its hub name (or a local dataset script/folder), loaded by `datasets.load_dataset`."""
+    import datasets
+
+    if not split:
+        raise TableError(f"--hf-dataset {name}: name the split with --split (e.g. test, validation)")
+    label = f"{name}{f'[{config}]' if config else ''}:{split}"
+    try:
+        dataset = datasets.load_dataset(name, config, split=split)
+    except ValueError as err:
+        # datasets says 'Unknown split "x". Should be one of [...]' for a split the dataset does not have.
+        raise TableError(f"--hf-dataset {label}: {err}") from err
+    except FileNotFoundError as err:
+        raise TableError(f"--hf-dataset {name}: not found ({err})") from err
+    identity = {
+        "hf_dataset": name,
+        "config": config or "",
+        "split": split,
+        "table_sha256": dataset._fingerprint,
+        "data": label,
+    }
+    return _open_dataset(dataset, label, identity)
+
+
+# ----- image files ---------------------------------------------------------------------------------------
 def resolve_image_path(images_dir: str | Path, image_id: str) -> Path:
     """The image file for an image_id, confined to images_dir."""
     root = Path(images_dir).resolve()
@@ -147,3 +620,27 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+# ----- the input of a run ----------------------------------------------------------------------------------
+_OPENED: dict[tuple, Table] = {}
+
+
+def input_table(
+    data: str | Path | None, hf_dataset: str | None = None, config: str | None = None, split: str | None = None
+) -> Table:
+    """`open_table`, reusing the table opened last while its file is unchanged (a run asks for it twice: rows
+    before the model loads, images during the loop); a hub dataset is opened once per process."""
+    stat: tuple = ()
+    if data is not None and not (isinstance(data, str) and "://" in data) and Path(data).exists():
+        info = Path(data).stat()
+        stat = (info.st_mtime_ns, info.st_size)
+    key = (str(data) if data is not None else None, hf_dataset, config, split, stat)
+    if key not in _OPENED:
+        _OPENED.clear()  # one table at a time: a finished run's rows are not kept
+        _OPENED[key] = open_table(data, hf_dataset, config, split)
+    return _OPENED[key]
+
+
+def as_image_source(images: ImageSource | str | Path) -> ImageSource:
+    return images if isinstance(images, ImageSource) else FolderImages(images)

@@ -65,3 +65,8 @@ class ScorerError(HalpError, ValueError):
 
 class RayWorkerError(HalpError, RuntimeError):
     """A Ray worker failed in a way a retry does not fix (model not loadable, extraction point missing, ...)."""
+
+
+class SourceError(HalpError, ValueError):
+    """A benchmark's files cannot be converted or composed (unknown layout, missing split, clashing ids); says
+    what was expected and what was found."""

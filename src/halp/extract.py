@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from halp.capture import BatchResult, FeatureExtractor, parse_layers
-from halp.data import ImageError, Sample, load_image, read_samples
+from halp.data import ImageSource, Sample, as_image_source, input_table
 from halp.loading import load_model, resolve_device, resolve_dtype
 from halp.models import adapter_for
 from halp.shard import Shard, resolve_shard
@@ -37,8 +37,10 @@ BUCKET_BATCHES = 16
 @dataclass
 class ExtractConfig:
     model: str
-    data: Path
-    images: Path
+    #: A table file or directory (see halp.data), or an hf://... Parquet file; None with hf_dataset.
+    data: Path | str | None
+    #: Directory of the table's image files; None when the table embeds its images.
+    images: Path | None
     out: Path
     layers: str = "halp"
     batch_size: int = 8
@@ -53,6 +55,10 @@ class ExtractConfig:
     #: Both None: one shard, or the shard a torch launcher (torchrun, accelerate launch) assigns.
     num_shards: int | None = None
     shard_index: int | None = None
+    #: A hub dataset (datasets.load_dataset) instead of --data, with its config and split.
+    hf_dataset: str | None = None
+    hf_config: str | None = None
+    split: str | None = None
 
 
 @dataclass
@@ -113,8 +119,7 @@ def run_extraction(config: ExtractConfig) -> ExtractSummary:
             f"committed. Delete {config.out} first (or run once with --overwrite and one shard), then start the shards."
         )
     samples = read_table(config)  # table problems surface before the model loads
-    if not Path(config.images).is_dir():
-        raise FileNotFoundError(f"--images {config.images} is not a directory")
+    image_source(config)  # as do missing images: no --images for a table without embedded images
 
     device = device_for(resolve_device(config.device), shard)
     dtype = str(resolve_dtype(config.dtype, device)).removeprefix("torch.")
@@ -131,8 +136,20 @@ def run_extraction(config: ExtractConfig) -> ExtractSummary:
 
 
 def read_table(config: ExtractConfig) -> list[Sample]:
-    samples = read_samples(config.data)
+    samples = input_table(config.data, config.hf_dataset, config.hf_config, config.split).samples
     return samples[: config.limit] if config.limit is not None else samples
+
+
+def image_source(config: ExtractConfig) -> ImageSource:
+    """The images of the run's table: embedded in it, or files under config.images."""
+    return input_table(config.data, config.hf_dataset, config.hf_config, config.split).image_source(config.images)
+
+
+def data_identity(config: ExtractConfig) -> dict[str, str] | None:
+    """What the run identity records of an input that --images does not name: the table or hub dataset
+    (id, config, split) and its content digest. None for a table of image files (identity as before)."""
+    table = input_table(config.data, config.hf_dataset, config.hf_config, config.split)
+    return table.identity if table.images is not None else None
 
 
 def device_for(device: str, shard: Shard) -> str:
@@ -157,6 +174,7 @@ def run_identity(config: ExtractConfig, dtype: str, max_new_tokens: int, num_sha
         "max_new_tokens": max_new_tokens,
         "prompt_format": "chat_template/user[image,text]",
         "num_shards": num_shards,
+        "data": data_identity(config),
     }
 
 
@@ -253,9 +271,10 @@ def _extract_all(
     summary: ExtractSummary,
     desc: str,
 ) -> None:
+    source = image_source(config)
     with tqdm(total=len(todo), unit="sample", disable=not config.progress, desc=desc) as bar:
         for window in batches(todo, config.batch_size * BUCKET_BATCHES):
-            ready, images = load_batch(window, config.images, failures)
+            ready, images = load_batch(window, source, failures)
             bar.update(len(window) - len(ready))
             for chosen in batches_by_size(images, config.batch_size):
                 summary.processed += extract_loaded(
@@ -279,20 +298,24 @@ def batches_by_size(images: Sequence[Image.Image], batch_size: int) -> list[list
 
 
 def load_batch(
-    batch: Sequence[Sample], images_dir: Path, failures: FailureList
+    batch: Sequence[Sample], images: ImageSource | Path, failures: FailureList
 ) -> tuple[list[Sample], list[Image.Image]]:
-    """The rows of `batch` that have a question and a readable image, with their images; others are recorded."""
-    ready, images = [], []
+    """The rows of `batch` that have a question and a readable image, with their images; others are recorded.
+    `images` is an image directory or the table's embedded images (halp.data.ImageSource)."""
+    asked = []
     for sample in batch:
         if not sample.question.strip():
             failures.record(sample, "input", "EmptyQuestion", "the question is empty")
             continue
-        try:
-            images.append(load_image(images_dir, sample.image_id))
+        asked.append(sample)
+    ready, loaded = [], []
+    for sample, image in zip(asked, as_image_source(images).load(asked), strict=True):
+        if isinstance(image, Exception):
+            failures.record(sample, "image", type(image).__name__, str(image))
+        else:
             ready.append(sample)
-        except ImageError as err:
-            failures.record(sample, "image", type(err).__name__, str(err))
-    return ready, images
+            loaded.append(image)
+    return ready, loaded
 
 
 def extract_loaded(

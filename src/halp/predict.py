@@ -22,7 +22,7 @@ import pandas as pd
 from PIL import Image
 
 from halp.capture import FeatureExtractor
-from halp.data import ImageError, Sample, load_image, read_samples, to_rgb
+from halp.data import ImageError, Sample, load_image, open_table, to_rgb
 from halp.errors import ScorerError
 from halp.report import split_feature
 
@@ -199,7 +199,7 @@ class PredictSummary:
 
 
 def predict_file(
-    scorer: RiskScorer, data: str | Path, images_dir: str | Path, out: str | Path, progress: bool = False
+    scorer: RiskScorer, data: str | Path, images_dir: str | Path | None, out: str | Path, progress: bool = False
 ) -> PredictSummary:
     """Score every row of a VQA table; write `question_id,risk,flagged,error` to `out` (atomically).
 
@@ -207,7 +207,9 @@ def predict_file(
     """
     from tqdm.auto import tqdm
 
-    samples = read_samples(data)
+    table = open_table(data)
+    samples = table.samples
+    source = table.image_source(images_dir)  # files under images_dir, or the images the table embeds
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     risks: dict[str, float] = {}
@@ -217,12 +219,12 @@ def predict_file(
             batch = samples[start : start + scorer.batch_size]
             good: list[Sample] = []
             images: list[Image.Image] = []
-            for sample in batch:
-                try:
-                    images.append(load_image(images_dir, sample.image_id))
+            for sample, image in zip(batch, source.load(batch), strict=True):
+                if isinstance(image, ImageError):
+                    failed.append((sample.question_id, str(image)))
+                else:
+                    images.append(image)
                     good.append(sample)
-                except ImageError as err:
-                    failed.append((sample.question_id, str(err)))
             if good:
                 scores = scorer.score_batch(images, [sample.question for sample in good])
                 risks.update(zip((sample.question_id for sample in good), scores.tolist(), strict=True))

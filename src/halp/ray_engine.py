@@ -40,6 +40,7 @@ from halp.extract import (
     FailureLog,
     attach_log,
     extract_batch,
+    image_source,
     log_rate,
     prepare_extractor,
     read_table,
@@ -168,6 +169,10 @@ def run_ray_extraction(
             "and do not start it under torchrun/accelerate"
         )
     samples = read_table(config)  # table problems surface before the cluster is touched
+    if image_source(config).embedded:
+        raise ValueError(
+            "--engine ray reads image files from --images; use --engine local for a table that embeds its images"
+        )
     if not Path(config.images).is_dir():
         raise FileNotFoundError(f"--images {config.images} is not a directory")
     # Workers may run on other nodes: every path they open must be absolute (and on a shared filesystem).

@@ -68,7 +68,7 @@ STR = h5py.string_dtype("utf-8")
 _PART_RE = re.compile(r"^part-(\d{6})\.h5$")
 
 #: Settings that change the numbers; a rerun into the same directory must agree on them.
-IDENTITY_KEYS = ("model", "layers", "dtype", "max_new_tokens", "prompt_format")
+IDENTITY_KEYS = ("model", "layers", "dtype", "max_new_tokens", "prompt_format", "data")
 #: Brief holders of the run lock write "<pid> brief <writer>" in the lock file; lifetime holders just "<pid>".
 _BRIEF = " brief "
 

@@ -3,7 +3,10 @@
 `app.py` holds the app, shared options and the error exit; each module below registers its commands.
 """
 
-from halp.cli import commands  # noqa: F401  (registers the commands)
+from halp.cli import (
+    commands,  # noqa: F401  (registers the commands)
+    data,  # noqa: F401  (registers `halp data`)
+)
 from halp.cli.app import app
 
 __all__ = ["app"]
