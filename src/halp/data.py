@@ -539,6 +539,12 @@ def open_table(
 def _open_saved_dataset(path: Path) -> Table:
     import datasets
 
+    if (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8")).get("splits", [])
+        raise TableError(
+            f"{path} holds a DatasetDict with splits {', '.join(splits)}; pass the split's own directory "
+            f"(e.g. {path / splits[0] if splits else path})"
+        )
     if not (path / "state.json").is_file():
         found = ", ".join(sorted(child.name for child in path.iterdir())[:10]) or "nothing"
         raise TableError(
@@ -549,11 +555,6 @@ def _open_saved_dataset(path: Path) -> Table:
         dataset = datasets.load_from_disk(str(path))
     except (FileNotFoundError, ValueError) as err:
         raise TableError(f"{path} could not be loaded with datasets.load_from_disk: {err}") from err
-    if isinstance(dataset, datasets.DatasetDict):
-        raise TableError(
-            f"{path} holds a DatasetDict with splits {', '.join(dataset)}; pass the split's own directory "
-            f"(e.g. {path / next(iter(dataset))})"
-        )
     return _open_dataset(dataset, str(path), {"data": str(path), "table_sha256": dataset._fingerprint})
 
 

@@ -220,7 +220,10 @@ def parquet_files(root: Path, split: str | None) -> tuple[list[Path], list[str]]
     """The Parquet shards of a hub dataset snapshot (or one file), for `split` if given; and the splits found.
 
     Hub layouts name shards `<split>-00000-of-0000N*.parquet` or put them in a `<split>/` folder."""
-    files = [root] if root.is_file() else sorted(root.rglob("*.parquet"))
+    if root.is_file():
+        files = [root] if root.suffix.lower() in {".parquet", ".pq"} else []
+    else:
+        files = sorted(root.rglob("*.parquet"))
     splits = sorted({split_of(path, root) for path in files})
     if split is not None:
         files = [path for path in files if split_of(path, root) == split]
