@@ -1,0 +1,104 @@
+"""From the six benchmarks' published files to a probe: convert -> compose -> extract (tiny checkpoint, images
+embedded, no --images) -> label (source rules) -> probe; a corrupt embedded image is that row's error; a rerun
+resumes, and a different table in the same run directory is refused."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import h5py
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from halp.cli import app
+from halp.sources import convert
+from halp.sources.compose import compose
+from halp.store import read_strings
+from halp.testing import sources as fixtures
+
+runner = CliRunner()
+
+
+def _extract(checkpoint, data, out, *extra):
+    return runner.invoke(
+        app,
+        ["extract", "--model", str(checkpoint), "--data", str(data), "--out", str(out), "--device", "cpu",
+         "--dtype", "float32", "--batch-size", "4", "--max-new-tokens", "3", *extra],
+    )
+
+
+@pytest.fixture(scope="module")
+def composite(tmp_path_factory):
+    root = tmp_path_factory.mktemp("roundtrip")
+    dirs = []
+    for source, build in fixtures.FIXTURES.items():
+        path, images = build(root / f"in-{source}")
+        convert(source, path, root / source, images)
+        dirs.append(root / source)
+    return compose(dirs, root / "mix", total=24, seed=0, proportions="equal")
+
+
+def test_convert_compose_extract_label_probe(tmp_path, checkpoint_dir, composite):
+    run = tmp_path / "run"
+    result = _extract(checkpoint_dir("qwen2_vl"), composite.table, run)
+    assert result.exit_code == 0, result.output
+    with h5py.File(run / "features.h5", "r") as handle:
+        ids = read_strings(handle["question_id"])
+        datasets_column = read_strings(handle["meta"]["dataset"])
+        assert handle["query_token"]["layer_0"].shape[0] == 24
+    expected = pq.read_table(composite.table, columns=["question_id"]).column(0).to_pylist()
+    assert ids == expected
+    assert set(datasets_column) == {"amber", "haloquest", "pope", "mme", "hallusionbench", "mathvista"}
+    identity = json.loads((run / "run.json").read_text())
+    assert identity["data"]["image_column"] == "image" and len(identity["data"]["table_sha256"]) == 64
+
+    assert runner.invoke(app, ["label", str(run)]).exit_code == 0
+    with (run / "labels.csv").open() as handle:
+        labels = list(csv.DictReader(handle))
+    assert [row["question_id"] for row in labels] == ids
+    # AMBER generative and HaloQuest rows go through the source rules (the tiny model's answers are noise).
+    methods = {row["method"] for row in labels if row["question_id"].startswith(("amber_", "haloquest_"))}
+    assert methods & {"rule:amber", "rule:haloquest"}
+
+    # The probe needs both classes: plant a label (the ground truth says yes) to check the pipeline runs through.
+    planted = tmp_path / "planted.csv"
+    truths = dict(zip(ids, read_strings(h5py.File(run / "features.h5", "r")["ground_truth"]), strict=True))
+    with planted.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["question_id", "label"])
+        for index, qid in enumerate(ids):
+            writer.writerow([qid, int(truths[qid] == "yes") if truths[qid] in {"yes", "no"} else index % 2])
+    result = runner.invoke(app, ["probe", str(run), "--labels", str(planted), "--folds", "2", "--bootstrap", "20",
+                                 "--features", "query_token/layer_0", "--no-group-by-image"])
+    assert result.exit_code == 0, result.output
+    assert (run / "probes" / "results.csv").is_file()
+
+
+def test_corrupt_embedded_image_is_that_rows_error_and_resume(tmp_path, checkpoint_dir, composite):
+    table = pq.read_table(composite.table)
+    images = table.column("image").to_pylist()
+    images[2] = {"bytes": b"\x89PNG not really", "path": "broken.png"}
+    images[5] = {"bytes": None, "path": "missing.png"}
+    column = pa.array(images, table.column("image").type)
+    damaged = tmp_path / "damaged.parquet"
+    pq.write_table(table.set_column(table.schema.get_field_index("image"), "image", column), damaged)
+    bad = {table.column("question_id")[2].as_py(), table.column("question_id")[5].as_py()}
+
+    run = tmp_path / "run"
+    result = _extract(checkpoint_dir("qwen2_vl"), damaged, run, "--limit", "8")
+    assert result.exit_code == 1 and "2 failed" in result.output
+    errors = [json.loads(line) for line in (run / "errors.jsonl").read_text().splitlines()]
+    assert {entry["question_id"] for entry in errors} == bad
+    assert {entry["error"] for entry in errors} == {"ImageError"}
+    assert any("no bytes" in entry["message"] for entry in errors)
+    assert any("cannot be decoded" in entry["message"] for entry in errors)
+
+    # The same table again: only the two failed rows are retried (and fail again), nothing else is redone.
+    again = _extract(checkpoint_dir("qwen2_vl"), damaged, run, "--limit", "8")
+    assert again.exit_code == 1 and "6 already done" in again.output
+    # Another table in the same run directory is refused: the identity covers the table's digest.
+    other = _extract(checkpoint_dir("qwen2_vl"), composite.table, run, "--limit", "8")
+    assert other.exit_code == 2 and "table_sha256" in other.output.replace("\n", "")
