@@ -249,15 +249,14 @@ class DatasetImages(ImageSource):
     embedded = True
 
     def __init__(self, dataset: Any, column: str, label: str) -> None:
-        import datasets
-
-        self._images = dataset.select_columns([column]).cast_column(column, datasets.Image(decode=False))
+        # The Arrow view gives the stored {bytes, path} structs of the asked rows, undecoded and uncopied otherwise.
+        self._images = dataset.select_columns([column]).with_format("arrow")
         self.column = column
         self.label = label
 
     def load(self, samples: Sequence[Sample]) -> list[Image.Image | ImageError]:
         rows = [int(sample.image_row) for sample in samples if sample.image_row is not None]
-        cells = self._images[rows][self.column] if rows else []
+        cells = self._images[rows].column(self.column).to_pylist() if rows else []
         out: list[Image.Image | ImageError] = []
         for sample, cell in zip(samples, cells, strict=True):
             try:
@@ -380,13 +379,28 @@ def _open_parquet(source: str | Path, label: str, digest: str) -> Table:
         return Table(samples_from_frame(frame, label), None, {"data": label, "table_sha256": digest})
     text_columns = [name for name in schema.names if name != column]
     frame = pq.read_table(path, filesystem=filesystem, columns=text_columns).to_pandas()
-    stored_paths = None
+    image_ids = [""] * len(frame)
     if kinds[column] == "struct" and "path" in _struct_fields(schema.field(column).type):
-        stored_paths = pq.read_table(path, filesystem=filesystem, columns=[f"{column}.path"]).column(0)
-    image_ids = _struct_paths(stored_paths, len(frame))
+        image_ids = _parquet_paths(opener, column)
     samples = samples_from_frame(frame, label, image_ids=_image_ids(frame, image_ids), embedded=True)
     images = _RowGroupImages(opener, column, label)
     return Table(samples, images, {"data": label, "image_column": column, "table_sha256": digest})
+
+
+def _parquet_paths(opener: Any, column: str) -> list[str]:
+    """The stored path of each row's image, one row group at a time: a struct column is read whole, so reading
+    the table's paths at once would hold every image's bytes too."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    handle = pq.ParquetFile(opener())
+    paths: list[str] = []
+    for group in range(handle.metadata.num_row_groups):
+        values = handle.read_row_group(group, columns=[f"{column}.path"]).column(0)
+        if hasattr(values.type, "num_fields"):  # some pyarrow versions keep the struct around the selected child
+            values = pc.struct_field(values, "path")
+        paths += _struct_paths(values, len(values))
+    return paths
 
 
 def _struct_fields(arrow_type: Any) -> set[str]:
