@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from functools import partial
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -17,10 +12,8 @@ from halp.data import read_samples
 from halp.extract import run_extraction
 from halp.store import RunMismatchError, RunStore, feature_datasets
 from halp.testing import make_vqa_set
-from halp.testing.runs import cpu_extract_config, read_run
-
-SLOW_CLI = Path(__file__).parent / "scripts" / "slow_commit_extract.py"
-
+from halp.testing.runs import cli_args, cpu_extract_config, read_run
+from halp.testing.slow_cli import kill_after_commits
 
 _config = partial(cpu_extract_config, batch_size=2, max_new_tokens=4)
 
@@ -54,38 +47,10 @@ def reference_run(tmp_path_factory, checkpoint_dir, data16):
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, checkpoint_dir, data16, reference_run):
     table, images = data16
     out = tmp_path / "run"
-    command = [
-        sys.executable,
-        str(SLOW_CLI),
-        "extract",
-        "--model",
-        str(checkpoint_dir("qwen2_vl")),
-        "--data",
-        str(table),
-        "--images",
-        str(images),
-        "--out",
-        str(out),
-        "--batch-size",
-        "2",
-        "--max-new-tokens",
-        "4",
-        "--device",
-        "cpu",
-        "--dtype",
-        "float32",
-    ]
-    process = subprocess.Popen(
-        command, env={**os.environ, "SLOW_COMMIT_SECONDS": "0.4"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    args = ["extract", *cli_args(_config(checkpoint_dir("qwen2_vl"), table, images, out))]
     store = RunStore(out)
-    deadline = time.monotonic() + 120
-    while len(store.part_paths()) < 3 and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    process.kill()
-    process.wait()
-    committed = len(store.part_paths())
-    assert 3 <= committed < 8, f"expected a run killed part-way, found {committed} committed parts"
+    committed = kill_after_commits(args, store, commits=3)
+    assert committed == 3, f"the killed run must hold exactly the 3 parts it committed, found {committed}"
     assert not (out / "features.h5").exists()
     assert len(store.committed_ids()) == 2 * committed
 

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
@@ -21,8 +20,8 @@ from halp.shard import Shard, resolve_shard
 from halp.store import RunLockedError, RunMismatchError, RunStore, read_strings
 from halp.testing import make_vqa_set
 from halp.testing.runs import cpu_extract_config, read_run
+from halp.testing.slow_cli import kill_after_commits
 
-SLOW_CLI = Path(__file__).parent / "scripts" / "slow_commit_extract.py"
 N = 12
 runner = CliRunner()
 
@@ -166,27 +165,11 @@ def test_killed_shard_loses_and_duplicates_nothing(tmp_path, checkpoint, data, r
     table, images = data
     out = tmp_path / "run"
     killed = RunStore.for_shard(out, "0-of-2")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            str(SLOW_CLI),
-            *_cli_args(checkpoint, table, images, out),
-            "--num-shards",
-            "2",
-            "--shard-index",
-            "0",
-        ],
-        env={**os.environ, "SLOW_COMMIT_SECONDS": "0.5", "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 120
-    while len(killed.part_paths()) < 2 and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    process.kill()
-    process.wait()
+    args = [*_cli_args(checkpoint, table, images, out), "--num-shards", "2", "--shard-index", "0"]
+    parts = kill_after_commits(args, killed, commits=2, env={"OMP_NUM_THREADS": "1"})
+    assert parts == 2, f"shard 0 must hold exactly the 2 parts it committed before it was killed, found {parts}"
     committed = killed.committed_ids()
-    assert 4 <= len(committed) < 6, f"expected shard 0 killed part-way, it committed {sorted(committed)}"
+    assert len(committed) == 4, sorted(committed)  # 2 parts of 2 rows
     assert not (out / "shards" / "0-of-2" / "done.json").exists()
 
     # The other shard finishes; the run waits for the killed one.

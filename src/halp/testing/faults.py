@@ -20,21 +20,6 @@ from halp.extract import ExtractConfig
 from halp.store import RunStore, read_strings
 from halp.testing.runs import cli_args
 
-#: Runs the real CLI with a short pause after each commit so kills land inside the extraction phase too.
-_SLOW_CLI = """
-import os, sys, time
-from halp import store
-_commit = store.RunStore.commit
-def _slow(self, rows, attrs):
-    path = _commit(self, rows, attrs)
-    time.sleep(float(os.environ.get("HALP_FAULT_PAUSE", "0.05")))
-    return path
-store.RunStore.commit = _slow
-from halp.cli import app
-sys.argv = ["halp", *sys.argv[1:]]
-app()
-"""
-
 
 @dataclass
 class FaultReport:
@@ -57,13 +42,13 @@ def kill_and_resume(
     rng = random.Random(seed)
     store = RunStore(run_dir)
     report = FaultReport()
-    env = {**os.environ, "HALP_FAULT_PAUSE": str(pause)}
+    env = {**os.environ, "HALP_COMMIT_PAUSE": str(pause)}
     for _ in range(trials):
         before = store.committed_ids() if run_dir.exists() else set()
         report.trials += 1
         with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: a full pipe would stall the child
             process = subprocess.Popen(
-                [sys.executable, "-c", _SLOW_CLI, "extract", *extract_args],
+                [sys.executable, "-m", "halp.testing.slow_cli", "extract", *extract_args],
                 env=env,
                 stdout=subprocess.DEVNULL,
                 stderr=log,
