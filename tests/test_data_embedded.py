@@ -179,3 +179,17 @@ def test_urls_go_through_fsspec(tmp_path):
     assert type(filesystem).__name__ == "HfFileSystem" and inner.startswith("datasets/lmms-lab/POPE")
     with pytest.raises(TableError, match="does not exist"):
         open_table(f"file://{tmp_path}/missing.parquet")
+
+
+def test_image_sources_pickle_for_worker_processes(tmp_path):
+    import pickle
+
+    path = tmp_path / "vqa.parquet"
+    _dataset(3).to_parquet(str(path))
+    saved = tmp_path / "saved"
+    _dataset(3).save_to_disk(str(saved))
+    for data in (path, saved):
+        table = open_table(data)
+        table.images.load(table.samples[:1])  # opened and cached in this process
+        copy = pickle.loads(pickle.dumps(table.images))
+        assert np.array_equal(_pixels(copy.load([table.samples[2]])[0]), _expected(2))

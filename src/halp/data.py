@@ -208,26 +208,39 @@ def _cell_bytes(cell: Any) -> bytes | None:
     return cell
 
 
-class _RowGroupImages(ImageSource):
-    """Images embedded in a Parquet file, read one row group at a time (the row group in use is cached)."""
+class ParquetImages(ImageSource):
+    """Images embedded in a Parquet file (local path or fsspec URL), read one row group at a time (the group in use
+    is cached). Picklable: a worker process reopens the file itself."""
 
     embedded = True
 
-    def __init__(self, opener: Any, column: str, label: str) -> None:
-        import pyarrow.parquet as pq
-
-        self._file = pq.ParquetFile(opener())
+    def __init__(self, source: str | Path, column: str, label: str) -> None:
+        self.source = source
         self.column = column
         self.label = label
-        metadata = self._file.metadata
-        self._starts = np.cumsum([0] + [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)])
+        self._file: Any = None
+        self._starts: np.ndarray | None = None
         self._cached: tuple[int, list[Any]] | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_file": None, "_starts": None, "_cached": None}
+
+    def _open(self) -> Any:
+        if self._file is None:
+            import pyarrow.parquet as pq
+
+            self._file = pq.ParquetFile(_opener(self.source)[0]())
+            metadata = self._file.metadata
+            self._starts = np.cumsum([0] + [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)])
+        return self._file
+
     def _cell(self, row: int) -> Any:
+        handle = self._open()
+        assert self._starts is not None
         group = int(np.searchsorted(self._starts, row, side="right") - 1)
         if self._cached is None or self._cached[0] != group:
             self._cached = None  # drop the previous group before reading the next one
-            values = self._file.read_row_group(group, columns=[self.column]).column(0).to_pylist()
+            values = handle.read_row_group(group, columns=[self.column]).column(0).to_pylist()
             self._cached = (group, values)
         return self._cached[1][row - int(self._starts[group])]
 
@@ -383,7 +396,7 @@ def _open_parquet(source: str | Path, label: str, digest: str) -> Table:
     if kinds[column] == "struct" and "path" in _struct_fields(schema.field(column).type):
         image_ids = _parquet_paths(opener, column)
     samples = samples_from_frame(frame, label, image_ids=_image_ids(frame, image_ids), embedded=True)
-    images = _RowGroupImages(opener, column, label)
+    images = ParquetImages(source, column, label)
     return Table(samples, images, {"data": label, "image_column": column, "table_sha256": digest})
 
 
