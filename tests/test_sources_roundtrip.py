@@ -102,3 +102,20 @@ def test_corrupt_embedded_image_is_that_rows_error_and_resume(tmp_path, checkpoi
     # Another table in the same run directory is refused: the identity covers the table's digest.
     other = _extract(checkpoint_dir("qwen2_vl"), composite.table, run, "--limit", "8")
     assert other.exit_code == 2 and "table_sha256" in other.output.replace("\n", "")
+
+
+def test_extract_from_a_hub_dataset_by_name(tmp_path, checkpoint_dir):
+    """--hf-dataset NAME --split S goes through datasets.load_dataset (here a local dataset repository)."""
+    repo, _ = fixtures.pope_hub(tmp_path / "POPE", categories=("random",), per=3)
+    run = tmp_path / "run"
+    args = ["--hf-dataset", str(repo), "--split", "test"]
+    result = runner.invoke(app, ["extract", "--model", str(checkpoint_dir("qwen2_vl")), "--out", str(run), *args,
+                                 "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "2"])
+    assert result.exit_code == 0, result.output
+    identity = json.loads((run / "run.json").read_text())["data"]
+    assert (identity["hf_dataset"], identity["split"], identity["config"]) == (str(repo), "test", "")
+    missing = runner.invoke(app, ["extract", "--model", "unused", "--out", str(tmp_path / "r2"),
+                                  "--hf-dataset", str(repo), "--split", "validation"])
+    assert missing.exit_code == 2 and "validation" in missing.output and "test" in missing.output
+    nothing = runner.invoke(app, ["extract", "--model", "unused", "--out", str(tmp_path / "r3")])
+    assert nothing.exit_code == 2 and "--hf-dataset" in nothing.output
