@@ -4,7 +4,9 @@ For each size a Parquet file is written the way `datasets` writes one (the Image
 of 100 rows, `datasets`' schema metadata) and, with --formats, a `save_to_disk` folder. A fresh process then opens
 it with `halp.data.open_table` (text columns up front) and loads every image, a window of 128 rows at a time
 (extraction's window: batch size 8 x 16 batches), decoding and dropping them. Printed: rows, file size, seconds,
-peak RSS of that process (ru_maxrss), and the peak RSS of the same process after opening the table only.
+peak RSS of that process (ru_maxrss), the peak RSS after opening the table only, and the peak anonymous RSS
+(RssAnon, sampled after each window): a memory-mapped Arrow folder's pages count in RSS once touched, but they are
+file-backed and the kernel reclaims them under pressure.
 
     python benchmarks/bench_data_memory.py                       # 1,000 and 100,000 rows, Parquet
     python benchmarks/bench_data_memory.py --sizes 1000 10000 --formats parquet saved
@@ -61,6 +63,15 @@ def write_parquet(path: Path, rows: int, side: int) -> None:
             }, schema=schema))
 
 
+def anonymous_rss_mib() -> float:
+    """This process's anonymous resident memory (Linux): RSS without file-backed pages such as a memory-mapped
+    Arrow file's, which the kernel can drop and reread."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def measure(data: str) -> dict[str, float]:
     """In this process: open the table, then load every image a window at a time."""
     from halp.data import open_table
@@ -68,6 +79,7 @@ def measure(data: str) -> dict[str, float]:
     start = time.perf_counter()
     table = open_table(data)
     opened_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_anonymous = anonymous_rss_mib()
     pixels = 0
     for begin in range(0, len(table.samples), WINDOW):
         window = table.samples[begin : begin + WINDOW]
@@ -75,11 +87,13 @@ def measure(data: str) -> dict[str, float]:
             if isinstance(image, Exception):
                 raise image
             pixels += image.width * image.height
+        peak_anonymous = max(peak_anonymous, anonymous_rss_mib())
     return {
         "rows": len(table.samples),
         "seconds": time.perf_counter() - start,
         "peak_rss_mib_after_open": opened_rss,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_anonymous_mib": peak_anonymous,
         "pixels": pixels,
     }
 
@@ -97,7 +111,8 @@ def main() -> None:
         return
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="halp-bench-data-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    print(f"{'format':<8} {'rows':>8} {'file MiB':>9} {'seconds':>8} {'RSS open MiB':>13} {'peak RSS MiB':>13}")
+    print(f"{'format':<8} {'rows':>8} {'file MiB':>9} {'seconds':>8} {'RSS open MiB':>13} {'peak RSS MiB':>13} "
+          f"{'peak anon MiB':>14}")
     for rows in args.sizes:
         parquet = workdir / f"table-{rows}.parquet"
         if not parquet.exists():
@@ -117,7 +132,8 @@ def main() -> None:
                                  capture_output=True, text=True).stdout
             result = json.loads(out.strip().splitlines()[-1])
             print(f"{fmt:<8} {result['rows']:>8} {size / 2**20:>9.1f} {result['seconds']:>8.1f} "
-                  f"{result['peak_rss_mib_after_open']:>13.0f} {result['peak_rss_mib']:>13.0f}", flush=True)
+                  f"{result['peak_rss_mib_after_open']:>13.0f} {result['peak_rss_mib']:>13.0f} "
+                  f"{result['peak_anonymous_mib']:>14.0f}", flush=True)
 
 
 if __name__ == "__main__":
