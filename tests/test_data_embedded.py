@@ -193,3 +193,11 @@ def test_image_sources_pickle_for_worker_processes(tmp_path):
         table.images.load(table.samples[:1])  # opened and cached in this process
         copy = pickle.loads(pickle.dumps(table.images))
         assert np.array_equal(_pixels(copy.load([table.samples[2]])[0]), _expected(2))
+
+
+def test_jsonl_that_is_not_utf8_names_the_line(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b'{"question_id": "a", "question": "Q?", "image_id": "a.png"}\n'
+                     + '{"question_id": "b", "question": "caf\u00e9?", "image_id": "b.png"}\n'.encode("latin-1"))
+    with pytest.raises(TableError, match="line 2 is not valid UTF-8"):
+        open_table(path)
