@@ -260,3 +260,23 @@ def test_image_pixels_survive_conversion(tmp_path):
     image = table.images.load([table.samples[0]])[0]
     expected = Image.open(io.BytesIO(fixtures.image_bytes(100))).convert("RGB")
     assert np.array_equal(np.asarray(image), np.asarray(expected))
+
+
+def test_more_published_layouts(tmp_path):
+    hb = _convert("hallusionbench", fixtures.hallusionbench_hub, tmp_path / "h", tmp_path / "ho")
+    assert hb.rows == 2 and [s.source_id for s in hb.skipped] == ["VS_chart_3_0_1"]
+    assert {row["split"] for row in _rows(hb)} == {"image"}
+    only_images = convert("hallusionbench", tmp_path / "h", tmp_path / "ho2", split="image")
+    assert only_images.rows == 2 and not only_images.skipped
+
+    mv = _by_id(_convert("mathvista", fixtures.mathvista_json, tmp_path / "v", tmp_path / "vo"))
+    assert (mv["mathvista_7"]["answer"], mv["mathvista_7"]["answer_format"]) == ("4", "number")
+    assert (mv["mathvista_8"]["answer"], mv["mathvista_8"]["category"]) == ("B", "general-vqa")
+    assert mv["mathvista_8"]["question"].endswith("(A) Yes\n(B) No")
+
+    path, images = fixtures.amber_repo(tmp_path / "a")
+    queries = json.loads((path / "data" / "query" / "query_all.json").read_text())
+    (path / "data" / "query" / "query_generative.json").write_text(json.dumps(queries[:2]))
+    assert convert("amber", path, tmp_path / "ao", images, split="generative").rows == 2
+    with pytest.raises(SourceError, match="no AMBER query set 'video'"):
+        convert("amber", path, tmp_path / "ao2", images, split="video")

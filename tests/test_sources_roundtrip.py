@@ -76,6 +76,15 @@ def test_convert_compose_extract_label_probe(tmp_path, checkpoint_dir, composite
     assert result.exit_code == 0, result.output
     assert (run / "probes" / "results.csv").is_file()
 
+    # Deployment: the same kind of table scores without --images too.
+    risk = tmp_path / "risk.csv"
+    result = runner.invoke(app, ["predict", "--run", str(run), "--data", str(composite.table), "--out", str(risk),
+                                 "--device", "cpu", "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    with risk.open() as handle:
+        scored = list(csv.DictReader(handle))
+    assert [row["question_id"] for row in scored] == ids and all(row["risk"] for row in scored)
+
 
 def test_corrupt_embedded_image_is_that_rows_error_and_resume(tmp_path, checkpoint_dir, composite):
     table = pq.read_table(composite.table)

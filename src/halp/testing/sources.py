@@ -242,3 +242,47 @@ FIXTURES = {
     "hallusionbench": hallusionbench_json,
     "mathvista": mathvista_hub,
 }
+
+
+def hallusionbench_hub(root: Path) -> tuple[Path, None]:
+    """lmms-lab/HallusionBench: image-*.parquet and non_image-*.parquet (the same columns plus `image`, null for
+    the questions without a figure)."""
+    import datasets
+
+    string = datasets.Value("string")
+    columns = ("category", "subcategory", "visual_input", "set_id", "figure_id", "sample_note", "question_id",
+               "question", "gt_answer_details", "gt_answer", "filename")
+    features = datasets.Features({**{name: string for name in columns}, "image": datasets.Image()})
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    for split, figures in (("image", (0, 1)), ("non_image", ())):
+        rows: dict[str, list] = {name: [] for name in (*columns, "image")}
+        for figure_id in figures or (0,):
+            values = {"category": "VS" if not figures else "VD", "subcategory": "map" if figures else "chart",
+                      "visual_input": str(figure_id + 1) if figures else "0", "set_id": "3",
+                      "figure_id": str(figure_id), "sample_note": "", "question_id": "1",
+                      "question": "Is Texas the largest state?", "gt_answer_details": "No, Alaska is.",
+                      "gt_answer": "0", "filename": f"./hallusion_bench/VD/map/3_{figure_id}.png" if figures else None}
+            for name in columns:
+                rows[name].append(values[name])
+            rows["image"].append(_pil(160 + figure_id) if figures else None)
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(
+            str(root / "data" / f"{split}-00000-of-00001.parquet")
+        )
+    return root, None
+
+
+def mathvista_json(root: Path) -> tuple[Path, None]:
+    """The MathVista repository's data/testmini.json (pid -> problem) beside data/images/."""
+    data = root / "data"
+    problems = {
+        "7": {"question": "How many bars are there?", "image": "images/7.jpg", "choices": None, "unit": None,
+              "precision": None, "answer": "4", "question_type": "free_form", "answer_type": "integer",
+              "metadata": {"category": "math-targeted-vqa", "task": "figure question answering"}},
+        "8": {"question": "Is the curve increasing?", "image": "images/8.jpg", "choices": ["Yes", "No"],
+              "unit": None, "precision": None, "answer": "No", "question_type": "multi_choice",
+              "answer_type": "text", "metadata": {"category": "general-vqa", "task": "textbook question answering"}},
+    }
+    for index, problem in enumerate(problems.values()):
+        _save(data, problem["image"], 170 + index)
+    (data / "testmini.json").write_text(json.dumps(problems, indent=2))
+    return data, None
