@@ -128,3 +128,14 @@ def test_extract_from_a_hub_dataset_by_name(tmp_path, checkpoint_dir):
     assert missing.exit_code == 2 and "validation" in missing.output and "test" in missing.output
     nothing = runner.invoke(app, ["extract", "--model", "unused", "--out", str(tmp_path / "r3")])
     assert nothing.exit_code == 2 and "--hf-dataset" in nothing.output
+
+
+def test_shards_of_an_embedded_table_assemble(tmp_path, checkpoint_dir, composite):
+    run = tmp_path / "run"
+    for index in (0, 1):
+        result = _extract(checkpoint_dir("qwen2_vl"), composite.table, run, "--limit", "6", "--num-shards", "2",
+                          "--shard-index", str(index))
+        assert result.exit_code == 0, result.output
+    with h5py.File(run / "features.h5", "r") as handle:
+        ids = read_strings(handle["question_id"])
+    assert ids == pq.read_table(composite.table, columns=["question_id"]).column(0).to_pylist()[:6]
