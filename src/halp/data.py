@@ -599,6 +599,10 @@ def open_hub_dataset(name: str, config: str | None, split: str | None) -> Table:
         raise TableError(f"--hf-dataset {label}: {err}") from err
     except FileNotFoundError as err:
         raise TableError(f"--hf-dataset {name}: not found ({err})") from err
+    except OSError as err:  # ConnectionError: offline, or the hub unreachable
+        raise TableError(
+            f"--hf-dataset {name}: could not be loaded ({err}); download it once (or point at a local copy) and retry"
+        ) from err
     identity = {
         "hf_dataset": name,
         "config": config or "",
