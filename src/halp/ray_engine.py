@@ -111,23 +111,26 @@ class ExtractWorker:
         device = resolve_device(self.config.device)  # on the worker: the GPU(s) Ray assigned it, if any
         self.extractor, self.attrs = prepare_extractor(self.config, device, dtype, max_new_tokens)
         self.attrs["engine"] = "ray"
+        self.images = image_source(self.config)  # files under --images, or the table's embedded images
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
         samples = [
-            Sample(str(qid), str(image_id), str(question), str(truth), json.loads(str(meta)))
-            for qid, image_id, question, truth, meta in zip(
+            Sample(str(qid), str(image_id), str(question), str(truth), json.loads(str(meta)),
+                   None if int(row) < 0 else int(row))
+            for qid, image_id, question, truth, meta, row in zip(
                 batch["question_id"],
                 batch["image_id"],
                 batch["question"],
                 batch["ground_truth"],
                 batch["meta"],
+                batch["image_row"],
                 strict=True,
             )
         ]
         failures = FailureList()
         extract_batch(
             samples,
-            Path(self.config.images),
+            self.images,
             self.extractor,
             self.max_new_tokens,
             self.store,
@@ -169,18 +172,14 @@ def run_ray_extraction(
             "and do not start it under torchrun/accelerate"
         )
     samples = read_table(config)  # table problems surface before the cluster is touched
-    if image_source(config).embedded:
-        raise ValueError(
-            "--engine ray reads image files from --images; use --engine local for a table that embeds its images"
-        )
-    if not Path(config.images).is_dir():
-        raise FileNotFoundError(f"--images {config.images} is not a directory")
+    image_source(config)  # as do missing images: no --images for a table without embedded images
     # Workers may run on other nodes: every path they open must be absolute (and on a shared filesystem).
     config = ExtractConfig(
         **{
             **asdict(config),
             "out": Path(config.out).resolve(),
-            "images": Path(config.images).resolve(),
+            "images": Path(config.images).resolve() if config.images is not None else None,
+            "data": _absolute_data(config.data),
             "model": str(Path(config.model).resolve()) if Path(config.model).exists() else config.model,
         }
     )
@@ -225,6 +224,13 @@ def run_ray_extraction(
         store.unlock()
 
 
+def _absolute_data(data: Path | str | None) -> Path | str | None:
+    """--data as the workers must open it: an absolute path (on a shared file system), or a URL as given."""
+    if data is None or (isinstance(data, str) and "://" in data):
+        return data
+    return Path(data).resolve()
+
+
 def _drive(
     ray: Any,
     config: ExtractConfig,
@@ -258,6 +264,7 @@ def _drive(
                 "question": sample.question,
                 "ground_truth": sample.ground_truth,
                 "meta": json.dumps(sample.meta),
+                "image_row": -1 if sample.image_row is None else sample.image_row,
             }
             for sample in todo
         ]
