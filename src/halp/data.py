@@ -137,22 +137,28 @@ def samples_from_frame(
         shown = ", ".join(duplicates[:10])
         raise TableError(f"{source}: duplicate question_id values ({len(duplicates)}), e.g. {shown}")
 
-    samples = []
-    for row_index, row in enumerate(frame.to_dict(orient="records")):
-        if image_ids is not None:
-            image_id = image_ids[row_index] or f"row-{row_index}"
-        else:
-            image_id = _as_text(row[resolved["image_id"]])
-        samples.append(
-            Sample(
-                question_id=ids[row_index],
-                image_id=image_id,
-                question=_as_text(row[resolved["question"]]),
-                ground_truth=_as_text(row[resolved["ground_truth"]]) if "ground_truth" in resolved else "",
-                meta={column: _as_text(row[column]) for column in meta_columns},
-                image_row=row_index if embedded else None,
-            )
+    # Column by column, not one dict per row: a 100,000-row table would hold 100,000 dicts at once.
+    def texts(column: str) -> list[str]:
+        return [_as_text(value) for value in frame[column].tolist()]
+
+    questions = texts(resolved["question"])
+    truths = texts(resolved["ground_truth"]) if "ground_truth" in resolved else [""] * len(ids)
+    if image_ids is None:
+        image_ids = texts(resolved["image_id"])
+    else:
+        image_ids = [image_id or f"row-{index}" for index, image_id in enumerate(image_ids)]
+    metas = {column: texts(column) for column in meta_columns}
+    samples = [
+        Sample(
+            question_id=ids[index],
+            image_id=image_ids[index],
+            question=questions[index],
+            ground_truth=truths[index],
+            meta={column: values[index] for column, values in metas.items()},
+            image_row=index if embedded else None,
         )
+        for index in range(len(ids))
+    ]
     return samples
 
 
