@@ -139,3 +139,18 @@ def test_shards_of_an_embedded_table_assemble(tmp_path, checkpoint_dir, composit
     with h5py.File(run / "features.h5", "r") as handle:
         ids = read_strings(handle["question_id"])
     assert ids == pq.read_table(composite.table, columns=["question_id"]).column(0).to_pylist()[:6]
+
+
+def test_a_moved_table_resumes(tmp_path, checkpoint_dir, composite):
+    """The identity is the table's content, not where it lies: a copy elsewhere resumes the same run."""
+    import shutil
+
+    run = tmp_path / "run"
+    first = tmp_path / "a" / "mix.parquet"
+    first.parent.mkdir()
+    shutil.copy(composite.table, first)
+    assert _extract(checkpoint_dir("qwen2_vl"), first, run, "--limit", "4").exit_code == 0
+    moved = tmp_path / "b.parquet"
+    shutil.move(first, moved)
+    again = _extract(checkpoint_dir("qwen2_vl"), moved, run, "--limit", "4")
+    assert again.exit_code == 0 and "4 already done" in again.output

@@ -342,6 +342,12 @@ class Table:
     def embedded(self) -> bool:
         return self.images is not None and self.images.embedded
 
+    def content_identity(self) -> dict[str, str]:
+        """The identity without where a local file lies: a table moved or copied elsewhere is the same input."""
+        label = self.identity.get("data", "")
+        keep_label = "://" in label  # a URL names remote content; a hub dataset has its own keys
+        return {key: value for key, value in self.identity.items() if key != "data" or keep_label}
+
     def image_source(self, images_dir: str | Path | None) -> ImageSource:
         if self.images is not None:
             return self.images

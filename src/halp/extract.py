@@ -149,7 +149,7 @@ def data_identity(config: ExtractConfig) -> dict[str, str] | None:
     """What the run identity records of an input that --images does not name: the table or hub dataset
     (id, config, split) and its content digest. None for a table of image files (identity as before)."""
     table = input_table(config.data, config.hf_dataset, config.hf_config, config.split)
-    return table.identity if table.images is not None else None
+    return table.content_identity() if table.images is not None else None
 
 
 def device_for(device: str, shard: Shard) -> str:
