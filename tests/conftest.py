@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from halp.testing import build_checkpoint, make_vqa_set
+from halp.testing.runs import COMPARED_ROWS, compared_run_config, read_run
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +41,27 @@ def loaded(checkpoint_dir):
         return cache[family]
 
     return get
+
+
+# ----- engine comparisons (tests/test_shards.py, tests/test_ray.py): one data set, one single-process reference -----
+@pytest.fixture(scope="session")
+def run_checkpoint(checkpoint_dir) -> Path:
+    """The checkpoint every engine comparison runs (Qwen2-VL: M-RoPE positions built inside generate)."""
+    return checkpoint_dir("qwen2_vl")
+
+
+@pytest.fixture(scope="session")
+def run_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return make_vqa_set(tmp_path_factory.mktemp("run_data"), n=COMPARED_ROWS, seed=7)
+
+
+@pytest.fixture(scope="session")
+def run_reference(tmp_path_factory: pytest.TempPathFactory, run_checkpoint, run_data) -> dict:
+    """A plain single-process extraction of run_data: what sharded and Ray runs must equal (read-only)."""
+    from halp.extract import run_extraction
+
+    table, images = run_data
+    out = tmp_path_factory.mktemp("single")
+    summary = run_extraction(compared_run_config(run_checkpoint, table, images, out))
+    assert summary.finished and summary.processed == COMPARED_ROWS and summary.shard is None
+    return read_run(out / "features.h5")

@@ -144,3 +144,28 @@ def test_projector_found_by_name_when_no_known_path_exists():
     adapter = GenericAdapter(model, processor=None)
     assert adapter.projector == "vision.connector"  # the outer match, not its nested merger
     assert adapter.decoder_layers == "language_model.layers"
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_encode_left_pads_and_leaves_the_callers_tokenizer_as_it_found_it(loaded, vqa_set, side):
+    """encode pads on the left for its own batch only; the processor's tokenizer keeps the caller's padding side."""
+    model, processor = loaded(FAMILY)
+    adapter = adapter_for(model, processor)
+    tokenizer = processor.tokenizer
+    before = tokenizer.padding_side
+    table, images_dir = vqa_set
+    samples = read_samples(table)[:2]
+    images = [load_image(images_dir, sample.image_id) for sample in samples]
+    try:
+        tokenizer.padding_side = side
+        questions = ["Is it red?", "How many dogs are there in the picture, and what color is the car?"]
+        inputs = adapter.encode(images, questions)
+        mask = inputs["attention_mask"]
+        assert bool(mask[:, -1].all()), "every row must end with a real token (left padding)"
+        assert not bool(mask.all()), "the two prompts must differ in length for padding to show"
+        assert tokenizer.padding_side == side
+        with pytest.raises(TypeError):  # the image processor refuses a non-image
+            adapter.encode([object()], ["not an image"])
+        assert tokenizer.padding_side == side, "a failing encode must restore the padding side too"
+    finally:
+        tokenizer.padding_side = before

@@ -184,3 +184,36 @@ def test_import_halp_is_light_and_exports_risk_scorer_lazily() -> None:
     )
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr
+
+
+def test_bad_rows_get_an_error_and_the_others_a_risk(trained: dict[str, Path], tmp_path: Path) -> None:
+    """Issue 10, finding 4: rows that stopped `halp predict` before (nothing was written) are that row's error."""
+    from PIL import Image
+
+    images = tmp_path / "images"
+    shutil.copytree(trained["images"], images)
+    Image.new("RGB", (1200, 4), "red").save(images / "sliver.png")
+    table = pd.read_csv(trained["table"], dtype=str).head(3)
+    first = table.iloc[0]
+    bad = pd.DataFrame(
+        [
+            {**first.to_dict(), "question_id": "sliver", "image_id": "sliver.png"},
+            {**first.to_dict(), "question_id": "placeholder", "question": "Is <|image_pad|> red?"},
+            {**first.to_dict(), "question_id": "long_name", "image_id": "x" * 300 + ".png"},
+        ]
+    )
+    data = tmp_path / "hostile.csv"
+    pd.concat([table.iloc[:1], bad, table.iloc[1:]]).to_csv(data, index=False)
+    out = tmp_path / "risk.csv"
+    result = CliRunner().invoke(
+        app,
+        ["predict", "--run", str(trained["run"]), "--data", str(data), "--images", str(images),
+         "--feature", "query_token/layer_3", "--probe", "logreg", "--device", "cpu", "--out", str(out)],
+    )
+    assert result.exit_code == 1, result.output
+    written = pd.read_csv(out, dtype={"question_id": str}).set_index("question_id")
+    assert written.loc[list(table["question_id"]), "risk"].notna().all()
+    assert written.loc[["sliver", "placeholder", "long_name"], "risk"].isna().all()
+    assert "aspect ratio" in written.loc["sliver", "error"]
+    assert "<|image_pad|>" in written.loc["placeholder", "error"]
+    assert "not a usable file name" in written.loc["long_name", "error"]

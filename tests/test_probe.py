@@ -357,7 +357,7 @@ def test_errors_say_what_is_wrong(tmp_path):
     few["label"] = ["1" if i < 3 else "0" for i in range(len(few))]
     with pytest.raises(ValueError, match="at least 5 examples of each class"):
         train_probes(run_dir, labels=few, features=[SIGNAL])
-    with pytest.raises(ValueError, match="group-by 'nope'"):
+    with pytest.raises(ValueError, match="group_by 'nope'"):
         train_probes(run_dir, features=[SIGNAL], group_by="nope", probe_params=FAST_LOGREG)
     (run_dir / "labels.csv").unlink()
     with pytest.raises(FileNotFoundError, match="halp label"):

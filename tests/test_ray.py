@@ -5,44 +5,23 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from functools import partial
-from pathlib import Path
 
 import h5py
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from halp.cli import app
 from halp.extract import run_extraction
 from halp.store import RunStore, read_strings
-from halp.testing import make_vqa_set
-from halp.testing.runs import cpu_extract_config, read_run
+from halp.testing.runs import COMPARED_ROWS as N
+from halp.testing.runs import assert_run_equals, cli_args, compared_run_config
 
 ray = pytest.importorskip("ray", reason="the Ray engine is the optional extra halp[ray]: pip install 'halp[ray]'")
 pytest.importorskip("ray.data", reason="the Ray engine needs Ray Data: pip install 'halp[ray]'")
 
 from halp.ray_engine import ExtractWorker, run_ray_extraction  # noqa: E402 - only once ray is known to import
 
-N = 12
 runner = CliRunner()
-
-
-_config = partial(cpu_extract_config, batch_size=2, max_new_tokens=3)
-
-
-_read = read_run
-
-
-def _assert_equals_reference(run_dir: Path, reference: dict[str, object]) -> None:
-    got = _read(run_dir / "features.h5")
-    assert got["question_id"] == reference["question_id"], "rows missing, duplicated or out of table order"
-    assert got.keys() == reference.keys()
-    for name, value in reference.items():
-        if isinstance(value, np.ndarray):
-            np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-5, err_msg=name)
-        else:
-            assert got[name] == value, name
 
 
 @pytest.fixture(scope="module")
@@ -53,55 +32,40 @@ def cluster():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_vqa_set(tmp_path_factory.mktemp("ray_data"), n=N, seed=11)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(checkpoint_dir):
-    return checkpoint_dir("qwen2_vl")
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, checkpoint, data):
-    table, images = data
-    out = tmp_path_factory.mktemp("single")
-    assert run_extraction(_config(checkpoint, table, images, out)).finished
-    return _read(out / "features.h5")
-
-
-def test_ray_cli_two_workers_equal_single_process(tmp_path, cluster, checkpoint, data, reference):
-    table, images = data
+def test_ray_cli_two_workers_equal_single_process(tmp_path, cluster, run_checkpoint, run_data, run_reference):
+    table, images = run_data
     out = tmp_path / "run"
-    args = ["extract", "--model", str(checkpoint), "--data", str(table), "--images", str(images), "--out", str(out)]
-    options = ["--batch-size", "2", "--max-new-tokens", "3", "--device", "cpu", "--dtype", "float32"]
-    result = runner.invoke(app, [*args, *options, "--engine", "ray", "--num-workers", "2", "--gpus-per-worker", "0"])
+    args = ["extract", *cli_args(compared_run_config(run_checkpoint, table, images, out))]
+    result = runner.invoke(app, [*args, "--engine", "ray", "--num-workers", "2", "--gpus-per-worker", "0"])
     assert result.exit_code == 0, result.output
     assert f"{N} processed" in result.output
-    _assert_equals_reference(out, reference)
+    assert_run_equals(out, run_reference)
     assert len(list((out / "ray").iterdir())) == 2, "expected one parts directory per actor"
     with h5py.File(out / "features.h5") as handle:
         assert handle.attrs["engine"] == "ray" and int(handle.attrs["num_workers"]) == 2
         assert bool(handle.attrs["complete"]) and handle.attrs["model_type"] == "qwen2_vl"
 
-    again = run_ray_extraction(_config(checkpoint, table, images, out), num_workers=2, gpus_per_worker=0)
+    again = run_ray_extraction(
+        compared_run_config(run_checkpoint, table, images, out), num_workers=2, gpus_per_worker=0
+    )
     assert again.processed == 0 and again.already_done == N and again.finished
 
 
-def test_ray_resumes_only_what_is_missing(tmp_path, cluster, checkpoint, data, reference):
-    table, images = data
+def test_ray_resumes_only_what_is_missing(tmp_path, cluster, run_checkpoint, run_data, run_reference):
+    table, images = run_data
     out = tmp_path / "run"
-    run_extraction(_config(checkpoint, table, images, out, limit=5))  # an earlier run committed 5 rows
-    summary = run_ray_extraction(_config(checkpoint, table, images, out), num_workers=2, gpus_per_worker=0)
+    run_extraction(compared_run_config(run_checkpoint, table, images, out, limit=5))  # an earlier run committed 5 rows
+    summary = run_ray_extraction(
+        compared_run_config(run_checkpoint, table, images, out), num_workers=2, gpus_per_worker=0
+    )
     assert summary.already_done == 5 and summary.processed == N - 5 and summary.finished
-    _assert_equals_reference(out, reference)
+    assert_run_equals(out, run_reference)
 
 
 def test_a_worker_dying_mid_task_is_retried_without_duplicates(
-    tmp_path, monkeypatch, cluster, checkpoint, data, reference
+    tmp_path, monkeypatch, cluster, run_checkpoint, run_data, run_reference
 ):
-    table, images = data
+    table, images = run_data
     out = tmp_path / "run"
     fired = tmp_path / "crash-fired"
 
@@ -120,15 +84,18 @@ def test_a_worker_dying_mid_task_is_retried_without_duplicates(
     committed: list[str] = []
     assemble = RunStore.assemble
 
-    def counting_assemble(store, order, attrs):
+    def counting_assemble(store, order, attrs, *args, **kwargs):
         for path in store.all_part_paths():
             with h5py.File(path, "r") as handle:
                 committed.extend(read_strings(handle["question_id"]))
-        return assemble(store, order, attrs)
+        return assemble(store, order, attrs, *args, **kwargs)
 
     monkeypatch.setattr(RunStore, "assemble", counting_assemble)
     summary = run_ray_extraction(
-        _config(checkpoint, table, images, out), num_workers=2, gpus_per_worker=0, worker_class=DiesOnceAfterACommit
+        compared_run_config(run_checkpoint, table, images, out),
+        num_workers=2,
+        gpus_per_worker=0,
+        worker_class=DiesOnceAfterACommit,
     )
     assert fired.exists() and summary.finished and summary.processed == N
     # The dead actor's directory plus the live ones (Ray may start a replacement as well as restart it).
@@ -137,13 +104,13 @@ def test_a_worker_dying_mid_task_is_retried_without_duplicates(
     assert duplicates >= 1, "the dead actor's committed row must have been committed again by the retried task"
     logged = re.findall(r"(\d+) row\(s\) committed twice by retried Ray tasks", (out / "extract.log").read_text())
     assert logged == [str(duplicates)], f"the log must count the {duplicates} copies dropped, got {logged}"
-    _assert_equals_reference(out, reference)  # every row once, in table order
+    assert_run_equals(out, run_reference)  # every row once, in table order
 
 
-def test_a_worker_that_cannot_start_fails_the_run_with_one_clear_line(tmp_path, cluster, checkpoint, data):
-    table, images = data
+def test_a_worker_that_cannot_start_fails_the_run_with_one_clear_line(tmp_path, cluster, run_checkpoint, run_data):
+    table, images = run_data
     broken = tmp_path / "no-weights"
-    shutil.copytree(checkpoint, broken, ignore=shutil.ignore_patterns("*.safetensors"))
+    shutil.copytree(run_checkpoint, broken, ignore=shutil.ignore_patterns("*.safetensors"))
     out = tmp_path / "run"
     args = ["extract", "--model", str(broken), "--data", str(table), "--images", str(images), "--out", str(out)]
     result = runner.invoke(
@@ -155,19 +122,21 @@ def test_a_worker_that_cannot_start_fails_the_run_with_one_clear_line(tmp_path, 
     assert "Ray worker failure" in logged and "creation task" in logged  # the full remote error
 
 
-def test_ray_extracts_a_table_that_embeds_its_images(tmp_path, cluster, checkpoint, data, reference):
+def test_ray_extracts_a_table_that_embeds_its_images(tmp_path, cluster, run_checkpoint, run_data, run_reference):
     """The same rows with their image files embedded in Parquet (no --images) give the same run as the files."""
     import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table, images = data
+    table, images = run_data
     frame = pd.read_csv(table, dtype=str, keep_default_na=False)
     arrow = pa.Table.from_pandas(frame, preserve_index=False)
     cells = [{"bytes": (images / name).read_bytes(), "path": name} for name in frame["image_id"]]
     embedded = tmp_path / "embedded.parquet"
     pq.write_table(arrow.append_column("image", pa.array(cells)), embedded)
     out = tmp_path / "run"
-    summary = run_ray_extraction(_config(checkpoint, embedded, None, out), num_workers=2, gpus_per_worker=0)
+    summary = run_ray_extraction(
+        compared_run_config(run_checkpoint, embedded, None, out), num_workers=2, gpus_per_worker=0
+    )
     assert summary.finished
-    _assert_equals_reference(out, reference)
+    assert_run_equals(out, run_reference)

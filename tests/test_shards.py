@@ -6,11 +6,9 @@ import json
 import os
 import subprocess
 import sys
-from functools import partial
 from pathlib import Path
 
 import h5py
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -19,70 +17,15 @@ from halp.extract import run_extraction
 from halp.shard import Shard, resolve_shard
 from halp.store import RunLockedError, RunMismatchError, RunStore, read_strings
 from halp.testing import make_vqa_set
-from halp.testing.runs import cpu_extract_config, read_run
+from halp.testing.runs import COMPARED_ROWS as N
+from halp.testing.runs import assert_run_equals, cli_args, compared_run_config
 from halp.testing.slow_cli import kill_after_commits
 
-N = 12
 runner = CliRunner()
 
 
-_config = partial(cpu_extract_config, batch_size=2, max_new_tokens=3)
-
-
 def _cli_args(checkpoint: Path, table: Path, images: Path, out: Path) -> list[str]:
-    return [
-        "extract",
-        "--model",
-        str(checkpoint),
-        "--data",
-        str(table),
-        "--images",
-        str(images),
-        "--out",
-        str(out),
-        "--batch-size",
-        "2",
-        "--max-new-tokens",
-        "3",
-        "--device",
-        "cpu",
-        "--dtype",
-        "float32",
-    ]
-
-
-_read = read_run
-
-
-def _assert_equals_reference(run_dir: Path, reference: dict[str, object]) -> None:
-    got = _read(run_dir / "features.h5")
-    assert got["question_id"] == reference["question_id"], "rows missing, duplicated or out of table order"
-    assert got.keys() == reference.keys()
-    for name, value in reference.items():
-        if isinstance(value, np.ndarray):
-            assert got[name].dtype == np.float32
-            np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-5, err_msg=name)
-        else:
-            assert got[name] == value, name
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_vqa_set(tmp_path_factory.mktemp("shard_data"), n=N, seed=7)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(checkpoint_dir):
-    return checkpoint_dir("qwen2_vl")
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, checkpoint, data):
-    table, images = data
-    out = tmp_path_factory.mktemp("single")
-    summary = run_extraction(_config(checkpoint, table, images, out))
-    assert summary.finished and summary.processed == N and summary.shard is None
-    return _read(out / "features.h5")
+    return ["extract", *cli_args(compared_run_config(checkpoint, table, images, out))]
 
 
 # ----- the split ------------------------------------------------------------------------------------------------
@@ -112,17 +55,17 @@ def test_every_row_belongs_to_exactly_one_shard(count):
 
 
 # ----- equal to a single-process run ------------------------------------------------------------------------------
-def test_num_shards_equals_single_process(tmp_path, checkpoint, data, reference, monkeypatch):
-    table, images = data
+def test_num_shards_equals_single_process(tmp_path, run_checkpoint, run_data, run_reference, monkeypatch):
+    table, images = run_data
     out = tmp_path / "run"
-    first = run_extraction(_config(checkpoint, table, images, out, num_shards=3, shard_index=1))
+    first = run_extraction(compared_run_config(run_checkpoint, table, images, out, num_shards=3, shard_index=1))
     assert first.processed == 4 and first.pending_shards == ["0-of-3", "2-of-3"] and not first.assembled
     assert not (out / "features.h5").exists()
-    second = run_extraction(_config(checkpoint, table, images, out, num_shards=3, shard_index=0))
+    second = run_extraction(compared_run_config(run_checkpoint, table, images, out, num_shards=3, shard_index=0))
     assert second.pending_shards == ["2-of-3"]
-    last = run_extraction(_config(checkpoint, table, images, out, num_shards=3, shard_index=2))
+    last = run_extraction(compared_run_config(run_checkpoint, table, images, out, num_shards=3, shard_index=2))
     assert last.assembled and last.finished and last.processed == 4
-    _assert_equals_reference(out, reference)
+    assert_run_equals(out, run_reference)
     assert json.loads((out / "run.json").read_text())["num_shards"] == 3
     assert not RunStore(out).all_part_paths()
     with h5py.File(out / "features.h5") as handle:
@@ -131,9 +74,9 @@ def test_num_shards_equals_single_process(tmp_path, checkpoint, data, reference,
 
     # A rerun of a shard of a finished run does nothing and loads no model.
     monkeypatch.setattr("halp.extract.load_model", lambda *args, **kwargs: pytest.fail("loaded a model"))
-    again = run_extraction(_config(checkpoint, table, images, out, num_shards=3, shard_index=0))
+    again = run_extraction(compared_run_config(run_checkpoint, table, images, out, num_shards=3, shard_index=0))
     assert again.processed == 0 and again.already_done == 4 and again.finished
-    _assert_equals_reference(out, reference)
+    assert_run_equals(out, run_reference)
 
 
 LAUNCHERS = {
@@ -148,24 +91,24 @@ LAUNCHERS = {
 
 
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
-def test_launcher_two_processes_equal_single_process(tmp_path, checkpoint, data, reference, launcher):
-    table, images = data
+def test_launcher_two_processes_equal_single_process(tmp_path, run_checkpoint, run_data, run_reference, launcher):
+    table, images = run_data
     out = tmp_path / "run"
-    command = [sys.executable, *LAUNCHERS[launcher], "-m", "halp", *_cli_args(checkpoint, table, images, out)]
+    command = [sys.executable, *LAUNCHERS[launcher], "-m", "halp", *_cli_args(run_checkpoint, table, images, out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "features:" in done.stdout and "(all 2 shards)" in done.stdout
     assert {path.name for path in (out / "shards").iterdir()} == {"0-of-2", "1-of-2"}
-    _assert_equals_reference(out, reference)
+    assert_run_equals(out, run_reference)
 
 
 # ----- crashes ----------------------------------------------------------------------------------------------------
-def test_killed_shard_loses_and_duplicates_nothing(tmp_path, checkpoint, data, reference):
-    table, images = data
+def test_killed_shard_loses_and_duplicates_nothing(tmp_path, run_checkpoint, run_data, run_reference):
+    table, images = run_data
     out = tmp_path / "run"
     killed = RunStore.for_shard(out, "0-of-2")
-    args = [*_cli_args(checkpoint, table, images, out), "--num-shards", "2", "--shard-index", "0"]
+    args = [*_cli_args(run_checkpoint, table, images, out), "--num-shards", "2", "--shard-index", "0"]
     parts = kill_after_commits(args, killed, commits=2, env={"OMP_NUM_THREADS": "1"})
     assert parts == 2, f"shard 0 must hold exactly the 2 parts it committed before it was killed, found {parts}"
     committed = killed.committed_ids()
@@ -173,21 +116,23 @@ def test_killed_shard_loses_and_duplicates_nothing(tmp_path, checkpoint, data, r
     assert not (out / "shards" / "0-of-2" / "done.json").exists()
 
     # The other shard finishes; the run waits for the killed one.
-    other = run_extraction(_config(checkpoint, table, images, out, num_shards=2, shard_index=1))
+    other = run_extraction(compared_run_config(run_checkpoint, table, images, out, num_shards=2, shard_index=1))
     assert other.processed == 6 and other.pending_shards == ["0-of-2"] and not (out / "features.h5").exists()
     refused = runner.invoke(app, ["merge", str(out)])
     assert refused.exit_code == 2 and "0-of-2 (not running: rerun it)" in refused.output
 
-    resumed = run_extraction(_config(checkpoint, table, images, out, num_shards=2, shard_index=0))
+    resumed = run_extraction(compared_run_config(run_checkpoint, table, images, out, num_shards=2, shard_index=0))
     assert resumed.already_done == len(committed) and resumed.processed == 6 - len(committed)
     assert resumed.assembled and resumed.finished
-    _assert_equals_reference(out, reference)
+    assert_run_equals(out, run_reference)
 
 
-def test_merge_assembles_when_the_last_shard_died_before_assembling(tmp_path, checkpoint, data, reference, monkeypatch):
-    table, images = data
+def test_merge_assembles_when_the_last_shard_died_before_assembling(
+    tmp_path, run_checkpoint, run_data, run_reference, monkeypatch
+):
+    table, images = run_data
     out = tmp_path / "run"
-    run_extraction(_config(checkpoint, table, images, out, num_shards=2, shard_index=0))
+    run_extraction(compared_run_config(run_checkpoint, table, images, out, num_shards=2, shard_index=0))
 
     def killed_before_assembly(self, num_shards):
         raise SystemExit("killed")
@@ -195,42 +140,42 @@ def test_merge_assembles_when_the_last_shard_died_before_assembling(tmp_path, ch
     with monkeypatch.context() as patch:
         patch.setattr(RunStore, "assemble_shards", killed_before_assembly)
         with pytest.raises(SystemExit):
-            run_extraction(_config(checkpoint, table, images, out, num_shards=2, shard_index=1))
+            run_extraction(compared_run_config(run_checkpoint, table, images, out, num_shards=2, shard_index=1))
     assert not (out / "features.h5").exists()
     merged = runner.invoke(app, ["merge", str(out)])
     assert merged.exit_code == 0, merged.output
     assert f"assembled {N} rows from 2 shards" in merged.output
-    _assert_equals_reference(out, reference)
+    assert_run_equals(out, run_reference)
     assert "already assembled" in runner.invoke(app, ["merge", str(out)]).output
 
 
-def test_a_killed_sharded_run_can_be_finished_by_one_process(tmp_path, checkpoint, data, reference):
-    table, images = data
+def test_a_killed_sharded_run_can_be_finished_by_one_process(tmp_path, run_checkpoint, run_data, run_reference):
+    table, images = run_data
     out = tmp_path / "run"
-    run_extraction(_config(checkpoint, table, images, out, num_shards=3, shard_index=2))
+    run_extraction(compared_run_config(run_checkpoint, table, images, out, num_shards=3, shard_index=2))
     live = RunStore.for_shard(out, "0-of-3")
     live.lock()  # a shard of the 3-shard layout is still running: the layout cannot change under it
     try:
         with pytest.raises(RunLockedError, match=r"shards/0-of-3 \(pid \d+\)"):
-            run_extraction(_config(checkpoint, table, images, out))
+            run_extraction(compared_run_config(run_checkpoint, table, images, out))
     finally:
         live.unlock()
-    summary = run_extraction(_config(checkpoint, table, images, out))  # one process, one shard
+    summary = run_extraction(compared_run_config(run_checkpoint, table, images, out))  # one process, one shard
     assert summary.already_done == 4 and summary.processed == 8 and summary.finished
     assert json.loads((out / "run.json").read_text())["num_shards"] == 1
-    _assert_equals_reference(out, reference)
+    assert_run_equals(out, run_reference)
     assert not RunStore(out).all_part_paths()
 
 
 # ----- refusals ---------------------------------------------------------------------------------------------------
-def test_one_writer_per_shard_and_shards_cannot_join_a_single_process_run(tmp_path, checkpoint, data):
-    table, images = data
+def test_one_writer_per_shard_and_shards_cannot_join_a_single_process_run(tmp_path, run_checkpoint, run_data):
+    table, images = run_data
     out = tmp_path / "run"
     holder = RunStore.for_shard(out, "1-of-2")
     holder.lock()
     try:
         with pytest.raises(RunLockedError, match=rf"shards/1-of-2 of .*\(pid {os.getpid()}\)"):
-            run_extraction(_config(checkpoint, table, images, out, num_shards=2, shard_index=1))
+            run_extraction(compared_run_config(run_checkpoint, table, images, out, num_shards=2, shard_index=1))
     finally:
         holder.unlock()
 
@@ -238,28 +183,30 @@ def test_one_writer_per_shard_and_shards_cannot_join_a_single_process_run(tmp_pa
     single.lock()  # a single-process run holds the run lock for its whole life
     try:
         with pytest.raises(RunLockedError, match="a shard cannot join it"):
-            run_extraction(_config(checkpoint, table, images, out, num_shards=2, shard_index=0))
+            run_extraction(compared_run_config(run_checkpoint, table, images, out, num_shards=2, shard_index=0))
     finally:
         single.unlock()
 
-    with pytest.raises(ValueError, match="--overwrite cannot be combined"):
-        run_extraction(_config(checkpoint, table, images, out, num_shards=2, shard_index=0, overwrite=True))
+    with pytest.raises(ValueError, match="overwrite cannot be combined"):
+        run_extraction(
+            compared_run_config(run_checkpoint, table, images, out, num_shards=2, shard_index=0, overwrite=True)
+        )
 
 
-def test_shards_of_different_tables_are_not_assembled(tmp_path, checkpoint, data):
-    table, images = data
+def test_shards_of_different_tables_are_not_assembled(tmp_path, run_checkpoint, run_data):
+    table, images = run_data
     out = tmp_path / "run"
-    run_extraction(_config(checkpoint, table, images, out, num_shards=2, shard_index=0, limit=8))
+    run_extraction(compared_run_config(run_checkpoint, table, images, out, num_shards=2, shard_index=0, limit=8))
     with pytest.raises(RunMismatchError, match="different tables or --limit"):
-        run_extraction(_config(checkpoint, table, images, out, num_shards=2, shard_index=1))
+        run_extraction(compared_run_config(run_checkpoint, table, images, out, num_shards=2, shard_index=1))
     assert not (out / "features.h5").exists()
 
 
-def test_failed_rows_of_any_shard_are_reported_by_the_run(tmp_path, checkpoint):
+def test_failed_rows_of_any_shard_are_reported_by_the_run(tmp_path, run_checkpoint):
     table, images = make_vqa_set(tmp_path / "data", n=6, seed=2)
     (images / "img_0003.png").rename(tmp_path / "img_0003.png")  # q0003 belongs to shard 1-of-2
     out = tmp_path / "run"
-    args = _cli_args(checkpoint, table, images, out)
+    args = _cli_args(run_checkpoint, table, images, out)
     first = runner.invoke(app, [*args, "--num-shards", "2", "--shard-index", "1"])
     assert first.exit_code == 1, first.output  # a job-array task with failed rows says so
     assert "1 failed" in first.output
@@ -280,9 +227,9 @@ def test_failed_rows_of_any_shard_are_reported_by_the_run(tmp_path, checkpoint):
         assert bool(handle.attrs["complete"])
 
 
-def test_cli_refuses_inconsistent_options(tmp_path, checkpoint, data):
-    table, images = data
-    args = _cli_args(checkpoint, table, images, tmp_path / "run")
+def test_cli_refuses_inconsistent_options(tmp_path, run_checkpoint, run_data):
+    table, images = run_data
+    args = _cli_args(run_checkpoint, table, images, tmp_path / "run")
     assert "go together" in runner.invoke(app, [*args, "--shard-index", "1"]).output
     assert "apply to --engine ray" in runner.invoke(app, [*args, "--num-workers", "2"]).output
     assert "choose local or ray" in runner.invoke(app, [*args, "--engine", "spark"]).output

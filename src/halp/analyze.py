@@ -17,7 +17,6 @@ from __future__ import annotations
 import html
 import io
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,21 +28,16 @@ from torch import nn
 
 from halp.capture import parse_layers
 from halp.embed import DEFAULT_PROMPT, Embedder, Embedding, list_images, save_embedding, unique_stems
+from halp.errors import MissingDependencyError, ParameterError
+from halp.layout import atomic_write, write_text_atomic
 from halp.models import Adapter, ExtractionPointError
 
 Progress = Callable[[str], None] | None
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as handle:
+        handle.write(data)
 
 
 def _embed_folder(
@@ -188,7 +182,7 @@ def analyze_norms(
         "images": per_image,
     }
     summary_path, plot_path = out / "norms.json", out / "norms.png"
-    _write_text(summary_path, json.dumps(summary, indent=2))
+    write_text_atomic(summary_path, json.dumps(summary, indent=2))
     _write_bytes(plot_path, norms_plot_png(summary))
     return NormsResult(summary_path, plot_path, features_dir, summary)
 
@@ -280,7 +274,7 @@ class ContextualLens:
         try:
             import latentlens
         except ImportError as err:
-            raise ImportError(
+            raise MissingDependencyError(
                 "the contextual lens needs the optional `latentlens` package: pip install 'halp[latentlens]'"
             ) from err
         tokenizer = adapter.tokenizer()
@@ -301,7 +295,7 @@ class ContextualLens:
         finally:
             tokenizer.padding_side = previous_side
         if len(self.index) == 0:
-            raise ValueError("the contextual corpus gave no token contexts (latentlens skips each text's first 2)")
+            raise ParameterError("contextual_corpus", "gave no token contexts (latentlens skips each text's first 2)")
         self.halp_layers = list(layers)
 
     def search(self, states: np.ndarray | torch.Tensor, top_k: int) -> list[list[dict[str, Any]]]:
@@ -394,7 +388,7 @@ def analyze_neighbors(
 ) -> NeighborsResult:
     """Write OUT/neighbors.json and OUT/neighbors.html for the vision tokens at the embedder's layers."""
     if top_k < 1:
-        raise ValueError(f"top_k must be at least 1, got {top_k}")
+        raise ParameterError("top_k", f"must be at least 1, got {top_k}")
     paths = list_images(images) if isinstance(images, (str, Path)) else [Path(path) for path in images]
     paths = paths[:limit] if limit is not None else paths
     lens = VocabularyLens(embedder.adapter)
@@ -419,6 +413,6 @@ def analyze_neighbors(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     json_path, html_path = out / "neighbors.json", out / "neighbors.html"
-    _write_text(json_path, json.dumps(summary, indent=2, ensure_ascii=False))
-    _write_text(html_path, neighbors_html(summary))
+    write_text_atomic(json_path, json.dumps(summary, indent=2, ensure_ascii=False))
+    write_text_atomic(html_path, neighbors_html(summary))
     return NeighborsResult(json_path, html_path, summary)

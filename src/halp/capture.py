@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from halp.errors import ParameterError
+from halp.features import PROJECTED_TOKENS, VISION_TOKENS, feature_names, layer_key
 from halp.models.base import Adapter, ExtractionPointError
 
 
@@ -31,25 +33,18 @@ def parse_layers(spec: str | Sequence[int], num_layers: int) -> list[int]:
             try:
                 raw = [int(part) for part in text.split(",") if part.strip()]
             except ValueError as err:
-                raise ValueError(f"--layers {spec!r}: expected 'halp', 'all' or integers like 0,7,-1") from err
+                raise ParameterError("layers", f"{spec!r}: expected 'halp', 'all' or integers like 0,7,-1") from err
     else:
         raw = list(spec)
     if not raw:
-        raise ValueError(f"--layers {spec!r} selects no layer")
+        raise ParameterError("layers", f"{spec!r} selects no layer")
     resolved = []
     for layer in raw:
         index = layer + num_layers if layer < 0 else layer
         if not 0 <= index < num_layers:
-            raise ValueError(f"layer {layer} is out of range for a decoder with {num_layers} blocks")
+            raise ParameterError("layers", f": layer {layer} is out of range for a decoder with {num_layers} blocks")
         resolved.append(index)
     return sorted(set(resolved))
-
-
-def feature_names(layers: Sequence[int]) -> list[str]:
-    names = ["vision_only", "vision_projected"]
-    for group in ("vision_token", "vision_token_mean", "query_token"):
-        names += [f"{group}/layer_{layer}" for layer in layers]
-    return names
 
 
 def _first_tensor(output: Any) -> torch.Tensor:
@@ -107,7 +102,7 @@ class PrefillCapture:
     positions: Positions | None = None
     features: dict[str, torch.Tensor] = field(default_factory=dict)
     #: Also keep token-level tensors in `tokens` (one per sample): the projector's input/output rows per
-    #: sample (`vision_only`, `vision_projected`) and each layer's states at every column (`layer_k`).
+    #: sample (`vision_tokens`, `projected_tokens`) and each layer's states at every column (`layer_k`).
     keep_tokens: bool = False
     tokens: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     _armed: bool = False
@@ -186,7 +181,7 @@ class PrefillCapture:
         assert self.positions is not None
         groups = self.adapter.projector_groups(tensor, self.positions, output)
         if self.keep_tokens:
-            self._keep("vision_projected" if output else "vision_only", groups)
+            self._keep(PROJECTED_TOKENS if output else VISION_TOKENS, groups)
         return torch.stack([group.float().mean(dim=0) for group in groups])
 
     def _keep(self, name: str, per_sample: Sequence[torch.Tensor]) -> None:
@@ -223,7 +218,7 @@ class PrefillCapture:
             self._store(f"vision_token_mean/layer_{layer}", image_mean)
             self._store(f"query_token/layer_{layer}", hidden[:, positions.query])
             if self.keep_tokens:
-                self._keep(f"layer_{layer}", list(hidden))
+                self._keep(layer_key(layer), list(hidden))
 
         return hook
 

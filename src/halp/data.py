@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image
+from PIL import Image, ImageOps
 
-from halp.errors import ImageError, TableError
+from halp.errors import ImageError, ParameterError, TableError
 
 COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
     "question_id": ("question_id",),
@@ -50,6 +50,8 @@ class Sample:
     question: str
     ground_truth: str = ""
     meta: dict[str, str] = field(default_factory=dict)
+    #: The row's content identity (halp.store.row_digest), set when its image is loaded for extraction.
+    row_sha256: str = ""
     #: Row of the table that embeds this sample's image (None: the image is the file image_id under --images).
     image_row: int | None = None
 
@@ -127,6 +129,12 @@ def samples_from_frame(
     resolved = resolve_columns(columns, embedded=embedded)
     used = set(resolved.values())
     meta_columns = [column for column in columns if column not in used]
+    unnamed = [repr(column) for column in meta_columns if not column.strip() or "\x00" in column]
+    if unnamed:
+        # Metadata is stored under the column's name (percent-encoded where HDF5 needs it): it needs one.
+        raise TableError(f"{source}: column name(s) {', '.join(unnamed)} cannot name metadata; rename or drop them")
+    if frame.empty:
+        raise TableError(f"{source} has a header but no rows: nothing to extract")
 
     ids = [_as_text(value) for value in frame[resolved["question_id"]]]
     empty = [index for index, qid in enumerate(ids) if not qid.strip()]
@@ -169,12 +177,23 @@ def read_samples(path: str | Path) -> list[Sample]:
 
 # ----- image sources -------------------------------------------------------------------------------------
 class ImageSource:
-    """Where a table's images come from; `load` opens one batch's images (an ImageError per unreadable one)."""
+    """Where a table's images come from. `read` opens one batch's images with the SHA-256 of the bytes decoded (the
+    row's content identity, see halp.store), an ImageError for each unreadable one; `digests` hashes without
+    decoding (resume planning); `load` is `read` without the digests."""
 
     embedded = False
 
-    def load(self, samples: Sequence[Sample]) -> list[Image.Image | ImageError]:
+    def read(
+        self, samples: Sequence[Sample], exif_orientation: bool = True
+    ) -> list[tuple[Image.Image, str] | ImageError]:
         raise NotImplementedError
+
+    def digests(self, samples: Sequence[Sample]) -> list[str]:
+        """SHA-256 of each sample's image bytes; "" where there are none (the row fails when loaded)."""
+        raise NotImplementedError
+
+    def load(self, samples: Sequence[Sample], exif_orientation: bool = True) -> list[Image.Image | ImageError]:
+        return [item if isinstance(item, ImageError) else item[0] for item in self.read(samples, exif_orientation)]
 
 
 class FolderImages(ImageSource):
@@ -183,28 +202,47 @@ class FolderImages(ImageSource):
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
 
-    def load(self, samples: Sequence[Sample]) -> list[Image.Image | ImageError]:
-        out: list[Image.Image | ImageError] = []
+    def read(
+        self, samples: Sequence[Sample], exif_orientation: bool = True
+    ) -> list[tuple[Image.Image, str] | ImageError]:
+        out: list[tuple[Image.Image, str] | ImageError] = []
         for sample in samples:
             try:
-                out.append(load_image(self.root, sample.image_id))
+                out.append(read_image(self.root, sample.image_id, exif_orientation))
             except ImageError as err:
                 out.append(err)
         return out
 
+    def digests(self, samples: Sequence[Sample]) -> list[str]:
+        return [image_file_sha256(self.root, sample.image_id) for sample in samples]
 
-def decode_image_bytes(data: bytes | None, what: str) -> Image.Image:
-    """An embedded image's bytes as an RGB image, or an ImageError saying which row and why."""
+
+def decode_image_bytes(data: bytes | None, what: str, exif_orientation: bool = True) -> tuple[Image.Image, str]:
+    """An embedded image's bytes as an RGB image (the same policies as files: EXIF orientation, first frame) and
+    their SHA-256, or an ImageError saying which row and why."""
     if not data:
         raise ImageError(f"{what}: the embedded image has no bytes")
+    digest = hashlib.sha256(data).hexdigest()
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return to_rgb(image)
+        return _decode(data, exif_orientation), digest
     except Image.DecompressionBombError as err:
         raise ImageError(f"{what} exceeds the decompression-bomb limit: {err}") from err
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ImageError(f"{what} cannot be decoded: {err}") from err
+    except Exception as err:  # any decoder failure (malformed EXIF, a codec bug) is this row's error only
+        raise ImageError(f"{what} cannot be decoded: {type(err).__name__}: {err}") from err
+
+
+def _decode(data: bytes, exif_orientation: bool) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as image:
+        image.seek(0)  # animated: the first frame
+        image.load()
+        if exif_orientation:
+            oriented = ImageOps.exif_transpose(image)
+            return to_rgb(oriented if oriented is not None else image)
+        return to_rgb(image)
+
+
+def _bytes_digest(data: bytes | None) -> str:
+    return hashlib.sha256(data).hexdigest() if data else ""
 
 
 def _cell_bytes(cell: Any) -> bytes | None:
@@ -250,16 +288,29 @@ class ParquetImages(ImageSource):
             self._cached = (group, values)
         return self._cached[1][row - int(self._starts[group])]
 
-    def load(self, samples: Sequence[Sample]) -> list[Image.Image | ImageError]:
-        out: list[Image.Image | ImageError] = []
+    def _bytes(self, sample: Sample) -> bytes | None:
+        assert sample.image_row is not None
+        return _cell_bytes(self._cell(sample.image_row))
+
+    def read(
+        self, samples: Sequence[Sample], exif_orientation: bool = True
+    ) -> list[tuple[Image.Image, str] | ImageError]:
+        out: list[tuple[Image.Image, str] | ImageError] = []
         for sample in samples:
-            assert sample.image_row is not None
+            what = f"{self.label} row {sample.image_row} ({sample.question_id})"
             try:
-                data = _cell_bytes(self._cell(sample.image_row))
-                out.append(decode_image_bytes(data, f"{self.label} row {sample.image_row} ({sample.question_id})"))
+                out.append(decode_image_bytes(self._bytes(sample), what, exif_orientation))
             except ImageError as err:
                 out.append(err)
         return out
+
+    def digests(self, samples: Sequence[Sample]) -> list[str]:
+        # In table order, so each row group is read once however the samples are ordered.
+        order = sorted(range(len(samples)), key=lambda i: samples[i].image_row or 0)
+        found = [""] * len(samples)
+        for index in order:
+            found[index] = _bytes_digest(self._bytes(samples[index]))
+        return found
 
 
 class DatasetImages(ImageSource):
@@ -273,18 +324,27 @@ class DatasetImages(ImageSource):
         self.column = column
         self.label = label
 
-    def load(self, samples: Sequence[Sample]) -> list[Image.Image | ImageError]:
+    def _cells(self, samples: Sequence[Sample]) -> list[Any]:
         rows = [int(sample.image_row) for sample in samples if sample.image_row is not None]
-        cells = self._images[rows].column(self.column).to_pylist() if rows else []
-        out: list[Image.Image | ImageError] = []
-        for sample, cell in zip(samples, cells, strict=True):
+        return self._images[rows].column(self.column).to_pylist() if rows else []
+
+    def read(
+        self, samples: Sequence[Sample], exif_orientation: bool = True
+    ) -> list[tuple[Image.Image, str] | ImageError]:
+        out: list[tuple[Image.Image, str] | ImageError] = []
+        for sample, cell in zip(samples, self._cells(samples), strict=True):
+            what = f"{self.label} row {sample.image_row} ({sample.question_id})"
             try:
-                out.append(
-                    decode_image_bytes(_cell_bytes(cell), f"{self.label} row {sample.image_row} ({sample.question_id})")
-                )
+                out.append(decode_image_bytes(_cell_bytes(cell), what, exif_orientation))
             except ImageError as err:
                 out.append(err)
         return out
+
+    def digests(self, samples: Sequence[Sample]) -> list[str]:
+        found: list[str] = []
+        for start in range(0, len(samples), 256):  # a window at a time: the bytes are read, hashed and dropped
+            found += [_bytes_digest(_cell_bytes(cell)) for cell in self._cells(samples[start : start + 256])]
+        return found
 
 
 class JsonlImages(ImageSource):
@@ -297,19 +357,33 @@ class JsonlImages(ImageSource):
         self.column = column
         self.offsets = offsets
 
-    def load(self, samples: Sequence[Sample]) -> list[Image.Image | ImageError]:
-        out: list[Image.Image | ImageError] = []
+    def _data(self, handle: Any, sample: Sample, what: str) -> bytes:
+        assert sample.image_row is not None
+        handle.seek(self.offsets[sample.image_row])
+        return decode_embedded_text(json.loads(handle.readline()).get(self.column), what)
+
+    def read(
+        self, samples: Sequence[Sample], exif_orientation: bool = True
+    ) -> list[tuple[Image.Image, str] | ImageError]:
+        out: list[tuple[Image.Image, str] | ImageError] = []
         with self.path.open("rb") as handle:
             for sample in samples:
-                assert sample.image_row is not None
-                what = f"{self.path.name} line {sample.image_row + 1} ({sample.question_id})"
-                handle.seek(self.offsets[sample.image_row])
-                value = json.loads(handle.readline()).get(self.column)
+                what = f"{self.path.name} line {(sample.image_row or 0) + 1} ({sample.question_id})"
                 try:
-                    out.append(decode_image_bytes(decode_embedded_text(value, what), what))
+                    out.append(decode_image_bytes(self._data(handle, sample, what), what, exif_orientation))
                 except ImageError as err:
                     out.append(err)
         return out
+
+    def digests(self, samples: Sequence[Sample]) -> list[str]:
+        found: list[str] = []
+        with self.path.open("rb") as handle:
+            for sample in samples:
+                try:
+                    found.append(_bytes_digest(self._data(handle, sample, sample.question_id)))
+                except ImageError:
+                    found.append("")
+        return found
 
 
 def decode_embedded_text(value: Any, what: str) -> bytes:
@@ -343,10 +417,17 @@ class Table:
         return self.images is not None and self.images.embedded
 
     def content_identity(self) -> dict[str, str]:
-        """The identity without where a local file lies: a table moved or copied elsewhere is the same input."""
+        """What the run identity records of this input: the hub dataset's id, config and split, a remote table's
+        URL, the image column. Not a local path (a moved table is the same input) and not the table's digest: each
+        row's content (text and image bytes) is its own identity (halp.store.row_digest), so an edited table
+        re-extracts only the rows that changed."""
         label = self.identity.get("data", "")
         keep_label = "://" in label  # a URL names remote content; a hub dataset has its own keys
-        return {key: value for key, value in self.identity.items() if key != "data" or keep_label}
+        return {
+            key: value
+            for key, value in self.identity.items()
+            if key != "table_sha256" and (key != "data" or keep_label)
+        }
 
     def image_source(self, images_dir: str | Path | None) -> ImageSource:
         if self.images is not None:
@@ -356,7 +437,7 @@ class Table:
                 f"{self.identity.get('data', 'the table')} names image files but embeds no images: give --images DIR"
             )
         if not Path(images_dir).is_dir():
-            raise FileNotFoundError(f"--images {images_dir} is not a directory")
+            raise ParameterError("images", f"{images_dir} is not a directory")
         return FolderImages(images_dir)
 
 
@@ -635,19 +716,56 @@ def resolve_image_path(images_dir: str | Path, image_id: str) -> Path:
     return candidate
 
 
-def load_image(images_dir: str | Path, image_id: str) -> Image.Image:
-    """Open an image as RGB, converting palette, grayscale, alpha, CMYK and 16-bit modes."""
-    path = resolve_image_path(images_dir, image_id)
-    if not path.is_file():
-        raise ImageError(f"image file {path} does not exist")
+def load_image(images_dir: str | Path, image_id: str, exif_orientation: bool = True) -> Image.Image:
+    """Open an image as RGB, converting palette, grayscale, alpha, CMYK and 16-bit modes.
+
+    Policies (README, "Input images"): with `exif_orientation` (the default) the EXIF Orientation tag is applied,
+    so a portrait phone photo reaches the model upright, as every image viewer shows it; without it the stored
+    pixels are used as they are. An animated image (GIF, APNG, WebP) contributes its first frame.
+    """
+    return read_image(images_dir, image_id, exif_orientation)[0]
+
+
+def _image_file(images_dir: str | Path, image_id: str) -> Path:
     try:
-        with Image.open(path) as image:
+        path = resolve_image_path(images_dir, image_id)
+        exists = path.is_file()
+    except (OSError, ValueError) as err:  # a name longer than NAME_MAX, a NUL byte, ...
+        raise ImageError(f"image id {image_id!r} is not a usable file name under {images_dir}: {err}") from err
+    if not exists:
+        raise ImageError(f"image file {path} does not exist")
+    return path
+
+
+def image_file_sha256(images_dir: str | Path, image_id: str) -> str:
+    """SHA-256 of the image file's bytes; "" when there is no readable file (the row will fail when loaded)."""
+    try:
+        with _image_file(images_dir, image_id).open("rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    except (ImageError, OSError):
+        return ""
+
+
+def read_image(images_dir: str | Path, image_id: str, exif_orientation: bool = True) -> tuple[Image.Image, str]:
+    """`load_image`, and the SHA-256 of the very bytes decoded (the row's content identity, see halp.store)."""
+    path = _image_file(images_dir, image_id)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ImageError(f"image {path} cannot be read: {err}") from err
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.seek(0)  # animated: the first frame
             image.load()
-            return to_rgb(image)
+            if exif_orientation:
+                oriented = ImageOps.exif_transpose(image)
+                return to_rgb(oriented if oriented is not None else image), digest
+            return to_rgb(image), digest
     except Image.DecompressionBombError as err:
         raise ImageError(f"image {path} exceeds the decompression-bomb limit: {err}") from err
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ImageError(f"image {path} cannot be read: {err}") from err
+    except Exception as err:  # any decoder failure (malformed EXIF, a codec bug) is this row's error only
+        raise ImageError(f"image {path} cannot be read: {type(err).__name__}: {err}") from err
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -37,13 +37,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from halp.report import Report, is_vision_feature, split_feature
+from halp.features import QUERY_TOKEN, is_vision_feature, split_feature
+from halp.layout import FEATURES_FILE, RUN_FILE
+from halp.report import Report
 
 #: Planted label name -> what it depends on.
 PLANTED = {"image_label": "image content: low-light images", "question_label": "question wording: counting questions"}
@@ -220,7 +221,7 @@ def _best(results: pd.DataFrame, keep) -> pd.Series | None:
 
 
 def _is_query(feature: str) -> bool:
-    return split_feature(feature)[0] == "query_token"
+    return split_feature(feature)[0] == QUERY_TOKEN
 
 
 def planted_checks(image_results: pd.DataFrame, question_results: pd.DataFrame) -> list[Check]:
@@ -338,7 +339,7 @@ def run_demo(config: DemoConfig, say: Callable[[str], None] | None = None) -> De
         run_dir.mkdir()
         # Each planted label gets its own run directory (probes/ and report/ are per run) over the
         # same extracted features.
-        for name in ("features.h5", "run.json"):
+        for name in (FEATURES_FILE, RUN_FILE):
             shutil.copy2(features_run / name, run_dir / name)
         label_run(run_dir, labels=planted, label_column=label)
         # One BLAS thread for these 300 x 64 fits: extra threads only synchronise, and on a loaded
@@ -357,21 +358,3 @@ def run_demo(config: DemoConfig, say: Callable[[str], None] | None = None) -> De
         seconds[label] = time.perf_counter() - start
     checks = planted_checks(results["image_label"], results["question_label"])
     return DemoResult(out, results, reports, checks, seconds)
-
-
-def print_demo(console: Any, result: DemoResult) -> None:
-    """Per planted label: the AUROC grid and report path; then the planted check, claim by claim."""
-    from rich.text import Text
-
-    from halp.report import print_summary
-
-    for label, report in result.reports.items():
-        console.rule(Text(f"{label}: planted on {PLANTED[label]}"))
-        print_summary(console, report, title=f"AUROC on {label}")
-    console.rule(Text("planted check"))
-    for check in result.checks:
-        mark = "PASS" if check.passed else "FAIL"
-        style = "green" if check.passed else "bold red"
-        console.print(Text(f"{mark}  {check.label}: {check.claim} — {check.detail}", style=style), soft_wrap=True)
-    timing = ", ".join(f"{name} {value:.1f}s" for name, value in result.seconds.items())
-    console.print(Text(f"time: {timing}"), soft_wrap=True)

@@ -11,14 +11,13 @@ One prefill pass per batch (the capture core's hooks, with token-level tensors k
 
 The pooled names that HALP also stores are computed by the same hooks as `halp extract`, so they are
 the same numbers. Qwen2.5-VL runs its vision tower and merger in window order; the rows are put back
-in the processor's patch order here (see `SPATIAL_ORDER`).
+in the processor's patch order here (`Adapter.restore_spatial_order`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,10 @@ from torch import nn
 
 from halp.capture import BatchResult, FeatureExtractor, parse_layers
 from halp.data import load_image, to_rgb
-from halp.models import Adapter, ExtractionPointError, adapter_for
+from halp.errors import ParameterError
+from halp.features import PROJECTED_TOKENS, VISION_TOKENS, layer_key
+from halp.layout import write_text_atomic
+from halp.models import ExtractionPointError, adapter_for
 
 log = logging.getLogger(__name__)
 
@@ -42,77 +44,9 @@ MANIFEST = "manifest.json"
 #: Token-level array names (kept only with tokens=True / --save-tokens); everything else is a pooled vector.
 TOKEN_ARRAYS = ("vision_tokens", "projected_tokens", "image_states/", "text_states/")
 
-_QWEN_MERGE_GROUPS = (
-    "processor patch order: row-major over 2x2 merge groups, the 4 patches of a group row-major "
-    "(projected_tokens: one row per group, the LM's order)"
-)
-_PROJECTOR_ORDER = "the projector's input order (for ViT towers: per tile, patches row-major; see docs)"
-
 
 def is_token_array(name: str) -> bool:
     return name.startswith(TOKEN_ARRAYS)
-
-
-# ----- spatial order ------------------------------------------------------------------------------
-
-SpatialOrder = Callable[[Adapter, dict[str, torch.Tensor], int, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
-
-
-def _qwen2_5_vl_window_index(adapter: Adapter, grid_thw: torch.Tensor) -> torch.Tensor:
-    """The permutation the vision tower applies to the 2x2 merge groups of one image (window order)."""
-    visual = adapter.model.get_submodule(adapter.projector.rsplit(".", 1)[0])
-    if hasattr(visual, "get_window_index"):  # transformers 5.0-5.x kept it as a method
-        return visual.get_window_index(grid_thw)[0]
-    try:
-        from transformers.vision_utils import get_vision_window_index
-    except ImportError as err:
-        raise ExtractionPointError(
-            "cannot find Qwen2.5-VL's window index (neither visual.get_window_index nor "
-            "transformers.vision_utils.get_vision_window_index) to undo the window order of its vision tokens"
-        ) from err
-    config = adapter.model.config.vision_config
-    window_index, _ = get_vision_window_index(
-        grid_thw,
-        spatial_merge_size=config.spatial_merge_size,
-        window_size=config.window_size,
-        patch_size=config.patch_size,
-    )
-    return window_index
-
-
-def _qwen2_5_vl_grid_order(
-    adapter: Adapter, inputs: dict[str, torch.Tensor], row: int, vision: np.ndarray, projected: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Undo Qwen2.5-VL's window permutation of merge groups; the merger output is permuted alike.
-
-    The model itself un-permutes the merger output with argsort(window_index) before the LM; the
-    merger's input (and the hooked output) are still in window order, whole 2x2 groups moved together.
-    """
-    grid = inputs.get("image_grid_thw")
-    batch = inputs["input_ids"].shape[0]
-    if grid is None or grid.shape[0] != batch:
-        raise ExtractionPointError(
-            f"Qwen2.5-VL needs one image_grid_thw row per sample to restore the spatial order; got "
-            f"{None if grid is None else tuple(grid.shape)} for {batch} samples"
-        )
-    groups = int(grid[row].prod()) // adapter.model.config.vision_config.spatial_merge_size**2
-    order = torch.argsort(_qwen2_5_vl_window_index(adapter, grid[row : row + 1].cpu())).numpy()
-    if len(order) != groups or projected.shape[0] != groups or vision.shape[0] % groups:
-        raise ExtractionPointError(
-            f"Qwen2.5-VL window order: {len(order)} window entries, {groups} merge groups, "
-            f"{vision.shape[0]} vision rows and {projected.shape[0]} projected rows do not match"
-        )
-    restored = vision.reshape(groups, vision.shape[0] // groups, -1)[order].reshape(vision.shape)
-    return restored, projected[order]
-
-
-#: model_type -> (how the vision_tokens rows are ordered, a function restoring that order or None).
-SPATIAL_ORDER: dict[str, tuple[str, SpatialOrder | None]] = {
-    "qwen2_5_vl": (_QWEN_MERGE_GROUPS + "; the tower's window order is undone", _qwen2_5_vl_grid_order),
-    "qwen2_vl": (_QWEN_MERGE_GROUPS, None),
-    "qwen3_vl": (_QWEN_MERGE_GROUPS, None),
-    "qwen3_vl_moe": (_QWEN_MERGE_GROUPS, None),
-}
 
 
 # ----- results ------------------------------------------------------------------------------------
@@ -214,17 +148,17 @@ class Embedder:
             model, processor = load_model(self.model_ref, device, dtype, trust_remote_code)
         else:
             if processor is None:
-                raise ValueError("a loaded model needs its processor: Embedder(model, processor)")
+                raise ParameterError("processor", ": a loaded model needs its processor: Embedder(model, processor)")
             self.model_ref = str(getattr(model, "name_or_path", "") or type(model).__name__)
         if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+            raise ParameterError("batch_size", f"must be at least 1, got {batch_size}")
         self.adapter = adapter_for(model, processor)
         self.layers = parse_layers(layers, self.adapter.num_layers)
         self.tokens = tokens
         self.batch_size = batch_size
         self.extractor = FeatureExtractor(self.adapter, self.layers, keep_tokens=True)
         self.model_type = str(model.config.model_type)
-        self.vision_token_order, self._restore_order = SPATIAL_ORDER.get(self.model_type, (_PROJECTOR_ORDER, None))
+        self.vision_token_order = self.adapter.vision_token_order
 
     @property
     def model(self) -> nn.Module:
@@ -262,7 +196,7 @@ class Embedder:
         """Embed many images in batches of `batch_size` (one prompt for all, or one per image)."""
         prompt_list = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
         if len(prompt_list) != len(images):
-            raise ValueError(f"{len(images)} images but {len(prompt_list)} prompts")
+            raise ParameterError("prompt", f": {len(images)} images but {len(prompt_list)} prompts")
         indexed = list(range(len(images)))
         results: list[Embedding] = []
         for chunk in _chunks(indexed, batch_size or self.batch_size):
@@ -287,10 +221,9 @@ class Embedder:
         image_columns = torch.nonzero(image_mask).flatten()
         text_columns = torch.nonzero(text_mask).flatten()
 
-        vision = batch.tokens["vision_only"][row]
-        projected = batch.tokens["vision_projected"][row]
-        if self._restore_order is not None:
-            vision, projected = self._restore_order(self.adapter, inputs, row, vision, projected)
+        vision = batch.tokens[VISION_TOKENS][row]
+        projected = batch.tokens[PROJECTED_TOKENS][row]
+        vision, projected = self.adapter.restore_spatial_order(inputs, row, vision, projected)
         arrays: dict[str, np.ndarray] = {
             "vision_only": batch.features["vision_only"][row],
             "vision_projected": batch.features["vision_projected"][row],
@@ -299,7 +232,7 @@ class Embedder:
             arrays["vision_tokens"] = vision
             arrays["projected_tokens"] = projected
         for layer in self.layers:
-            states = batch.tokens[f"layer_{layer}"][row]
+            states = batch.tokens[layer_key(layer)][row]
             text_states = states[text_columns.numpy()]
             for group in ("vision_token", "vision_token_mean", "query_token"):
                 arrays[f"{group}/layer_{layer}"] = batch.features[f"{group}/layer_{layer}"][row]
@@ -332,9 +265,7 @@ def array_filename(name: str) -> str:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def save_embedding(embedding: Embedding, directory: str | Path, tokens: bool = True) -> Path:
@@ -394,10 +325,10 @@ def list_images(source: str | Path) -> list[Path]:
     if source.is_file():
         return [source]
     if not source.is_dir():
-        raise FileNotFoundError(f"{source} is neither an image file nor a directory")
+        raise ParameterError("images", f"{source} is neither an image file nor a directory")
     found = sorted(path for path in source.iterdir() if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
     if not found:
-        raise FileNotFoundError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {source}")
+        raise ParameterError("images", f": no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {source}")
     return found
 
 

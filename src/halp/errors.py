@@ -11,6 +11,36 @@ class HalpError(Exception):
     """A user-facing error: the message says what is wrong and what to do."""
 
 
+class ParameterError(HalpError, ValueError):
+    """A parameter has a value that cannot be used. `parameter` is its Python name; the CLI shows it as the flag
+    (`batch_size` -> `--batch-size`), so the library never has to know how it was called."""
+
+    def __init__(self, parameter: str, message: str) -> None:
+        self.parameter = parameter
+        self.message = message
+        super().__init__(f"{parameter}{message}" if message.startswith(":") else f"{parameter} {message}")
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.parameter.replace("_", "-")
+
+
+class RunNotFoundError(HalpError, FileNotFoundError):
+    """A path given as a run directory (or its features.h5) does not exist or holds no run."""
+
+
+class MissingInputError(HalpError, FileNotFoundError):
+    """A file the request needs does not exist; says which and which command makes it."""
+
+
+class MissingDependencyError(HalpError, ImportError):
+    """An optional package the request needs is not installed; says which extra installs it."""
+
+
+class ShardError(HalpError, ValueError):
+    """The shard layout asked for (flags or launcher environment) is inconsistent."""
+
+
 class TableError(HalpError, ValueError):
     """The input table cannot be used; raised before any model is loaded."""
 
@@ -47,6 +77,10 @@ class RunDamagedError(HalpError, RuntimeError):
     """A file of the run directory cannot be read (truncated, corrupt); names the file and what to do."""
 
 
+class OutputPathError(HalpError, ValueError):
+    """An output path is refused: it is one of the command's own inputs (writing it would destroy the input)."""
+
+
 class LabelError(HalpError, ValueError):
     """A label table or labelling request cannot be used; says which file or column and why."""
 
@@ -70,3 +104,15 @@ class RayWorkerError(HalpError, RuntimeError):
 class SourceError(HalpError, ValueError):
     """A benchmark's files cannot be converted or composed (unknown layout, missing split, clashing ids); says
     what was expected and what was found."""
+
+
+class AdapterPluginError(HalpError, ImportError):
+    """A third-party adapter registered under the `halp.adapters` entry-point group cannot be used; names the plugin."""
+
+
+class ReviewError(HalpError, ValueError):
+    """A review cannot be done or recorded as asked (no answers, unknown row or reviewer, a stale undo); says why."""
+
+
+class ReviewServerError(HalpError, OSError):
+    """The review server cannot start (port in use, address not available, web extra missing); says what to do."""

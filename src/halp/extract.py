@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,10 +23,11 @@ from tqdm.auto import tqdm
 
 from halp.capture import BatchResult, FeatureExtractor, parse_layers
 from halp.data import ImageSource, Sample, as_image_source, input_table
-from halp.loading import load_model, resolve_device, resolve_dtype
+from halp.errors import ParameterError, ShardError
+from halp.loading import check_model_source, load_model, model_fingerprint, resolve_device, resolve_dtype
 from halp.models import adapter_for
 from halp.shard import Shard, resolve_shard
-from halp.store import ERRORS_FILE, RunStore, rows_for, table_digest
+from halp.store import ERRORS_FILE, RunStore, row_digest, rows_for, table_text_digest
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ class ExtractConfig:
     dtype: str = "auto"
     limit: int | None = None
     trust_remote_code: bool = False
+    #: Apply the EXIF Orientation tag (the default) or feed the stored pixels; part of the run identity.
+    exif_orientation: bool = True
     overwrite: bool = False
     progress: bool = True
     #: Both None: one shard, or the shard a torch launcher (torchrun, accelerate launch) assigns.
@@ -76,6 +79,8 @@ class ExtractSummary:
     assembled: bool = False
     pending_shards: list[str] = field(default_factory=list)
     run_failed: int = 0
+    #: Committed rows whose content (question, image bytes, ...) changed since: extracted again.
+    changed: list[str] = field(default_factory=list)
 
     @property
     def samples_per_second(self) -> float:
@@ -111,15 +116,17 @@ def _model_ref(model: str) -> str:
 def run_extraction(config: ExtractConfig) -> ExtractSummary:
     """Extract features for every sample of the table into config.out, resuming what is there."""
     if config.batch_size < 1:
-        raise ValueError("--batch-size must be at least 1")
+        raise ParameterError("batch_size", "must be at least 1")
     shard = resolve_shard(config.num_shards, config.shard_index)
     if shard.is_sharded and config.overwrite:
-        raise ValueError(
-            "--overwrite cannot be combined with several shards: one shard would delete what another has just "
-            f"committed. Delete {config.out} first (or run once with --overwrite and one shard), then start the shards."
+        raise ParameterError(
+            "overwrite",
+            "cannot be combined with several shards: one shard would delete what another has just "
+            f"committed. Delete {config.out} first (or run once with overwrite and one shard), then start the shards.",
         )
     samples = read_table(config)  # table problems surface before the model loads
     image_source(config)  # as do missing images: no --images for a table without embedded images
+    check_model_source(config.model, config.trust_remote_code)  # a missing or refused model touches no run dir
 
     device = device_for(resolve_device(config.device), shard)
     dtype = str(resolve_dtype(config.dtype, device)).removeprefix("torch.")
@@ -146,8 +153,9 @@ def image_source(config: ExtractConfig) -> ImageSource:
 
 
 def data_identity(config: ExtractConfig) -> dict[str, str] | None:
-    """What the run identity records of an input that --images does not name: the table or hub dataset
-    (id, config, split) and its content digest. None for a table of image files (identity as before)."""
+    """What the run identity records of an input that --images does not name: the hub dataset (id, config,
+    split), a remote table's URL, the image column (halp.data.Table.content_identity). None for a table of image
+    files (identity as before). The rows' content is covered row by row (row_digest)."""
     table = input_table(config.data, config.hf_dataset, config.hf_config, config.split)
     return table.content_identity() if table.images is not None else None
 
@@ -158,7 +166,7 @@ def device_for(device: str, shard: Shard) -> str:
         return device
     count = torch.cuda.device_count()
     if shard.local_rank >= count:
-        raise ValueError(
+        raise ShardError(
             f"LOCAL_RANK is {shard.local_rank} but torch sees {count} GPU(s): start at most {count} processes per node"
         )
     torch.cuda.set_device(shard.local_rank)
@@ -173,15 +181,68 @@ def run_identity(config: ExtractConfig, dtype: str, max_new_tokens: int, num_sha
         "dtype": dtype,
         "max_new_tokens": max_new_tokens,
         "prompt_format": "chat_template/user[image,text]",
+        "exif_orientation": config.exif_orientation,
         "num_shards": num_shards,
         "data": data_identity(config),
     }
 
 
+def with_model_fingerprint(identity: dict[str, Any], store: RunStore, model: str) -> dict[str, Any]:
+    """The identity plus the checkpoint's content fingerprint (cheap on reruns: the run's file record is reused)."""
+    existing = store.read_identity() if store.run_path.exists() else None
+    fingerprint, files = model_fingerprint(model, (existing or {}).get("model_files"))
+    return {**identity, "model_sha256": fingerprint, "model_files": files}
+
+
+def recheck_model_after_loading(identity: dict[str, Any], store: RunStore, model: str) -> None:
+    """A hub model not cached before loading has a fingerprint (its snapshot commit) only now."""
+    if identity.get("model_sha256") is None:
+        fingerprint, files = model_fingerprint(model)
+        with store.sync():
+            store.check_model(fingerprint, files)
+
+
+@dataclass
+class ResumePlan:
+    """What a rerun must do: the table's content digests, and the rows to extract (new, failed or changed)."""
+
+    digests: dict[str, str]
+    todo: list[Sample]
+    changed: list[str]
+
+
+def content_digests(samples: Sequence[Sample], images: ImageSource | Path) -> dict[str, str]:
+    """question_id -> the row's content digest (its text and its image's bytes: a file under --images, or the bytes
+    the table embeds), read now."""
+    image_digests = as_image_source(images).digests(samples)
+    return {
+        sample.question_id: row_digest(sample, digest) for sample, digest in zip(samples, image_digests, strict=True)
+    }
+
+
+def plan_resume(
+    store: RunStore, samples: Sequence[Sample], images: ImageSource | Path, digests: dict[str, str] | None = None
+) -> ResumePlan:
+    """Compare the table's rows (text and image bytes) with what is committed: a row is done only if committed with
+    the same content digest. Changed rows are extracted again; their old copies leave at assembly."""
+    if digests is None:
+        digests = content_digests(samples, images)
+    committed = store.committed_digests()
+    todo = [sample for sample in samples if digests[sample.question_id] not in committed.get(sample.question_id, ())]
+    changed = [sample.question_id for sample in todo if sample.question_id in committed]
+    if changed:
+        log.warning(
+            "%d committed row(s) changed in the table or image since they were extracted; extracting them again: %s",
+            len(changed), ", ".join(changed[:10]) + (" ..." if len(changed) > 10 else ""),
+        )
+    return ResumePlan(digests, todo, changed)
+
+
 def _locked_run(
     config: ExtractConfig, store: RunStore, samples: list[Sample], device: str, dtype: str, max_new_tokens: int
 ) -> ExtractSummary:
-    store.open(run_identity(config, dtype, max_new_tokens, num_shards=1), overwrite=config.overwrite)
+    identity = with_model_fingerprint(run_identity(config, dtype, max_new_tokens, num_shards=1), store, config.model)
+    store.open(identity, overwrite=config.overwrite)
     handler = attach_log(store.root)
     try:
         return _run(config, store, samples, device, dtype, max_new_tokens)
@@ -196,17 +257,27 @@ def _run(
     store.remove_stale_temporaries()
     store.remove_assembled_parts()
     order = [sample.question_id for sample in samples]
-    done = store.committed_ids()
-    todo = [sample for sample in samples if sample.question_id not in done]
-    summary = ExtractSummary(store.root, len(samples), len(samples) - len(todo), 0)
+    plan = plan_resume(store, samples, image_source(config))
+    todo = plan.todo
+    summary = ExtractSummary(store.root, len(samples), len(samples) - len(todo), 0, changed=plan.changed)
     log.info("%d samples, %d already committed, %d to do", len(samples), summary.already_done, len(todo))
 
-    if not todo and store.features_path.exists() and not store.all_part_paths():
+    if not todo and store.assembled_as(order, plan.digests) and not store.all_part_paths():
         summary.finished = True  # nothing is missing: the assembled file stands, no model needed
+        return summary
+    if not todo:
+        # Every row is committed, but features.h5 must follow the table now (rows removed or reordered, parts
+        # not yet assembled): assemble again, no model needed.
+        FailureLog(store.root / ERRORS_FILE, summary)
+        attrs = store.recorded_attrs(store.all_part_paths())
+        attrs.update(complete=True, num_failed=0)
+        store.assemble(order, attrs, plan.digests)
+        summary.finished = True
         return summary
 
     extractor, attrs = prepare_extractor(config, device, dtype, max_new_tokens)
-    if todo and store.features_path.exists():
+    recheck_model_after_loading(store.read_identity() or {}, store, config.model)
+    if store.features_path.exists():
         store.reopen_finished()
     failures = FailureLog(store.root / ERRORS_FILE, summary)
     start = time.perf_counter()
@@ -217,8 +288,12 @@ def _run(
     attrs["vision_hidden_size"] = _dim(store, "vision_only")
     attrs["complete"] = not summary.failed
     attrs["num_failed"] = len(summary.failed)
-    store.assemble(order, attrs)
-    summary.finished = not summary.failed
+    store.assemble(order, attrs, plan.digests)
+    summary.finished = not summary.failed and _assembled_count(store) == len(order)
+    if not summary.failed and not summary.finished:
+        # A row whose image changed between the start of the run and its loading was committed with the new
+        # content's digest and left out of features.h5; the next rerun extracts it.
+        log.warning("some rows changed while the run was in progress; rerun the same command to extract them")
     log_rate(summary)
     return summary
 
@@ -243,6 +318,7 @@ def prepare_extractor(
         "batch_size": config.batch_size,
         "max_new_tokens": max_new_tokens,
         "generated": max_new_tokens > 0,
+        "exif_orientation": config.exif_orientation,
         "versions": json.dumps(versions()),
         "created": datetime.now(timezone.utc).isoformat(),
     }
@@ -274,7 +350,7 @@ def _extract_all(
     source = image_source(config)
     with tqdm(total=len(todo), unit="sample", disable=not config.progress, desc=desc) as bar:
         for window in batches(todo, config.batch_size * BUCKET_BATCHES):
-            ready, images = load_batch(window, source, failures)
+            ready, images = load_batch(window, source, failures, config.exif_orientation)
             bar.update(len(window) - len(ready))
             for chosen in batches_by_size(images, config.batch_size):
                 summary.processed += extract_loaded(
@@ -298,7 +374,7 @@ def batches_by_size(images: Sequence[Image.Image], batch_size: int) -> list[list
 
 
 def load_batch(
-    batch: Sequence[Sample], images: ImageSource | Path, failures: FailureList
+    batch: Sequence[Sample], images: ImageSource | Path, failures: FailureList, exif_orientation: bool = True
 ) -> tuple[list[Sample], list[Image.Image]]:
     """The rows of `batch` that have a question and a readable image, with their images; others are recorded.
     `images` is an image directory or the table's embedded images (halp.data.ImageSource)."""
@@ -307,15 +383,80 @@ def load_batch(
         if not sample.question.strip():
             failures.record(sample, "input", "EmptyQuestion", "the question is empty")
             continue
+        unstorable = unstorable_text(sample)
+        if unstorable:
+            failures.record(sample, "input", "UnstorableText", unstorable)
+            continue
         asked.append(sample)
     ready, loaded = [], []
-    for sample, image in zip(asked, as_image_source(images).load(asked), strict=True):
-        if isinstance(image, Exception):
-            failures.record(sample, "image", type(image).__name__, str(image))
-        else:
-            ready.append(sample)
-            loaded.append(image)
+    for sample, item in zip(asked, as_image_source(images).read(asked, exif_orientation), strict=True):
+        if isinstance(item, Exception):
+            failures.record(sample, "image", type(item).__name__, str(item))
+            continue
+        image, image_sha256 = item
+        loaded.append(image)
+        # The digest of the bytes decoded here is what the committed row records.
+        ready.append(replace(sample, row_sha256=row_digest(sample, image_sha256)))
     return ready, loaded
+
+
+def unstorable_text(sample: Sample) -> str:
+    """Why one of the row's strings cannot be stored in features.h5 (HDF5 strings are NUL-free UTF-8), or ""."""
+    fields = {
+        "question_id": sample.question_id,
+        "image_id": sample.image_id,
+        "question": sample.question,
+        "ground_truth": sample.ground_truth,
+        **{f"meta/{column}": value for column, value in sample.meta.items()},
+    }
+    for name, value in fields.items():
+        if "\x00" in value:
+            return f"{name} contains a NUL byte, which HDF5 strings cannot hold"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return f"{name} is not valid Unicode text ({err.reason} at position {err.start})"
+    return ""
+
+
+def special_tokens_of(extractor: FeatureExtractor) -> set[str]:
+    """The model's special tokens (image placeholder, chat markers, ...), which a question must not contain."""
+    tokenizer = extractor.adapter.tokenizer()
+    found = {str(token) for token in getattr(tokenizer, "all_special_tokens", [])}
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    found |= {str(token.content) for token in decoder.values() if getattr(token, "special", False)}
+    for holder in (extractor.adapter.processor, tokenizer):
+        for name in ("image_token", "video_token", "boi_token", "eoi_token", "audio_token"):
+            value = getattr(holder, name, None)
+            if isinstance(value, str):
+                found.add(value)
+    image_token = tokenizer.convert_ids_to_tokens(extractor.adapter.image_token_id)
+    if isinstance(image_token, str):
+        found.add(image_token)
+    return {token for token in found if token.strip()}
+
+
+def reject_special_tokens(
+    samples: Sequence[Sample], images: Sequence[Image.Image], extractor: FeatureExtractor, failures: FailureList
+) -> tuple[list[Sample], list[Image.Image]]:
+    """Rows whose question contains one of the model's special tokens fail: the prompt would change shape (an
+    image placeholder in the text gives the row a second image slot, a chat marker ends the user turn)."""
+    specials = special_tokens_of(extractor)
+    kept, kept_images = [], []
+    for sample, image in zip(samples, images, strict=True):
+        present = sorted(token for token in specials if token in sample.question)
+        if present:
+            failures.record(
+                sample,
+                "input",
+                "SpecialTokenInQuestion",
+                f"the question contains the model's special token(s) {', '.join(map(repr, present[:3]))}; "
+                "remove them from the question",
+            )
+            continue
+        kept.append(sample)
+        kept_images.append(image)
+    return kept, kept_images
 
 
 def extract_loaded(
@@ -330,8 +471,9 @@ def extract_loaded(
 ) -> int:
     """Extract loaded rows (splitting on out-of-memory) and commit the finite ones. Returns rows extracted."""
     processed = 0
+    ready, images = reject_special_tokens(ready, images, extractor, failures)
     if ready:
-        for samples_done, result in _extract_splitting_on_oom(
+        for samples_done, result in _extract_isolating_failures(
             extractor, list(ready), list(images), max_new_tokens, failures
         ):
             _commit_finite_rows(store, samples_done, result, attrs, failures, dtype)
@@ -341,16 +483,17 @@ def extract_loaded(
 
 def extract_batch(
     batch: Sequence[Sample],
-    images_dir: Path,
+    images_dir: ImageSource | Path,
     extractor: FeatureExtractor,
     max_new_tokens: int,
     store: RunStore,
     attrs: dict[str, Any],
     failures: FailureList,
     dtype: str,
+    exif_orientation: bool = True,
 ) -> int:
     """Extract one batch and commit its good rows to `store`; bad rows go to `failures`. Returns rows extracted."""
-    ready, images = load_batch(batch, images_dir, failures)
+    ready, images = load_batch(batch, images_dir, failures, exif_orientation)
     return extract_loaded(ready, images, extractor, max_new_tokens, store, attrs, failures, dtype)
 
 
@@ -361,15 +504,20 @@ def _run_shard(
     store = RunStore.for_shard(config.out, shard.name)
     store.lock()  # one writer per shard directory, for the life of this process
     try:
+        mine = [sample for _, sample in shard.select(samples)]
+        digests = content_digests(mine, image_source(config))  # the images are read outside the run lock
         with store.sync():  # the run lock, briefly: identity, clean-up and the committed rows form one view
-            store.open(run_identity(config, dtype, max_new_tokens, num_shards=shard.count))
+            identity = with_model_fingerprint(
+                run_identity(config, dtype, max_new_tokens, num_shards=shard.count), RunStore(config.out), config.model
+            )
+            store.open(identity)
             store.remove_stale_temporaries()
             store.remove_assembled_parts()
-            done = store.committed_ids()
+            plan = plan_resume(store, mine, image_source(config), digests)
             store.clear_done()  # until this pass ends, the run cannot be assembled
         handler = attach_log(store.writer_dir)
         try:
-            return _shard_pass(config, shard, store, samples, done, device, dtype, max_new_tokens)
+            return _shard_pass(config, shard, store, samples, plan, device, dtype, max_new_tokens)
         finally:
             logging.getLogger("halp").removeHandler(handler)
             handler.close()
@@ -382,20 +530,21 @@ def _shard_pass(
     shard: Shard,
     store: RunStore,
     samples: list[Sample],
-    done: set[str],
+    plan: ResumePlan,
     device: str,
     dtype: str,
     max_new_tokens: int,
 ) -> ExtractSummary:
     mine = shard.select(samples)
-    todo = [sample for _, sample in mine if sample.question_id not in done]
-    summary = ExtractSummary(store.root, len(mine), len(mine) - len(todo), 0, shard=shard)
+    todo = plan.todo
+    summary = ExtractSummary(store.root, len(mine), len(mine) - len(todo), 0, shard=shard, changed=plan.changed)
     log.info(
         "shard %s: %d of %d samples, %d already committed", shard.name, len(mine), len(samples), summary.already_done
     )
     failures = FailureLog(store.writer_dir / ERRORS_FILE, summary)
     if todo:
         extractor, attrs = prepare_extractor(config, device, dtype, max_new_tokens)
+        recheck_model_after_loading(store.read_identity() or {}, store, config.model)
         attrs["num_shards"] = shard.count
         start = time.perf_counter()
         _extract_all(
@@ -407,9 +556,10 @@ def _shard_pass(
         {
             "shard": shard.name,
             "table_rows": len(samples),
-            "table_sha256": table_digest([sample.question_id for sample in samples]),
+            "table_sha256": table_text_digest(samples),
             "positions": [position for position, _ in mine],
             "question_ids": [sample.question_id for _, sample in mine],
+            "row_sha256": [plan.digests[sample.question_id] for _, sample in mine],
             "failed": summary.failed,
             "processed": summary.processed,
             "ended": datetime.now(timezone.utc).isoformat(),
@@ -463,10 +613,12 @@ def _out_of_memory_errors() -> tuple[type[BaseException], ...]:
     return (torch.OutOfMemoryError,)
 
 
-def _extract_splitting_on_oom(
+def _extract_isolating_failures(
     extractor: FeatureExtractor, samples: list[Sample], images: list, max_new_tokens: int, failures: FailureList
 ) -> Iterator[tuple[list[Sample], BatchResult]]:
-    """Extract a batch; on out-of-memory, free the cache and retry the halves; a lone sample that fails is recorded."""
+    """Extract a batch. On out-of-memory, free the cache and retry the halves. On any other error (the processor
+    refusing an image, a prompt the model rejects), retry the rows one by one, so only the guilty row is recorded
+    and the others are extracted. A lone row that fails is recorded with its error."""
     try:
         result = extractor(images, [s.question for s in samples], max_new_tokens)
     except _out_of_memory_errors() as err:
@@ -477,10 +629,26 @@ def _extract_splitting_on_oom(
             return
         half = len(samples) // 2
         log.warning("out of memory with %d samples; retrying as %d + %d", len(samples), half, len(samples) - half)
-        yield from _extract_splitting_on_oom(extractor, samples[:half], images[:half], max_new_tokens, failures)
-        yield from _extract_splitting_on_oom(extractor, samples[half:], images[half:], max_new_tokens, failures)
+        yield from _extract_isolating_failures(extractor, samples[:half], images[:half], max_new_tokens, failures)
+        yield from _extract_isolating_failures(extractor, samples[half:], images[half:], max_new_tokens, failures)
+        return
+    except Exception as err:
+        if len(samples) == 1:
+            failures.record(samples[0], "extract", type(err).__name__, _one_line(err))
+            return
+        log.warning("batch of %d failed (%s: %s); retrying its rows one by one", len(samples), type(err).__name__,
+                    _one_line(err))
+        for index in range(len(samples)):
+            yield from _extract_isolating_failures(
+                extractor, samples[index : index + 1], images[index : index + 1], max_new_tokens, failures
+            )
         return
     yield samples, result
+
+
+def _one_line(err: BaseException, width: int = 500) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _commit_finite_rows(
@@ -504,11 +672,21 @@ def _commit_finite_rows(
             "NonFiniteFeatures",
             f"inf/nan in {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''} (dtype {dtype}).{advice}",
         )
+    for index in np.flatnonzero(finite):
+        if "\x00" in result.answers[index]:
+            # HDF5 strings cannot hold NUL; storing a cut answer would be a silent change.
+            failures.record(samples[index], "answer", "UnstorableAnswer", "the decoded answer contains a NUL byte")
+            finite[index] = False
     keep = np.flatnonzero(finite)
     if len(keep):
         kept = [samples[i] for i in keep]
         features = {name: values[keep] for name, values in result.features.items()}
         store.commit(rows_for(kept, [result.answers[i] for i in keep], features), attrs)
+
+
+def _assembled_count(store: RunStore) -> int:
+    with store.reading(store.features_path) as handle:
+        return int(handle["question_id"].shape[0])
 
 
 def _dim(store: RunStore, name: str) -> int:

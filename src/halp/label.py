@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -28,9 +27,10 @@ from typing import Any
 import h5py
 import pandas as pd
 
+from halp.errors import LabelError
+from halp.layout import LABELS_FILE, atomic_write
 from halp.store import read_strings
 
-LABELS_FILE = "labels.csv"
 LABEL_COLUMNS = ("question_id", "label", "method", "reason", "answer_type")
 ANSWER_TYPES = ("yesno", "number", "choice", "short", "open")
 #: Label columns tried, in order, when none is named (HALP's manual-review CSVs use the second).
@@ -401,48 +401,73 @@ def parse_label_value(value: object) -> int | None:
         return 0
     if text in _MISSING:
         return None
-    raise ValueError(f"label value {value!r} is not one of 1/0, true/false, yes/no, or empty")
+    raise LabelError(f"label value {value!r} is not one of 1/0, true/false, yes/no, or empty")
 
 
 def resolve_label_column(columns: Sequence[str], requested: str | None, source: str) -> str:
     if requested is not None:
         if requested not in columns:
-            raise ValueError(f"{source} has no column {requested!r}; columns: {', '.join(columns)}")
+            raise LabelError(f"{source} has no column {requested!r}; columns: {', '.join(columns)}")
         return requested
     for candidate in DEFAULT_LABEL_COLUMNS:
         if candidate in columns:
             return candidate
-    raise ValueError(
+    raise LabelError(
         f"{source} has none of the label columns {', '.join(DEFAULT_LABEL_COLUMNS)}; name one with "
         f"--label-column (columns: {', '.join(columns)})"
     )
 
 
-def read_label_table(path: str | Path, label_column: str | None = None) -> tuple[dict[str, int | None], str]:
-    """question_id -> 1/0/None from any table with a question_id and a 0/1 column; and the column used."""
+@dataclass
+class LabelTable:
+    """A label table read by `read_labels`: question_id -> 1/0/None, where it came from, and the table itself."""
+
+    labels: dict[str, int | None]
+    column: str
+    source: str
+    #: One row per question_id (the first of agreeing repeats), question_id as str: for --group-by columns.
+    frame: pd.DataFrame
+
+
+def read_labels(table: str | Path | pd.DataFrame, label_column: str | None = None) -> LabelTable:
+    """The one reader of label tables (halp label --labels, halp probe --labels, RUN_DIR/labels.csv).
+
+    Any table with a question_id column and a 0/1 column (DEFAULT_LABEL_COLUMNS, or `label_column`). A
+    question_id may repeat when its labels agree (reviews exported once per reviewer); conflicting repeats and
+    unreadable values are refused, naming the rows.
+    """
     from halp.data import read_frame
 
-    frame = read_frame(path)
-    columns = [str(column) for column in frame.columns]
-    frame.columns = columns
-    if "question_id" not in columns:
-        raise ValueError(f"{path} has no question_id column; columns: {', '.join(columns)}")
-    column = resolve_label_column(columns, label_column, str(path))
+    if isinstance(table, pd.DataFrame):
+        frame, source = table.copy(), "DataFrame"
+    else:
+        frame, source = read_frame(table), str(table)
+    frame.columns = [str(column) for column in frame.columns]
+    if "question_id" not in frame.columns:
+        raise LabelError(f"{source} has no question_id column; columns: {', '.join(frame.columns)}")
+    column = resolve_label_column(list(frame.columns), label_column, source)
+    frame["question_id"] = frame["question_id"].astype(str)
     labels: dict[str, int | None] = {}
     bad: list[str] = []
-    for qid, value in zip(frame["question_id"], frame[column], strict=True):
-        key = str(qid)
+    for key, value in zip(frame["question_id"], frame[column], strict=True):
         try:
             parsed = parse_label_value(value)
-        except ValueError:
+        except LabelError:
             bad.append(f"{key}={value!r}")
             continue
         if key in labels and labels[key] != parsed:
-            raise ValueError(f"{path}: question_id {key} has conflicting labels in column {column!r}")
+            raise LabelError(f"{source}: question_id {key} has conflicting labels in column {column!r}")
         labels[key] = parsed
     if bad:
-        raise ValueError(f"{path}: unreadable values in column {column!r} ({len(bad)}), e.g. {', '.join(bad[:5])}")
-    return labels, column
+        raise LabelError(f"{source}: unreadable values in column {column!r} ({len(bad)}), e.g. {', '.join(bad[:5])}")
+    frame = frame.drop_duplicates(subset="question_id", keep="first").reset_index(drop=True)
+    return LabelTable(labels, column, source, frame)
+
+
+def read_label_table(path: str | Path, label_column: str | None = None) -> tuple[dict[str, int | None], str]:
+    """question_id -> 1/0/None and the column used (see `read_labels`)."""
+    table = read_labels(path, label_column)
+    return table.labels, table.column
 
 
 # ----- a run ----------------------------------------------------------------------------------
@@ -454,6 +479,7 @@ class LabelSummary:
     methods: Counter
     label_column: str | None = None
     unmatched_manual: int = 0
+    reviews: Any = None  # halp.review.decisions.ReviewSummary when manual decisions were merged
 
     @property
     def labelled(self) -> int:
@@ -465,20 +491,18 @@ class LabelSummary:
 
 
 def _run_rows(run_dir: Path) -> dict[str, list[str]]:
-    from halp.summary import features_file
+    from halp.layout import features_file
 
     with h5py.File(features_file(run_dir), "r") as handle:
         return {name: read_strings(handle[name]) for name in ("question_id", "question", "ground_truth", "answer")}
 
 
 def write_labels(path: Path, question_ids: Sequence[str], labels: Sequence[Label]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", newline="") as handle:
+    with atomic_write(path, newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(LABEL_COLUMNS)
         for qid, item in zip(question_ids, labels, strict=True):
             writer.writerow([qid, "" if item.label is None else item.label, item.method, item.reason, item.answer_type])
-    os.replace(tmp, path)
 
 
 def label_run(
@@ -486,19 +510,28 @@ def label_run(
     labels: str | Path | None = None,
     label_column: str | None = None,
     judge: Judge | Callable[[str, str, str, str], Label] | None = None,
+    resolve: str = "none",
 ) -> LabelSummary:
     """Label every sample of a run and write RUN_DIR/labels.csv.
 
     With `labels`, the manual labels of that table are used as they are (rows it lacks are unknown);
-    otherwise the rules run, then `judge` (if given) on the rows they leave unknown.
+    otherwise the rules run, then `judge` (if given) on the rows they leave unknown. Decisions of
+    `halp review` (RUN_DIR/reviews.jsonl) and of a Label Studio export given as `labels` then take
+    precedence (see halp.review.decisions.merge_decisions; `resolve` settles reviewers' conflicts).
     """
+    from halp.review import decisions, label_studio
+
     run_dir = Path(run_dir)
     rows = _run_rows(run_dir)
     ids = rows["question_id"]
     results: list[Label] = []
     used_column = None
     unmatched = 0
-    if labels is not None:
+    studio = labels is not None and label_studio.is_export(labels)
+    if studio:
+        results = [Label(None, "none", f"not annotated in {Path(labels).name}", infer_answer_type(q, t))
+                   for q, t in zip(rows["question"], rows["ground_truth"], strict=True)]  # fmt: skip
+    elif labels is not None:
         manual, used_column = read_label_table(labels, label_column)
         unmatched = len(set(manual) - set(ids))
         source = f"{Path(labels).name}:{used_column}"
@@ -523,39 +556,9 @@ def label_run(
             if item.label is None and judge is not None and truth.strip() and answer.strip():
                 item = judge(question, truth, answer, item.answer_type)
             results.append(item)
+    results, reviews = decisions.apply_reviews(run_dir, ids, results, resolve, labels if studio else None)
     path = run_dir / LABELS_FILE
     write_labels(path, ids, results)
     counts = Counter((item.answer_type, item.label) for item in results)
     methods = Counter(item.method.split(":")[0] if item.method.startswith("judge") else item.method for item in results)
-    return LabelSummary(path, len(results), counts, methods, used_column, unmatched)
-
-
-def print_coverage(console: Any, summary: LabelSummary) -> None:
-    """Labelled / hallucinated / unknown per answer type, and where labels came from."""
-    from rich.table import Table
-
-    table = Table("answer type", "rows", "hallucinated (1)", "correct (0)", "unknown", title="label coverage")
-    for answer_type in ANSWER_TYPES:
-        counts = {value: summary.counts.get((answer_type, value), 0) for value in (1, 0, None)}
-        rows = sum(counts.values())
-        if rows:
-            table.add_row(answer_type, str(rows), str(counts[1]), str(counts[0]), str(counts[None]))
-    console.print(table)
-    labelled, total = summary.labelled, summary.total
-    share = f"{labelled / total:.1%}" if total else "n/a"
-    rate = f"{summary.positives / labelled:.1%}" if labelled else "n/a"
-    console.print(
-        f"{labelled} of {total} labelled ({share}); {summary.positives} hallucinated ({rate} of labelled). "
-        f"Sources: {', '.join(f'{method} {n}' for method, n in sorted(summary.methods.items()))}.",
-        markup=False,
-        highlight=False,
-    )
-    if summary.label_column is not None:
-        console.print(f"manual labels from column {summary.label_column!r}", markup=False, highlight=False)
-    if summary.unmatched_manual:
-        console.print(
-            f"{summary.unmatched_manual} labelled question_id(s) of the table are not in this run",
-            markup=False,
-            highlight=False,
-        )
-    console.print(f"wrote {summary.path}", markup=False, highlight=False)
+    return LabelSummary(path, len(results), counts, methods, used_column, unmatched, reviews)

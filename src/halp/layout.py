@@ -9,7 +9,7 @@ Layout (what writes it)::
     RUN_DIR/parts/, shards/, ray/  halp extract: committed batches while the run is in progress
     RUN_DIR/labels.csv           halp label
     RUN_DIR/reviews.jsonl        halp review: manual decisions, appended
-    RUN_DIR/probes/              halp probe: results.csv, predictions.csv, groups.csv, settings.json, models/
+    RUN_DIR/probes/              halp probe: results.csv, results.json, predictions.csv, groups.csv, models/
     RUN_DIR/report/              halp report: report.html and PNGs
     RUN_DIR/risk/                halp predict: <table name>.csv
 
@@ -41,7 +41,7 @@ PROBES_DIR = "probes"
 RESULTS_FILE = "results.csv"
 PREDICTIONS_FILE = "predictions.csv"
 GROUPS_FILE = "groups.csv"
-PROBE_SETTINGS_FILE = "settings.json"
+RESULTS_JSON_FILE = "results.json"
 PROBE_MODELS_DIR = "models"
 REPORT_DIR = "report"
 RISK_DIR = "risk"
@@ -51,8 +51,35 @@ def run_file(run_dir: str | Path) -> Path:
     return Path(run_dir) / RUN_FILE
 
 
-def features_file(run_dir: str | Path) -> Path:
+def features_path(run_dir: str | Path) -> Path:
+    """Where features.h5 is or will be (no check)."""
     return Path(run_dir) / FEATURES_FILE
+
+
+def committed_part_files(run_dir: str | Path) -> list[Path]:
+    """Parts committed by any writer of an unfinished run (single process, shards, Ray workers)."""
+    root = Path(run_dir)
+    pattern = f"{PARTS_DIR}/part-*.h5"
+    return sorted([*root.glob(pattern), *root.glob(f"{SHARDS_DIR}/*/{pattern}"), *root.glob(f"{RAY_DIR}/*/{pattern}")])
+
+
+def features_file(run: str | Path) -> Path:
+    """The features.h5 of a finished run, given its directory or the file itself; a clear error otherwise."""
+    from halp.errors import RunNotFoundError
+
+    path = Path(run)
+    if path.is_file():
+        return path
+    if features_path(path).is_file():
+        return features_path(path)
+    if not path.exists():
+        raise RunNotFoundError(f"{path} does not exist (expected a run directory holding {FEATURES_FILE})")
+    parts = committed_part_files(path)
+    if parts:
+        raise RunNotFoundError(
+            f"{path} is an unfinished run ({len(parts)} committed part(s)); rerun `halp extract` to finish it"
+        )
+    raise RunNotFoundError(f"no {FEATURES_FILE} in {path}")
 
 
 def errors_file(run_dir: str | Path) -> Path:
@@ -72,7 +99,7 @@ def probes_dir(run_dir: str | Path) -> Path:
 
 
 def probe_file(run_dir: str | Path, name: str) -> Path:
-    """A file of `halp probe`'s output (RESULTS_FILE, PREDICTIONS_FILE, GROUPS_FILE, PROBE_SETTINGS_FILE)."""
+    """A file of `halp probe`'s output (RESULTS_FILE, RESULTS_JSON_FILE, PREDICTIONS_FILE, GROUPS_FILE)."""
     return probes_dir(run_dir) / name
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +22,9 @@ from PIL import Image
 
 from halp.capture import FeatureExtractor
 from halp.data import ImageError, Sample, load_image, open_table, to_rgb
-from halp.errors import ScorerError
-from halp.report import split_feature
-
-PROBES_DIR = "probes"
-
+from halp.errors import ParameterError, ScorerError
+from halp.features import PRE_LM_REPRESENTATIONS, REPRESENTATIONS, split_feature
+from halp.layout import RESULTS_FILE, atomic_write, features_path, probe_file, probes_dir, run_file
 
 
 def choose_probe(run_dir: str | Path, feature: str | None = None, probe: str | None = None) -> tuple[str, str]:
@@ -35,7 +32,7 @@ def choose_probe(run_dir: str | Path, feature: str | None = None, probe: str | N
     run_dir = Path(run_dir)
     if feature is not None and probe is not None:
         return feature, probe
-    results_path = run_dir / PROBES_DIR / "results.csv"
+    results_path = probe_file(run_dir, RESULTS_FILE)
     if not results_path.is_file():
         raise ScorerError(
             f"{results_path} does not exist; train probes first (`halp probe {run_dir}`) or name both the "
@@ -58,7 +55,7 @@ def run_attributes(run_dir: str | Path) -> dict[str, Any]:
     """Root attributes of RUN_DIR/features.h5, plus `model_ref`: the model as `halp extract` resolved it."""
     import h5py
 
-    from halp.summary import features_file
+    from halp.layout import features_file
 
     run_dir = Path(run_dir)
     with h5py.File(features_file(run_dir), "r") as handle:
@@ -66,7 +63,7 @@ def run_attributes(run_dir: str | Path) -> dict[str, Any]:
     attrs = {key: (value.tolist() if isinstance(value, np.ndarray) else value) for key, value in raw.items()}
     # run.json holds the model as an absolute path for local checkpoints (attrs keep what was typed,
     # which may be relative to another working directory).
-    identity_path = run_dir / "run.json"
+    identity_path = run_file(run_dir)
     identity = json.loads(identity_path.read_text()) if identity_path.is_file() else {}
     attrs["model_ref"] = identity.get("model") or attrs.get("model_id")
     if not attrs["model_ref"]:
@@ -74,12 +71,12 @@ def run_attributes(run_dir: str | Path) -> dict[str, Any]:
     return attrs
 
 
-def as_image(image: Image.Image | str | Path) -> Image.Image:
+def as_image(image: Image.Image | str | Path, exif_orientation: bool = True) -> Image.Image:
     """A PIL image as RGB; a path is opened with the same rules as `halp extract`."""
     if isinstance(image, Image.Image):
         return to_rgb(image)
     path = Path(image)
-    return load_image(path.parent, path.name)
+    return load_image(path.parent, path.name, exif_orientation)
 
 
 @dataclass
@@ -93,6 +90,8 @@ class RiskScorer:
     threshold: float
     meta: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 8
+    #: The run's image policy (features of upright and of sideways photos differ): the run's, not a new default.
+    exif_orientation: bool = True
 
     @classmethod
     def from_run(
@@ -135,7 +134,8 @@ class RiskScorer:
         )
         _check_same_model(loaded, attrs)
         extractor = FeatureExtractor(adapter_for(loaded, processor), layers)
-        return cls(extractor, fitted, feature, probe, float(chosen_threshold), meta, batch_size)
+        exif = bool(attrs.get("exif_orientation", True))
+        return cls(extractor, fitted, feature, probe, float(chosen_threshold), meta, batch_size, exif)
 
     def score(self, image: Image.Image | str | Path, question: str) -> float:
         """Risk of hallucination in [0, 1] for one (image, question), from the prefill alone."""
@@ -144,11 +144,11 @@ class RiskScorer:
     def score_batch(self, images: Sequence[Image.Image | str | Path], questions: Sequence[str]) -> np.ndarray:
         """Risks for aligned lists of images and questions, `batch_size` prefill passes at a time."""
         if len(images) != len(questions):
-            raise ValueError(f"{len(images)} images but {len(questions)} questions")
+            raise ParameterError("questions", f": {len(images)} images but {len(questions)} questions")
         risks = np.empty(len(questions), dtype=np.float64)
         for start in range(0, len(questions), self.batch_size):
             stop = start + self.batch_size
-            batch_images = [as_image(image) for image in images[start:stop]]
+            batch_images = [as_image(image, self.exif_orientation) for image in images[start:stop]]
             result = self.extractor(batch_images, list(questions[start:stop]), max_new_tokens=0)
             risks[start:stop] = self.probe.predict_proba(result.features[self.feature])[:, 1]
         return risks
@@ -160,10 +160,10 @@ class RiskScorer:
 def _layers_for(feature: str, attrs: dict[str, Any]) -> list[int]:
     """The decoder layer the feature needs (none for projector features); it must be one the run extracted."""
     representation, layer = split_feature(feature)
-    if representation not in {"vision_only", "vision_projected", "vision_token", "vision_token_mean", "query_token"}:
+    if representation not in REPRESENTATIONS:
         raise ScorerError(f"feature {feature!r} is not a halp feature name")
     if layer is None:
-        if representation not in {"vision_only", "vision_projected"}:
+        if representation not in PRE_LM_REPRESENTATIONS:
             raise ScorerError(f"feature {feature!r} needs a layer (e.g. {representation}/layer_0)")
         return []
     run_layers = [int(value) for value in np.atleast_1d(attrs.get("layers", []))]
@@ -187,6 +187,18 @@ def _check_same_model(model: Any, attrs: dict[str, Any]) -> None:
 # ----- halp predict ------------------------------------------------------------------------
 
 
+def check_predict_output(out: str | Path, run_dir: str | Path, data: str | Path) -> None:
+    """Refuse an output path that is one of predict's inputs: the table, or a file of the run it reads."""
+    target = Path(out).resolve()
+    run_dir = Path(run_dir).resolve()
+    inputs = [Path(data).resolve(), features_path(run_dir), run_file(run_dir)]
+    if target in inputs or target.is_relative_to(probes_dir(run_dir)) or target.is_dir():
+        raise ParameterError(
+            "out", f"{out} is one of the inputs of `halp predict` (or a directory); choose another file"
+        )
+
+
+
 @dataclass
 class PredictSummary:
     out: Path
@@ -207,11 +219,14 @@ def predict_file(
     """
     from tqdm.auto import tqdm
 
+    from halp.extract import special_tokens_of
+
     table = open_table(data)
     samples = table.samples
     source = table.image_source(images_dir)  # files under images_dir, or the images the table embeds
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    specials = special_tokens_of(scorer.extractor)
     risks: dict[str, float] = {}
     failed: list[tuple[str, str]] = []
     with tqdm(total=len(samples), unit="sample", disable=not progress, desc="predict") as bar:
@@ -219,19 +234,24 @@ def predict_file(
             batch = samples[start : start + scorer.batch_size]
             good: list[Sample] = []
             images: list[Image.Image] = []
-            for sample, image in zip(batch, source.load(batch), strict=True):
+            asked = []
+            for sample in batch:
+                present = sorted(token for token in specials if token in sample.question)
+                if present:
+                    failed.append((sample.question_id, f"the question contains the model's special token(s) "
+                                                       f"{', '.join(map(repr, present[:3]))}"))
+                    continue
+                asked.append(sample)
+            for sample, image in zip(asked, source.load(asked, scorer.exif_orientation), strict=True):
                 if isinstance(image, ImageError):
                     failed.append((sample.question_id, str(image)))
                 else:
                     images.append(image)
                     good.append(sample)
-            if good:
-                scores = scorer.score_batch(images, [sample.question for sample in good])
-                risks.update(zip((sample.question_id for sample in good), scores.tolist(), strict=True))
+            risks.update(_score_isolating_failures(scorer, good, images, failed))
             bar.update(len(batch))
     errors = dict(failed)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    with tmp.open("w", newline="", encoding="utf-8") as handle:
+    with atomic_write(out, newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["question_id", "risk", "flagged", "error"])
         for sample in samples:
@@ -240,6 +260,24 @@ def predict_file(
                 writer.writerow([sample.question_id, "", "", errors.get(sample.question_id, "not scored")])
             else:
                 writer.writerow([sample.question_id, format(risk, ".10g"), int(risk >= scorer.threshold), ""])
-    os.replace(tmp, out)
     flagged = sum(risk >= scorer.threshold for risk in risks.values())
     return PredictSummary(out, len(samples), flagged, failed, scorer.feature, scorer.probe_name, scorer.threshold)
+
+
+def _score_isolating_failures(
+    scorer: RiskScorer, samples: list[Sample], images: list[Image.Image], failed: list[tuple[str, str]]
+) -> dict[str, float]:
+    """Risks of a batch; if the batch fails (one row's image or prompt), each row alone, so only that row fails."""
+    if not samples:
+        return {}
+    try:
+        scores = scorer.score_batch(images, [sample.question for sample in samples])
+        return dict(zip((sample.question_id for sample in samples), scores.tolist(), strict=True))
+    except Exception as err:
+        if len(samples) == 1:
+            failed.append((samples[0].question_id, f"{type(err).__name__}: {' '.join(str(err).split())}"))
+            return {}
+    risks: dict[str, float] = {}
+    for index in range(len(samples)):
+        risks.update(_score_isolating_failures(scorer, samples[index : index + 1], images[index : index + 1], failed))
+    return risks

@@ -19,9 +19,9 @@ import inspect
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -39,11 +39,25 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
+from halp.errors import MissingInputError, ParameterError, ProbeError
+from halp.label import LabelTable, read_labels
+from halp.layout import (
+    GROUPS_FILE,
+    PREDICTIONS_FILE,
+    PROBE_MODELS_DIR,
+    RESULTS_FILE,
+    RESULTS_JSON_FILE,
+    atomic_path,
+    atomic_write,
+    labels_file,
+    probes_dir,
+    write_text_atomic,
+)
 from halp.store import feature_datasets, read_strings
+from halp.store import meta_columns as stored_meta_columns
 
 log = logging.getLogger(__name__)
 
-PROBES_DIR = "probes"
 PROBE_TYPES = ("logreg", "mlp")
 #: Inverse regularization strengths the logistic probe chooses from (on z-scored features).
 # Largest first: LogisticRegressionCV keeps the first of equally scored Cs, and on separable data (every C
@@ -59,16 +73,16 @@ def _check_binary(y: np.ndarray) -> np.ndarray:
     y = np.asarray(y)
     values = set(np.unique(y).tolist())
     if not values <= {0, 1}:
-        raise ValueError(f"labels must be 0/1, got values {sorted(values)}")
+        raise ProbeError(f"labels must be 0/1, got values {sorted(values)}")
     if len(values) < 2:
-        raise ValueError("labels contain a single class; a probe needs hallucinated and correct examples")
+        raise ProbeError("labels contain a single class; a probe needs hallucinated and correct examples")
     return y.astype(np.int64)
 
 
 def _as_features(X: Any) -> np.ndarray:
     X = np.asarray(X, dtype=np.float32)
     if X.ndim != 2:
-        raise ValueError(f"features must be 2-D (n_samples, dim), got shape {X.shape}")
+        raise ProbeError(f"features must be 2-D (n_samples, dim), got shape {X.shape}")
     return X
 
 
@@ -115,7 +129,7 @@ class LogRegProbe(ClassifierMixin, BaseEstimator):
         if self.C is None:
             minority = int(min(np.bincount(y)))
             if minority < 2:
-                raise ValueError("choosing C by inner CV needs at least 2 examples of each class; pass C=")
+                raise ProbeError("choosing C by inner CV needs at least 2 examples of each class; pass C=")
             inner = StratifiedKFold(min(self.cv, minority), shuffle=True, random_state=self.random_state)
             model: Any = LogisticRegressionCV(
                 Cs=list(LOGREG_CS), cv=inner, scoring="roc_auc", max_iter=self.max_iter, **_logreg_cv_kwargs()
@@ -249,7 +263,7 @@ def make_probe(kind: str, seed: int = 42, **params: Any) -> LogRegProbe | MLPPro
         return LogRegProbe(random_state=seed, **params)
     if kind == "mlp":
         return MLPProbe(random_state=seed, **params)
-    raise ValueError(f"unknown probe type {kind!r}; choose logreg, mlp or both")
+    raise ParameterError("probe", f"unknown probe type {kind!r}; choose logreg, mlp or both")
 
 
 # ----- saving and loading (safetensors + JSON, no pickle) ---------------------------------------
@@ -304,13 +318,9 @@ def save_probe(probe: LogRegProbe | MLPProbe, path_stem: str | Path, meta: dict[
         "meta": {**meta, "threshold": threshold},
     }
     weights = stem.with_name(stem.name + ".safetensors")
-    tmp = weights.with_name(f".{weights.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"format": PROBE_FORMAT, "probe_type": kind})
-    os.replace(tmp, weights)
-    config_path = stem.with_name(stem.name + ".json")
-    tmp = config_path.with_name(f".{config_path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(_json_safe(config), indent=2, sort_keys=True))
-    os.replace(tmp, config_path)
+    with atomic_path(weights) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": PROBE_FORMAT, "probe_type": kind})
+    write_text_atomic(stem.with_name(stem.name + ".json"), json.dumps(_json_safe(config), indent=2, sort_keys=True))
 
 
 def load_probe(path_stem: str | Path, device: str = "cpu") -> tuple[LogRegProbe | MLPProbe, dict[str, Any]]:
@@ -320,7 +330,7 @@ def load_probe(path_stem: str | Path, device: str = "cpu") -> tuple[LogRegProbe 
     stem = Path(path_stem)
     config = json.loads(stem.with_name(stem.name + ".json").read_text())
     if config.get("format") != PROBE_FORMAT:
-        raise ValueError(f"{stem}.json is not a halp probe (format {config.get('format')!r})")
+        raise ProbeError(f"{stem}.json is not a halp probe (format {config.get('format')!r})")
     tensors = load_file(str(stem.with_name(stem.name + ".safetensors")))
     params = dict(config["params"])
     scaler = StandardScaler()
@@ -344,7 +354,7 @@ def load_probe(path_stem: str | Path, device: str = "cpu") -> tuple[LogRegProbe 
         probe.net_ = net.to(_resolve_device(device)).eval()
         probe.loss_history_ = list(config["fitted"].get("loss_history_", []))
     else:
-        raise ValueError(f"{stem}.json: unknown probe type {config['probe_type']!r}")
+        raise ProbeError(f"{stem}.json: unknown probe type {config['probe_type']!r}")
     probe.scaler_ = scaler
     probe.classes_ = np.array([0, 1])
     probe.n_features_in_ = config["input_dim"]
@@ -353,7 +363,7 @@ def load_probe(path_stem: str | Path, device: str = "cpu") -> tuple[LogRegProbe 
 
 def probe_stem(run_dir: str | Path, feature: str, kind: str) -> Path:
     """Where the final probe of `feature` x `kind` lives: probes/models/<feature with / -> __>__<kind>."""
-    return Path(run_dir) / PROBES_DIR / "models" / f"{feature.replace('/', '__')}__{kind}"
+    return probes_dir(run_dir) / PROBE_MODELS_DIR / f"{feature.replace('/', '__')}__{kind}"
 
 
 # ----- evaluation --------------------------------------------------------------------------------
@@ -371,9 +381,9 @@ def make_splits(
     minority = int(min(np.bincount(y, minlength=2)))
     if split is not None:
         if not 0.0 < split < 1.0:
-            raise ValueError(f"--split {split}: expected a test fraction between 0 and 1, e.g. 0.2")
+            raise ParameterError("split", f"{split}: expected a test fraction between 0 and 1, e.g. 0.2")
         if minority < 2:
-            raise ValueError(f"a stratified split needs at least 2 examples of each class; the minority has {minority}")
+            raise ProbeError(f"a stratified split needs at least 2 examples of each class; the minority has {minority}")
         if groups is None:
             train, test = train_test_split(indices, test_size=split, stratify=y, random_state=seed)
             return [(np.sort(train), np.sort(test))]
@@ -382,9 +392,9 @@ def make_splits(
         splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
         return [next(iter(splitter.split(indices, y, groups)))]
     if folds < 2:
-        raise ValueError(f"--folds {folds}: need at least 2 folds (or --split for one train/test split)")
+        raise ParameterError("folds", f"{folds}: need at least 2 folds (or split= for one train/test split)")
     if minority < folds:
-        raise ValueError(
+        raise ProbeError(
             f"{folds}-fold stratified CV needs at least {folds} examples of each class; the minority class has "
             f"{minority}. Use fewer --folds or label more data."
         )
@@ -487,41 +497,240 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 # ----- a run -------------------------------------------------------------------------------------
 def _run_paths(run_dir: str | Path) -> tuple[Path, Path]:
-    from halp.summary import features_file
+    from halp.layout import features_file
 
     path = features_file(run_dir)
     return path.parent, path
 
 
-def _load_labels(
-    run_dir: Path, labels: str | Path | pd.DataFrame | None, label_column: str | None
-) -> tuple[dict[str, int | None], str, str, pd.DataFrame | None]:
-    """question_id -> label, a description of the source, the column used, and the table (for --group-by)."""
-    from halp.data import read_frame
-    from halp.label import LABELS_FILE, parse_label_value, resolve_label_column
-
-    if isinstance(labels, pd.DataFrame):
-        frame, source = labels.copy(), "DataFrame"
-    else:
-        path = Path(labels) if labels is not None else run_dir / LABELS_FILE
+def _load_labels(run_dir: Path, labels: str | Path | pd.DataFrame | None, label_column: str | None) -> LabelTable:
+    """The label table of a probe run: `labels`, else RUN_DIR/labels.csv (read by halp.label.read_labels)."""
+    if labels is None:
+        path = labels_file(run_dir)
         if not path.is_file():
-            hint = " (run `halp label RUN_DIR` first, or pass --labels FILE)" if labels is None else ""
-            raise FileNotFoundError(f"label table {path} does not exist{hint}")
-        frame, source = read_frame(path), str(path)
-    frame.columns = [str(column) for column in frame.columns]
-    if "question_id" not in frame.columns:
-        raise ValueError(f"{source} has no question_id column; columns: {', '.join(frame.columns)}")
-    column = resolve_label_column(list(frame.columns), label_column, source)
-    frame["question_id"] = frame["question_id"].astype(str)
-    if frame["question_id"].duplicated().any():
-        raise ValueError(f"{source}: duplicate question_id values")
-    mapping = {}
-    for qid, value in zip(frame["question_id"], frame[column], strict=True):
-        try:
-            mapping[qid] = parse_label_value(value)
-        except ValueError as err:
-            raise ValueError(f"{source}: question_id {qid}: {err}") from err
-    return mapping, source, column, frame
+            raise MissingInputError(
+                f"label table {path} does not exist (run `halp label RUN_DIR` first, or pass labels=)"
+            )
+        labels = path
+    elif not isinstance(labels, pd.DataFrame) and not Path(labels).is_file():
+        raise MissingInputError(f"label table {labels} does not exist")
+    return read_labels(labels, label_column)
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """How `train_probes` evaluates: probe types, validation scheme, seed, intervals, where the MLP trains."""
+
+    probe: str = "logreg"
+    folds: int = 5
+    split: float | None = None
+    group_by: str | None = None
+    group_by_image: bool = True
+    seed: int = 42
+    bootstrap: int = 1000
+    device: str = "cpu"
+    threads: int | None = None
+    #: Extra constructor arguments per probe type, e.g. {"mlp": {"epochs": 5}}.
+    probe_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def kinds(self) -> list[str]:
+        kinds = list(PROBE_TYPES) if self.probe == "both" else [self.probe]
+        if any(kind not in PROBE_TYPES for kind in kinds):
+            raise ParameterError("probe", f"{self.probe!r}: choose logreg, mlp or both")
+        return kinds
+
+    def template(self, kind: str) -> Any:
+        params = self.probe_params.get(kind, {})
+        if kind == "mlp":
+            params = {"device": self.device, "threads": self.threads, **params}
+        return make_probe(kind, self.seed, **params)
+
+
+@dataclass
+class ProbeData:
+    """The labelled rows of a run, what they are labelled with, and the splits every feature is evaluated on."""
+
+    run_dir: Path
+    features_path: Path
+    features: list[str]
+    attrs: dict[str, Any]
+    n_rows: int
+    #: Row indices in features.h5 of the labelled rows, their question_ids and labels.
+    rows: np.ndarray
+    kept_ids: list[str]
+    y: np.ndarray
+    labels: LabelTable
+    grouped: bool
+    splits: list[tuple[np.ndarray, np.ndarray]]
+    #: The control: the same pipeline on labels shuffled once (seeded); its splits follow the shuffled labels.
+    y_control: np.ndarray
+    control_splits: list[tuple[np.ndarray, np.ndarray]]
+    scheme: str
+    group_values: np.ndarray | None
+
+    @property
+    def tested(self) -> np.ndarray:
+        return np.concatenate([test for _, test in self.splits])
+
+    def matrix(self, feature: str) -> np.ndarray:
+        with h5py.File(self.features_path, "r") as handle:
+            return handle[feature][()][self.rows].astype(np.float32, copy=False)
+
+
+def load_probe_data(
+    run_dir: str | Path,
+    settings: ProbeSettings,
+    labels: str | Path | pd.DataFrame | None = None,
+    label_column: str | None = "label",
+    features: Sequence[str] | None = None,
+) -> ProbeData:
+    """Read the run's ids and the label table, keep the labelled rows, and make the (control) splits."""
+    run_dir, features_path = _run_paths(run_dir)
+    label_table = _load_labels(run_dir, labels, label_column)
+    with h5py.File(features_path, "r") as handle:
+        question_ids = read_strings(handle["question_id"])
+        image_ids = read_strings(handle["image_id"])
+        meta_columns = {name: read_strings(dataset) for name, dataset in stored_meta_columns(handle).items()}
+        available = feature_datasets(handle)
+        attrs = {key: handle.attrs[key] for key in handle.attrs}
+    chosen = list(features) if features else available
+    missing = [name for name in chosen if name not in available]
+    if missing:
+        raise ParameterError(
+            "features", f"{', '.join(missing)} not in {features_path}; available: {', '.join(available)}"
+        )
+
+    row_labels = [label_table.labels.get(qid) for qid in question_ids]
+    rows = np.array([i for i, value in enumerate(row_labels) if value is not None], dtype=np.int64)
+    if len(rows) == 0:
+        raise ProbeError(f"no question_id of {features_path} has a 0/1 label in {label_table.source}")
+    y = np.array([row_labels[i] for i in rows], dtype=np.int64)
+    _check_binary(y)
+    kept_ids = [question_ids[i] for i in rows]
+    images = np.array([image_ids[i] for i in rows])
+    grouped = bool(settings.group_by_image and len(np.unique(images)) < len(images))
+    groups = images if grouped else None
+    folds, split, seed = settings.folds, settings.split, settings.seed
+    y_control = np.random.default_rng(seed).permutation(y)
+    scheme = (
+        f"one stratified split, test fraction {split}" if split is not None else f"{folds}-fold stratified CV"
+    ) + (", grouped by image" if grouped else "")
+    group_values = (
+        _group_values(settings.group_by, kept_ids, rows, meta_columns, label_table.frame) if settings.group_by else None
+    )
+    return ProbeData(
+        run_dir=run_dir,
+        features_path=features_path,
+        features=chosen,
+        attrs=attrs,
+        n_rows=len(question_ids),
+        rows=rows,
+        kept_ids=kept_ids,
+        y=y,
+        labels=label_table,
+        grouped=grouped,
+        splits=make_splits(y, groups, folds, split, seed),
+        y_control=y_control,
+        control_splits=make_splits(y_control, groups, folds, split, seed),
+        scheme=scheme,
+        group_values=group_values,
+    )
+
+
+@dataclass
+class FeatureResult:
+    row: dict[str, Any]
+    predictions: pd.DataFrame
+    group_rows: list[dict[str, Any]]
+
+
+def evaluate_feature(data: ProbeData, settings: ProbeSettings, feature: str, kind: str, X: np.ndarray
+                     ) -> FeatureResult:
+    """Cross-validate one probe type on one feature (and on the shuffled control), fit it on every labelled row,
+    save it, and return its results row, out-of-fold predictions and per-group metrics."""
+    y, tested = data.y, data.tested
+    template = settings.template(kind)
+    started = time.perf_counter()
+    scores, fold_of, per_fold = cross_validate(lambda t=template: clone(t), X, y, data.splits)
+    _, _, control_folds = cross_validate(lambda t=template: clone(t), X, data.y_control, data.control_splits)
+    final = clone(template).fit(X, y)
+    seconds = time.perf_counter() - started
+    pooled = metric_values(y[tested], scores[tested])
+    intervals = bootstrap_intervals(y[tested], scores[tested], settings.bootstrap, settings.seed)
+    row: dict[str, Any] = {
+        "feature": feature,
+        "probe": kind,
+        "n": len(y),
+        "n_positive": int(y.sum()),
+        "dim": X.shape[1],
+        "folds": len(data.splits),
+        "grouped_by_image": data.grouped,
+    }
+    for name in METRICS:
+        mean, std = _mean_std([fold[name] for fold in per_fold])
+        row[f"{name}_mean"], row[f"{name}_std"] = mean, std
+        row[f"{name}_pooled"] = pooled[name]
+        row[f"{name}_ci_low"], row[f"{name}_ci_high"] = intervals[name]
+    row["control_auroc_mean"], row["control_auroc_std"] = _mean_std([f["auroc"] for f in control_folds])
+    row["fit_seconds"] = seconds
+    stem = probe_stem(data.run_dir, feature, kind)
+    row["model"] = str(stem.relative_to(data.run_dir))
+    if kind == "logreg":
+        row["C"] = final.C_
+    meta = _probe_meta(row, data.attrs, data.labels.source, data.labels.column, data.scheme, settings.seed)
+    save_probe(final, stem, meta)
+    predictions = pd.DataFrame(
+        {
+            "question_id": [data.kept_ids[i] for i in tested],
+            "feature": feature,
+            "probe": kind,
+            "fold": fold_of[tested],
+            "label": y[tested],
+            "score": scores[tested],
+        }
+    )
+    group_rows = []
+    if data.group_values is not None:
+        group_rows = _group_metrics(feature, kind, data.group_values[tested], y[tested], scores[tested])
+    return FeatureResult(row, predictions, group_rows)
+
+
+def write_probe_outputs(data: ProbeData, settings: ProbeSettings, evaluated: list[FeatureResult]) -> pd.DataFrame:
+    """RUN_DIR/probes/: results.csv, predictions.csv, groups.csv (with group_by) and results.json."""
+    out_dir = probes_dir(data.run_dir)
+    results = [item.row for item in evaluated]
+    frame = pd.DataFrame(results)
+    with atomic_write(out_dir / RESULTS_FILE, newline="") as handle:
+        frame.to_csv(handle, index=False)
+    with atomic_write(out_dir / PREDICTIONS_FILE, newline="") as handle:
+        pd.concat([item.predictions for item in evaluated], ignore_index=True).to_csv(handle, index=False)
+    if data.group_values is not None:
+        group_rows = [row for item in evaluated for row in item.group_rows]
+        with atomic_write(out_dir / GROUPS_FILE, newline="") as handle:
+            pd.DataFrame(group_rows, columns=["feature", "probe", "group", "n", "n_positive", "auroc"]).to_csv(
+                handle, index=False
+            )
+    summary = {
+        "run_dir": str(data.run_dir),
+        "labels": data.labels.source,
+        "label_column": data.labels.column,
+        "n_rows": data.n_rows,
+        "n": len(data.y),
+        "n_positive": int(data.y.sum()),
+        "validation": data.scheme,
+        "folds": settings.folds if settings.split is None else None,
+        "split": settings.split,
+        "grouped_by_image": data.grouped,
+        "group_by": settings.group_by,
+        "seed": settings.seed,
+        "bootstrap": settings.bootstrap,
+        "bootstrap_over": "out-of-fold predictions pooled across folds",
+        "threshold": THRESHOLD,
+        "results": results,
+    }
+    write_text_atomic(out_dir / RESULTS_JSON_FILE, json.dumps(_json_safe(summary), indent=2))
+    return frame
 
 
 def train_probes(
@@ -547,135 +756,38 @@ def train_probes(
     is empty or missing are left out. `label_column=None` takes `label`, else `is_hallucinating_manual`.
     `device`, `threads`: where the MLP trains and its torch intra-op threads (None: torch's setting).
     `probe_params`: extra constructor arguments per probe type, e.g. {"mlp": {"epochs": 5}}.
+    The steps: `load_probe_data` -> `evaluate_feature` per feature x probe -> `write_probe_outputs`.
     """
-    run_dir, features_path = _run_paths(run_dir)
-    kinds = list(PROBE_TYPES) if probe == "both" else [probe]
-    for kind in kinds:
-        if kind not in PROBE_TYPES:
-            raise ValueError(f"--probe {probe!r}: choose logreg, mlp or both")
-    probe_params = probe_params or {}
+    settings = ProbeSettings(
+        probe=probe,
+        folds=folds,
+        split=split,
+        group_by=group_by,
+        group_by_image=group_by_image,
+        seed=seed,
+        bootstrap=bootstrap,
+        device=device,
+        threads=threads,
+        probe_params=probe_params or {},
+    )
+    kinds = settings.kinds
     say = progress or log.info
-
-    label_map, label_source, column, label_frame = _load_labels(run_dir, labels, label_column)
-    with h5py.File(features_path, "r") as handle:
-        question_ids = read_strings(handle["question_id"])
-        image_ids = read_strings(handle["image_id"])
-        meta_columns = {name: read_strings(handle["meta"][name]) for name in handle.get("meta", {})}
-        available = feature_datasets(handle)
-        attrs = {key: handle.attrs[key] for key in handle.attrs}
-    chosen = list(features) if features else available
-    missing = [name for name in chosen if name not in available]
-    if missing:
-        raise ValueError(f"feature(s) {', '.join(missing)} not in {features_path}; available: {', '.join(available)}")
-
-    row_labels = [label_map.get(qid) for qid in question_ids]
-    rows = np.array([i for i, value in enumerate(row_labels) if value is not None], dtype=np.int64)
-    if len(rows) == 0:
-        raise ValueError(f"no question_id of {features_path} has a 0/1 label in {label_source}")
-    y = np.array([row_labels[i] for i in rows], dtype=np.int64)
-    _check_binary(y)
-    kept_ids = [question_ids[i] for i in rows]
-    images = np.array([image_ids[i] for i in rows])
-    grouped = bool(group_by_image and len(np.unique(images)) < len(images))
-    groups = images if grouped else None
-    splits = make_splits(y, groups, folds, split, seed)
-    # The control: the same pipeline on labels shuffled once (seeded); its splits follow the shuffled labels.
-    y_control = np.random.default_rng(seed).permutation(y)
-    control_splits = make_splits(y_control, groups, folds, split, seed)
-    scheme = (
-        f"one stratified split, test fraction {split}" if split is not None else f"{folds}-fold stratified CV"
-    ) + (", grouped by image" if grouped else "")
-    say(f"{len(y)} labelled rows ({int(y.sum())} hallucinated) of {len(question_ids)}; {scheme}")
-
-    group_values = _group_values(group_by, kept_ids, rows, meta_columns, label_frame) if group_by else None
-    out_dir = run_dir / PROBES_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results, prediction_frames, group_rows = [], [], []
-    tested = np.concatenate([test for _, test in splits])
-    for feature in chosen:
-        with h5py.File(features_path, "r") as handle:
-            X = handle[feature][()][rows].astype(np.float32, copy=False)
+    data = load_probe_data(run_dir, settings, labels, label_column, features)
+    say(f"{len(data.y)} labelled rows ({int(data.y.sum())} hallucinated) of {data.n_rows}; {data.scheme}")
+    probes_dir(data.run_dir).mkdir(parents=True, exist_ok=True)
+    evaluated = []
+    for feature in data.features:
+        X = data.matrix(feature)
         for kind in kinds:
-            params = probe_params.get(kind, {})
-            if kind == "mlp":
-                params = {"device": device, "threads": threads, **params}
-            template = make_probe(kind, seed, **params)
-            started = time.perf_counter()
-            scores, fold_of, per_fold = cross_validate(lambda t=template: clone(t), X, y, splits)
-            _, _, control_folds = cross_validate(lambda t=template: clone(t), X, y_control, control_splits)
-            final = clone(template).fit(X, y)
-            seconds = time.perf_counter() - started
-            pooled = metric_values(y[tested], scores[tested])
-            intervals = bootstrap_intervals(y[tested], scores[tested], bootstrap, seed)
-            row: dict[str, Any] = {
-                "feature": feature,
-                "probe": kind,
-                "n": len(y),
-                "n_positive": int(y.sum()),
-                "dim": X.shape[1],
-                "folds": len(splits),
-                "grouped_by_image": grouped,
-            }
-            for name in METRICS:
-                mean, std = _mean_std([fold[name] for fold in per_fold])
-                row[f"{name}_mean"], row[f"{name}_std"] = mean, std
-                row[f"{name}_pooled"] = pooled[name]
-                row[f"{name}_ci_low"], row[f"{name}_ci_high"] = intervals[name]
-            row["control_auroc_mean"], row["control_auroc_std"] = _mean_std([f["auroc"] for f in control_folds])
-            row["fit_seconds"] = seconds
-            stem = probe_stem(run_dir, feature, kind)
-            row["model"] = str(stem.relative_to(run_dir))
-            if kind == "logreg":
-                row["C"] = final.C_
-            results.append(row)
-            save_probe(final, stem, _probe_meta(row, attrs, label_source, column, scheme, seed))
-            prediction_frames.append(
-                pd.DataFrame(
-                    {
-                        "question_id": [kept_ids[i] for i in tested],
-                        "feature": feature,
-                        "probe": kind,
-                        "fold": fold_of[tested],
-                        "label": y[tested],
-                        "score": scores[tested],
-                    }
-                )
-            )
-            if group_values is not None:
-                group_rows += _group_metrics(feature, kind, group_values[tested], y[tested], scores[tested])
+            result = evaluate_feature(data, settings, feature, kind, X)
+            evaluated.append(result)
+            row = result.row
             say(
                 f"{feature} {kind}: AUROC {row['auroc_mean']:.3f} ± {_fmt(row['auroc_std'])} "
                 f"[{row['auroc_ci_low']:.3f}, {row['auroc_ci_high']:.3f}], control {row['control_auroc_mean']:.3f}"
-                f" ({seconds:.1f}s)"
+                f" ({row['fit_seconds']:.1f}s)"
             )
-
-    frame = pd.DataFrame(results)
-    frame.to_csv(out_dir / "results.csv", index=False)
-    pd.concat(prediction_frames, ignore_index=True).to_csv(out_dir / "predictions.csv", index=False)
-    if group_values is not None:
-        pd.DataFrame(group_rows, columns=["feature", "probe", "group", "n", "n_positive", "auroc"]).to_csv(
-            out_dir / "groups.csv", index=False
-        )
-    summary = {
-        "run_dir": str(run_dir),
-        "labels": label_source,
-        "label_column": column,
-        "n_rows": len(question_ids),
-        "n": len(y),
-        "n_positive": int(y.sum()),
-        "validation": scheme,
-        "folds": folds if split is None else None,
-        "split": split,
-        "grouped_by_image": grouped,
-        "group_by": group_by,
-        "seed": seed,
-        "bootstrap": bootstrap,
-        "bootstrap_over": "out-of-fold predictions pooled across folds",
-        "threshold": THRESHOLD,
-        "results": results,
-    }
-    (out_dir / "results.json").write_text(json.dumps(_json_safe(summary), indent=2))
-    return frame
+    return write_probe_outputs(data, settings, evaluated)
 
 
 def _fmt(value: float) -> str:
@@ -692,7 +804,7 @@ def _group_values(
         lookup = dict(zip(label_frame["question_id"], label_frame[column].astype(str), strict=True))
         return np.array([lookup[qid] for qid in kept_ids])
     known = sorted(meta) + ([c for c in label_frame.columns if c != "question_id"] if label_frame is not None else [])
-    raise ValueError(f"--group-by {column!r}: no such metadata or label column; available: {', '.join(known)}")
+    raise ParameterError("group_by", f"{column!r}: no such metadata or label column; available: {', '.join(known)}")
 
 
 def _group_metrics(
@@ -744,25 +856,3 @@ def _sklearn_version() -> str:
     import sklearn
 
     return sklearn.__version__
-
-
-def print_results(console: Any, results: pd.DataFrame, run_dir: str | Path) -> None:
-    """AUROC (fold mean ± std, bootstrap interval), AUPRC and the shuffled-label control, per feature x probe."""
-    from rich.table import Table
-
-    table = Table("feature", "probe", "n (pos)", "AUROC", "95% CI", "AUPRC", "F1", "control AUROC", "s")
-    for row in results.to_dict(orient="records"):
-        table.add_row(
-            row["feature"],
-            row["probe"],
-            f"{row['n']} ({row['n_positive']})",
-            f"{_fmt(row['auroc_mean'])} ± {_fmt(row['auroc_std'])}",
-            f"[{_fmt(row['auroc_ci_low'])}, {_fmt(row['auroc_ci_high'])}]",
-            _fmt(row["auprc_mean"]),
-            _fmt(row["f1_mean"]),
-            _fmt(row["control_auroc_mean"]),
-            f"{row['fit_seconds']:.1f}",
-        )
-    console.print(table)
-    out_dir = Path(run_dir) / PROBES_DIR
-    console.print(f"wrote {out_dir}: results.csv, results.json, predictions.csv, models/", markup=False)

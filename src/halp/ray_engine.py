@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from halp.data import Sample
-from halp.errors import RayWorkerError
+from halp.errors import MissingDependencyError, ParameterError, RayWorkerError, ShardError
 from halp.extract import (
     ExtractConfig,
     ExtractSummary,
@@ -42,9 +42,11 @@ from halp.extract import (
     extract_batch,
     image_source,
     log_rate,
+    plan_resume,
     prepare_extractor,
     read_table,
     run_identity,
+    with_model_fingerprint,
 )
 from halp.loading import resolve_device
 from halp.shard import resolve_shard
@@ -75,7 +77,9 @@ def _import_ray() -> Any:
         import ray
         import ray.data  # Ray Data comes with the ray[data] extra, not plain ray
     except ImportError as err:
-        raise ImportError(f"--engine ray needs Ray Data ({err}); install it with: pip install 'halp[ray]'") from err
+        raise MissingDependencyError(
+            f"--engine ray needs Ray Data ({err}); install it with: pip install 'halp[ray]'"
+        ) from err
     return ray
 
 
@@ -137,6 +141,7 @@ class ExtractWorker:
             self.attrs,
             failures,
             self.dtype,
+            self.config.exif_orientation,
         )
         failed = {entry["question_id"]: entry for entry in failures.failed}
         status: dict[str, list[str]] = {name: [] for name in _STATUS_FIELDS}
@@ -163,11 +168,11 @@ def run_ray_extraction(
     injection) and for users who wrap the worker.
     """
     if config.batch_size < 1:
-        raise ValueError("--batch-size must be at least 1")
+        raise ParameterError("batch_size", "must be at least 1")
     if num_workers < 1:
-        raise ValueError("--num-workers must be at least 1")
+        raise ParameterError("num_workers", "must be at least 1")
     if resolve_shard(config.num_shards, config.shard_index).is_sharded:
-        raise ValueError(
+        raise ShardError(
             "--engine ray spreads the rows over its workers itself: drop --num-shards/--shard-index "
             "and do not start it under torchrun/accelerate"
         )
@@ -195,7 +200,8 @@ def run_ray_extraction(
     store = RunStore(config.out)
     store.lock()  # the driver is this run's one writer of record, like a single-process run
     try:
-        store.open(run_identity(config, dtype, max_new_tokens, num_shards=1), overwrite=config.overwrite)
+        identity = run_identity(config, dtype, max_new_tokens, num_shards=1)
+        store.open(with_model_fingerprint(identity, store, config.model), overwrite=config.overwrite)
         live = _wait_for_workers_to_exit(store, WORKER_EXIT_GRACE_S)
         if live:
             running = ", ".join(f"{path.relative_to(store.root)} (pid {pid})" for path, pid in live.items())
@@ -245,11 +251,12 @@ def _drive(
 ) -> ExtractSummary:
     store.remove_stale_temporaries()
     store.remove_assembled_parts()
-    done = store.committed_ids()
-    todo = [sample for sample in samples if sample.question_id not in done]
-    summary = ExtractSummary(store.root, len(samples), len(samples) - len(todo), 0)
+    plan = plan_resume(store, samples, image_source(config))  # content identity: changed rows are done again
+    todo = plan.todo
+    summary = ExtractSummary(store.root, len(samples), len(samples) - len(todo), 0, changed=plan.changed)
     log.info("ray: %d samples, %d already committed, %d to do", len(samples), summary.already_done, len(todo))
-    if not todo and store.features_path.exists() and not store.all_part_paths():
+    order = [sample.question_id for sample in samples]
+    if not todo and store.assembled_as(order, plan.digests) and not store.all_part_paths():
         summary.finished = True
         return summary
 
@@ -311,7 +318,7 @@ def _drive(
         num_workers=num_workers,
         batch_size=config.batch_size,
     )
-    store.assemble([sample.question_id for sample in samples], attrs)
+    store.assemble(order, attrs, plan.digests)
     summary.finished = not summary.failed
     log_rate(summary)
     return summary

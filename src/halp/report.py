@@ -29,38 +29,23 @@ import numpy as np
 import pandas as pd
 
 from halp.errors import ReportError
+from halp.features import REPRESENTATIONS, is_vision_feature, representation_rank, split_feature  # noqa: F401
+from halp.layout import (
+    GROUPS_FILE,
+    LABELS_FILE,
+    PREDICTIONS_FILE,
+    RESULTS_FILE,
+    RESULTS_JSON_FILE,
+    probes_dir,
+    report_dir,
+)
 
 #: Representations in pipeline order: before the LM, then inside it.
-REPRESENTATIONS = ("vision_only", "vision_projected", "vision_token", "vision_token_mean", "query_token")
 #: The heatmap column of the representations that have no decoder layer.
 NO_LAYER = "pre-LM"
-RESULTS_FILE = "results.csv"
-PREDICTIONS_FILE = "predictions.csv"
-GROUPS_FILE = "groups.csv"
-LABELS_FILE = "labels.csv"
 #: Past this many heatmap columns the intervals no longer fit in a cell; they stay in the table.
 MAX_COLUMNS_WITH_INTERVALS = 12
 
-
-
-def split_feature(feature: str) -> tuple[str, int | None]:
-    """`query_token/layer_7` -> ("query_token", 7); `vision_only` -> ("vision_only", None)."""
-    representation, _, leaf = feature.partition("/")
-    if leaf.startswith("layer_"):
-        try:
-            return representation, int(leaf.removeprefix("layer_"))
-        except ValueError:
-            pass
-    return feature, None
-
-
-def _representation_rank(representation: str) -> int:
-    return REPRESENTATIONS.index(representation) if representation in REPRESENTATIONS else len(REPRESENTATIONS)
-
-
-def is_vision_feature(feature: str) -> bool:
-    """Vision-derived: read from image tokens or the vision tower, not from the prompt's last token."""
-    return split_feature(feature)[0] in {"vision_only", "vision_projected", "vision_token", "vision_token_mean"}
 
 
 @dataclass
@@ -101,7 +86,7 @@ def _numeric(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
 def read_probe_results(run_dir: str | Path) -> ProbeResults:
     """Read `RUN_DIR/probes/*` and `RUN_DIR/labels.csv`; only results.csv is required."""
     run_dir = Path(run_dir)
-    probes = run_dir / "probes"
+    probes = probes_dir(run_dir)
     results_path = probes / RESULTS_FILE
     if not results_path.is_file():
         raise ReportError(f"{results_path} does not exist; train probes first (`halp probe {run_dir}`)")
@@ -119,8 +104,8 @@ def read_probe_results(run_dir: str | Path) -> ProbeResults:
         groups = _numeric(_read_csv(probes / GROUPS_FILE), ["n", "n_positive", "auroc"])
     labels = _read_csv(run_dir / LABELS_FILE) if (run_dir / LABELS_FILE).is_file() else None
     settings: dict[str, Any] = {}
-    if (probes / "results.json").is_file():
-        loaded = json.loads((probes / "results.json").read_text())
+    if (probes / RESULTS_JSON_FILE).is_file():
+        loaded = json.loads((probes / RESULTS_JSON_FILE).read_text())
         if isinstance(loaded, dict):
             settings = {k: v for k, v in loaded.items() if not isinstance(v, (list, dict))}
     return ProbeResults(results, predictions, groups, labels, settings, _run_attrs(run_dir))
@@ -155,7 +140,7 @@ class AurocGrid:
 def auroc_grids(results: pd.DataFrame) -> list[AurocGrid]:
     """One grid per probe type; the layer-free representations share the `pre-LM` column."""
     parsed = [split_feature(feature) for feature in results["feature"]]
-    representations = sorted({rep for rep, _ in parsed}, key=lambda rep: (_representation_rank(rep), rep))
+    representations = sorted({rep for rep, _ in parsed}, key=lambda rep: (representation_rank(rep), rep))
     layers = sorted({layer for _, layer in parsed if layer is not None})
     columns = ([NO_LAYER] if any(layer is None for _, layer in parsed) else []) + [str(layer) for layer in layers]
     grids = []
@@ -464,11 +449,32 @@ class Report:
     results: pd.DataFrame
 
 
+def _review_section(run_dir: Path) -> str:
+    """Manual review (`halp review`): agreement with the rules and Cohen's kappa between reviewers, if any."""
+    from halp.review.decisions import review_agreement
+
+    summary = review_agreement(run_dir)
+    if summary is None:
+        return ""
+    rows = [
+        {"compared": f"{a.first} vs {a.second}", "rows": a.n, "agree": a.agree, "rate": a.rate}
+        | {"Cohen's kappa": a.kappa}
+        for a in [*summary.automatic, *summary.reviewer_pairs]
+    ]
+    who = ", ".join(f"{name} ({n})" for name, n in summary.reviewers.items())
+    text = (
+        f"<p>{summary.reviewed} rows reviewed by {_e(who or 'nobody')}; {len(summary.conflicts)} in conflict "
+        "between reviewers (left unknown unless <code>halp label --resolve latest</code>).</p>"
+    )
+    table = _table(pd.DataFrame(rows)) if rows else "<p class='muted'>No rows to compare yet.</p>"
+    return f"<h2>Manual review</h2>{text}{table}"
+
+
 def build_report(run_dir: str | Path, out_dir: str | Path | None = None, title: str | None = None) -> Report:
     """Write the PNGs and report.html for a run whose probes are trained; return where they are."""
     run_dir = Path(run_dir)
     data = read_probe_results(run_dir)
-    out = Path(out_dir) if out_dir is not None else run_dir / "report"
+    out = Path(out_dir) if out_dir is not None else report_dir(run_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     grids = auroc_grids(data.results)
@@ -511,6 +517,7 @@ vision_token / vision_token_mean: last / mean image token, query_token: last pro
 <h2>Label balance</h2>
 {_img(pngs["label_balance"], "label balance")}
 {_table(balance_table)}
+{_review_section(run_dir)}
 <h2>Per-group AUROC</h2>
 {_groups_section(data)}
 <h2>All results</h2>
@@ -523,78 +530,3 @@ vision_token / vision_token_mean: last / mean image token, query_token: last pro
     html_path = out / "report.html"
     html_path.write_text(page, encoding="utf-8")
     return Report(html_path, paths, best, data.results)
-
-
-def auroc_grid_tables(results: pd.DataFrame, title: str = "AUROC") -> list[Any]:
-    """The heatmap as rich Tables (one per probe type): representation rows x layer columns."""
-    from rich import box
-    from rich.table import Table
-    from rich.text import Text
-
-    tables = []
-    ranked = results.dropna(subset=["auroc_mean"])
-    best = ranked.loc[ranked["auroc_mean"].idxmax()] if not ranked.empty else None
-    for grid in auroc_grids(results):
-        # A light box and two decimals keep a 28-layer grid readable in an 80-column terminal.
-        table = Table(title=f"{title} ({grid.probe} probe; columns: decoder layer)", box=box.SIMPLE_HEAD)
-        table.add_column("representation", no_wrap=True)
-        for column in grid.columns:
-            table.add_column(column, justify="right", no_wrap=True)
-        for i, representation in enumerate(grid.rows):
-            cells = [Text(representation)]
-            for j, column in enumerate(grid.columns):
-                value = grid.auroc[i, j]
-                feature = representation if column == NO_LAYER else f"{representation}/layer_{column}"
-                is_best = best is not None and (best["feature"], best["probe"]) == (feature, grid.probe)
-                text = "" if not np.isfinite(value) else f"{value:.2f}"
-                cells.append(Text(text, style="bold reverse" if is_best else ""))
-            table.add_row(*cells)
-        tables.append(table)
-    return tables
-
-
-def auroc_table(results: pd.DataFrame, title: str = "AUROC by feature") -> Any:
-    """A rich Table of results, best first, for the terminal (`halp report`, `halp demo`)."""
-    from rich.table import Table
-    from rich.text import Text
-
-    table = Table(title=title)
-    for column, justify in (
-        ("feature", "left"),
-        ("probe", "left"),
-        ("n", "right"),
-        ("AUROC", "right"),
-        ("95% interval", "right"),
-        ("shuffled control", "right"),
-    ):
-        table.add_column(column, justify=justify)
-    ordered = results.sort_values("auroc_mean", ascending=False, kind="stable", na_position="last")
-    for position, (_, row) in enumerate(ordered.iterrows()):
-        interval = (
-            f"{_fmt(row.get('auroc_ci_low'))}–{_fmt(row.get('auroc_ci_high'))}" if "auroc_ci_low" in row else "n/a"
-        )
-        # Text objects: names from files are shown literally, never parsed as rich markup.
-        table.add_row(
-            Text(str(row["feature"])),
-            Text(str(row["probe"])),
-            Text(_fmt(row.get("n"), 0) if pd.notna(row.get("n")) else "n/a"),
-            Text(_fmt(row["auroc_mean"]), style="bold" if position == 0 else ""),
-            Text(interval),
-            Text(_fmt(row.get("control_auroc_mean"))),
-        )
-    return table
-
-
-def print_summary(console: Any, report: Report, title: str = "AUROC") -> None:
-    """The AUROC grid(s), the best probe and where the report is, for the terminal."""
-    from rich.text import Text
-
-    for table in auroc_grid_tables(report.results, title):
-        console.print(table)
-    best = report.best
-    line = f"best: {best['feature']} ({best['probe']}) AUROC {_fmt(best['auroc_mean'])}"
-    if "auroc_ci_low" in best and "auroc_ci_high" in best:
-        line += f" [{_fmt(best['auroc_ci_low'])}, {_fmt(best['auroc_ci_high'])}]"
-    # soft_wrap: a long path stays one line that a terminal can select and open.
-    console.print(Text(line), soft_wrap=True)
-    console.print(Text(f"report: {report.html_path}"), soft_wrap=True)

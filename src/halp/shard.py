@@ -24,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from halp.errors import ShardError
+
 Item = TypeVar("Item")
 
 #: Set by torchrun / torch.distributed.run / accelerate launch for every process they start.
@@ -41,9 +43,9 @@ class Shard:
 
     def __post_init__(self) -> None:
         if self.count < 1:
-            raise ValueError(f"the number of shards must be at least 1, got {self.count}")
+            raise ShardError(f"the number of shards must be at least 1, got {self.count}")
         if not 0 <= self.index < self.count:
-            raise ValueError(f"shard index {self.index} is outside 0..{self.count - 1} for {self.count} shard(s)")
+            raise ShardError(f"shard index {self.index} is outside 0..{self.count - 1} for {self.count} shard(s)")
 
     @property
     def name(self) -> str:
@@ -72,7 +74,7 @@ def _env_int(environ: Mapping[str, str], name: str) -> int | None:
     try:
         return int(raw)
     except ValueError:
-        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
+        raise ShardError(f"environment variable {name}={raw!r} is not an integer") from None
 
 
 def resolve_shard(
@@ -87,9 +89,9 @@ def resolve_shard(
 
     if num_shards is not None or shard_index is not None:
         if num_shards is None or shard_index is None:
-            raise ValueError("--num-shards and --shard-index go together: give both, or neither")
+            raise ShardError("num_shards and shard_index go together: give both, or neither")
         if launched:
-            raise ValueError(
+            raise ShardError(
                 f"--num-shards/--shard-index were given inside a launcher that started {world_size} processes "
                 "(WORLD_SIZE is set): every process would get the same flags. Use one or the other: drop the flags "
                 "under torchrun/accelerate, or start independent processes with the flags."
@@ -98,6 +100,6 @@ def resolve_shard(
 
     if launched:
         if rank is None:
-            raise ValueError(f"WORLD_SIZE={world_size} is set but RANK is not; cannot tell which shard this is")
+            raise ShardError(f"WORLD_SIZE={world_size} is set but RANK is not; cannot tell which shard this is")
         return Shard(rank, world_size, local_rank=local_rank, source="launcher")
     return SINGLE

@@ -23,201 +23,75 @@ assembles `features.h5` from all parts. A Ray worker commits to `RUN_DIR/ray/<wo
 Every parts directory has exactly one live writer, so part numbers never collide. Committed rows
 are global: a shard never extracts a row committed anywhere in the run directory.
 
-`features.h5`: 1-D UTF-8 string datasets `question_id`, `image_id`, `question`, `ground_truth`,
-`answer`, `meta/<column>`; float32 (N, dim) datasets `vision_only`, `vision_projected`,
-`vision_token/layer_<k>`, `vision_token_mean/layer_<k>`, `query_token/layer_<k>`; root attributes
-describing the run.
+The `features.h5` contract (rows, digests, damaged files) is in halp.rows; the locks in halp.locks.
+
+Content identity: a committed row is "done" for a rerun only while its `row_sha256` equals the digest of the
+table's row and image now; assembly keeps exactly the current table's rows, in its order, and drops copies of
+rows that changed (`assemble(..., digests)`). `run.json` records the model's content fingerprint
+(`halp.loading.model_fingerprint`); `check_model` refuses other content. A file that cannot be read is a
+`RunDamagedError` naming it and what to do (`open_run_file`, `read_json_file`).
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import logging
 import os
-import re
 import shutil
-import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import h5py
 import numpy as np
 
-from halp.data import Sample
-from halp.errors import RunLockedError, RunMismatchError, StoreWriteError
+from halp.errors import RunDamagedError, RunMismatchError, StoreWriteError
 from halp.layout import (
     DONE_FILE,
     ERRORS_FILE,
     FEATURES_FILE,
-    LOCK_FILE,
     PARTS_DIR,
     RAY_DIR,
     RUN_FILE,
     SHARDS_DIR,
+    fsync_dir,
+    write_text_atomic,
+)
+from halp.locks import SYNC_TIMEOUT_S, RunLocks  # noqa: F401  (SYNC_TIMEOUT_S re-exported)
+from halp.rows import (  # noqa: F401  (re-exported: halp.store was their home)
+    PART_RE,
+    ROW_DIGEST,
+    STR,
+    STRING_FIELDS,
+    Rows,
+    _strings_or_blank,
+    _texts_or_blank,
+    concat_rows,
+    damage_advice,
+    feature_datasets,
+    from_hdf5_name,
+    hdf5_name,
+    meta_columns,
+    open_run_file,
+    read_json_file,
+    read_rows,
+    read_strings,
+    row_digest,
+    rows_for,
+    table_text_digest,
+    write_rows,
 )
 
-#: How long a shard waits for another shard's brief hold of the run lock (an assembly of a large run).
-SYNC_TIMEOUT_S = 3600.0
-STRING_FIELDS = ("question_id", "image_id", "question", "ground_truth", "answer")
-STR = h5py.string_dtype("utf-8")
-_PART_RE = re.compile(r"^part-(\d{6})\.h5$")
-
 #: Settings that change the numbers; a rerun into the same directory must agree on them.
-IDENTITY_KEYS = ("model", "layers", "dtype", "max_new_tokens", "prompt_format", "data")
-#: Brief holders of the run lock write "<pid> brief <writer>" in the lock file; lifetime holders just "<pid>".
-_BRIEF = " brief "
+IDENTITY_KEYS = ("model", "layers", "dtype", "max_new_tokens", "prompt_format", "exif_orientation", "data")
+#: Identity keys added after runs already existed: a run.json without them gets the present value recorded.
+LATER_IDENTITY_KEYS = ("exif_orientation", "model_sha256", "data")
 
 log = logging.getLogger(__name__)
 
 
 
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_strings(group: h5py.Group, name: str, values: Sequence[str]) -> None:
-    group.create_dataset(name, data=np.array(list(values), dtype=object), dtype=STR)
-
-
-def read_strings(dataset: h5py.Dataset) -> list[str]:
-    return [value.decode("utf-8") if isinstance(value, bytes) else str(value) for value in dataset[()]]
-
-
-@dataclass
-class Rows:
-    """Rows of a part or a finished run, in memory."""
-
-    strings: dict[str, list[str]]
-    meta: dict[str, list[str]]
-    features: dict[str, np.ndarray]
-
-    def __len__(self) -> int:
-        return len(self.strings["question_id"])
-
-
-def write_rows(path: Path, rows: Rows, attrs: dict[str, Any]) -> None:
-    """Write rows to `path` atomically (temporary file, fsync, rename); on failure nothing is left behind."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        # h5py writes through a Python file object so that a failed write (disk full, file-size limit) is a
-        # plain OSError here instead of an HDF5 library state that can crash the interpreter at exit.
-        with open(tmp, "w+b") as raw:
-            with h5py.File(raw, "w") as handle:
-                for key, value in attrs.items():
-                    handle.attrs[key] = value
-                for name in STRING_FIELDS:
-                    _write_strings(handle, name, rows.strings[name])
-                meta = handle.create_group("meta")
-                for column, values in rows.meta.items():
-                    _write_strings(meta, column, values)
-                for name, array in rows.features.items():
-                    handle.create_dataset(name, data=np.asarray(array, dtype=np.float32))
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise StoreWriteError(
-            f"could not write {path}: {err}. Everything committed before is intact; "
-            "free disk space or fix permissions, then rerun the same command to resume."
-        ) from err
-
-
-def feature_datasets(handle: h5py.File) -> list[str]:
-    """Paths of the float feature datasets, in a stable order."""
-    names: list[str] = []
-
-    def visit(name: str, item: Any) -> None:
-        if isinstance(item, h5py.Dataset) and item.dtype.kind == "f":
-            names.append(name)
-
-    handle.visititems(visit)
-    return sorted(names, key=_feature_sort_key)
-
-
-def _feature_sort_key(name: str) -> tuple[int, str, int]:
-    order = ["vision_only", "vision_projected", "vision_token", "vision_token_mean", "query_token"]
-    group, _, leaf = name.partition("/")
-    rank = order.index(group) if group in order else len(order)
-    layer = int(leaf.split("_")[-1]) if leaf.startswith("layer_") else -1
-    return rank, group, layer
-
-
-def read_rows(path: Path) -> Rows:
-    with h5py.File(path, "r") as handle:
-        strings = {name: read_strings(handle[name]) for name in STRING_FIELDS}
-        meta = {column: read_strings(handle["meta"][column]) for column in handle.get("meta", {})}
-        features = {name: handle[name][()] for name in feature_datasets(handle)}
-    return Rows(strings, meta, features)
-
-
-def concat_rows(parts: Iterable[Rows]) -> Rows:
-    """Rows of several parts, one after the other."""
-    parts = list(parts)
-    first = parts[0]
-    return Rows(
-        {name: [v for part in parts for v in part.strings[name]] for name in first.strings},
-        {column: [v for part in parts for v in part.meta[column]] for column in first.meta},
-        {name: np.concatenate([part.features[name] for part in parts]) for name in first.features},
-    )
-
-
-def rows_for(samples: Sequence[Sample], answers: Sequence[str], features: dict[str, np.ndarray]) -> Rows:
-    meta_columns = list(samples[0].meta) if samples else []
-    return Rows(
-        strings={
-            "question_id": [s.question_id for s in samples],
-            "image_id": [s.image_id for s in samples],
-            "question": [s.question for s in samples],
-            "ground_truth": [s.ground_truth for s in samples],
-            "answer": list(answers),
-        },
-        meta={column: [s.meta.get(column, "") for s in samples] for column in meta_columns},
-        features=features,
-    )
-
-
-def table_digest(question_ids: Sequence[str]) -> str:
-    """Fingerprint of a table's rows in order: shards of one run must have read the same table."""
-    digest = hashlib.sha256()
-    for qid in question_ids:
-        digest.update(qid.encode("utf-8") + b"\n")
-    return digest.hexdigest()
-
-
-def _try_lock(path: Path) -> IO[str] | None:
-    """An open handle holding an exclusive lock on `path`, or None if another open file holds it."""
-    handle = open(path, "a+")  # noqa: SIM115 - returned to the caller, who closes it
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        return None
-    return handle
-
-
-def _release(handle: IO[str]) -> None:
-    fcntl.flock(handle, fcntl.LOCK_UN)
-    handle.close()
-
-
-def _holder(path: Path) -> str:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return ""
 
 
 @dataclass
@@ -234,7 +108,7 @@ class ShardAssembly:
         return not self.missing
 
 
-class RunStore:
+class RunStore(RunLocks):
     """A run directory: identity, committed parts, assembly into features.h5.
 
     `writer` names the parts directory this object commits to: None for the single-process writer
@@ -264,123 +138,18 @@ class RunStore:
     def run_path(self) -> Path:
         return self.root / RUN_FILE
 
-    # ----- one writer ----------------------------------------------------------------------
-    def lock(self) -> None:
-        """Hold an exclusive lock for this process's lifetime; the OS drops it if the process dies (no stale locks).
-
-        The single-process writer locks RUN_DIR/.lock (the run lock); a shard or Ray worker locks its own directory.
-        """
-        self.writer_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(self.writer_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held open until the process ends or unlock()
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            handle.close()
-            what = f"{self.root}" if self.writer is None else f"{self.writer} of {self.root}"
-            raise RunLockedError(
-                f"{what} is being written by another halp process (pid {holder.split()[0]}); "
-                "wait for it to finish or stop it, then rerun"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        self._lock_handle = handle
-
-    def unlock(self) -> None:
-        handle = getattr(self, "_lock_handle", None)
-        if handle is not None:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            handle.close()
-            self._lock_handle = None
-
-    @contextmanager
-    def sync(self, timeout: float = SYNC_TIMEOUT_S) -> Iterator[None]:
-        """Hold the run lock briefly (a shard's start and finish). The single-process writer already holds it."""
-        if self.writer is None:
-            yield
-            return
-        with self.hold_run_lock(self.writer, timeout):
-            yield
-
-    @contextmanager
-    def hold_run_lock(self, holder_name: str, timeout: float = SYNC_TIMEOUT_S) -> Iterator[None]:
-        """Hold the run lock briefly, as `holder_name` (a shard, `merge`).
-
-        Waits while another shard holds it briefly; fails at once if a single-process run or a Ray driver holds it
-        for its lifetime (a shard cannot join such a run: both would extract the same rows).
-        """
-        self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / LOCK_FILE
-        deadline = time.monotonic() + timeout
-        lifetime_seen: str | None = None
-        while (handle := _try_lock(path)) is None:
-            holder = _holder(path)
-            if holder.isdigit():
-                # A bare pid: a lifetime holder, unless a new brief holder has not rewritten the file yet;
-                # seeing the same pid twice, half a second apart, rules that out.
-                if lifetime_seen == holder:
-                    raise RunLockedError(
-                        f"{self.root} is being written by a single-process run or a Ray driver (pid {holder}); "
-                        "a shard cannot join it. Wait for it to finish, or stop it and rerun the shards."
-                    )
-                lifetime_seen = holder
-                time.sleep(0.5)
-                continue
-            lifetime_seen = None
-            if time.monotonic() > deadline:
-                raise RunLockedError(f"{self.root}: the run lock was held by {holder or 'another process'} too long")
-            time.sleep(0.05)
-        try:
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"{os.getpid()}{_BRIEF}{holder_name}")
-            handle.flush()
-            yield
-        finally:
-            _release(handle)
-
-    # ----- other writers -------------------------------------------------------------------
-    def writer_dirs(self) -> list[Path]:
-        """Directories of shards and Ray workers, past and present."""
-        found: list[Path] = []
-        for group in (SHARDS_DIR, RAY_DIR):
-            base = self.root / group
-            if base.is_dir():
-                found += sorted(path for path in base.iterdir() if path.is_dir())
-        return found
-
-    def live_writers(self) -> dict[Path, str]:
-        """Directories of shards and Ray workers, other than this one, whose lock is held right now -> holder pid."""
-        live = {}
-        for directory in self.writer_dirs():
-            if directory == self.writer_dir or not (directory / LOCK_FILE).exists():
-                continue
-            handle = _try_lock(directory / LOCK_FILE)
-            if handle is None:
-                live[directory] = (_holder(directory / LOCK_FILE).split() or ["unknown"])[0]
-            else:
-                _release(handle)
-        return live
-
-    def _require_no_live_writers(self, why: str) -> None:
-        live = self.live_writers()
-        if live:
-            running = ", ".join(f"{path.relative_to(self.root)} (pid {pid})" for path, pid in live.items())
-            raise RunLockedError(f"{self.root}: {why}, but {running} is still running. Wait for it or stop it.")
+    def reading(self, path: Path) -> Any:
+        """Open one of the run's HDF5 files for reading (see `open_run_file`)."""
+        return open_run_file(path)
 
     # ----- identity ------------------------------------------------------------------------
     def read_identity(self) -> dict[str, Any] | None:
         if not self.run_path.exists():
             return None
-        return json.loads(self.run_path.read_text())
+        return read_json_file(self.run_path)
 
     def _write_identity(self, identity: dict[str, Any]) -> None:
-        tmp = self.run_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(identity, indent=2, sort_keys=True))
-        os.replace(tmp, self.run_path)
+        write_text_atomic(self.run_path, json.dumps(identity, indent=2, sort_keys=True))
 
     def open(self, identity: dict[str, Any], overwrite: bool = False) -> None:
         """Create the directory, or check that an existing one was made with the same settings.
@@ -406,6 +175,10 @@ class RunStore:
                 )
             self._write_identity(identity)
             return
+        adopted = {key: identity[key] for key in LATER_IDENTITY_KEYS if key not in existing and key in identity}
+        if adopted:  # a run made before these keys existed: record them now (its past cannot be checked)
+            existing = {**existing, **adopted}
+            self._write_identity(existing)
         differences = [
             f"{key}: run has {existing.get(key)!r}, now {identity.get(key)!r}"
             for key in IDENTITY_KEYS
@@ -416,6 +189,7 @@ class RunStore:
                 f"{self.root} was created with other settings ({'; '.join(differences)}). "
                 "Use another --out, or --overwrite to discard it."
             )
+        self.check_model(identity.get("model_sha256"), identity.get("model_files"))
         before, now = int(existing.get("num_shards", 1)), int(identity.get("num_shards", 1))
         if before != now:
             self._require_no_live_writers(f"this run asks for {now} shard(s) where the run directory has {before}")
@@ -423,6 +197,24 @@ class RunStore:
                 (directory / DONE_FILE).unlink(missing_ok=True)  # done markers belong to the old layout
             self._write_identity({**existing, "num_shards": now})
             log.info("%s: shard layout changes from %d to %d; committed rows are kept", self.root, before, now)
+
+    def check_model(self, fingerprint: str | None, files: dict[str, Any] | None = None) -> None:
+        """Refuse a checkpoint whose content differs from the run's (other weights at the same path or hub id);
+        record the fingerprint if the run has none yet. Call with the run lock held."""
+        if fingerprint is None:
+            return
+        existing = self.read_identity() or {}
+        recorded = existing.get("model_sha256")
+        if recorded is not None and recorded != fingerprint:
+            changed = _changed_files(existing.get("model_files") or {}, files or {})
+            raise RunMismatchError(
+                f"{self.root} was extracted from other model content than {existing.get('model')} has now "
+                f"(model_sha256 {str(recorded)[:12]}…, now {fingerprint[:12]}…"
+                f"{'; changed: ' + ', '.join(changed[:5]) if changed else ''}). "
+                "Use another --out for the new checkpoint, or --overwrite to discard this run."
+            )
+        if recorded != fingerprint or (files and existing.get("model_files") != files):
+            self._write_identity({**existing, "model_sha256": fingerprint, "model_files": files or {}})
 
     # ----- parts ---------------------------------------------------------------------------
     def part_paths(self) -> list[Path]:
@@ -443,19 +235,40 @@ class RunStore:
         done: set[str] = set()
         sources = [*self.all_part_paths(), self.features_path] if self.features_path.exists() else self.all_part_paths()
         for path in sources:
-            with h5py.File(path, "r") as handle:
+            with self.reading(path) as handle:
                 done.update(read_strings(handle["question_id"]))
         return done
+
+    def committed_digests(self) -> dict[str, set[str]]:
+        """question_id -> the content digests it is committed with (several while a changed row awaits assembly)."""
+        found: dict[str, set[str]] = {}
+        sources = [*self.all_part_paths(), self.features_path] if self.features_path.exists() else self.all_part_paths()
+        for path in sources:
+            with self.reading(path) as handle:
+                ids = read_strings(handle["question_id"])
+                digests = _texts_or_blank(handle, ROW_DIGEST, len(ids))
+            for qid, digest in zip(ids, digests, strict=True):
+                found.setdefault(qid, set()).add(digest)
+        return found
+
+    def assembled_as(self, order: Sequence[str], digests: dict[str, str]) -> bool:
+        """Whether features.h5 holds exactly the rows of `order`, in that order, with these content digests."""
+        if not self.features_path.exists():
+            return False
+        with self.reading(self.features_path) as handle:
+            ids = read_strings(handle["question_id"])
+            stored = _texts_or_blank(handle, ROW_DIGEST, len(ids))
+        return ids == list(order) and stored == [digests.get(qid) for qid in order]
 
     def reopen_finished(self) -> None:
         """Turn a finished features.h5 back into a part, so a larger rerun can extend it."""
         if self.features_path.exists():
             target = self.parts_dir / f"part-{self._next_part_number():06d}.h5"
             os.replace(self.features_path, target)
-            _fsync_dir(self.parts_dir)
+            fsync_dir(self.parts_dir)
 
     def _next_part_number(self) -> int:
-        numbers = [int(_PART_RE.match(path.name).group(1)) for path in self.part_paths()]
+        numbers = [int(PART_RE.match(path.name).group(1)) for path in self.part_paths()]
         return max(numbers, default=-1) + 1
 
     def commit(self, rows: Rows, attrs: dict[str, Any]) -> Path:
@@ -472,15 +285,22 @@ class RunStore:
         """
         if not self.features_path.exists():
             return
-        with h5py.File(self.features_path, "r") as handle:
-            assembled = set(read_strings(handle["question_id"]))
+        assembled = self._row_pairs(self.features_path)
         for path in self.all_part_paths():
-            with h5py.File(path, "r") as handle:
-                ids = set(read_strings(handle["question_id"]))
-            if ids <= assembled:
+            rows = self._row_pairs(path)  # (question_id, content digest): a changed row's new copy is not assembled
+            if rows <= assembled:
                 path.unlink()
-            elif ids & assembled and not self._is_ray_part(path):
-                raise RuntimeError(f"{path} holds rows that are not in {self.features_path}; the run is inconsistent")
+            elif rows & assembled and not self._is_ray_part(path):
+                raise RunDamagedError(
+                    f"{path} holds rows that are not in {self.features_path} beside rows that are: the run is "
+                    f"inconsistent; {damage_advice(path)}"
+                )
+
+    def _row_pairs(self, path: Path) -> set[tuple[str, str]]:
+        with self.reading(path) as handle:
+            ids = read_strings(handle["question_id"])
+            digests = _texts_or_blank(handle, ROW_DIGEST, len(ids))
+        return set(zip(ids, digests, strict=True))
 
     def remove_stale_temporaries(self) -> None:
         """Remove temporaries of dead writers. Call with the run lock held."""
@@ -503,14 +323,14 @@ class RunStore:
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-        _fsync_dir(self.writer_dir)
+        fsync_dir(self.writer_dir)
 
     def clear_done(self) -> None:
         (self.writer_dir / DONE_FILE).unlink(missing_ok=True)
 
     def read_done(self, shard_name: str) -> dict[str, Any] | None:
         path = self.root / SHARDS_DIR / shard_name / DONE_FILE
-        return json.loads(path.read_text()) if path.exists() else None
+        return read_json_file(path) if path.exists() else None
 
     def assemble_shards(self, num_shards: int) -> ShardAssembly:
         """If every shard of the layout is done, assemble features.h5 in table order. Call with the run lock held.
@@ -531,6 +351,12 @@ class RunStore:
                 "rerun every shard with the same --data and --limit"
             )
         table_rows = next(iter(digests))[0]
+        row_digests: dict[str, str] | None = {}
+        for marker in markers.values():
+            if "row_sha256" not in marker:  # a shard of an older halp: no content check for this assembly
+                row_digests = None
+                break
+            row_digests.update(zip(marker["question_ids"], marker["row_sha256"], strict=True))
         positions: dict[int, str] = {}
         for marker in markers.values():
             positions.update(zip(marker["positions"], marker["question_ids"], strict=True))
@@ -545,12 +371,14 @@ class RunStore:
 
         _write_errors(self.root / ERRORS_FILE, result.failed)
         parts = self.all_part_paths()
-        if parts or not self.features_path.exists():
+        if parts or not self.features_path.exists() or (
+            row_digests is not None and not self.assembled_as(order, row_digests)
+        ):
             attrs = self.recorded_attrs(parts)
             attrs.update(complete=not result.failed, num_failed=len(result.failed), num_shards=num_shards)
-            self.assemble(order, attrs)
+            self.assemble(order, attrs, row_digests)
             result.assembled = True
-        with h5py.File(self.features_path, "r") as handle:
+        with self.reading(self.features_path) as handle:
             result.num_samples = int(handle["question_id"].shape[0])
         return result
 
@@ -558,7 +386,7 @@ class RunStore:
         """The run's attributes as the writers recorded them (model, layers, dtype, ...), plus feature sizes."""
         attrs: dict[str, Any] = {}
         for path in [*([self.features_path] if self.features_path.exists() else []), *parts]:
-            with h5py.File(path, "r") as handle:
+            with self.reading(path) as handle:
                 attrs = {key: value for key, value in handle.attrs.items() if key != "num_samples"} | attrs
                 for name, key in (("vision_projected", "hidden_size"), ("vision_only", "vision_hidden_size")):
                     if name in handle and key not in attrs:
@@ -568,32 +396,44 @@ class RunStore:
         return attrs
 
     # ----- assembly ------------------------------------------------------------------------
-    def assemble(self, order: Sequence[str], attrs: dict[str, Any]) -> Path:
+    def assemble(self, order: Sequence[str], attrs: dict[str, Any], digests: dict[str, str] | None = None) -> Path:
         """Write features.h5 with the committed rows in `order`, streaming source by source, then drop the parts.
 
         Sources: an existing features.h5 (a sharded run assembles again when shards add rows), then every part.
+        With `digests` (question_id -> the table's content digest), a committed copy whose digest differs (the row
+        changed and was extracted again) is dropped. Rows not in `order` (removed from the table) are dropped too.
         A row may be committed twice only by Ray (a retried task); the first copy is kept.
         """
         parts = self.all_part_paths()
         existing = [self.features_path] if self.features_path.exists() else []
         sources = [*existing, *sorted(parts, key=self._is_ray_part)]
         ids_per_source = []
+        digests_per_source = []
         for path in sources:
-            with h5py.File(path, "r") as handle:
-                ids_per_source.append(read_strings(handle["question_id"]))
+            with self.reading(path) as handle:
+                ids = read_strings(handle["question_id"])
+                ids_per_source.append(ids)
+                digests_per_source.append(_texts_or_blank(handle, ROW_DIGEST, len(ids)))
         rank = {qid: i for i, qid in enumerate(order)}
         owner: dict[str, int] = {}
-        repeated = 0
+        repeated = stale = 0
         for index, (path, ids) in enumerate(zip(sources, ids_per_source, strict=True)):
-            for qid in ids:
-                if qid not in owner:
+            for qid, digest in zip(ids, digests_per_source[index], strict=True):
+                if digests is not None and qid in rank and digests.get(qid) != digest:
+                    stale += 1
+                elif qid not in owner:
                     owner[qid] = index
                 elif self._is_ray_part(path):
                     repeated += 1
                 else:
-                    raise RuntimeError(f"{self.root}: question_id {qid!r} is committed twice; the run is inconsistent")
+                    raise RunDamagedError(
+                        f"{self.root}: question_id {qid!r} is committed twice with the same content; the run is "
+                        "inconsistent. Rerun with --overwrite to extract it afresh."
+                    )
         if repeated:
             log.info("%s: %d row(s) committed twice by retried Ray tasks; keeping one copy", self.root, repeated)
+        if stale:
+            log.info("%s: %d committed row(s) of an earlier version of the table dropped", self.root, stale)
         kept = sorted((qid for qid in owner if qid in rank), key=rank.__getitem__)
         destination = {qid: i for i, qid in enumerate(kept)}
         total = len(kept)
@@ -615,11 +455,12 @@ class RunStore:
                         rows_here.sort()
                         dest = np.array([d for d, _ in rows_here], dtype=np.int64)
                         src = np.array([s for _, s in rows_here], dtype=np.int64)
-                        with h5py.File(path, "r") as part:
+                        with self.reading(path) as part:
+                            count = len(ids)
                             for name in [*STRING_FIELDS, *(f"meta/{c}" for c in part.get("meta", {}))]:
                                 if name not in out:
                                     out.create_dataset(name, shape=(total,), dtype=STR)
-                                values = part[name][()]
+                                values = _strings_or_blank(part, name, count)
                                 out[name][dest] = values[src]
                             for name in feature_datasets(part):
                                 array = part[name][()]
@@ -639,16 +480,22 @@ class RunStore:
                 f"could not write {self.features_path}: {err}. The committed parts in {self.parts_dir} are intact; "
                 "free disk space or fix permissions, then rerun the same command to assemble them."
             ) from err
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         for path in parts:
             path.unlink()
         return self.features_path
 
 
+def _changed_files(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Names of checkpoint files added, removed or with other bytes between two fingerprint records."""
+    names = sorted(set(before) | set(now))
+    return [name for name in names if (before.get(name) or [None] * 4)[3] != (now.get(name) or [None] * 4)[3]]
+
+
 def _parts_in(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
-    return sorted(path for path in directory.iterdir() if _PART_RE.match(path.name))
+    return sorted(path for path in directory.iterdir() if PART_RE.match(path.name))
 
 
 def _write_errors(path: Path, failed: Sequence[dict[str, str]]) -> None:

@@ -1,108 +1,116 @@
-"""Human-readable views of runs (`halp inspect`) and of supported families (`halp models`)."""
+"""What a run holds (`halp inspect`) and where halp reads each supported family (`halp models`), as data.
+
+The CLI renders these (halp.cli.render); Python users get plain dataclasses and dicts.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
-from halp.store import FEATURES_FILE, STRING_FIELDS, RunStore, feature_datasets, read_strings
-
-
-def features_file(run_dir: str | Path) -> Path:
-    path = Path(run_dir)
-    if path.is_file():
-        return path
-    if (path / FEATURES_FILE).is_file():
-        return path / FEATURES_FILE
-    parts = RunStore(path).part_paths()
-    if parts:
-        raise FileNotFoundError(
-            f"{path} is an unfinished run ({len(parts)} committed part(s)); rerun `halp extract` to finish it"
-        )
-    raise FileNotFoundError(f"no {FEATURES_FILE} in {path}")
+from halp.errors import ParameterError
+from halp.layout import features_file
+from halp.store import STRING_FIELDS, feature_datasets, meta_columns, open_run_file, read_strings
 
 
-def _short(text: str, width: int = 80) -> str:
-    return escape(text if len(text) <= width else text[: width - 1] + "…")
+@dataclass
+class FeatureInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    #: min, max, mean, std over all values (only when asked for: it reads every array).
+    stats: dict[str, float] | None = None
 
 
-def render_inspect(run_dir: str | Path, console: Console, sample: str | None = None, detailed: bool = False) -> None:
-    path = features_file(run_dir)
-    with h5py.File(path, "r") as handle:
+@dataclass
+class RunSummary:
+    path: Path
+    num_samples: int
+    attrs: dict[str, Any]
+    features: list[FeatureInfo]
+    meta_columns: list[str]
+    #: Per shown sample: field -> value (strings as stored, features as "dim, norm, mean, std" statistics).
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _plain(value: Any) -> Any:
+    return value.tolist() if isinstance(value, np.ndarray) else value
+
+
+def summarize_run(run: str | Path, sample: str | None = None, detailed: bool = False) -> RunSummary:
+    """The run's attributes, features (with statistics if `detailed`), metadata columns and the samples asked for:
+    `sample` (a question_id), else the first three when `detailed`."""
+    path = features_file(run)
+    with open_run_file(path) as handle:
         ids = read_strings(handle["question_id"])
         names = feature_datasets(handle)
-        console.print(f"[bold]{escape(str(path))}[/]: {len(ids)} samples, {len(names)} features", soft_wrap=True)
-        attrs = Table("attribute", "value", title="run")
-        for key, value in handle.attrs.items():
-            attrs.add_row(escape(key), _short(str(value.tolist() if isinstance(value, np.ndarray) else value), 100))
-        console.print(attrs)
-        features = Table(title="features")
-        features.add_column("feature", no_wrap=True)
-        features.add_column("shape", no_wrap=True)
-        features.add_column("dtype")
-        if detailed:
-            for column in ("min", "max", "mean", "std"):
-                features.add_column(column, justify="right")
+        features = []
         for name in names:
             dataset = handle[name]
-            row = [name, str(dataset.shape), str(dataset.dtype)]
+            stats = None
             if detailed:
                 values = dataset[()]
-                row += [f"{values.min():.4g}", f"{values.max():.4g}", f"{values.mean():.4g}", f"{values.std():.4g}"]
-            features.add_row(*row)
-        console.print(features)
-        meta = list(handle.get("meta", {}))
-        if meta:
-            console.print("metadata columns: " + ", ".join(escape(m) for m in meta))
-        shown = []
+                stats = {
+                    "min": float(values.min()),
+                    "max": float(values.max()),
+                    "mean": float(values.mean()),
+                    "std": float(values.std()),
+                }
+            features.append(FeatureInfo(name, tuple(dataset.shape), str(dataset.dtype), stats))
+        meta = meta_columns(handle)
         if sample is not None:
             if sample not in ids:
-                raise KeyError(f"question_id {sample!r} is not in {path}")
+                raise ParameterError("sample", f": question_id {sample!r} is not in {path}")
             shown = [ids.index(sample)]
-        elif detailed:
-            shown = list(range(min(3, len(ids))))
+        else:
+            shown = list(range(min(3, len(ids)))) if detailed else []
+        samples = []
         for index in shown:
-            view = Table(title=f"sample {escape(ids[index])}")
-            view.add_column("field", no_wrap=True)
-            view.add_column("value")
-            for field in STRING_FIELDS:
-                view.add_row(field, _short(read_strings(handle[field])[index], 200))
-            for column in meta:
-                view.add_row(f"meta/{escape(column)}", _short(read_strings(handle["meta"][column])[index], 200))
+            view: dict[str, Any] = {"question_id": ids[index]}
+            for name in STRING_FIELDS:
+                view[name] = read_strings(handle[name])[index]
+            for column, dataset in meta.items():
+                view[f"meta/{column}"] = read_strings(dataset)[index]
             for name in names:
                 vector = handle[name][index]
-                view.add_row(
-                    name,
-                    f"dim {vector.shape[0]}, norm {np.linalg.norm(vector):.4g}, "
-                    f"mean {vector.mean():.4g}, std {vector.std():.4g}",
-                )
-            console.print(view)
+                view[name] = {
+                    "dim": int(vector.shape[0]),
+                    "norm": float(np.linalg.norm(vector)),
+                    "mean": float(vector.mean()),
+                    "std": float(vector.std()),
+                }
+            samples.append(view)
+        attrs = {key: _plain(value) for key, value in handle.attrs.items()}
+    return RunSummary(path, len(ids), attrs, features, list(meta), samples)
 
 
-def render_models(console: Console, model: str | None = None, trust_remote_code: bool = False) -> None:
-    from halp.models import adapter_classes, adapter_for
+def supported_families() -> list[dict[str, str]]:
+    """One row per model_type: its adapter, projector module and decoder layers."""
+    from halp.models import adapter_classes
 
-    if model is None:
-        table = Table("model_type", "adapter", "projector", "decoder layers", title="supported families")
-        for model_type, adapter in sorted(adapter_classes().items()):
-            table.add_row(model_type, adapter.__name__, adapter.projector, adapter.decoder_layers)
-        console.print(table)
-        return
+    return [
+        {
+            "model_type": model_type,
+            "adapter": adapter.__name__,
+            "projector": adapter.projector,
+            "decoder_layers": adapter.decoder_layers,
+        }
+        for model_type, adapter in sorted(adapter_classes().items())
+    ]
+
+
+def describe_checkpoint(model: str, trust_remote_code: bool = False) -> dict[str, Any]:
+    """Where halp reads this checkpoint: the adapter's resolved extraction points, HALP layers and image token."""
     from halp.capture import parse_layers
     from halp.loading import load_model
+    from halp.models import adapter_for
 
     loaded, processor = load_model(model, device="cpu", dtype="auto", trust_remote_code=trust_remote_code)
     adapter = adapter_for(loaded, processor)
     description: dict[str, Any] = adapter.describe()
     description["halp_layers"] = parse_layers("halp", adapter.num_layers)
     description["image_token"] = adapter.tokenizer().convert_ids_to_tokens(adapter.image_token_id)
-    table = Table("extraction point", "value", title=escape(model))
-    for key, value in description.items():
-        table.add_row(key, escape(str(value)))
-    console.print(table)
+    return description

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -20,7 +22,17 @@ from halp.cli.app import (
 from halp.cli.app import fail as _fail
 
 if TYPE_CHECKING:
-    from halp.extract import ExtractSummary
+    from halp.extract import ExtractConfig, ExtractSummary
+
+
+@contextmanager
+def interrupted_exits(message: str) -> Iterator[None]:
+    """Ctrl-C ends the command with this one line and exit status 130 (128 + SIGINT), not a traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        err_console.print(message, markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
 
 
 @app.command()
@@ -49,7 +61,14 @@ def extract(
     generate: Annotated[bool, typer.Option("--generate/--no-generate", help="--no-generate: prefill only.")] = True,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
-    limit: Annotated[int | None, typer.Option(help="Only the first N rows of the table.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N rows of the table.")] = None,
+    exif_orientation: Annotated[
+        bool,
+        typer.Option(
+            "--exif-orientation/--no-exif-orientation",
+            help="Turn images upright by their EXIF Orientation tag (default), or use the stored pixels as they are.",
+        ),
+    ] = True,
     trust_remote_code: TrustRemoteCodeOption = False,
     overwrite: Annotated[bool, typer.Option(help="Discard an existing run in --out and start afresh.")] = False,
     num_shards: Annotated[
@@ -68,10 +87,7 @@ def extract(
 
     Under torchrun / accelerate launch each process extracts its rank's shard; see docs/scaling.md.
     """
-    from halp.data import TableError
-    from halp.extract import ExtractConfig, run_extraction
-    from halp.models import ExtractionPointError
-    from halp.store import RunLockedError, RunMismatchError, StoreWriteError
+    from halp.extract import ExtractConfig
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     config = ExtractConfig(
@@ -86,6 +102,7 @@ def extract(
         device=device,
         dtype=dtype,
         limit=limit,
+        exif_orientation=exif_orientation,
         trust_remote_code=trust_remote_code,
         overwrite=overwrite,
         num_shards=num_shards,
@@ -98,33 +115,45 @@ def extract(
         _fail(f"--engine {engine!r}: choose local or ray")
     if engine == "local" and (num_workers != 1 or gpus_per_worker is not None):
         _fail("--num-workers and --gpus-per-worker apply to --engine ray")
-    try:
-        if engine == "ray":
-            from halp.ray_engine import RayWorkerError, run_ray_extraction
+    with interrupted_exits("interrupted; rerun to resume (committed rows are kept)"):
+        summary = _extract_with(engine, config, num_workers, gpus_per_worker)
+    _report_extraction(summary)
 
-            try:
-                summary = run_ray_extraction(config, num_workers, gpus_per_worker)
-            except RayWorkerError as err:
-                _fail(str(err))
-                return
-        else:
-            summary = run_extraction(config)
-    except (TableError, RunMismatchError, RunLockedError, StoreWriteError, ExtractionPointError, ValueError,
-            FileNotFoundError, ImportError) as err:
-        _fail(str(err))
-        return
+
+def _extract_with(engine: str, config: ExtractConfig, num_workers: int, gpus_per_worker: float | None
+                  ) -> ExtractSummary:
+    from halp.extract import run_extraction
+
+    if engine == "ray":
+        from halp.ray_engine import run_ray_extraction
+
+        return run_ray_extraction(config, num_workers, gpus_per_worker)
+    return run_extraction(config)
+
+
+def _report_extraction(summary: ExtractSummary) -> None:
     if summary.shard is not None:
         _report_shard(summary)
         return
     console.print(
         f"{summary.processed} processed ({summary.samples_per_second:.2f} samples/s), "
-        f"{summary.already_done} already done, {len(summary.failed)} failed, of {summary.total}."
+        f"{summary.already_done} already done, {len(summary.failed)} failed, of {summary.total}.",
+        markup=False,
     )
-    console.print(f"features: {summary.run_dir / 'features.h5'}")
+    if summary.changed:
+        shown = ", ".join(summary.changed[:5]) + (" ..." if len(summary.changed) > 5 else "")
+        console.print(
+            f"{len(summary.changed)} committed row(s) had changed (question, image or other content) and were "
+            f"extracted again: {shown}",
+            markup=False,
+        )
+    # User paths are printed literally (markup=False): `--out "runs/exp[v2]"` is a path, not rich markup.
+    console.print(f"features: {summary.run_dir / 'features.h5'}", markup=False, highlight=False, soft_wrap=True)
     if not summary.finished:
         console.print(
             f"{len(summary.failed)} row(s) failed and are not in features.h5; see "
-            f"{summary.run_dir / 'errors.jsonl'}. Rerun the same command to retry only them."
+            f"{summary.run_dir / 'errors.jsonl'}. Rerun the same command to retry only them.",
+            markup=False,
         )
         raise typer.Exit(1)
 
@@ -163,7 +192,7 @@ def merge(
     run_dir: Annotated[Path, typer.Argument(help="Run directory of a sharded extraction.")],
 ) -> None:
     """Assemble features.h5 from the shards of a run once every shard is done (the last shard does it too)."""
-    from halp.store import RunLockedError, RunMismatchError, RunStore, StoreWriteError
+    from halp.store import RunStore
 
     store = RunStore(run_dir)
     identity = store.read_identity()
@@ -174,12 +203,8 @@ def merge(
     if num_shards == 1:
         _fail(f"{run_dir} is a single-writer run; rerun `halp extract` with the same options to finish it")
         return
-    try:
-        with store.hold_run_lock("merge"):  # no shard starts or finishes while the parts are merged
-            result = store.assemble_shards(num_shards)
-    except (RunLockedError, RunMismatchError, StoreWriteError) as err:
-        _fail(str(err))
-        return
+    with store.hold_run_lock("merge"):  # no shard starts or finishes while the parts are merged
+        result = store.assemble_shards(num_shards)
     if result.missing:
         running = store.live_writers()
         states = [
@@ -202,14 +227,10 @@ def inspect(
     detailed: Annotated[bool, typer.Option(help="Per-feature min/max/mean/std and the first samples.")] = False,
 ) -> None:
     """Summarize a run: samples, features, shapes and statistics."""
-    from halp.summary import render_inspect
+    from halp.cli import render
+    from halp.summary import summarize_run
 
-    try:
-        render_inspect(run_dir, console, sample=sample, detailed=detailed)
-    except (FileNotFoundError, KeyError) as err:
-        _fail(str(err))
-
-
+    render.run_summary(console, summarize_run(run_dir, sample=sample, detailed=detailed))
 @app.command()
 def export(
     run_dir: Annotated[Path, typer.Argument(help="Finished run directory.")],
@@ -223,12 +244,8 @@ def export(
 
     if format != "halp-legacy":
         _fail(f"unknown format {format!r}; available: halp-legacy")
-    try:
-        path = export_legacy(run_dir, output)
-    except FileNotFoundError as err:
-        _fail(str(err))
-        return
-    console.print(f"wrote {path}")
+    path = export_legacy(run_dir, output)
+    console.print(f"wrote {path}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -237,37 +254,43 @@ def models(
     trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """List supported families, or show where halp reads a given checkpoint."""
-    from halp.models import ExtractionPointError
-    from halp.summary import render_models
+    from halp.cli import render
+    from halp.summary import describe_checkpoint, supported_families
 
-    try:
-        render_models(console, model, trust_remote_code=trust_remote_code)
-    except (ExtractionPointError, OSError, ValueError, KeyError) as err:  # a checkpoint that cannot be read
-        _fail(f"{type(err).__name__}: {err}")
-
-
+    if model is None:
+        render.families(console, supported_families())
+    else:
+        render.checkpoint(console, model, describe_checkpoint(model, trust_remote_code=trust_remote_code))
 @app.command()
 def label(
     run_dir: Annotated[Path, typer.Argument(help="Finished run directory (features.h5 with answers).")],
-    labels: Annotated[Path | None, typer.Option(help="Import manual labels from this table instead.")] = None,
+    labels: Annotated[
+        Path | None, typer.Option(help="Import manual labels from this table (or Label Studio JSON export) instead.")
+    ] = None,
     label_column: Annotated[
         str | None, typer.Option(help="0/1 column of --labels (default: label, else is_hallucinating_manual).")
     ] = None,
     judge: Annotated[str | None, typer.Option(help="Local causal LM asked a rubric for open answers.")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the judge's own Python code to run.")] = False,
+    resolve: Annotated[
+        str, typer.Option(help="Reviewers' conflicts (reviews.jsonl): none leaves them unknown, latest takes the last.")
+    ] = "none",
 ) -> None:
-    """Label each answer hallucinated / not / unknown; write RUN_DIR/labels.csv and print the coverage."""
-    from halp.label import Judge, label_run, print_coverage
+    """Label each answer hallucinated / not / unknown; write RUN_DIR/labels.csv and print the coverage.
+
+    Manual decisions (`halp review`'s RUN_DIR/reviews.jsonl, or a Label Studio export as --labels) win over rules.
+    """
+    from halp.cli import render
+    from halp.cli.review import print_review_summary
+    from halp.label import Judge, label_run
 
     if labels is not None and judge is not None:
         _fail("--labels imports manual labels; --judge labels from answers. Use one of them.")
-    try:
-        chosen_judge = Judge.load(judge, trust_remote_code=trust_remote_code) if judge else None
-        summary = label_run(run_dir, labels=labels, label_column=label_column, judge=chosen_judge)
-    except (FileNotFoundError, ValueError, OSError) as err:
-        _fail(str(err))
-        return
-    print_coverage(console, summary)
+    chosen_judge = Judge.load(judge, trust_remote_code=trust_remote_code) if judge else None
+    summary = label_run(run_dir, labels=labels, label_column=label_column, judge=chosen_judge, resolve=resolve)
+    if summary.reviews is not None:
+        print_review_summary(summary.reviews)
+    render.label_coverage(console, summary)
 
 
 @app.command()
@@ -293,31 +316,28 @@ def probe(
     threads: Annotated[int | None, typer.Option(help="Torch threads of the MLP on CPU (default: torch's).")] = None,
 ) -> None:
     """Train and evaluate one probe per feature; write RUN_DIR/probes/ (results, predictions, models)."""
-    from halp.probe import print_results, train_probes
+    from halp.cli import render
+    from halp.probe import train_probes
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     chosen = [name.strip() for name in features.split(",") if name.strip()] if features else None
-    try:
-        results = train_probes(
-            run_dir,
-            labels=labels,
-            label_column=label_column,
-            features=chosen,
-            probe=probe,
-            folds=folds,
-            split=split,
-            group_by=group_by,
-            group_by_image=group_by_image,
-            seed=seed,
-            bootstrap=bootstrap,
-            device=device,
-            threads=threads,
-            progress=lambda message: console.print(message, markup=False, highlight=False),
-        )
-    except (FileNotFoundError, ValueError) as err:
-        _fail(str(err))
-        return
-    print_results(console, results, run_dir)
+    results = train_probes(
+        run_dir,
+        labels=labels,
+        label_column=label_column,
+        features=chosen,
+        probe=probe,
+        folds=folds,
+        split=split,
+        group_by=group_by,
+        group_by_image=group_by_image,
+        seed=seed,
+        bootstrap=bootstrap,
+        device=device,
+        threads=threads,
+        progress=lambda message: console.print(message, markup=False, highlight=False),
+    )
+    render.probe_results(console, results, run_dir)
 
 
 @app.command()
@@ -326,14 +346,11 @@ def report(
     out: Annotated[Path | None, typer.Option(help="Where report.html and PNGs go (default RUN_DIR/report).")] = None,
 ) -> None:
     """Write report.html and PNGs: AUROC heatmap, ROC curves, per-group table, label balance."""
-    from halp.report import ReportError, build_report, print_summary
+    from halp.cli import render
+    from halp.report import build_report
 
-    try:
-        written = build_report(run_dir, out)
-    except ReportError as err:
-        _fail(str(err))
-        return
-    print_summary(console, written)
+    written = build_report(run_dir, out)
+    render.report_summary(console, written)
 
 
 @app.command()
@@ -354,12 +371,15 @@ def predict(
     trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """Score (image, question) rows for hallucination risk from the prefill alone; write question_id,risk,flagged."""
-    from halp.data import TableError
-    from halp.models import ExtractionPointError
-    from halp.predict import RiskScorer, ScorerError, predict_file
+    from halp.data import read_samples
+    from halp.layout import risk_file
+    from halp.predict import RiskScorer, check_predict_output, predict_file
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    destination = out or risk_file(run, data)
+    check_predict_output(destination, run, data)
+    read_samples(data)  # a bad or header-only table is refused before the model loads
+    with interrupted_exits(f"interrupted; nothing was written to {destination}; rerun to score the table"):
         scorer = RiskScorer.from_run(
             run,
             feature,
@@ -371,10 +391,7 @@ def predict(
             batch_size=batch_size,
             trust_remote_code=trust_remote_code,
         )
-        summary = predict_file(scorer, data, images, out or run / "risk" / f"{data.stem}.csv", progress=True)
-    except (ScorerError, TableError, ExtractionPointError, FileNotFoundError, ValueError) as err:
-        _fail(str(err))
-        return
+        summary = predict_file(scorer, data, images, destination, progress=True)
     console.print(
         f"scored {summary.total - len(summary.failed)} of {summary.total} with {summary.feature} ({summary.probe}); "
         f"{summary.flagged} flagged at risk >= {summary.threshold:.3g}. wrote {summary.out}",
@@ -395,14 +412,15 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed of the checkpoint, the data and the probes.")] = 0,
 ) -> None:
     """Offline end-to-end run on planted labels (tiny model): extract, label, probe, report, and check."""
-    from halp.demo import DemoConfig, print_demo, run_demo
+    from halp.cli import render
+    from halp.demo import DemoConfig, run_demo
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     config = DemoConfig(out=out, seed=seed, progress=True)
     if images is not None:
         config.n_images = images
     result = run_demo(config, say=lambda message: err_console.print(message, markup=False, highlight=False))
-    print_demo(console, result)
+    render.demo_result(console, result)
     if not result.passed:
         err_console.print("the planted check failed: see the FAIL lines above", markup=False)
         raise typer.Exit(1)
@@ -424,35 +442,29 @@ def embed(
     trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """Embed images: vision tokens before/after the projector, decoder states of image and text tokens, pools."""
-    from halp.data import ImageError
     from halp.embed import Embedder, write_embeddings
-    from halp.models import ExtractionPointError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     missing = [str(path) for path in images if not path.is_file()]
     if missing:
         _fail(f"no such image file: {', '.join(missing)}")
-    try:
-        embedder = Embedder(
-            model,
-            layers=layers,
-            tokens=save_tokens,
-            batch_size=batch_size,
-            device=device,
-            dtype=dtype,
-            trust_remote_code=trust_remote_code,
-        )
-        manifest = write_embeddings(
-            embedder,
-            images,
-            out,
-            prompt=prompt,
-            tokens=save_tokens,
-            progress=lambda message: err_console.print(message, markup=False, highlight=False),
-        )
-    except (ExtractionPointError, ImageError, ValueError, OSError) as err:
-        _fail(str(err))
-        return
+    embedder = Embedder(
+        model,
+        layers=layers,
+        tokens=save_tokens,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+    )
+    manifest = write_embeddings(
+        embedder,
+        images,
+        out,
+        prompt=prompt,
+        tokens=save_tokens,
+        progress=lambda message: err_console.print(message, markup=False, highlight=False),
+    )
     console.print(f"embedded {len(images)} image(s); manifest: {manifest}", markup=False)
 
 
@@ -468,7 +480,7 @@ def analyze_norms(
     layers: Annotated[str, typer.Option(help="'all', 'halp' or e.g. '0,7,-1'.")] = "all",
     prompt: Annotated[str, typer.Option(help="Prompt paired with each image.")] = "Describe the image.",
     save_features: Annotated[bool, typer.Option(help="Keep the token-level tensors (.npy) per image.")] = False,
-    limit: Annotated[int | None, typer.Option(help="Only the first N images (by name).")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N images (by name).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per prefill pass.")] = 4,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
@@ -476,32 +488,26 @@ def analyze_norms(
 ) -> None:
     """Per image and layer: L2-norm statistics of vision and text tokens (JSON) and a plot across layers."""
     from halp.analyze import analyze_norms as run_norms
-    from halp.data import ImageError
     from halp.embed import Embedder
-    from halp.models import ExtractionPointError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        embedder = Embedder(
-            model,
-            layers=layers,
-            batch_size=batch_size,
-            device=device,
-            dtype=dtype,
-            trust_remote_code=trust_remote_code,
-        )
-        result = run_norms(
-            embedder,
-            images,
-            out,
-            prompt=prompt,
-            save_features=save_features,
-            limit=limit,
-            progress=lambda message: err_console.print(message, markup=False, highlight=False),
-        )
-    except (ExtractionPointError, ImageError, ValueError, OSError) as err:
-        _fail(str(err))
-        return
+    embedder = Embedder(
+        model,
+        layers=layers,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+    )
+    result = run_norms(
+        embedder,
+        images,
+        out,
+        prompt=prompt,
+        save_features=save_features,
+        limit=limit,
+        progress=lambda message: err_console.print(message, markup=False, highlight=False),
+    )
     console.print(f"wrote {result.summary_path} and {result.plot_path}", markup=False)
     if result.features_dir is not None:
         console.print(f"features: {result.features_dir}", markup=False)
@@ -521,7 +527,7 @@ def analyze_neighbors(
     contextual_layers: Annotated[
         str | None, typer.Option(help="Layers of the contextual index (default: --layers).")
     ] = None,
-    limit: Annotated[int | None, typer.Option(help="Only the first N images (by name).")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N images (by name).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per prefill pass.")] = 4,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
@@ -529,33 +535,27 @@ def analyze_neighbors(
 ) -> None:
     """Nearest vocabulary tokens of each vision token: input-embedding cosine and logit lens (optional LatentLens)."""
     from halp.analyze import analyze_neighbors as run_neighbors
-    from halp.data import ImageError
     from halp.embed import Embedder
-    from halp.models import ExtractionPointError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        embedder = Embedder(
-            model,
-            layers=layers,
-            batch_size=batch_size,
-            device=device,
-            dtype=dtype,
-            trust_remote_code=trust_remote_code,
-        )
-        result = run_neighbors(
-            embedder,
-            images,
-            out,
-            top_k=top_k,
-            prompt=prompt,
-            contextual_corpus=contextual_corpus,
-            contextual_layers=contextual_layers,
-            limit=limit,
-            progress=lambda message: err_console.print(message, markup=False, highlight=False),
-        )
-    except (ExtractionPointError, ImageError, ImportError, ValueError, OSError) as err:
-        _fail(str(err))
-        return
+    embedder = Embedder(
+        model,
+        layers=layers,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+    )
+    result = run_neighbors(
+        embedder,
+        images,
+        out,
+        top_k=top_k,
+        prompt=prompt,
+        contextual_corpus=contextual_corpus,
+        contextual_layers=contextual_layers,
+        limit=limit,
+        progress=lambda message: err_console.print(message, markup=False, highlight=False),
+    )
     console.print(f"wrote {result.json_path} and {result.html_path}", markup=False)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -15,7 +16,6 @@ from halp.errors import ExtractionPointError
 
 if TYPE_CHECKING:
     from halp.capture import Positions
-
 
 
 def get_submodule(model: nn.Module, dotted_path: str) -> nn.Module:
@@ -53,6 +53,11 @@ class Adapter:
     #: The model calls the projector once per sample, in batch order (Phi-4-multimodal loops over the
     #: batch), instead of once per batch; the capture concatenates the calls' rows.
     projector_per_sample: ClassVar[bool] = False
+    #: How one image's projector input rows (`halp embed`'s `vision_tokens`) are ordered, once
+    #: `restore_spatial_order` has run; recorded in the embedding manifest.
+    vision_token_order: ClassVar[str] = (
+        "the projector's input order (for ViT towers: per tile, patches row-major; see docs)"
+    )
 
     def __init__(self, model: nn.Module, processor: Any) -> None:
         self.model = model
@@ -115,15 +120,23 @@ class Adapter:
         return getattr(self.processor, "tokenizer", self.processor)
 
     def encode(self, images: list[Any], questions: list[str]) -> dict[str, torch.Tensor]:
-        """Processor inputs for a batch, left-padded so the last position is every row's query token."""
+        """Processor inputs for a batch, left-padded so the last position is every row's query token.
+
+        The tokenizer belongs to the caller (a loaded processor may serve other code too): its
+        `padding_side` is left only for this call and restored afterwards, also when the call fails.
+        """
         tokenizer = self.tokenizer()
-        tokenizer.padding_side = "left"
         prompts = [self.prompt(question) for question in questions]
         # As processor.apply_chat_template(tokenize=True) does: a template that renders the BOS itself
         # (Gemma-3) must not get a second one from a tokenizer that also adds it.
         bos = getattr(tokenizer, "bos_token", None)
         special = {"add_special_tokens": False} if bos and all(p.startswith(bos) for p in prompts) else {}
-        return dict(self.processor(text=prompts, images=images, padding=True, return_tensors="pt", **special))
+        previous_side = tokenizer.padding_side
+        tokenizer.padding_side = "left"
+        try:
+            return dict(self.processor(text=prompts, images=images, padding=True, return_tensors="pt", **special))
+        finally:
+            tokenizer.padding_side = previous_side
 
     # ----- vision features -----------------------------------------------------------------
     def projector_units_per_sample(
@@ -162,6 +175,16 @@ class Adapter:
             )
         factor = rows.shape[0] // total
         return list(torch.split(rows, [count * factor for count in image_tokens_per_sample]))
+
+    def restore_spatial_order(
+        self, inputs: dict[str, torch.Tensor], row: int, vision: np.ndarray, projected: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Sample `row`'s projector input and output rows in the order `vision_token_order` states.
+
+        Default: the projector already sees them in that order. A family whose tower permutes them
+        (Qwen2.5-VL's window attention) undoes the permutation here, from the processor `inputs`.
+        """
+        return vision, projected
 
     def describe(self) -> dict[str, Any]:
         return {

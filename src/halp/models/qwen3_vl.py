@@ -19,6 +19,7 @@ from __future__ import annotations
 from torch import nn
 
 from halp.models.base import Adapter, ExtractionPointError
+from halp.models.qwen_vl import MERGE_GROUP_ORDER
 
 
 class Qwen3VLAdapter(Adapter):
@@ -27,6 +28,7 @@ class Qwen3VLAdapter(Adapter):
     decoder_layers = "model.language_model.layers"
     final_norm = "model.language_model.norm"
     image_token_id_attr = "image_token_id"
+    vision_token_order = MERGE_GROUP_ORDER
     notes = (
         "image placeholder <|image_pad|> (one per merged 2x2 group of 16 px patches); vision_only = merger input; "
         "layer k < len(deepstack_visual_indexes) is stored after the deepstack addition (next block's input)"

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from halp.testing.checkpoints import train_tokenizer
+from halp.testing.builders import common
 
 FAMILY = "fast_vlm"
 
@@ -20,14 +20,7 @@ SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
 
 # Qwen2's chat template with its default system prompt; the image goes before the user's text, as
 # in the FastVLM model card.
-CHAT_TEMPLATE = (
-    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+CHAT_TEMPLATE = common.chatml_template("<image>\n", default_system="You are a helpful assistant.")
 
 # FastViT-HD downsamples by 4 in the stem and 2 in each of the four later stages.
 DOWNSAMPLE = 64
@@ -66,11 +59,8 @@ def build(
 ) -> Path:
     from transformers import CLIPImageProcessor, FastVlmConfig, FastVlmForConditionalGeneration, LlavaProcessor
 
-    if family != FAMILY:
-        raise ValueError(f"this builder makes {FAMILY!r}, not {family!r}")
-    tokenizer = train_tokenizer(SPECIAL, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL}
-    heads = max(2, hidden_size // 16)
+    common.require_family(family, (FAMILY,))
+    tokenizer, ids = common.family_tokenizer(SPECIAL, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     # FastViT's head conv doubles the last stage width (cls_ratio 2): that is the tower's output width.
     vision_width = 2 * stage_dims[-1]
     vision_config = {
@@ -81,22 +71,16 @@ def build(
         "hidden_size": vision_width,
         "model_args": {"inference_mode": True, "layers": [1] * len(stage_dims), "embed_dims": list(stage_dims)},
     }
-    text_config = {
-        "model_type": "qwen2",
-        "vocab_size": len(tokenizer),
-        "hidden_size": hidden_size,
-        "intermediate_size": hidden_size * 2,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": max(1, heads // 2),
-        "max_position_embeddings": 4096,
-        "bos_token_id": ids["<|endoftext|>"],
-        "eos_token_id": ids["<|im_end|>"],
-        "pad_token_id": ids["<|endoftext|>"],
-    }
+    text = common.text_config(
+        len(tokenizer),
+        hidden_size,
+        num_layers,
+        model_type="qwen2",
+        **common.chatml_token_ids(ids),
+    )
     config = FastVlmConfig(
         vision_config=vision_config,
-        text_config=text_config,
+        text_config=text,
         image_token_index=ids["<image>"],
         image_seq_length=(crop_size // DOWNSAMPLE) ** 2,
     )
@@ -117,8 +101,4 @@ def build(
         chat_template=CHAT_TEMPLATE,
         image_token="<image>",
     )
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    return common.save_checkpoint(path, model, processor, eos=ids["<|im_end|>"], pad=ids["<|endoftext|>"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from halp.testing.checkpoints import train_tokenizer
+from halp.testing.builders import common
 
 FAMILY = "gemma3"
 
@@ -58,7 +58,6 @@ def build(
     sliding_window: int = 16,
 ) -> Path:
     import torch
-    from tokenizers import processors
     from transformers import (
         Gemma3Config,
         Gemma3ForConditionalGeneration,
@@ -66,9 +65,8 @@ def build(
         Gemma3Processor,
     )
 
-    if family != FAMILY:
-        raise ValueError(f"unknown Gemma-3 family {family!r}")
-    tokenizer = train_tokenizer(
+    common.require_family(family, (FAMILY,))
+    tokenizer, ids = common.family_tokenizer(
         SPECIAL,
         bos_token="<bos>",
         eos_token="<eos>",
@@ -80,44 +78,34 @@ def build(
             "image_token": "<image_soft_token>",
         },
     )
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL}
     # Gemma's tokenizer adds <bos> itself (add_bos_token), although the template renders it too.
-    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", ids["<bos>"])]
-    )
-    heads = max(2, hidden_size // 16)
-    head_dim = hidden_size // heads
+    common.prepend_bos(tokenizer, "<bos>")
+    head_dim = hidden_size // common.attention_heads(hidden_size)
     # Gemma-3 alternates 5 local layers with 1 global one; keep both kinds with the last one global.
     layer_types = ["sliding_attention"] * (num_layers - 1) + ["full_attention"]
-    text_config = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": hidden_size,
-        "intermediate_size": hidden_size * 2,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": max(1, heads // 2),
-        "head_dim": head_dim,
-        "query_pre_attn_scalar": head_dim,
-        "sliding_window": sliding_window,
-        "layer_types": layer_types,
-        "max_position_embeddings": 4096,
-        "pad_token_id": ids["<pad>"],
-        "bos_token_id": ids["<bos>"],
-        "eos_token_id": ids["<eos>"],
-    }
-    vision_config = {
-        "model_type": "siglip_vision_model",
-        "hidden_size": vision_dim,
-        "intermediate_size": vision_dim * 2,
-        "num_hidden_layers": vision_depth,
-        "num_attention_heads": max(2, vision_dim // 16),
-        "image_size": image_size,
-        "patch_size": patch_size,
-        "vision_use_head": False,
-    }
+    text = common.text_config(
+        len(tokenizer),
+        hidden_size,
+        num_layers,
+        head_dim=head_dim,
+        query_pre_attn_scalar=head_dim,
+        sliding_window=sliding_window,
+        layer_types=layer_types,
+        pad_token_id=ids["<pad>"],
+        bos_token_id=ids["<bos>"],
+        eos_token_id=ids["<eos>"],
+    )
+    vision = common.vision_config(
+        vision_dim,
+        vision_depth,
+        model_type="siglip_vision_model",
+        image_size=image_size,
+        patch_size=patch_size,
+        vision_use_head=False,
+    )
     config = Gemma3Config(
-        text_config=text_config,
-        vision_config=vision_config,
+        text_config=text,
+        vision_config=vision,
         mm_tokens_per_image=mm_tokens_per_image,
         boi_token_index=ids["<start_of_image>"],
         eoi_token_index=ids["<end_of_image>"],
@@ -139,9 +127,5 @@ def build(
         image_seq_length=mm_tokens_per_image,
     )
     # As the real generation config: stop at <eos> or at the end of the model turn.
-    model.generation_config.eos_token_id = [ids["<eos>"], ids["<end_of_turn>"]]
-    model.generation_config.pad_token_id = ids["<pad>"]
-    model.generation_config.bos_token_id = ids["<bos>"]
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    stops = [ids["<eos>"], ids["<end_of_turn>"]]
+    return common.save_checkpoint(path, model, processor, eos=stops, pad=ids["<pad>"], bos=ids["<bos>"])

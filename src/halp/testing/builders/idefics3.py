@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from halp.testing.checkpoints import train_tokenizer
+from halp.testing.builders import common
 
 FAMILIES = ("idefics3", "smolvlm")
 
@@ -56,47 +56,33 @@ def build(
         SmolVLMVideoProcessor,
     )
 
-    if family not in FAMILIES:
-        raise ValueError(f"unknown Idefics3-like family {family!r}")
+    common.require_family(family, FAMILIES)
     special = TEXT_SPECIAL[family] + IMAGE_TOKENS + ROW_COL_TOKENS
     pad_token = special[0]
-    tokenizer = train_tokenizer(special, eos_token="<end_of_utterance>", pad_token=pad_token)
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in special}
-    heads = max(2, hidden_size // 16)
+    tokenizer, ids = common.family_tokenizer(special, eos_token="<end_of_utterance>", pad_token=pad_token)
     scale_factor = 2
-    text_config = {
-        "model_type": "llama",
-        "vocab_size": len(tokenizer),
-        "hidden_size": hidden_size,
-        "intermediate_size": hidden_size * 2,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": max(1, heads // 2),
-        "max_position_embeddings": 4096,
-        "bos_token_id": ids[special[0]],
-        "eos_token_id": ids["<end_of_utterance>"],
-        "pad_token_id": ids[pad_token],
-    }
-    vision_config = {
-        "hidden_size": vision_dim,
-        "intermediate_size": vision_dim * 2,
-        "num_hidden_layers": vision_depth,
-        "num_attention_heads": max(2, vision_dim // 16),
-        # The tower's position table covers one tile; the processor's tile size must match it.
-        "image_size": tile_size,
-        "patch_size": patch_size,
-    }
+    text = common.text_config(
+        len(tokenizer),
+        hidden_size,
+        num_layers,
+        model_type="llama",
+        bos_token_id=ids[special[0]],
+        eos_token_id=ids["<end_of_utterance>"],
+        pad_token_id=ids[pad_token],
+    )
+    # The tower's position table covers one tile; the processor's tile size must match it.
+    vision = common.vision_config(vision_dim, vision_depth, image_size=tile_size, patch_size=patch_size)
     image_seq_len = (tile_size // patch_size) ** 2 // scale_factor**2
     image_kwargs = {"size": {"longest_edge": longest_edge}, "max_image_size": {"longest_edge": tile_size}}
-    common = {
-        "text_config": text_config,
-        "vision_config": vision_config,
+    shared = {
+        "text_config": text,
+        "vision_config": vision,
         "image_token_id": ids["<image>"],
         "scale_factor": scale_factor,
     }
     template = CHAT_TEMPLATE.format(start=TEMPLATE_START[family])
     if family == "idefics3":
-        model = Idefics3ForConditionalGeneration(Idefics3Config(**common))
+        model = Idefics3ForConditionalGeneration(Idefics3Config(**shared))
         processor = Idefics3Processor(
             image_processor=Idefics3ImageProcessor(**image_kwargs),
             tokenizer=tokenizer,
@@ -104,7 +90,7 @@ def build(
             chat_template=template,
         )
     else:
-        model = SmolVLMForConditionalGeneration(SmolVLMConfig(**common))
+        model = SmolVLMForConditionalGeneration(SmolVLMConfig(**shared))
         processor = SmolVLMProcessor(
             image_processor=SmolVLMImageProcessor(**image_kwargs),
             tokenizer=tokenizer,
@@ -112,8 +98,4 @@ def build(
             image_seq_len=image_seq_len,
             chat_template=template,
         )
-    model.generation_config.eos_token_id = ids["<end_of_utterance>"]
-    model.generation_config.pad_token_id = ids[pad_token]
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    return common.save_checkpoint(path, model, processor, eos=ids["<end_of_utterance>"], pad=ids[pad_token])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from halp.testing.checkpoints import train_tokenizer
+from halp.testing.builders import common
 
 FAMILY = "internvl"
 
@@ -17,15 +17,7 @@ SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<I
 
 # InternVL3's template: a system turn, and "<IMG_CONTEXT>\n" before the text for each image part
 # (the processor expands it to <img><IMG_CONTEXT>*N</img>).
-CHAT_TEMPLATE = (
-    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<IMG_CONTEXT>\n"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+CHAT_TEMPLATE = common.chatml_template("<IMG_CONTEXT>\n", default_system="You are a helpful assistant.")
 
 
 def build(
@@ -47,7 +39,8 @@ def build(
         InternVLVideoProcessor,
     )
 
-    tokenizer = train_tokenizer(
+    common.require_family(family, (FAMILY,))
+    tokenizer, ids = common.family_tokenizer(
         SPECIAL,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
@@ -59,34 +52,19 @@ def build(
             "video_token": "<video>",
         },
     )
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL}
-    heads = max(2, hidden_size // 16)
-    text_config = {
-        "model_type": "qwen2",
-        "vocab_size": len(tokenizer),
-        "hidden_size": hidden_size,
-        "intermediate_size": hidden_size * 2,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": max(1, heads // 2),
-        "max_position_embeddings": 4096,
-        "bos_token_id": ids["<|endoftext|>"],
-        "eos_token_id": ids["<|im_end|>"],
-        "pad_token_id": ids["<|endoftext|>"],
-    }
-    vision_config = {
-        "hidden_size": vision_dim,
-        "intermediate_size": vision_dim * 2,
-        "num_hidden_layers": vision_depth,
-        "num_attention_heads": max(2, vision_dim // 16),
-        "image_size": tile_size,
-        "patch_size": vision_patch,
-    }
+    text = common.text_config(
+        len(tokenizer),
+        hidden_size,
+        num_layers,
+        model_type="qwen2",
+        **common.chatml_token_ids(ids),
+    )
+    vision = common.vision_config(vision_dim, vision_depth, image_size=tile_size, patch_size=vision_patch)
     downsample_ratio = 0.5
     image_seq_length = int((tile_size // vision_patch) ** 2 * downsample_ratio**2)
     config = InternVLConfig(
-        text_config=text_config,
-        vision_config=vision_config,
+        text_config=text,
+        vision_config=vision,
         image_token_id=ids["<IMG_CONTEXT>"],
         image_seq_length=image_seq_length,
         downsample_ratio=downsample_ratio,
@@ -111,8 +89,4 @@ def build(
         image_seq_length=image_seq_length,
         chat_template=CHAT_TEMPLATE,
     )
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    return common.save_checkpoint(path, model, processor, eos=ids["<|im_end|>"], pad=ids["<|endoftext|>"])

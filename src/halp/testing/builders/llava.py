@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from halp.testing.checkpoints import train_tokenizer
+from halp.testing.builders import common
 
 FAMILIES = ("llava", "llava_next", "llava_onevision")
 
@@ -46,9 +46,7 @@ ONEVISION_TEMPLATE = (
 
 def _llama_tokenizer():
     """A Llama-style tokenizer: <s> prepended by the tokenizer itself, as the real one does."""
-    from tokenizers import processors
-
-    tokenizer = train_tokenizer(
+    tokenizer, _ = common.family_tokenizer(
         LLAMA_SPECIAL,
         bos_token="<s>",
         eos_token="</s>",
@@ -56,43 +54,28 @@ def _llama_tokenizer():
         pad_token="<pad>",
         extra_special_tokens={"image_token": "<image>"},
     )
-    bos = tokenizer.convert_tokens_to_ids("<s>")
-    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
-    )
-    return tokenizer
+    return common.prepend_bos(tokenizer, "<s>")
 
 
 def _text_config(model_type: str, tokenizer, hidden_size: int, num_layers: int) -> dict:
-    heads = max(2, hidden_size // 16)
-    config = {
-        "model_type": model_type,
-        "vocab_size": len(tokenizer),
-        "hidden_size": hidden_size,
-        "intermediate_size": hidden_size * 2,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": max(1, heads // 2),
-        "max_position_embeddings": 4096,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
+    config = common.text_config(
+        len(tokenizer),
+        hidden_size,
+        num_layers,
+        model_type=model_type,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     if model_type == "mistral":
         config["sliding_window"] = None  # Mistral-7B-v0.2, the LLaVA-NeXT base, has none
     return config
 
 
 def _vision_config(model_type: str, vision_dim: int, vision_depth: int, image_size: int, patch_size: int) -> dict:
-    return {
-        "model_type": model_type,
-        "hidden_size": vision_dim,
-        "intermediate_size": vision_dim * 2,
-        "num_hidden_layers": vision_depth,
-        "num_attention_heads": max(2, vision_dim // 16),
-        "image_size": image_size,
-        "patch_size": patch_size,
-    }
+    return common.vision_config(
+        vision_dim, vision_depth, model_type=model_type, image_size=image_size, patch_size=patch_size
+    )
 
 
 def build(
@@ -103,22 +86,18 @@ def build(
     vision_dim: int = 32,
     vision_depth: int = 3,
 ) -> Path:
+    common.require_family(family, FAMILIES)
     if family == "llava":
         _build_llava(path, hidden_size, num_layers, vision_dim, vision_depth)
     elif family == "llava_next":
         _build_llava_next(path, hidden_size, num_layers, vision_dim, vision_depth)
-    elif family == "llava_onevision":
-        _build_llava_onevision(path, hidden_size, num_layers, vision_dim, vision_depth)
     else:
-        raise ValueError(f"unknown LLaVA family {family!r}")
+        _build_llava_onevision(path, hidden_size, num_layers, vision_dim, vision_depth)
     return path
 
 
 def _save(path: Path, model, processor, tokenizer) -> None:
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
+    common.save_checkpoint(path, model, processor, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id)
 
 
 def _build_llava(path: Path, hidden_size: int, num_layers: int, vision_dim: int, vision_depth: int) -> None:
@@ -199,7 +178,7 @@ def _build_llava_onevision(path: Path, hidden_size: int, num_layers: int, vision
     # grids up to 6x6 as in the real pinpoints, so a large image exceeds anyres_max_9 and is down-sampled.
     image_size, patch_size = 28, 7
     pinpoints = [[image_size * rows, image_size * cols] for rows in range(1, 7) for cols in range(1, 7)]
-    tokenizer = train_tokenizer(
+    tokenizer, _ = common.family_tokenizer(
         QWEN_SPECIAL,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from halp.testing.checkpoints import train_tokenizer
+from halp.testing.builders import common
 
 FAMILY = "mistral3"
 
@@ -44,36 +44,31 @@ def build(
         PixtralProcessor,
     )
 
-    tokenizer = train_tokenizer(SPECIAL, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL}
-    heads = max(2, hidden_size // 16)
-    text_config = {
-        "model_type": "mistral",
-        "vocab_size": len(tokenizer),
-        "hidden_size": hidden_size,
-        "intermediate_size": hidden_size * 2,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": max(1, heads // 2),
-        "head_dim": hidden_size // heads,
-        "max_position_embeddings": 4096,
-        "bos_token_id": ids["<s>"],
-        "eos_token_id": ids["</s>"],
-        "pad_token_id": ids["<pad>"],
-    }
-    vision_config = {
-        "model_type": "pixtral",
-        "hidden_size": vision_dim,
-        "intermediate_size": vision_dim * 2,
-        "num_hidden_layers": vision_depth,
-        "num_attention_heads": max(2, vision_dim // 16),
-        "head_dim": vision_dim // max(2, vision_dim // 16),
-        "image_size": longest_edge,
-        "patch_size": vision_patch,
-    }
+    common.require_family(family, (FAMILY,))
+    tokenizer, ids = common.family_tokenizer(
+        SPECIAL, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    text = common.text_config(
+        len(tokenizer),
+        hidden_size,
+        num_layers,
+        model_type="mistral",
+        head_dim=hidden_size // common.attention_heads(hidden_size),
+        bos_token_id=ids["<s>"],
+        eos_token_id=ids["</s>"],
+        pad_token_id=ids["<pad>"],
+    )
+    vision = common.vision_config(
+        vision_dim,
+        vision_depth,
+        model_type="pixtral",
+        head_dim=vision_dim // common.attention_heads(vision_dim),
+        image_size=longest_edge,
+        patch_size=vision_patch,
+    )
     config = Mistral3Config(
-        text_config=text_config,
-        vision_config=vision_config,
+        text_config=text,
+        vision_config=vision,
         image_token_index=ids["[IMG]"],
         spatial_merge_size=2,
         vision_feature_layer=-1,
@@ -89,9 +84,4 @@ def build(
         spatial_merge_size=2,
         chat_template=CHAT_TEMPLATE,
     )
-    model.generation_config.bos_token_id = ids["<s>"]
-    model.generation_config.eos_token_id = ids["</s>"]
-    model.generation_config.pad_token_id = ids["<pad>"]
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    return common.save_checkpoint(path, model, processor, eos=ids["</s>"], pad=ids["<pad>"], bos=ids["<s>"])

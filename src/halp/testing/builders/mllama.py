@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from halp.testing.checkpoints import train_tokenizer
+from halp.testing.builders import common
 
 FAMILY = "mllama"
 
@@ -54,20 +54,17 @@ def build(
     import torch
     from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaImageProcessor, MllamaProcessor
 
-    if family != FAMILY:
-        raise ValueError(f"this builder makes {FAMILY!r}, not {family!r}")
-    tokenizer = train_tokenizer(
+    common.require_family(family, (FAMILY,))
+    tokenizer, ids = common.family_tokenizer(
         SPECIAL, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>"
     )
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL}
-    heads = max(2, hidden_size // 16)
     intermediate_layers = [0, vision_depth - 1]
     vision_config = {
         "hidden_size": vision_dim,
         "intermediate_size": vision_dim * 2,
         "num_hidden_layers": vision_depth,
         "num_global_layers": 1,
-        "attention_heads": max(2, vision_dim // 16),
+        "attention_heads": common.attention_heads(vision_dim),
         "image_size": tile_size,
         "patch_size": patch_size,
         "max_num_tiles": 4,
@@ -75,22 +72,16 @@ def build(
         # The projector input: the global encoder's output concatenated with the intermediate layers.
         "vision_output_dim": vision_dim * (1 + len(intermediate_layers)),
     }
-    text_config = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": hidden_size,
-        "intermediate_size": hidden_size * 2,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": max(1, heads // 2),
-        "max_position_embeddings": 4096,
-        "cross_attention_layers": list(cross_attention_layers),
-        "bos_token_id": ids["<|begin_of_text|>"],
-        "eos_token_id": ids["<|eot_id|>"],
-        "pad_token_id": ids["<|finetune_right_pad_id|>"],
-    }
-    config = MllamaConfig(
-        vision_config=vision_config, text_config=text_config, image_token_index=ids["<|image|>"]
+    text = common.text_config(
+        len(tokenizer),
+        hidden_size,
+        num_layers,
+        cross_attention_layers=list(cross_attention_layers),
+        bos_token_id=ids["<|begin_of_text|>"],
+        eos_token_id=ids["<|eot_id|>"],
+        pad_token_id=ids["<|finetune_right_pad_id|>"],
     )
+    config = MllamaConfig(vision_config=vision_config, text_config=text, image_token_index=ids["<|image|>"])
     model = MllamaForConditionalGeneration(config)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -101,8 +92,4 @@ def build(
         tokenizer=tokenizer,
         chat_template=CHAT_TEMPLATE,
     )
-    model.generation_config.eos_token_id = ids["<|eot_id|>"]
-    model.generation_config.pad_token_id = ids["<|finetune_right_pad_id|>"]
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    return common.save_checkpoint(path, model, processor, eos=ids["<|eot_id|>"], pad=ids["<|finetune_right_pad_id|>"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from halp.testing.checkpoints import train_tokenizer
+from halp.testing.builders import common
 
 FAMILY = "molmo2"
 
@@ -65,34 +65,29 @@ def build(
         Molmo2VideoProcessor,
     )
 
+    common.require_family(family, (FAMILY,))
     # As in Molmo2's tokenizer, <|im_end|> doubles as BOS (the processor prepends it).
-    tokenizer = train_tokenizer(SPECIAL, bos_token="<|im_end|>", eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL}
-    heads = max(2, hidden_size // 16)
-    vision_heads = max(2, vision_dim // 16)
-    text_config = {
-        "vocab_size": len(tokenizer),
-        "additional_vocab_size": 0,
-        "hidden_size": hidden_size,
-        "intermediate_size": hidden_size * 2,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": max(1, heads // 2),
-        "head_dim": hidden_size // heads,
-        "qk_norm_type": "qwen3",
-        "max_position_embeddings": 4096,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 5_000_000.0},
-    }
-    vision_config = {
-        "hidden_size": vision_dim,
-        "intermediate_size": vision_dim * 2,
-        "num_hidden_layers": vision_depth,
-        "num_attention_heads": vision_heads,
-        "num_key_value_heads": vision_heads,
-        "head_dim": vision_dim // vision_heads,
-        "image_size": [crop_size, crop_size],
-        "patch_size": vision_patch,
-    }
+    tokenizer, ids = common.family_tokenizer(
+        SPECIAL, bos_token="<|im_end|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    vision_heads = common.attention_heads(vision_dim)
+    text = common.text_config(
+        len(tokenizer),
+        hidden_size,
+        num_layers,
+        additional_vocab_size=0,
+        head_dim=hidden_size // common.attention_heads(hidden_size),
+        qk_norm_type="qwen3",
+        rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0},
+    )
+    vision = common.vision_config(
+        vision_dim,
+        vision_depth,
+        num_key_value_heads=vision_heads,
+        head_dim=vision_dim // vision_heads,
+        image_size=[crop_size, crop_size],
+        patch_size=vision_patch,
+    )
     # Two ViT layers concatenated, as Molmo2's vit_layers [-3, -9].
     adapter_config = {
         "vision_feature_layer": [-1, -2],
@@ -104,8 +99,8 @@ def build(
         "text_hidden_size": hidden_size,
     }
     config = Molmo2Config(
-        text_config=text_config,
-        vision_config=vision_config,
+        text_config=text,
+        vision_config=vision,
         adapter_config=adapter_config,
         image_start_token_id=ids["<im_start>"],
         low_res_image_start_token_id=ids["<low_res_im_start>"],
@@ -131,9 +126,6 @@ def build(
         tokenizer=tokenizer,
         chat_template=CHAT_TEMPLATE,
     )
-    model.generation_config.bos_token_id = ids["<|im_end|>"]
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    return common.save_checkpoint(
+        path, model, processor, eos=ids["<|im_end|>"], pad=ids["<|endoftext|>"], bos=ids["<|im_end|>"]
+    )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from halp.testing.checkpoints import train_tokenizer
+from halp.testing.builders import common
 
 FAMILY = "phi4_multimodal"
 VISION_LORA = "vision-lora"
@@ -49,40 +49,36 @@ def build(
         Phi4MultimodalProcessor,
     )
 
-    if family != FAMILY:
-        raise ValueError(f"this builder makes {FAMILY!r}, not {family!r}")
-    tokenizer = train_tokenizer(
+    common.require_family(family, (FAMILY,))
+    tokenizer, ids = common.family_tokenizer(
         SPECIAL,
         eos_token="<|end|>",
         pad_token="<|endoftext|>",
         extra_special_tokens={"image_token": "<|image|>", "audio_token": "<|audio|>"},
     )
     tokenizer.chat_template = CHAT_TEMPLATE
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL}
     patch_size = crop_size // 32
-    heads = max(2, hidden_size // 16)
-    config = Phi4MultimodalConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=max(1, heads // 2),
+    # One config holds the decoder's sizes (no text_config) next to the towers'.
+    decoder = common.text_config(
+        len(tokenizer),
+        hidden_size,
+        num_layers,
         max_position_embeddings=8192,
         original_max_position_embeddings=8192,
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|end|>"],
         pad_token_id=ids["<|endoftext|>"],
-        vision_config={
-            "hidden_size": vision_dim,
-            "intermediate_size": vision_dim * 2,
-            "num_hidden_layers": vision_depth,
-            "num_attention_heads": max(2, vision_dim // 16),
-            "image_size": crop_size,
-            "patch_size": patch_size,
-            "crop_size": crop_size,
-            "image_token_id": ids["<|image|>"],
-        },
+    )
+    config = Phi4MultimodalConfig(
+        **decoder,
+        vision_config=common.vision_config(
+            vision_dim,
+            vision_depth,
+            image_size=crop_size,
+            patch_size=patch_size,
+            crop_size=crop_size,
+            image_token_id=ids["<|image|>"],
+        ),
         # The audio encoder is built with the model; tiny, and never run by halp.
         audio_config={
             "num_blocks": 2,
@@ -103,10 +99,7 @@ def build(
         audio_processor=Phi4MultimodalFeatureExtractor(),
         tokenizer=tokenizer,
     )
-    model.generation_config.eos_token_id = ids["<|end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
+    common.save_checkpoint(path, model, processor, eos=ids["<|end|>"], pad=ids["<|endoftext|>"])
     # Random A and B (PEFT's default B = 0 would make the adapter a no-op and its checks vacuous).
     lora = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=LORA_TARGETS, init_lora_weights=False)
     get_peft_model(model, lora).save_pretrained(path / VISION_LORA)

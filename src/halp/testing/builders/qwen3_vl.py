@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from halp.testing.builders.qwen_vl import CHAT_TEMPLATE, SPECIAL
-from halp.testing.checkpoints import train_tokenizer
+from halp.testing.builders import common
+from halp.testing.builders.qwen_vl import CHAT_TEMPLATE, mrope_head_dim_and_section, tokenizer_and_ids, vision_token_ids
 
 FAMILIES = ("qwen3_vl", "qwen3_vl_moe")
 
@@ -38,40 +38,30 @@ def build(
         Qwen3VLVideoProcessor,
     )
 
-    tokenizer = train_tokenizer(SPECIAL, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL}
-    heads = max(2, hidden_size // 16)
-    head_dim = hidden_size // heads
-    # Interleaved M-RoPE: temporal/height/width sections sum to head_dim / 2, as [24, 20, 20] does for 128.
-    mrope_section = [head_dim // 2 - 2 * (head_dim // 8), head_dim // 8, head_dim // 8]
-    text_config = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": hidden_size,
-        "intermediate_size": hidden_size * 2,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": max(1, heads // 2),
-        "head_dim": head_dim,
-        "max_position_embeddings": 4096,
-        "rope_parameters": {
+    common.require_family(family, FAMILIES)
+    tokenizer, ids = tokenizer_and_ids()
+    # Interleaved M-RoPE; the sections are as [24, 20, 20] for head_dim 128.
+    head_dim, mrope_section = mrope_head_dim_and_section(hidden_size)
+    text = common.text_config(
+        len(tokenizer),
+        hidden_size,
+        num_layers,
+        head_dim=head_dim,
+        rope_parameters={
             "rope_type": "default",
             "rope_theta": 5_000_000.0,
             "mrope_section": mrope_section,
             "mrope_interleaved": True,
         },
-        "bos_token_id": ids["<|endoftext|>"],
-        "eos_token_id": ids["<|im_end|>"],
-        "pad_token_id": ids["<|endoftext|>"],
-    }
+        **common.chatml_token_ids(ids),
+    )
     if family == "qwen3_vl_moe":
-        text_config.update(
-            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden_size, decoder_sparse_step=1
-        )
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden_size, decoder_sparse_step=1)
     vision = {
         "depth": vision_depth,
         "hidden_size": vision_dim,
         "intermediate_size": vision_dim * 2,
-        "num_heads": max(2, vision_dim // 16),
+        "num_heads": common.attention_heads(vision_dim),
         "patch_size": 16,
         "spatial_merge_size": 2,
         "temporal_patch_size": 2,
@@ -79,20 +69,11 @@ def build(
         "num_position_embeddings": 64,
         "deepstack_visual_indexes": list(deepstack_visual_indexes),
     }
-    common = {
-        "image_token_id": ids["<|image_pad|>"],
-        "video_token_id": ids["<|video_pad|>"],
-        "vision_start_token_id": ids["<|vision_start|>"],
-        "vision_end_token_id": ids["<|vision_end|>"],
-    }
+    shared = {**vision_token_ids(ids), "vision_end_token_id": ids["<|vision_end|>"]}
     if family == "qwen3_vl":
-        model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(text_config=text_config, vision_config=vision, **common))
-    elif family == "qwen3_vl_moe":
-        model = Qwen3VLMoeForConditionalGeneration(
-            Qwen3VLMoeConfig(text_config=text_config, vision_config=vision, **common)
-        )
+        model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(text_config=text, vision_config=vision, **shared))
     else:
-        raise ValueError(f"unknown Qwen3-VL family {family!r}")
+        model = Qwen3VLMoeForConditionalGeneration(Qwen3VLMoeConfig(text_config=text, vision_config=vision, **shared))
 
     # Qwen3-VL uses 16 px patches merged 2x2: one <|image_pad|> per 32x32 pixels.
     image_processor = Qwen2VLImageProcessor(
@@ -104,8 +85,4 @@ def build(
         video_processor=Qwen3VLVideoProcessor(),
         chat_template=CHAT_TEMPLATE,
     )
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    return common.save_checkpoint(path, model, processor, eos=ids["<|im_end|>"], pad=ids["<|endoftext|>"])

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from halp.testing.checkpoints import train_tokenizer
+from halp.testing.builders import common
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 
@@ -19,14 +20,27 @@ SPECIAL = [
 ]
 
 # The structure of Qwen's own template, reduced to images and text.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+CHAT_TEMPLATE = common.chatml_template("<|vision_start|><|image_pad|><|vision_end|>")
+
+
+def tokenizer_and_ids() -> tuple[Any, dict[str, int]]:
+    """The toy tokenizer with Qwen's special tokens, and their ids."""
+    return common.family_tokenizer(SPECIAL, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+def mrope_head_dim_and_section(hidden_size: int) -> tuple[int, list[int]]:
+    """The decoder's head_dim and its M-RoPE temporal/height/width sections, which must sum to head_dim / 2."""
+    head_dim = hidden_size // common.attention_heads(hidden_size)
+    return head_dim, [head_dim // 2 - 2 * (head_dim // 8), head_dim // 8, head_dim // 8]
+
+
+def vision_token_ids(ids: dict[str, int]) -> dict[str, int]:
+    """The config's ids of the image and video placeholders and of the token opening a vision block."""
+    return {
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+    }
 
 
 def build(
@@ -50,33 +64,18 @@ def build(
         Qwen2VLVideoProcessor,
     )
 
-    tokenizer = train_tokenizer(SPECIAL, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL}
-    heads = max(2, hidden_size // 16)
-    head_dim = hidden_size // heads
-    # temporal/height/width rotary sections; they must sum to head_dim / 2
-    mrope_section = [head_dim // 2 - 2 * (head_dim // 8), head_dim // 8, head_dim // 8]
-    text_config = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": hidden_size,
-        "intermediate_size": hidden_size * 2,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": max(1, heads // 2),
-        "max_position_embeddings": 4096,
-        "rope_scaling": {"type": "mrope", "mrope_section": mrope_section},
-        "bos_token_id": ids["<|endoftext|>"],
-        "eos_token_id": ids["<|im_end|>"],
-        "pad_token_id": ids["<|endoftext|>"],
-    }
-    common = {
-        "image_token_id": ids["<|image_pad|>"],
-        "video_token_id": ids["<|video_pad|>"],
-        "vision_start_token_id": ids["<|vision_start|>"],
-        "eos_token_id": ids["<|im_end|>"],
-        "pad_token_id": ids["<|endoftext|>"],
-    }
-    vision_heads = max(2, vision_dim // 16)
+    common.require_family(family, FAMILIES)
+    tokenizer, ids = tokenizer_and_ids()
+    _, mrope_section = mrope_head_dim_and_section(hidden_size)
+    text = common.text_config(
+        len(tokenizer),
+        hidden_size,
+        num_layers,
+        rope_scaling={"type": "mrope", "mrope_section": mrope_section},
+        **common.chatml_token_ids(ids),
+    )
+    shared = {**vision_token_ids(ids), "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]}
+    vision_heads = common.attention_heads(vision_dim)
     if family == "qwen2_vl":
         vision = {
             "depth": vision_depth,
@@ -85,10 +84,10 @@ def build(
             "num_heads": vision_heads,
             "mlp_ratio": 2,
         }
-        config = Qwen2VLConfig(text_config=text_config, vision_config=vision, **common)
+        config = Qwen2VLConfig(text_config=text, vision_config=vision, **shared)
         model = Qwen2VLForConditionalGeneration(config)
         processor_class = Qwen2VLProcessor
-    elif family == "qwen2_5_vl":
+    else:
         # Window attention in every block but the last, as in the real model (full attention every 8th).
         vision = {
             "depth": vision_depth,
@@ -99,20 +98,13 @@ def build(
             "window_size": 56,
             "fullatt_block_indexes": [vision_depth - 1],
         }
-        config = Qwen2_5_VLConfig(text_config=text_config, vision_config=vision, **common)
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **shared)
         model = Qwen2_5_VLForConditionalGeneration(config)
         processor_class = Qwen2_5_VLProcessor
-    else:
-        raise ValueError(f"unknown Qwen-VL family {family!r}")
-
     processor = processor_class(
         image_processor=Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels),
         tokenizer=tokenizer,
         video_processor=Qwen2VLVideoProcessor(),
         chat_template=CHAT_TEMPLATE,
     )
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    return common.save_checkpoint(path, model, processor, eos=ids["<|im_end|>"], pad=ids["<|endoftext|>"])

@@ -1,0 +1,342 @@
+"""What the review page shows and records: the run's rows, their rule labels and risk, queues and progress.
+
+No web code here: `halp.review.app` turns these into HTTP, and tests call them directly.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from halp.errors import ImageError, ReviewError
+from halp.label import Label, label_answer
+from halp.layout import PREDICTIONS_FILE, RESULTS_JSON_FILE, RISK_DIR, probe_file
+from halp.review.decisions import LABEL_WORDS, VERDICTS, Decision, ReviewLog, check_reviewer
+from halp.store import STRING_FIELDS, read_strings
+
+QUEUES: dict[str, str] = {
+    "unknown": "rows the rules leave unknown",
+    "all": "every row",
+    "rules": "rows the rules label (audit them)",
+    "disagree": "rows where reviewers disagree",
+}
+ORDERS: dict[str, str] = {"table": "the run's order", "risk": "highest risk first"}
+#: A pause longer than this between two decisions counts as this long (a coffee break is not review time).
+IDLE_CAP_S = 120.0
+#: The pace is measured over this many of the reviewer's latest decisions.
+PACE_WINDOW = 60
+
+
+@dataclass
+class Row:
+    index: int
+    question_id: str
+    image_id: str
+    question: str
+    ground_truth: str
+    answer: str
+    meta: dict[str, str]
+    rule: Label
+    risk: float | None = None
+    risk_source: str | None = None
+
+
+def read_rows(run_dir: str | Path) -> list[Row]:
+    """The run's rows with their rule labels; refuses a run without answers."""
+    from halp.layout import features_file
+
+    path = features_file(run_dir)
+    with h5py.File(path, "r") as handle:
+        strings = {name: read_strings(handle[name]) for name in STRING_FIELDS}
+        meta = {column: read_strings(handle["meta"][column]) for column in handle.get("meta", {})}
+        generated = handle.attrs.get("generated", True)
+    if not bool(generated) or not any(answer.strip() for answer in strings["answer"]):
+        why = "was extracted with --no-generate" if not bool(generated) else "has only empty answers"
+        raise ReviewError(
+            f"{path} {why}: there are no answers to review. Extract again without --no-generate "
+            "(halp extract ... --max-new-tokens N) to review what the model says."
+        )
+    rows = []
+    for index, qid in enumerate(strings["question_id"]):
+        question, truth, answer = strings["question"][index], strings["ground_truth"][index], strings["answer"][index]
+        rows.append(
+            Row(
+                index, qid, strings["image_id"][index], question, truth, answer,
+                {column: values[index] for column, values in meta.items()}, label_answer(question, truth, answer),
+            )
+        )  # fmt: skip
+    return rows
+
+
+# ----- risk ------------------------------------------------------------------------------------------------------
+def attach_risk(run_dir: str | Path, rows: Sequence[Row]) -> list[str]:
+    """Give rows the probe's risk where the run has one; returns a description of each source used.
+
+    In order of preference: the out-of-fold score of the best probe (`halp probe`'s predictions.csv: the
+    probe that scored a row never saw its label); for rows that had no label when the probes were trained
+    with k-fold CV, the final probe's score (it never saw them either); then `halp predict`'s risk/*.csv.
+    """
+    run_dir = Path(run_dir)
+    by_id = {row.question_id: row for row in rows}
+    used: list[str] = []
+    predictions = probe_file(run_dir, PREDICTIONS_FILE)
+    if predictions.is_file():
+        from halp.errors import ScorerError
+        from halp.predict import choose_probe
+
+        try:
+            chosen: tuple[str, str] | None = choose_probe(run_dir)
+        except ScorerError as err:  # probes/ without a usable results.csv: the page says so and shows no risk
+            chosen = None
+            used.append(f"no probe risk: {err}")
+        if chosen is not None:
+            feature, probe = chosen
+            frame = pd.read_csv(predictions, dtype={"question_id": str, "feature": str, "probe": str})
+            frame = frame[(frame["feature"] == feature) & (frame["probe"] == probe)]
+            source = f"out-of-fold score of the {probe} probe on {feature}"
+            for qid, score in zip(frame["question_id"], frame["score"], strict=True):
+                if qid in by_id and not math.isnan(score):
+                    by_id[qid].risk, by_id[qid].risk_source = float(score), source
+            used.append(source)
+            final = _final_probe_risk(run_dir, rows, feature, probe, set(frame["question_id"]))
+            if final:
+                used.append(final)
+    risk_dir = run_dir / RISK_DIR
+    for table in sorted(risk_dir.glob("*.csv")) if risk_dir.is_dir() else []:
+        frame = pd.read_csv(table, dtype={"question_id": str})
+        if not {"question_id", "risk"} <= set(frame.columns):
+            continue
+        source = f"halp predict ({RISK_DIR}/{table.name})"
+        found = False
+        for qid, risk in zip(frame["question_id"], pd.to_numeric(frame["risk"], errors="coerce"), strict=True):
+            row = by_id.get(qid)
+            if row is not None and row.risk is None and not math.isnan(risk):
+                row.risk, row.risk_source, found = float(risk), source, True
+        if found:
+            used.append(source)
+    return used
+
+
+def _final_probe_risk(run_dir: Path, rows: Sequence[Row], feature: str, probe: str, scored: set[str]) -> str | None:
+    """Score the rows the probes were not trained on with the final probe, when that set is known (k-fold CV)."""
+    import json
+
+    from halp.layout import features_file
+    from halp.probe import load_probe, probe_stem
+
+    settings_path = probe_file(run_dir, RESULTS_JSON_FILE)
+    settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
+    # With a single split only the test rows are in predictions.csv; the training rows are absent yet the
+    # final probe saw them, so "absent" would not mean "unseen".
+    if settings.get("split") is not None or "validation" not in settings:
+        return None
+    stem = probe_stem(run_dir, feature, probe)
+    if not stem.with_name(stem.name + ".safetensors").is_file():
+        return None
+    todo = [row for row in rows if row.question_id not in scored and row.risk is None]
+    if not todo:
+        return None
+    fitted, _ = load_probe(stem)
+    with h5py.File(features_file(run_dir), "r") as handle:
+        if feature not in handle:
+            return None
+        matrix = np.asarray(handle[feature][[row.index for row in todo]])
+    scores = fitted.predict_proba(matrix)[:, 1]
+    source = f"final {probe} probe on {feature} (row was unlabelled when it was trained)"
+    for row, score in zip(todo, scores, strict=True):
+        row.risk, row.risk_source = float(score), source
+    return source
+
+
+# ----- pace ------------------------------------------------------------------------------------------------------
+def parse_time(text: str) -> datetime | None:
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def pace_per_minute(times: Sequence[datetime], idle_cap_s: float = IDLE_CAP_S) -> float | None:
+    """Decisions per minute over consecutive decisions, each pause capped at `idle_cap_s`; None below 3."""
+    ordered = sorted(times)[-PACE_WINDOW:]
+    if len(ordered) < 3:
+        return None
+    spent = sum(min((b - a).total_seconds(), idle_cap_s) for a, b in itertools.pairwise(ordered))
+    return (len(ordered) - 1) / spent * 60.0 if spent > 0 else None
+
+
+# ----- the session -----------------------------------------------------------------------------------------------
+def parse_where(where: str | Mapping[str, str] | None) -> dict[str, str]:
+    """`column=value` (several joined by `&` in a URL, or a mapping) into a mapping."""
+    if where is None or where == "":
+        return {}
+    if isinstance(where, Mapping):
+        return dict(where)
+    found = {}
+    for part in where.split(";"):
+        column, sep, value = part.partition("=")
+        if not sep or not column.strip():
+            raise ReviewError(f"filter {part!r} is not column=value")
+        found[column.strip()] = value.strip()
+    return found
+
+
+class ReviewSession:
+    """One run under review: rows, the decisions log, queues and progress."""
+
+    def __init__(self, run_dir: str | Path, images_dir: str | Path, reviewer: str) -> None:
+        self.run_dir = Path(run_dir)
+        self.images_dir = Path(images_dir)
+        if not self.images_dir.is_dir():
+            raise ReviewError(f"--images {self.images_dir} is not a directory")
+        self.reviewer = check_reviewer(reviewer)
+        self.rows = read_rows(self.run_dir)
+        self.risk_sources = attach_risk(self.run_dir, self.rows)
+        self.index_of = {row.question_id: row.index for row in self.rows}
+        self.log = ReviewLog.of_run(self.run_dir)
+        writable = self.log.path if self.log.path.exists() else self.run_dir
+        if not os.access(writable, os.W_OK):  # say so now, not at the first key press
+            raise ReviewError(f"{writable} is not writable: decisions could not be saved to {self.log.path}")
+        self._queues: dict[tuple, tuple[int, ...]] = {}
+
+    # --- what can be filtered
+    @functools.cache  # noqa: B019  (one session per server: the cache lives as long as it does)
+    def filter_values(self, limit: int = 200) -> dict[str, list[str]]:
+        """Columns a queue can be narrowed by, with their values (columns with more than `limit` are left out)."""
+        columns: dict[str, list[str]] = {"answer_type": sorted({row.rule.answer_type for row in self.rows})}
+        for column in self.rows[0].meta if self.rows else []:
+            values = sorted({row.meta[column] for row in self.rows})
+            if len(values) <= limit:
+                columns[column] = values
+        return columns
+
+    def _value(self, row: Row, column: str) -> str:
+        return row.rule.answer_type if column == "answer_type" else row.meta[column]
+
+    def queue(self, name: str = "unknown", where: str | Mapping[str, str] | None = None, order: str = "table"
+              ) -> list[int]:
+        """Row indices of a queue, filtered by column values, in table or risk order."""
+        if name not in QUEUES:
+            raise ReviewError(f"queue {name!r}: choose one of {', '.join(QUEUES)}")
+        if order not in ORDERS:
+            raise ReviewError(f"order {order!r}: choose one of {', '.join(ORDERS)}")
+        filters = parse_where(where)
+        known = ["answer_type", *(self.rows[0].meta if self.rows else [])]
+        for column in filters:
+            if column not in known:
+                raise ReviewError(f"cannot filter by {column!r}: the run has {', '.join(known)}")
+        key = (name, tuple(sorted(filters.items())), order)
+        if key in self._queues:  # every queue but `disagree` depends on the run alone
+            return list(self._queues[key])
+        split: set[str] = set()
+        if name == "disagree":
+            rows = self.log.refresh().by_row()
+            split = {qid for qid, items in rows.items() if len({d.label for _, d in items}) > 1}
+        chosen = []
+        for row in self.rows:
+            if any(self._value(row, column) != value for column, value in filters.items()):
+                continue
+            if name == "unknown" and row.rule.label is not None:
+                continue
+            if name == "rules" and row.rule.label is None:
+                continue
+            if name == "disagree" and row.question_id not in split:
+                continue
+            chosen.append(row.index)
+        if order == "risk":
+            chosen.sort(key=lambda i: (self.rows[i].risk is None, -(self.rows[i].risk or 0.0), i))
+        if name != "disagree":
+            self._queues[key] = tuple(chosen)
+        return chosen
+
+    def progress(self, indices: Sequence[int], reviewer: str) -> dict[str, Any]:
+        """Done / total of a queue for a reviewer, their pace (decisions per minute) and the time left."""
+        state = self.log.refresh()
+        mine = state.reviewed_by(check_reviewer(reviewer))
+        queued = set(indices)
+        done = sum(self.index_of.get(qid) in queued for qid in mine)
+        times = []
+        for decision in reversed(state.decisions):  # the latest PACE_WINDOW decisions are all the pace needs
+            if decision.reviewer == reviewer and decision.action == "decide" and decision.label:
+                time = parse_time(decision.time)
+                if time is not None:
+                    times.append(time)
+                if len(times) == PACE_WINDOW:
+                    break
+        pace = pace_per_minute(times)
+        left = len(indices) - done
+        eta = left / pace * 60.0 if pace else None
+        return {"done": done, "total": len(indices), "per_minute": pace, "eta_seconds": eta}
+
+    def reviewed(self, indices: Sequence[int], reviewer: str) -> list[bool]:
+        mine = self.log.refresh().reviewed_by(check_reviewer(reviewer))
+        return [self.rows[i].question_id in mine for i in indices]
+
+    def row(self, index: int) -> Row:
+        if not 0 <= index < len(self.rows):
+            raise ReviewError(f"row {index} is not in the run ({len(self.rows)} rows)")
+        return self.rows[index]
+
+    def image(self, index: int) -> tuple[Path | None, str, str]:
+        """(path to serve or None, status ok/missing/outside, the path or reason to show)."""
+        from halp.data import resolve_image_path
+
+        row = self.row(index)
+        try:
+            path = resolve_image_path(self.images_dir, row.image_id)
+        except ImageError as err:
+            return None, "outside", str(err)
+        if not path.is_file():
+            return None, "missing", str(path)
+        return path, "ok", str(path)
+
+    def item(self, index: int, reviewer: str) -> dict[str, Any]:
+        """Everything the page shows about one row (plain strings; the page escapes them)."""
+        row = self.row(index)
+        state = self.log.refresh()
+        _, status, shown = self.image(index)
+        mine = state.current(check_reviewer(reviewer), row.question_id)
+        others = [
+            {"reviewer": d.reviewer, "label": d.label, "time": d.time}
+            for _, d in state.verdicts(row.question_id)
+            if d.reviewer != reviewer
+        ]
+        return {
+            "index": row.index,
+            "question_id": row.question_id,
+            "image_id": row.image_id,
+            "image": {"url": f"image/{row.index}", "status": status, "path": shown},
+            "question": row.question,
+            "ground_truth": row.ground_truth,
+            "answer": row.answer,
+            "meta": row.meta,
+            "rule": {
+                "label": LABEL_WORDS[row.rule.label],
+                "method": row.rule.method,
+                "reason": row.rule.reason,
+                "answer_type": row.rule.answer_type,
+            },
+            "risk": row.risk,
+            "risk_source": row.risk_source,
+            "mine": mine,
+            "others": others,
+        }
+
+    def decide(self, index: int, label: str | None, reviewer: str) -> Decision:
+        if label is not None and label not in VERDICTS:
+            raise ReviewError(f"label {label!r} is not one of {', '.join(VERDICTS)}")
+        return self.log.decide(self.row(index).question_id, label, reviewer)
+
+    def undo(self, decision_id: str, reviewer: str) -> Decision:
+        return self.log.undo(decision_id, reviewer)

@@ -1,0 +1,120 @@
+"""What every tiny-checkpoint builder shares: the toy decoder and tower sizes, the tokenizer, the save steps.
+
+A builder module states only what is specific to its family (special tokens, chat template, config
+class, processor, weight fixes); the sizes that make a checkpoint tiny and the steps that turn it
+into a `save_pretrained` directory are here, so all fixtures scale and save alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from pathlib import Path
+from typing import Any
+
+from halp.testing.checkpoints import train_tokenizer
+
+#: Position table of every toy decoder: long enough for the largest test prompt with its image tokens.
+MAX_POSITIONS = 4096
+
+
+def require_family(family: str, families: Collection[str]) -> None:
+    """Refuse a family the builder does not make (the registry routes by family, a direct call may not)."""
+    if family not in families:
+        raise ValueError(f"this builder makes {', '.join(map(repr, families))}, not {family!r}")
+
+
+def attention_heads(width: int) -> int:
+    """Heads of a toy attention layer: one per 16 channels, at least 2 (so GQA and head splits are exercised)."""
+    return max(2, width // 16)
+
+
+def family_tokenizer(special_tokens: Sequence[str], **fast_kwargs: Any) -> tuple[Any, dict[str, int]]:
+    """The toy BPE with the family's special tokens, and each special token's id."""
+    tokenizer = train_tokenizer(special_tokens, **fast_kwargs)
+    return tokenizer, {token: tokenizer.convert_tokens_to_ids(token) for token in special_tokens}
+
+
+def prepend_bos(tokenizer: Any, bos: str) -> Any:
+    """Make the tokenizer put `bos` before every text itself, as Llama's and Gemma's real tokenizers do."""
+    from tokenizers import processors
+
+    bos_id = tokenizer.convert_tokens_to_ids(bos)
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+    )
+    return tokenizer
+
+
+def text_config(vocab_size: int, hidden_size: int, num_layers: int, **specific: Any) -> dict[str, Any]:
+    """The toy decoder: MLP twice as wide as the residual stream, GQA with half as many KV heads.
+
+    `specific` adds or overrides keys (model_type, head_dim, token ids, rope settings, ...).
+    """
+    heads = attention_heads(hidden_size)
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": hidden_size * 2,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": max(1, heads // 2),
+        "max_position_embeddings": MAX_POSITIONS,
+        **specific,
+    }
+
+
+def vision_config(vision_dim: int, vision_depth: int, **specific: Any) -> dict[str, Any]:
+    """The toy ViT tower (keys as in the CLIP/SigLIP-style configs); `specific` adds image and patch sizes."""
+    return {
+        "hidden_size": vision_dim,
+        "intermediate_size": vision_dim * 2,
+        "num_hidden_layers": vision_depth,
+        "num_attention_heads": attention_heads(vision_dim),
+        **specific,
+    }
+
+
+def chatml_template(image_markup: str, default_system: str | None = None) -> str:
+    """A ChatML chat template (Qwen, InternVL, FastVLM) reduced to images and text.
+
+    `image_markup` is what an image part renders to; with `default_system`, a conversation that does
+    not open with a system turn gets that one, as the real templates do.
+    """
+    system = (
+        f"{{% if messages[0]['role'] != 'system' %}}<|im_start|>system\n{default_system}<|im_end|>\n{{% endif %}}"
+        if default_system is not None
+        else ""
+    )
+    return (
+        f"{system}{{% for message in messages %}}<|im_start|>{{{{ message['role'] }}}}\n"
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}{% for part in message['content'] %}"
+        f"{{% if part['type'] == 'image' %}}{image_markup}"
+        "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+def chatml_token_ids(ids: dict[str, int]) -> dict[str, int]:
+    """The decoder's BOS/EOS/pad ids in ChatML families (Qwen, InternVL, FastVLM).
+
+    `<|endoftext|>` is BOS and padding, `<|im_end|>` ends a turn.
+    """
+    return {
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
+
+
+def save_checkpoint(
+    path: Path, model: Any, processor: Any, *, eos: int | list[int], pad: int, bos: int | None = None
+) -> Path:
+    """Set the generation config's stop/pad(/bos) ids as the real checkpoint does and save model and processor."""
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = pad
+    if bos is not None:
+        model.generation_config.bos_token_id = bos
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
