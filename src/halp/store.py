@@ -46,7 +46,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from halp.errors import RunDamagedError, RunMismatchError, StoreWriteError
+from halp.errors import RunDamagedError, RunLockedError, RunMismatchError, StoreWriteError  # noqa: F401  (re-exported)
 from halp.layout import (
     DONE_FILE,
     ERRORS_FILE,
