@@ -127,12 +127,12 @@ def source_rules(run_dir: str | Path) -> Callable[[int, str, str, str], Label | 
     the generic rules apply."""
     import h5py
 
-    from halp.store import read_strings
-    from halp.summary import features_file
+    from halp.layout import features_file
+    from halp.rows import meta_columns, read_strings
 
     with h5py.File(features_file(Path(run_dir)), "r") as handle:
-        meta = handle.get("meta")
-        if meta is None or "dataset" not in meta:
+        meta = meta_columns(handle)
+        if "dataset" not in meta:
             return None
         columns = {name: read_strings(meta[name]) if name in meta else None for name in META_COLUMNS}
 
