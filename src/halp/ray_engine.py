@@ -120,7 +120,7 @@ class ExtractWorker:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
         samples = [
             Sample(str(qid), str(image_id), str(question), str(truth), json.loads(str(meta)),
-                   None if int(row) < 0 else int(row))
+                   image_row=None if int(row) < 0 else int(row))
             for qid, image_id, question, truth, meta, row in zip(
                 batch["question_id"],
                 batch["image_id"],
