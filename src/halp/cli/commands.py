@@ -38,9 +38,23 @@ def interrupted_exits(message: str) -> Iterator[None]:
 @app.command()
 def extract(
     model: ModelOption,
-    data: Annotated[Path, typer.Option(help="VQA table: CSV, JSONL or Parquet.")],
-    images: Annotated[Path, typer.Option(help="Directory the table's image ids are relative to.")],
     out: Annotated[Path, typer.Option(help="Run directory (created, or resumed if it exists).")],
+    # --data is a str: an hf://datasets/... URL must not be folded into a local path.
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="VQA table: CSV, JSONL, Parquet, Arrow, a save_to_disk directory or hf://datasets/.../x.parquet "
+            "(images embedded or under --images; see docs/data.md)."
+        ),
+    ] = None,
+    images: Annotated[
+        Path | None, typer.Option(help="Directory the table's image ids are relative to (not for embedded images).")
+    ] = None,
+    hf_dataset: Annotated[
+        str | None, typer.Option(help="A hub dataset instead of --data, loaded by datasets.load_dataset.")
+    ] = None,
+    hf_config: Annotated[str | None, typer.Option("--config", help="--hf-dataset: its configuration.")] = None,
+    split: Annotated[str | None, typer.Option(help="--hf-dataset: the split (e.g. test).")] = None,
     layers: Annotated[str, typer.Option(help="'halp' = {0,L/4,L/2,3L/4,L-1}, 'all', or e.g. '0,7,-1'.")] = "halp",
     batch_size: Annotated[
         str, typer.Option(help="Samples per prefill pass, or 'auto': the largest that fits in GPU memory.")
@@ -112,6 +126,9 @@ def extract(
         workers=workers,
         processor_device=processor_device,
         attn_implementation=attn_implementation,
+        hf_dataset=hf_dataset,
+        hf_config=hf_config,
+        split=split,
     )
     if engine not in ("local", "ray"):
         _fail(f"--engine {engine!r}: choose local or ray")
@@ -362,8 +379,10 @@ def report(
 @app.command()
 def predict(
     run: Annotated[Path, typer.Option(help="Run directory with trained probes.")],
-    data: Annotated[Path, typer.Option(help="VQA table to score: CSV, JSONL or Parquet.")],
-    images: Annotated[Path, typer.Option(help="Directory the table's image ids are relative to.")],
+    data: Annotated[Path, typer.Option(help="VQA table to score: CSV, JSONL, Parquet, Arrow or save_to_disk dir.")],
+    images: Annotated[
+        Path | None, typer.Option(help="Directory the table's image ids are relative to (not for embedded images).")
+    ] = None,
     feature: Annotated[str | None, typer.Option(help="Feature to score with (default: best AUROC).")] = None,
     probe: Annotated[str | None, typer.Option(help="logreg or mlp (default: best AUROC).")] = None,
     threshold: Annotated[float | None, typer.Option(help="Flag risk >= T (default: the probe's).")] = None,
