@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +17,8 @@ from halp.cli.app import (
     app,
     console,
     err_console,
+    say,
+    setup_logging,
 )
 from halp.cli.app import fail as _fail
 
@@ -101,7 +102,7 @@ def extract(
     """
     from halp.extract import ExtractConfig
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     if batch_size != "auto" and not batch_size.isdigit():
         _fail(f"--batch-size {batch_size!r}: a positive integer or auto")
     if batch_size == "auto" and engine == "ray":
@@ -342,7 +343,7 @@ def probe(
     from halp.cli import render
     from halp.probe import train_probes
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     chosen = [name.strip() for name in features.split(",") if name.strip()] if features else None
     results = train_probes(
         run_dir,
@@ -400,7 +401,7 @@ def predict(
     from halp.layout import risk_file
     from halp.predict import RiskScorer, check_predict_output, predict_file
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     destination = out or risk_file(run, data)
     check_predict_output(destination, run, data)
     read_samples(data)  # a bad or header-only table is refused before the model loads
@@ -440,11 +441,11 @@ def demo(
     from halp.cli import render
     from halp.demo import DemoConfig, run_demo
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     config = DemoConfig(out=out, seed=seed, progress=True)
     if images is not None:
         config.n_images = images
-    result = run_demo(config, say=lambda message: err_console.print(message, markup=False, highlight=False))
+    result = run_demo(config, say=say)
     render.demo_result(console, result)
     if not result.passed:
         err_console.print("the planted check failed: see the FAIL lines above", markup=False)
@@ -469,7 +470,7 @@ def embed(
     """Embed images: vision tokens before/after the projector, decoder states of image and text tokens, pools."""
     from halp.embed import Embedder, write_embeddings
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     missing = [str(path) for path in images if not path.is_file()]
     if missing:
         _fail(f"no such image file: {', '.join(missing)}")
@@ -488,7 +489,7 @@ def embed(
         out,
         prompt=prompt,
         tokens=save_tokens,
-        progress=lambda message: err_console.print(message, markup=False, highlight=False),
+        progress=say,
     )
     console.print(f"embedded {len(images)} image(s); manifest: {manifest}", markup=False)
 
@@ -515,7 +516,7 @@ def analyze_norms(
     from halp.analyze import analyze_norms as run_norms
     from halp.embed import Embedder
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     embedder = Embedder(
         model,
         layers=layers,
@@ -531,7 +532,7 @@ def analyze_norms(
         prompt=prompt,
         save_features=save_features,
         limit=limit,
-        progress=lambda message: err_console.print(message, markup=False, highlight=False),
+        progress=say,
     )
     console.print(f"wrote {result.summary_path} and {result.plot_path}", markup=False)
     if result.features_dir is not None:
@@ -562,7 +563,7 @@ def analyze_neighbors(
     from halp.analyze import analyze_neighbors as run_neighbors
     from halp.embed import Embedder
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     embedder = Embedder(
         model,
         layers=layers,
@@ -580,7 +581,7 @@ def analyze_neighbors(
         contextual_corpus=contextual_corpus,
         contextual_layers=contextual_layers,
         limit=limit,
-        progress=lambda message: err_console.print(message, markup=False, highlight=False),
+        progress=say,
     )
     console.print(f"wrote {result.json_path} and {result.html_path}", markup=False)
 
