@@ -25,8 +25,9 @@ import torch
 from PIL import Image
 
 from halp.capture import FeatureExtractor, parse_layers
-from halp.extract import BUCKET_BATCHES, batches_by_size
+from halp.extract import batches_by_size
 from halp.models import adapter_for
+from halp.pipeline import BUCKET_BATCHES
 from halp.testing import build_checkpoint
 from halp.testing.vqa import QUESTIONS
 
@@ -172,7 +173,9 @@ def main() -> None:
         )
 
         def run_halp(new_tokens: int) -> None:
-            # As `halp extract` does: windows of BUCKET_BATCHES batches, batched by image size within each.
+            # Windows of BUCKET_BATCHES batches, batched by image size within each (images in memory here;
+            # `halp extract` orders by token count, which for these images follows the size). No overlap:
+            # benchmarks/bench_pipeline.py measures the overlapped pipeline.
             window = args.batch_size * BUCKET_BATCHES
             for start in range(0, args.samples, window):
                 window_images, window_questions = images[start : start + window], questions[start : start + window]

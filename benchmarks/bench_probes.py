@@ -74,6 +74,7 @@ def main() -> None:
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's); set OMP_NUM_THREADS too"
     )
     parser.add_argument("--out", type=Path, default=None, help="keep the run here (default: a temporary directory)")
+    parser.add_argument("--device", default="cpu", help="where the MLP trains: cpu or cuda")
     args = parser.parse_args()
     if args.full:
         args.samples, args.features, args.probe = 10000, len(FEATURES), "both"
@@ -103,6 +104,7 @@ def main() -> None:
             folds=args.folds,
             bootstrap=args.bootstrap,
             threads=args.threads,
+            device=args.device,
             probe_params={"mlp": {"epochs": args.epochs}},
             progress=print,
         )

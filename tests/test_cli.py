@@ -64,6 +64,11 @@ def test_extract_inspect_export_roundtrip(tmp_path, checkpoint_dir, vqa_set):
     assert result.exit_code == 0, result.output
     assert "12 processed" in result.output
     assert (out / "extract.log").read_text().count("processed 12 samples") == 1
+    # One line of stage timing: every stage named, the stall fraction and the padding.
+    stage_lines = [line for line in result.output.splitlines() if line.startswith("stages:")]
+    assert len(stage_lines) == 1 and all(
+        word in stage_lines[0] for word in ("loading images", "processing", "model", "committing", "waited", "padding")
+    )
 
     shown = runner.invoke(app, ["inspect", str(out), "--detailed"])
     assert shown.exit_code == 0, shown.output

@@ -124,16 +124,17 @@ def test_out_of_memory_splits_the_batch_and_isolates_the_culprit(tmp_path, check
     table, images = make_vqa_set(tmp_path / "data", n=7)
     reference = tmp_path / "reference"
     run_extraction(_config(checkpoint_dir("qwen2_vl"), table, images, reference, batch_size=7))
-    real_call = FeatureExtractor.__call__
+    real_run = FeatureExtractor.run
     calls = []
 
-    def tight_memory(self, batch_images, questions, max_new_tokens=0):
-        calls.append(len(questions))
-        if len(questions) > 2 or any(q == "Describe the image." for q in questions):
+    def tight_memory(self, inputs, max_new_tokens=0, positions=None):
+        prompts = self.adapter.tokenizer().batch_decode(inputs["input_ids"])
+        calls.append(len(prompts))
+        if len(prompts) > 2 or any("Describe the image." in prompt for prompt in prompts):
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_call(self, batch_images, questions, max_new_tokens)
+        return real_run(self, inputs, max_new_tokens, positions)
 
-    monkeypatch.setattr(FeatureExtractor, "__call__", tight_memory)
+    monkeypatch.setattr(FeatureExtractor, "run", tight_memory)
     out = tmp_path / "run"
     summary = run_extraction(_config(checkpoint_dir("qwen2_vl"), table, images, out, batch_size=7))
     assert calls == [7, 3, 1, 2, 4, 2, 1, 1, 2]  # halves until each piece fits; q0004 fails alone
@@ -150,14 +151,14 @@ def test_out_of_memory_splits_the_batch_and_isolates_the_culprit(tmp_path, check
 
 def test_non_finite_features_are_flagged_not_stored(tmp_path, checkpoint_dir, monkeypatch):
     table, images = make_vqa_set(tmp_path / "data", n=4)
-    real_call = FeatureExtractor.__call__
+    real_run = FeatureExtractor.run
 
-    def overflow_row_1(self, batch_images, questions, max_new_tokens=0):
-        result = real_call(self, batch_images, questions, max_new_tokens)
+    def overflow_row_1(self, inputs, max_new_tokens=0, positions=None):
+        result = real_run(self, inputs, max_new_tokens, positions)
         result.features["query_token/layer_2"][1, 5] = np.inf
         return result
 
-    monkeypatch.setattr(FeatureExtractor, "__call__", overflow_row_1)
+    monkeypatch.setattr(FeatureExtractor, "run", overflow_row_1)
     out = tmp_path / "run"
     summary = run_extraction(_config(checkpoint_dir("qwen2_vl"), table, images, out, batch_size=4))
     assert [entry["question_id"] for entry in summary.failed] == ["q0001"]

@@ -168,14 +168,15 @@ def test_a_batch_failing_in_the_model_is_retried_row_by_row(tmp_path, checkpoint
     from halp.capture import FeatureExtractor
 
     table, images = small_set
-    real = FeatureExtractor.__call__
+    real = FeatureExtractor.run
 
-    def fails_with_q3(self, batch_images, questions, max_new_tokens=0):
-        if any("image 3 " in question for question in questions):
+    def fails_with_q3(self, inputs, max_new_tokens=0, positions=None):
+        prompts = self.adapter.tokenizer().batch_decode(inputs["input_ids"])
+        if any("image 3 " in prompt for prompt in prompts):
             raise RuntimeError("the model rejects row q3")
-        return real(self, batch_images, questions, max_new_tokens)
+        return real(self, inputs, max_new_tokens, positions)
 
-    monkeypatch.setattr(FeatureExtractor, "__call__", fails_with_q3)
+    monkeypatch.setattr(FeatureExtractor, "run", fails_with_q3)
     out = tmp_path / "run"
     summary = run_extraction(_config(checkpoint_dir("qwen2_vl"), table, images, out, batch_size=6))
     assert [entry["question_id"] for entry in summary.failed] == ["q3"]
@@ -307,7 +308,7 @@ def test_ctrl_c_exits_130_and_damaged_files_are_named(tmp_path, checkpoint_dir, 
     out = tmp_path / "run"
     args = ["extract", "--model", str(checkpoint_dir("qwen2_vl")), "--data", str(table), "--images", str(images),
             "--out", str(out), "--batch-size", "2", "--max-new-tokens", "2", "--device", "cpu", "--dtype", "float32"]
-    real = FeatureExtractor.__call__
+    real = FeatureExtractor.run
     calls = []
 
     def interrupted_on_the_third_batch(self, *args, **kwargs):
@@ -316,11 +317,11 @@ def test_ctrl_c_exits_130_and_damaged_files_are_named(tmp_path, checkpoint_dir, 
             raise KeyboardInterrupt
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(FeatureExtractor, "__call__", interrupted_on_the_third_batch)
+    monkeypatch.setattr(FeatureExtractor, "run", interrupted_on_the_third_batch)
     stopped = runner.invoke(app, args)
     assert stopped.exit_code == 130
     assert _one_line_error(stopped.output) == "interrupted; rerun to resume (committed rows are kept)"
-    monkeypatch.setattr(FeatureExtractor, "__call__", real)
+    monkeypatch.setattr(FeatureExtractor, "run", real)
     parts = sorted((out / "parts").glob("part-*.h5"))
     assert len(parts) == 2
 

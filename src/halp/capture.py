@@ -233,6 +233,12 @@ class BatchResult:
     positions: Positions | None = None
 
 
+def _to_device(value: torch.Tensor, device: torch.device, model_dtype: torch.dtype) -> torch.Tensor:
+    # non_blocking pays off for pinned host tensors (the pipeline pins them); a no-op otherwise.
+    moved = value.to(device, non_blocking=True)
+    return moved.to(model_dtype) if moved.is_floating_point() else moved
+
+
 class FeatureExtractor:
     """Runs one batch: encode, one prefill with hooks, greedy decode from the same cache."""
 
@@ -249,16 +255,23 @@ class FeatureExtractor:
     def input_device(self) -> torch.device:
         return self.adapter.layer_modules()[0].parameters().__next__().device
 
-    @torch.inference_mode()
     def __call__(self, images: list[Any], questions: list[str], max_new_tokens: int = 0) -> BatchResult:
-        inputs = self.adapter.encode(images, questions)
-        positions = Positions.from_inputs(self.adapter, inputs)
+        return self.run(self.adapter.encode(images, questions), max_new_tokens)
+
+    def locate(self, inputs: dict[str, Any]) -> Positions:
+        """Token positions of a batch's processor inputs (on the host): computed once, before the device copy."""
+        return Positions.from_inputs(self.adapter, inputs)
+
+    @torch.inference_mode()
+    def run(self, inputs: dict[str, Any], max_new_tokens: int = 0, positions: Positions | None = None) -> BatchResult:
+        """Extract a batch from its processor inputs (`Adapter.encode`); pinned host tensors are copied without
+        blocking the host."""
+        positions = positions if positions is not None else self.locate(inputs)
+        rows = int(inputs["input_ids"].shape[0])
         device = self.input_device()
         model_dtype = next(self.model.parameters()).dtype
         inputs = {
-            key: (value.to(device, model_dtype) if value.is_floating_point() else value.to(device))
-            if isinstance(value, torch.Tensor)
-            else value
+            key: _to_device(value, device, model_dtype) if isinstance(value, torch.Tensor) else value
             for key, value in inputs.items()
         }
         tokenizer = self.adapter.tokenizer()
@@ -279,7 +292,7 @@ class FeatureExtractor:
         missing = [name for name in self.names if name not in captured]
         if missing:
             raise ExtractionPointError(f"the prefill pass did not produce {', '.join(missing)}")
-        answers = [""] * len(questions)
+        answers = [""] * rows
         if max_new_tokens > 0:
             new_tokens = sequences[:, inputs["input_ids"].shape[1] :]
             answers = [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

@@ -101,6 +101,11 @@ class RayWorkerError(HalpError, RuntimeError):
     """A Ray worker failed in a way a retry does not fix (model not loadable, extraction point missing, ...)."""
 
 
+class SourceError(HalpError, ValueError):
+    """A benchmark's files cannot be converted or composed (unknown layout, missing split, clashing ids); says
+    what was expected and what was found."""
+
+
 class AdapterPluginError(HalpError, ImportError):
     """A third-party adapter registered under the `halp.adapters` entry-point group cannot be used; names the plugin."""
 
@@ -111,6 +116,10 @@ class ReviewError(HalpError, ValueError):
 
 class ReviewServerError(HalpError, OSError):
     """The review server cannot start (port in use, address not available, web extra missing); says what to do."""
+
+
+class InputWorkerError(HalpError, RuntimeError):
+    """The input worker processes cannot start (the processor does not load in a worker); says why."""
 
 
 class WorldError(HalpError, RuntimeError):

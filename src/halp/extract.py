@@ -7,10 +7,12 @@ The Ray engine (`halp.ray_engine`) runs the same per-batch core, `extract_batch`
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,27 +24,58 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from halp.capture import BatchResult, FeatureExtractor, parse_layers
-from halp.data import ImageError, Sample, image_file_sha256, read_image, read_samples
+from halp.data import ImageSource, Sample, as_image_source, input_table
 from halp.errors import ParameterError, ShardError
-from halp.loading import check_model_source, load_model, model_fingerprint, resolve_device, resolve_dtype
+from halp.loading import (
+    check_attn_implementation,
+    check_model_source,
+    load_model,
+    model_fingerprint,
+    resolve_device,
+    resolve_dtype,
+)
 from halp.models import adapter_for
+from halp.pipeline import (
+    AUTO_BATCH_CPU,
+    AUTO_BATCH_START,
+    BUCKET_BATCHES,
+    InputPipeline,
+    OrderedWriter,
+    Prepared,
+    RowRules,
+    StageTimes,
+    TokenCounter,
+    WorkerSpec,
+    default_workers,
+    find_batch_size,
+    load_rows,
+    padding_of,
+    pin,
+    plan_batches,
+    warm_up,
+)
 from halp.shard import Shard, resolve_shard
 from halp.store import ERRORS_FILE, RunStore, row_digest, rows_for, table_text_digest
 
 log = logging.getLogger(__name__)
 
-#: Rows are read this many batches at a time and batched by image size within that window.
-BUCKET_BATCHES = 16
+#: --processor-device choices.
+PROCESSOR_DEVICES = ("auto", "cpu", "cuda")
+#: Re-exported: bench_extract.py and older callers import it from here.
+__all__ = ["BUCKET_BATCHES"]
 
 
 @dataclass
 class ExtractConfig:
     model: str
-    data: Path
-    images: Path
+    #: A table file or directory (see halp.data), or an hf://... Parquet file; None with hf_dataset.
+    data: Path | str | None
+    #: Directory of the table's image files; None when the table embeds its images.
+    images: Path | None
     out: Path
     layers: str = "halp"
-    batch_size: int = 8
+    #: Rows per prefill pass, or "auto": the largest that fits in the device's memory (found at start).
+    batch_size: int | str = 8
     max_new_tokens: int = 32
     generate: bool = True
     device: str = "auto"
@@ -56,6 +89,22 @@ class ExtractConfig:
     #: Both None: one shard, or the shard a torch launcher (torchrun, accelerate launch) assigns.
     num_shards: int | None = None
     shard_index: int | None = None
+    #: A hub dataset (datasets.load_dataset) instead of --data, with its config and split.
+    hf_dataset: str | None = None
+    hf_config: str | None = None
+    split: str | None = None
+    #: Input worker processes (decode + processor); None: one per spare core, at most 4; 0: all in series.
+    workers: int | None = None
+    #: Where the image processor runs: auto (the GPU when the model is on one and the processor can), cpu, cuda.
+    processor_device: str = "auto"
+    #: Attention kernel: sdpa, flash_attention_2 or eager.
+    attn_implementation: str = "sdpa"
+    #: Fault injection for tests: "module:function" run first in every input worker (halp.testing.faults).
+    worker_init: str | None = None
+    #: (model, processor) already in memory, used instead of loading `model` (benchmarks on random-weight
+    #: full-size shapes); `model` must still name a checkpoint whose processor the input workers can load.
+    preloaded: tuple[Any, Any] | None = None
+
 
 
 @dataclass
@@ -75,6 +124,10 @@ class ExtractSummary:
     run_failed: int = 0
     #: Committed rows whose content (question, image bytes, ...) changed since: extracted again.
     changed: list[str] = field(default_factory=list)
+    #: Seconds per stage of this pass, the model's input-stall fraction, the padding paid.
+    stages: StageTimes = field(default_factory=StageTimes)
+    #: The batch size used (resolved from "auto").
+    batch_size: int = 0
 
     @property
     def samples_per_second(self) -> float:
@@ -109,8 +162,7 @@ def _model_ref(model: str) -> str:
 
 def run_extraction(config: ExtractConfig) -> ExtractSummary:
     """Extract features for every sample of the table into config.out, resuming what is there."""
-    if config.batch_size < 1:
-        raise ParameterError("batch_size", "must be at least 1")
+    validate_options(config)
     shard = resolve_shard(config.num_shards, config.shard_index)
     if shard.is_sharded and config.overwrite:
         raise ParameterError(
@@ -119,8 +171,7 @@ def run_extraction(config: ExtractConfig) -> ExtractSummary:
             f"committed. Delete {config.out} first (or run once with overwrite and one shard), then start the shards.",
         )
     samples = read_table(config)  # table problems surface before the model loads
-    if not Path(config.images).is_dir():
-        raise ParameterError("images", f"{config.images} is not a directory")
+    image_source(config)  # as do missing images: no --images for a table without embedded images
     check_model_source(config.model, config.trust_remote_code)  # a missing or refused model touches no run dir
 
     device = device_for(resolve_device(config.device), shard)
@@ -137,9 +188,33 @@ def run_extraction(config: ExtractConfig) -> ExtractSummary:
         store.unlock()
 
 
+def validate_options(config: ExtractConfig) -> None:
+    """Option errors surface before the table is read or a model loads."""
+    if config.batch_size != "auto" and (not isinstance(config.batch_size, int) or config.batch_size < 1):
+        raise ParameterError("batch_size", "must be at least 1, or auto")
+    if config.workers is not None and config.workers < 0:
+        raise ParameterError("workers", "must be 0 (all stages in series) or more")
+    if config.processor_device not in PROCESSOR_DEVICES:
+        raise ParameterError("processor_device", f"{config.processor_device!r}: choose {', '.join(PROCESSOR_DEVICES)}")
+    check_attn_implementation(config.attn_implementation, resolve_device(config.device))
+
+
 def read_table(config: ExtractConfig) -> list[Sample]:
-    samples = read_samples(config.data)
+    samples = input_table(config.data, config.hf_dataset, config.hf_config, config.split).samples
     return samples[: config.limit] if config.limit is not None else samples
+
+
+def image_source(config: ExtractConfig) -> ImageSource:
+    """The images of the run's table: embedded in it, or files under config.images."""
+    return input_table(config.data, config.hf_dataset, config.hf_config, config.split).image_source(config.images)
+
+
+def data_identity(config: ExtractConfig) -> dict[str, str] | None:
+    """What the run identity records of an input that --images does not name: the hub dataset (id, config,
+    split), a remote table's URL, the image column (halp.data.Table.content_identity). None for a table of image
+    files (identity as before). The rows' content is covered row by row (row_digest)."""
+    table = input_table(config.data, config.hf_dataset, config.hf_config, config.split)
+    return table.content_identity() if table.images is not None else None
 
 
 def device_for(device: str, shard: Shard) -> str:
@@ -165,6 +240,7 @@ def run_identity(config: ExtractConfig, dtype: str, max_new_tokens: int, num_sha
         "prompt_format": "chat_template/user[image,text]",
         "exif_orientation": config.exif_orientation,
         "num_shards": num_shards,
+        "data": data_identity(config),
     }
 
 
@@ -192,19 +268,22 @@ class ResumePlan:
     changed: list[str]
 
 
-def content_digests(samples: Sequence[Sample], images_dir: Path) -> dict[str, str]:
-    """question_id -> the row's content digest (its text and its image file's bytes), read from disk now."""
-    return {sample.question_id: row_digest(sample, image_file_sha256(images_dir, sample.image_id))
-            for sample in samples}
+def content_digests(samples: Sequence[Sample], images: ImageSource | Path) -> dict[str, str]:
+    """question_id -> the row's content digest (its text and its image's bytes: a file under --images, or the bytes
+    the table embeds), read now."""
+    image_digests = as_image_source(images).digests(samples)
+    return {
+        sample.question_id: row_digest(sample, digest) for sample, digest in zip(samples, image_digests, strict=True)
+    }
 
 
 def plan_resume(
-    store: RunStore, samples: Sequence[Sample], images_dir: Path, digests: dict[str, str] | None = None
+    store: RunStore, samples: Sequence[Sample], images: ImageSource | Path, digests: dict[str, str] | None = None
 ) -> ResumePlan:
     """Compare the table's rows (text and image bytes) with what is committed: a row is done only if committed with
     the same content digest. Changed rows are extracted again; their old copies leave at assembly."""
     if digests is None:
-        digests = content_digests(samples, images_dir)
+        digests = content_digests(samples, images)
     committed = store.committed_digests()
     todo = [sample for sample in samples if digests[sample.question_id] not in committed.get(sample.question_id, ())]
     changed = [sample.question_id for sample in todo if sample.question_id in committed]
@@ -235,7 +314,7 @@ def _run(
     store.remove_stale_temporaries()
     store.remove_assembled_parts()
     order = [sample.question_id for sample in samples]
-    plan = plan_resume(store, samples, config.images)
+    plan = plan_resume(store, samples, image_source(config))
     todo = plan.todo
     summary = ExtractSummary(store.root, len(samples), len(samples) - len(todo), 0, changed=plan.changed)
     log.info("%d samples, %d already committed, %d to do", len(samples), summary.already_done, len(todo))
@@ -253,6 +332,7 @@ def _run(
         summary.finished = True
         return summary
 
+    warm_up(resolve_workers(config))
     extractor, attrs = prepare_extractor(config, device, dtype, max_new_tokens)
     recheck_model_after_loading(store.read_identity() or {}, store, config.model)
     if store.features_path.exists():
@@ -261,6 +341,7 @@ def _run(
     start = time.perf_counter()
     _extract_all(config, extractor, todo, store, attrs, failures, dtype, max_new_tokens, summary, "extract")
     summary.seconds = time.perf_counter() - start
+    attrs["stage_seconds"] = json.dumps(summary.stages.as_dict())
 
     attrs["hidden_size"] = _dim(store, "vision_projected")
     attrs["vision_hidden_size"] = _dim(store, "vision_only")
@@ -280,7 +361,12 @@ def prepare_extractor(
     config: ExtractConfig, device: str, dtype: str, max_new_tokens: int
 ) -> tuple[FeatureExtractor, dict[str, Any]]:
     """Load the model, pick its adapter and layers; the attributes every committed part records."""
-    model, processor = load_model(config.model, device, dtype, config.trust_remote_code)
+    if config.preloaded is not None:
+        model, processor = config.preloaded
+    else:
+        model, processor = load_model(
+            config.model, device, dtype, config.trust_remote_code, attn_implementation=config.attn_implementation
+        )
     adapter = adapter_for(model, processor)
     layers = parse_layers(config.layers, adapter.num_layers)
     extractor = FeatureExtractor(adapter, layers)
@@ -295,6 +381,7 @@ def prepare_extractor(
         "device": device,
         "batch_size": config.batch_size,
         "max_new_tokens": max_new_tokens,
+        "attn_implementation": getattr(model.config, "_attn_implementation", None) or config.attn_implementation,
         "generated": max_new_tokens > 0,
         "exif_orientation": config.exif_orientation,
         "versions": json.dumps(versions()),
@@ -311,6 +398,8 @@ def log_rate(summary: ExtractSummary) -> None:
         summary.samples_per_second,
         len(summary.failed),
     )
+    if summary.stages.batches:
+        log.info("%s", summary.stages.line())
 
 
 def _extract_all(
@@ -325,22 +414,177 @@ def _extract_all(
     summary: ExtractSummary,
     desc: str,
 ) -> None:
-    with tqdm(total=len(todo), unit="sample", disable=not config.progress, desc=desc) as bar:
-        for window in batches(todo, config.batch_size * BUCKET_BATCHES):
-            ready, images = load_batch(window, config.images, failures, config.exif_orientation)
-            bar.update(len(window) - len(ready))
-            for chosen in batches_by_size(images, config.batch_size):
-                summary.processed += extract_loaded(
-                    [ready[i] for i in chosen],
-                    [images[i] for i in chosen],
+    """The overlapped loop (halp.pipeline): input workers -> the model in this thread -> the in-order writer."""
+    if not todo:
+        return
+    device = str(extractor.input_device())
+    source = image_source(config)
+    rules = RowRules(source, config.exif_orientation, frozenset(special_tokens_of(extractor)))
+    counter = TokenCounter(extractor.adapter, source)
+    batch_size = resolve_batch_size(config, extractor, todo, counter, rules, max_new_tokens, device)
+    attrs["batch_size"] = summary.batch_size = batch_size
+    attrs["batch_size_auto"] = config.batch_size == "auto"
+    workers = resolve_workers(config)
+    processor_device = resolve_processor_device(config.processor_device, extractor, device)
+    attrs["workers"] = workers
+    attrs["processor_device"] = processor_device
+    timing = summary.stages
+    timing.workers, timing.processor_device = workers, processor_device
+    # With the processor on the GPU the workers only decode; the feeder thread processes on the device.
+    device_encoder = _device_encoder(extractor, processor_device) if processor_device != "cpu" else None
+    spec = WorkerSpec(
+        model=_model_ref(config.model),
+        trust_remote_code=config.trust_remote_code,
+        adapter_class=type(extractor.adapter),
+        rules=rules,
+        encode=device_encoder is None,
+        init=config.worker_init,
+    )
+    pinned = device.startswith("cuda")
+
+    def finish(prepared: Prepared) -> Prepared:
+        if prepared.samples and prepared.inputs is None and device_encoder is not None:
+            start = time.perf_counter()
+            try:
+                with _DEVICE_PROCESSOR_LOCK:
+                    prepared.inputs = device_encoder.encode(prepared.images, [s.question for s in prepared.samples])
+            finally:
+                timing.add(processing=time.perf_counter() - start)
+            prepared.images = None
+        if prepared.inputs is not None:
+            tokens, padding = padding_of(prepared.inputs)
+            timing.add(tokens=tokens, padding_tokens=padding, batches=1)
+            prepared.positions = extractor.locate(prepared.inputs)
+            if pinned:
+                prepared.inputs = pin(prepared.inputs)
+        return prepared
+
+    plan = plan_batches(todo, batch_size, counter)
+    start = time.perf_counter()
+    with (
+        tqdm(total=len(todo), unit="sample", disable=not config.progress, desc=desc) as bar,
+        InputPipeline(plan, spec, workers, finish, timing, encoder=extractor.adapter) as inputs,
+        OrderedWriter(timing, background=workers > 0) as writer,
+    ):
+        try:
+            for prepared in inputs:
+                for failure in prepared.failures:
+                    failures.record(*failure)
+                bar.update(len(prepared.failures))
+                if not prepared.samples:
+                    continue
+                model_start = time.perf_counter()
+                batches_done = _extract_isolating_failures(
                     extractor,
+                    prepared.samples,
+                    _reloading_encoder(extractor, rules, failures),
                     max_new_tokens,
-                    store,
-                    attrs,
                     failures,
-                    dtype,
+                    inputs=prepared.inputs,
+                    positions=prepared.positions,
                 )
-                bar.update(len(chosen))
+                for samples_done, result in batches_done:
+                    timing.add(model=time.perf_counter() - model_start)
+                    writer.submit(
+                        lambda s=samples_done, r=result: _commit_finite_rows(store, s, r, attrs, failures, dtype)
+                    )
+                    summary.processed += len(samples_done)
+                    model_start = time.perf_counter()
+                bar.update(len(prepared.samples))
+        finally:
+            timing.wall += time.perf_counter() - start
+    log.info(
+        "batch size %d%s, %d input worker(s), processor on %s, attention %s",
+        batch_size,
+        " (auto)" if config.batch_size == "auto" else "",
+        workers,
+        processor_device,
+        attrs.get("attn_implementation"),
+    )
+
+
+#: The processor on the GPU runs in the feeder thread only; the lock keeps the OOM path's re-encoding apart.
+_DEVICE_PROCESSOR_LOCK = threading.Lock()
+
+
+def resolve_workers(config: ExtractConfig) -> int:
+    return default_workers() if config.workers is None else config.workers
+
+
+def _device_encoder(extractor: FeatureExtractor, device: str) -> Any:
+    """An adapter whose processor returns its image tensors on `device` (transformers' torchvision backend)."""
+    processor = copy.deepcopy(extractor.adapter.processor)
+    processor.image_processor.device = torch.device(device)
+    return type(extractor.adapter)(extractor.adapter.model, processor)
+
+
+def resolve_processor_device(choice: str, extractor: FeatureExtractor, device: str) -> str:
+    """cpu, or the model's CUDA device where transformers' torchvision image-processor backend can run there."""
+    from transformers.image_processing_backends import TorchvisionBackend
+
+    image_processor = getattr(extractor.adapter.processor, "image_processor", None)
+    capable = isinstance(image_processor, TorchvisionBackend)
+    on_gpu = device.startswith("cuda")
+    if choice == "cpu" or (choice == "auto" and not (capable and on_gpu)):
+        return "cpu"
+    if not on_gpu:
+        raise ParameterError("processor_device", f"cuda needs the model on a CUDA device; it is on {device}")
+    if not capable:
+        raise ParameterError(
+            "processor_device",
+            f"cuda: this checkpoint's image processor ({type(image_processor).__name__}) is not a torchvision "
+            "backend, which is what runs on a GPU; use cpu",
+        )
+    return device
+
+
+def resolve_batch_size(
+    config: ExtractConfig,
+    extractor: FeatureExtractor,
+    todo: Sequence[Sample],
+    counter: TokenCounter,
+    rules: RowRules,
+    max_new_tokens: int,
+    device: str,
+) -> int:
+    """config.batch_size, or for "auto" the largest batch of the longest rows that runs without out-of-memory."""
+    if config.batch_size != "auto":
+        return int(config.batch_size)
+    if not device.startswith("cuda"):
+        log.info("--batch-size auto on %s: no device memory to fit, using %d", device, AUTO_BATCH_CPU)
+        return AUTO_BATCH_CPU
+    counts = counter(todo)
+    longest = [todo[i] for i in sorted(range(len(todo)), key=lambda i: -counts[i])[:AUTO_BATCH_START]]
+
+    def try_batch(rows: list[Sample]) -> None:
+        ready, images, _ = load_rows(rows, rules)
+        if ready:
+            extractor.run(extractor.adapter.encode(images, [s.question for s in ready]), max_new_tokens)
+
+    size = find_batch_size(longest, try_batch, _out_of_memory_errors(), on_out_of_memory=_free_device_cache)
+    log.info("--batch-size auto: %d (the %d longest rows fit on %s)", size, size, device)
+    return size
+
+
+def _free_device_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _reloading_encoder(
+    extractor: FeatureExtractor, rules: RowRules, failures: FailureList
+) -> Callable[[list[Sample]], tuple[list[Sample], dict[str, Any] | None]]:
+    """Encodes part of a batch again (after an out-of-memory split): images reloaded, processed in this thread."""
+
+    def encode(samples: list[Sample]) -> tuple[list[Sample], dict[str, Any] | None]:
+        ready, images, failed = load_rows(samples, rules)
+        for failure in failed:
+            failures.record(*failure)
+        if not ready:
+            return [], None
+        return ready, extractor.adapter.encode(images, [s.question for s in ready])
+
+    return encode
 
 
 def batches_by_size(images: Sequence[Image.Image], batch_size: int) -> list[list[int]]:
@@ -351,10 +595,11 @@ def batches_by_size(images: Sequence[Image.Image], batch_size: int) -> list[list
 
 
 def load_batch(
-    batch: Sequence[Sample], images_dir: Path, failures: FailureList, exif_orientation: bool = True
+    batch: Sequence[Sample], images: ImageSource | Path, failures: FailureList, exif_orientation: bool = True
 ) -> tuple[list[Sample], list[Image.Image]]:
-    """The rows of `batch` that have a question and a readable image, with their images; others are recorded."""
-    ready, images = [], []
+    """The rows of `batch` that have a question and a readable image, with their images; others are recorded.
+    `images` is an image directory or the table's embedded images (halp.data.ImageSource)."""
+    asked = []
     for sample in batch:
         if not sample.question.strip():
             failures.record(sample, "input", "EmptyQuestion", "the question is empty")
@@ -363,14 +608,17 @@ def load_batch(
         if unstorable:
             failures.record(sample, "input", "UnstorableText", unstorable)
             continue
-        try:
-            image, image_sha256 = read_image(images_dir, sample.image_id, exif_orientation)
-            images.append(image)
-            # The digest of the bytes decoded here is what the committed row records.
-            ready.append(replace(sample, row_sha256=row_digest(sample, image_sha256)))
-        except ImageError as err:
-            failures.record(sample, "image", type(err).__name__, str(err))
-    return ready, images
+        asked.append(sample)
+    ready, loaded = [], []
+    for sample, item in zip(asked, as_image_source(images).read(asked, exif_orientation), strict=True):
+        if isinstance(item, Exception):
+            failures.record(sample, "image", type(item).__name__, str(item))
+            continue
+        image, image_sha256 = item
+        loaded.append(image)
+        # The digest of the bytes decoded here is what the committed row records.
+        ready.append(replace(sample, row_sha256=row_digest(sample, image_sha256)))
+    return ready, loaded
 
 
 def unstorable_text(sample: Sample) -> str:
@@ -417,19 +665,24 @@ def reject_special_tokens(
     specials = special_tokens_of(extractor)
     kept, kept_images = [], []
     for sample, image in zip(samples, images, strict=True):
-        present = sorted(token for token in specials if token in sample.question)
-        if present:
-            failures.record(
-                sample,
-                "input",
-                "SpecialTokenInQuestion",
-                f"the question contains the model's special token(s) {', '.join(map(repr, present[:3]))}; "
-                "remove them from the question",
-            )
+        message = special_token_message(sample.question, specials)
+        if message:
+            failures.record(sample, "input", "SpecialTokenInQuestion", message)
             continue
         kept.append(sample)
         kept_images.append(image)
     return kept, kept_images
+
+
+def special_token_message(question: str, specials: Collection[str]) -> str:
+    """Why the question cannot be used (it holds special tokens), or ""."""
+    present = sorted(token for token in specials if token in question)
+    if not present:
+        return ""
+    return (
+        f"the question contains the model's special token(s) {', '.join(map(repr, present[:3]))}; "
+        "remove them from the question"
+    )
 
 
 def extract_loaded(
@@ -446,9 +699,14 @@ def extract_loaded(
     processed = 0
     ready, images = reject_special_tokens(ready, images, extractor, failures)
     if ready:
-        for samples_done, result in _extract_isolating_failures(
-            extractor, list(ready), list(images), max_new_tokens, failures
-        ):
+        by_id = {sample.question_id: image for sample, image in zip(ready, images, strict=True)}
+
+        def encode(samples: list[Sample]) -> tuple[list[Sample], dict[str, Any]]:
+            images_of = [by_id[s.question_id] for s in samples]
+            return samples, extractor.adapter.encode(images_of, [s.question for s in samples])
+
+        isolated = _extract_isolating_failures(extractor, list(ready), encode, max_new_tokens, failures)
+        for samples_done, result in isolated:
             _commit_finite_rows(store, samples_done, result, attrs, failures, dtype)
             processed += len(samples_done)
     return processed
@@ -456,7 +714,7 @@ def extract_loaded(
 
 def extract_batch(
     batch: Sequence[Sample],
-    images_dir: Path,
+    images_dir: ImageSource | Path,
     extractor: FeatureExtractor,
     max_new_tokens: int,
     store: RunStore,
@@ -478,7 +736,7 @@ def _run_shard(
     store.lock()  # one writer per shard directory, for the life of this process
     try:
         mine = [sample for _, sample in shard.select(samples)]
-        digests = content_digests(mine, config.images)  # the images are read outside the run lock
+        digests = content_digests(mine, image_source(config))  # the images are read outside the run lock
         with store.sync():  # the run lock, briefly: identity, clean-up and the committed rows form one view
             identity = with_model_fingerprint(
                 run_identity(config, dtype, max_new_tokens, num_shards=shard.count), RunStore(config.out), config.model
@@ -486,7 +744,7 @@ def _run_shard(
             store.open(identity)
             store.remove_stale_temporaries()
             store.remove_assembled_parts()
-            plan = plan_resume(store, mine, config.images, digests)
+            plan = plan_resume(store, mine, image_source(config), digests)
             store.clear_done()  # until this pass ends, the run cannot be assembled
         handler = attach_log(store.writer_dir)
         try:
@@ -516,6 +774,7 @@ def _shard_pass(
     )
     failures = FailureLog(store.writer_dir / ERRORS_FILE, summary)
     if todo:
+        warm_up(resolve_workers(config))
         extractor, attrs = prepare_extractor(config, device, dtype, max_new_tokens)
         recheck_model_after_loading(store.read_identity() or {}, store, config.model)
         attrs["num_shards"] = shard.count
@@ -556,11 +815,13 @@ class FailureList:
 
     def __init__(self) -> None:
         self.failed: list[dict[str, str]] = []
+        self._lock = threading.Lock()  # the model's thread and the writer's both record
 
     def record(self, sample: Sample, stage: str, error: str, message: str) -> None:
         entry = {"question_id": sample.question_id, "stage": stage, "error": error, "message": message}
-        self.failed.append(entry)
-        self._written(entry)
+        with self._lock:
+            self.failed.append(entry)
+            self._written(entry)
         log.warning("%s failed at %s: %s: %s", sample.question_id, stage, error, message)
 
     def _written(self, entry: dict[str, str]) -> None:
@@ -587,23 +848,35 @@ def _out_of_memory_errors() -> tuple[type[BaseException], ...]:
 
 
 def _extract_isolating_failures(
-    extractor: FeatureExtractor, samples: list[Sample], images: list, max_new_tokens: int, failures: FailureList
+    extractor: FeatureExtractor,
+    samples: list[Sample],
+    encode: Callable[[list[Sample]], tuple[list[Sample], dict[str, Any] | None]],
+    max_new_tokens: int,
+    failures: FailureList,
+    inputs: dict[str, Any] | None = None,
+    positions: Any = None,
 ) -> Iterator[tuple[list[Sample], BatchResult]]:
-    """Extract a batch. On out-of-memory, free the cache and retry the halves. On any other error (the processor
-    refusing an image, a prompt the model rejects), retry the rows one by one, so only the guilty row is recorded
-    and the others are extracted. A lone row that fails is recorded with its error."""
+    """Extract a batch (its processor inputs given, or made by `encode`). On out-of-memory, free the cache and
+    retry the halves, encoded again. On any other error (the processor refusing an image, a prompt the model
+    rejects), retry the rows one by one, so only the guilty row is recorded and the others are extracted. A lone
+    row that fails is recorded with its error."""
     try:
-        result = extractor(images, [s.question for s in samples], max_new_tokens)
+        if inputs is None:
+            samples, inputs = encode(samples)
+            positions = None
+            if inputs is None:
+                return
+        result = extractor.run(inputs, max_new_tokens, positions)
     except _out_of_memory_errors() as err:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        del inputs
+        _free_device_cache()
         if len(samples) == 1:
             failures.record(samples[0], "extract", "OutOfMemoryError", f"does not fit even alone: {err}")
             return
         half = len(samples) // 2
         log.warning("out of memory with %d samples; retrying as %d + %d", len(samples), half, len(samples) - half)
-        yield from _extract_isolating_failures(extractor, samples[:half], images[:half], max_new_tokens, failures)
-        yield from _extract_isolating_failures(extractor, samples[half:], images[half:], max_new_tokens, failures)
+        yield from _extract_isolating_failures(extractor, samples[:half], encode, max_new_tokens, failures)
+        yield from _extract_isolating_failures(extractor, samples[half:], encode, max_new_tokens, failures)
         return
     except Exception as err:
         if len(samples) == 1:
@@ -613,7 +886,7 @@ def _extract_isolating_failures(
                     _one_line(err))
         for index in range(len(samples)):
             yield from _extract_isolating_failures(
-                extractor, samples[index : index + 1], images[index : index + 1], max_new_tokens, failures
+                extractor, samples[index : index + 1], encode, max_new_tokens, failures
             )
         return
     yield samples, result

@@ -10,6 +10,7 @@ transformers' own classes, and its `.py` files are never imported.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 _CUSTOM_CODE_REFUSAL = "custom code"
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+#: --attn-implementation choices, and the package each kernel needs beyond torch.
+ATTN_IMPLEMENTATIONS = {"sdpa": None, "flash_attention_2": "flash_attn", "eager": None}
 
 
 def resolve_device(device: str) -> str:
@@ -102,24 +105,72 @@ def _load_error(model_id: str, err: Exception) -> ModelLoadError:
     return ModelLoadError(f"{model_id} cannot be loaded: {first_line}")
 
 
+def check_attn_implementation(attn_implementation: str, device: str) -> None:
+    """Refuse an unknown kernel, or one whose package is missing, before anything loads."""
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ModelLoadError(f"--attn-implementation {attn_implementation!r}: choose {', '.join(ATTN_IMPLEMENTATIONS)}")
+    package = ATTN_IMPLEMENTATIONS[attn_implementation]
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise ModelLoadError(
+            f"--attn-implementation {attn_implementation} needs the {package} package, which is not installed "
+            f"(pip install flash-attn --no-build-isolation, on a CUDA machine); or use sdpa (the default)"
+        )
+    if attn_implementation.startswith("flash_attention") and not device.startswith("cuda"):
+        raise ModelLoadError(f"--attn-implementation {attn_implementation} runs on CUDA only; the device is {device}")
+
+
+def load_processor(model_id: str, trust_remote_code: bool = False) -> Any:
+    """The checkpoint's processor, as `load_model` loads it (input workers load theirs with this too)."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+
+
 def load_model(
-    model_id: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False
+    model_id: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
 ) -> tuple[nn.Module, Any]:
-    """Model and processor through the Auto classes; remote code only when asked for."""
+    """Model and processor through the Auto classes; remote code only when asked for.
+
+    `attn_implementation` (sdpa, flash_attention_2, eager) is passed to transformers, which refuses an
+    architecture without that kernel; None leaves transformers' own choice (sdpa where supported, else eager).
+    """
     from huggingface_hub.errors import HFValidationError
 
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     check_model_source(model_id, trust_remote_code)
-    log.info("loading %s (%s, %s, trust_remote_code=%s)", model_id, device, torch_dtype, trust_remote_code)
+    if attn_implementation is not None:
+        check_attn_implementation(attn_implementation, device)
+    log.info(
+        "loading %s (%s, %s, attention %s, trust_remote_code=%s)",
+        model_id,
+        device,
+        torch_dtype,
+        attn_implementation or "transformers' default",
+        trust_remote_code,
+    )
     try:
         model_class, processor = _model_class_and_processor(model_id, trust_remote_code)
     except (OSError, HFValidationError, ValueError) as err:
         raise _load_error(model_id, err) from err
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
     if device == "cuda":
         kwargs["device_map"] = "auto"
-    model = model_class.from_pretrained(model_id, **kwargs)
+    try:
+        model = model_class.from_pretrained(model_id, **kwargs)
+    except (ValueError, ImportError) as err:
+        if attn_implementation is None or not any(word in str(err).lower() for word in ("attn", "attention")):
+            raise
+        raise ModelLoadError(
+            f"{model_id} cannot load with --attn-implementation {attn_implementation}: {err}. "
+            "Choose another (eager works for every architecture)."
+        ) from err
     if device != "cuda":
         model = model.to(device)
     model.eval()
@@ -133,14 +184,13 @@ def _model_class_and_processor(model_id: str, trust_remote_code: bool) -> tuple[
         AutoModelForCausalLM,
         AutoModelForImageTextToText,
         AutoModelForMultimodalLM,
-        AutoProcessor,
     )
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     config = AutoConfig.from_pretrained(model_id, trust_remote_code=trust_remote_code)
     if not trust_remote_code:
         refuse_remote_code(model_id, config.to_dict())  # a hub config, read without running its code
-    processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+    processor = load_processor(model_id, trust_remote_code)
     if trust_remote_code and getattr(config, "auto_map", None):
         auto_map = config.auto_map
         # Remote-code VLMs that register only a causal-LM class (Molmo-*-0924) load through that class.

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from halp.cli.app import app, console, fail, say
+from halp.cli.app import app, console, fail, say, setup_logging
 
 if TYPE_CHECKING:
     from halp.world.study import StudyResult
@@ -38,7 +37,7 @@ def world(
     from halp.world.model import WorldModelConfig
     from halp.world.study import StudyConfig, run_study
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     model = WorldModelConfig(seed=seed)
     if steps is not None:
         model.steps = steps

@@ -13,6 +13,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import h5py
 
@@ -81,3 +82,25 @@ def kill_and_resume(
             report.finished_during_trials = True
             break
     return report
+
+
+#: The first bytes of an image file that makes `crash_decoder_on_marker`'s decoder crash its process.
+CRASH_MARKER = b"HALP-CRASH-DECODER"
+
+
+def crash_decoder_on_marker() -> None:
+    """Input-worker fault injection (`ExtractConfig.worker_init="halp.testing.faults:crash_decoder_on_marker"`):
+    the worker's image reading aborts the whole process (as a native decoder crash does, no Python exception)
+    on a file starting with CRASH_MARKER."""
+    from halp import extract
+    from halp.data import resolve_image_path
+
+    real_read = extract.read_image
+
+    def read(images_dir: str | Path, image_id: str, *args: Any, **kwargs: Any) -> Any:
+        path = resolve_image_path(images_dir, image_id)
+        if path.is_file() and path.read_bytes()[: len(CRASH_MARKER)] == CRASH_MARKER:
+            os.abort()
+        return real_read(images_dir, image_id, *args, **kwargs)
+
+    extract.read_image = read

@@ -92,6 +92,8 @@ def cli_args(config: ExtractConfig) -> list[str]:
     ]
     if not config.generate:
         args.append("--no-generate")
+    if config.workers is not None:
+        args += ["--workers", str(config.workers)]
     if config.limit is not None:
         args += ["--limit", str(config.limit)]
     return args

@@ -1,0 +1,691 @@
+"""The overlapped extraction pipeline: input workers with bounded prefetch, an in-order writer, stage timing.
+
+A batch goes through four stages: load its images (decode), process them (the processor's tensors), run the
+model (one prefill, then the greedy answer), commit (an HDF5 part: temporary file, fsync, rename). Done in
+series, the device waits while the host decodes, processes and commits. Here the stages overlap:
+
+- `--workers N` input worker **processes** decode the images and run the processor, at most `prefetch`
+  batches ahead of the model. A process, not a thread: the processor's Python does not contend with the
+  model's for the GIL, and a worker that crashes (a native decoder on a malformed file) takes only its own
+  batch down: those rows are recorded as failed (stage `worker`) and a fresh worker replaces it.
+- a **feeder thread** in the main process hands batches to idle workers, puts their results back in batch
+  order, finds the token positions, pins host tensors for an asynchronous copy to CUDA, and, with
+  `--processor-device cuda`, runs the processor on the GPU (the workers then only decode);
+- the **model** runs in the main thread, one batch after the other, in plan order;
+- a **writer thread** commits finished batches in the same order. The commit is unchanged (atomic parts), so
+  a crash loses at most the batches not yet committed — the one in the model, the one being committed and
+  one waiting for the writer — never a committed row; a rerun extracts exactly the rows with no committed part.
+
+`--workers 0` runs every stage in series in the calling thread (no process, no thread), as before.
+
+Batches are planned by token count: within windows of `BUCKET_BATCHES` batches, rows are sorted by the
+number of tokens the processor will give them (its own `_get_num_multimodal_tokens` for the image, the
+tokenizer for the text), so a batch pads little. The padding actually paid is measured from the attention
+masks and reported with the stage times (`StageTimes`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from halp.data import ImageSource, Sample
+from halp.errors import InputWorkerError
+
+log = logging.getLogger(__name__)
+
+#: Rows are planned this many batches at a time and sorted by token count within that window.
+BUCKET_BATCHES = 16
+#: `--batch-size auto` starts here and halves on out-of-memory.
+AUTO_BATCH_START = 64
+#: `--batch-size auto` on a device without a memory limit to probe (CPU): the default batch size.
+AUTO_BATCH_CPU = 8
+
+#: (sample, stage, error type, message): a row that failed before reaching the model.
+RowFailure = tuple[Sample, str, str, str]
+
+
+def default_workers() -> int:
+    """One input worker per spare CPU core, at most 4 (past that the processor rarely is the bottleneck)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores - 1))
+
+
+def _context() -> Any:
+    import multiprocessing
+
+    # forkserver: workers fork from a clean process, never from one whose threads hold locks (OpenMP, CUDA).
+    context = multiprocessing.get_context("forkserver")
+    # What every worker imports to load a processor, imported once in the server (workers fork with it).
+    context.set_forkserver_preload(
+        ["halp.extract", "transformers", "transformers.models.auto.processing_auto", "torchvision"]
+    )
+    return context
+
+
+def warm_up(workers: int) -> None:
+    """Start the process the input workers fork from now, so its imports overlap the model's loading."""
+    if workers > 0:
+        from multiprocessing import forkserver
+
+        _context()
+        forkserver.ensure_running()
+
+
+# ----- stage timing ------------------------------------------------------------------------------------
+
+
+@dataclass
+class StageTimes:
+    """Seconds per stage of one extraction pass, and the padding its batches paid.
+
+    `loading_images` and `processing` are summed over the input workers (they run in parallel, so they can
+    exceed the wall time); `model` and `committing` are the main thread's and the writer's. `waiting_for_input`
+    is the time the model waited for its next batch; `stall_fraction` is that over the wall time.
+    """
+
+    loading_images: float = 0.0
+    processing: float = 0.0
+    model: float = 0.0
+    committing: float = 0.0
+    waiting_for_input: float = 0.0
+    #: Of waiting_for_input, the wait for the first batch (worker start-up, processor loading).
+    first_batch_wait: float = 0.0
+    wall: float = 0.0
+    batches: int = 0
+    tokens: int = 0
+    padding_tokens: int = 0
+    workers: int = 0
+    processor_device: str = "cpu"
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **seconds: float) -> None:
+        with self._lock:
+            for name, value in seconds.items():
+                setattr(self, name, getattr(self, name) + value)
+
+    @property
+    def stall_fraction(self) -> float:
+        return self.waiting_for_input / self.wall if self.wall > 0 else 0.0
+
+    @property
+    def steady_stall_fraction(self) -> float:
+        """The stall once the first batch has arrived (without the workers' start-up)."""
+        steady = self.wall - self.first_batch_wait
+        return (self.waiting_for_input - self.first_batch_wait) / steady if steady > 0 else 0.0
+
+    @property
+    def padding_fraction(self) -> float:
+        total = self.tokens + self.padding_tokens
+        return self.padding_tokens / total if total else 0.0
+
+    def as_dict(self) -> dict[str, float | int | str]:
+        values = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+        values["stall_fraction"] = self.stall_fraction
+        values["steady_stall_fraction"] = self.steady_stall_fraction
+        values["padding_fraction"] = self.padding_fraction
+        return values
+
+    def line(self) -> str:
+        """One line for the log and the console."""
+        return (
+            f"stages: loading images {self.loading_images:.1f}s, processing {self.processing:.1f}s "
+            f"({self.workers} worker(s), processor on {self.processor_device}), model {self.model:.1f}s, "
+            f"committing {self.committing:.1f}s, wall {self.wall:.1f}s; model waited for input "
+            f"{self.stall_fraction:.1%} of the time ({self.first_batch_wait:.1f}s for the first batch, "
+            f"{self.steady_stall_fraction:.1%} after it); "
+            f"padding {self.padding_fraction:.1%} of "
+            f"{self.tokens + self.padding_tokens} tokens in {self.batches} batch(es)"
+        )
+
+
+# ----- preparing a batch (shared by the workers and the serial path) -------------------------------------
+
+
+@dataclass
+class Prepared:
+    """One batch ready for the model: its rows, their processor inputs, and the rows that failed before."""
+
+    index: int
+    samples: list[Sample]
+    failures: list[RowFailure] = field(default_factory=list)
+    inputs: dict[str, Any] | None = None
+    #: Decoded images, kept only while the processor still has to run (processor on the GPU).
+    images: list[Image.Image] | None = None
+    loading_seconds: float = 0.0
+    processing_seconds: float = 0.0
+    #: Set by the feeder: token positions (halp.capture.Positions).
+    positions: Any = None
+
+
+@dataclass(frozen=True)
+class RowRules:
+    """How a row's inputs are read: the same rules in a worker process as in the serial loop."""
+
+    #: The table's images: files under --images, or embedded in the table (halp.data.ImageSource; picklable).
+    images: ImageSource
+    exif_orientation: bool = True
+    #: The model's special tokens: a question holding one fails (halp.extract.reject_special_tokens).
+    specials: frozenset[str] = frozenset()
+
+
+def load_rows(
+    samples: Sequence[Sample], rules: RowRules
+) -> tuple[list[Sample], list[Image.Image], list[RowFailure]]:
+    """The rows that can be given to the processor, with their images (and content digests); the others as
+    failures. The rules are the serial loop's own (halp.extract.load_batch, special_token_message)."""
+    from halp.extract import FailureList, load_batch, special_token_message
+
+    class Collected(FailureList):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows: list[RowFailure] = []
+
+        def record(self, sample: Sample, stage: str, error: str, message: str) -> None:
+            self.rows.append((sample, stage, error, message))
+
+    collected = Collected()
+    loaded, loaded_images = load_batch(samples, rules.images, collected, rules.exif_orientation)
+    ready, images = [], []
+    for sample, image in zip(loaded, loaded_images, strict=True):
+        message = special_token_message(sample.question, rules.specials)
+        if message:
+            collected.rows.append((sample, "input", "SpecialTokenInQuestion", message))
+            continue
+        ready.append(sample)
+        images.append(image)
+    return ready, images, collected.rows
+
+
+def _one_line(err: BaseException) -> str:
+    from halp.extract import _one_line as one_line  # the serial loop's wording of a row's error
+
+    return one_line(err)
+
+
+def encode_rows(
+    encoder: Any, samples: list[Sample], images: list[Image.Image]
+) -> tuple[list[Sample], dict[str, Any] | None, list[RowFailure]]:
+    """Processor inputs for the rows; if the batch fails, each row alone tells which rows cannot be processed."""
+    if not samples:
+        return [], None, []
+    try:
+        return samples, encoder.encode(images, [s.question for s in samples]), []
+    except Exception:  # any processor error: find the rows that cause it, the others go on
+        if len(samples) == 1:
+            raise
+    kept, kept_images, failures = [], [], []
+    for sample, image in zip(samples, images, strict=True):
+        try:
+            encoder.encode([image], [sample.question])
+        except Exception as err:  # this row's error, recorded; the run goes on
+            failures.append((sample, "extract", type(err).__name__, _one_line(err)))
+            continue
+        kept.append(sample)
+        kept_images.append(image)
+    if not kept:
+        return [], None, failures
+    return kept, encoder.encode(kept_images, [s.question for s in kept]), failures
+
+
+def prepare(index: int, samples: list[Sample], rules: RowRules, encoder: Any | None) -> Prepared:
+    """Load (and, given an encoder, process) one batch; `encoder` is an Adapter (only `encode` is used)."""
+    start = time.perf_counter()
+    ready, images, failures = load_rows(samples, rules)
+    loaded = time.perf_counter()
+    prepared = Prepared(index, ready, failures, images=images, loading_seconds=loaded - start)
+    if encoder is not None:
+        try:
+            ready, inputs, more = encode_rows(encoder, ready, images)
+        except Exception as err:  # a lone row the processor cannot take
+            ready, inputs, more = [], None, [(ready[0], "extract", type(err).__name__, _one_line(err))]
+        prepared.samples, prepared.inputs, prepared.images = ready, inputs, None
+        prepared.failures += more
+        prepared.processing_seconds = time.perf_counter() - loaded
+    return prepared
+
+
+# ----- input worker processes ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What an input worker process needs to rebuild the processor side of the adapter."""
+
+    model: str
+    trust_remote_code: bool
+    adapter_class: type
+    rules: RowRules
+    #: False: decode only (the processor runs in the main process, on the GPU).
+    encode: bool = True
+    #: "module:function" called first in each worker: fault injection in tests (halp.testing.faults).
+    init: str | None = None
+    #: The main process's decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS), applied in the workers too.
+    max_image_pixels: int | None = field(default_factory=lambda: Image.MAX_IMAGE_PIXELS)
+
+
+def _worker_main(conn: Any, spec: WorkerSpec) -> None:
+    # Ctrl-C reaches the whole process group: the main process stops the workers itself, in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Row failures are reported to the main process, which logs them; nothing here goes to the console.
+    logging.getLogger("halp").addHandler(logging.NullHandler())
+    logging.getLogger("halp").propagate = False
+    torch.set_num_threads(1)
+    Image.MAX_IMAGE_PIXELS = spec.max_image_pixels
+    try:
+        if spec.init:
+            module, _, function = spec.init.partition(":")
+            getattr(importlib.import_module(module), function)()
+        encoder = None
+        if spec.encode:
+            from halp.loading import load_processor
+
+            encoder = spec.adapter_class(None, load_processor(spec.model, spec.trust_remote_code))
+    except Exception:  # reported to the main process, which fails the run with it
+        conn.send(("failed", traceback.format_exc()))
+        return
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):  # the main process is gone
+            return
+        if task is None:
+            return
+        index, samples = task
+        prepared = prepare(index, samples, spec.rules, encoder)
+        if prepared.inputs is not None:
+            # Through the pipe as numpy arrays (a copy), not torch's shared-memory files: those fail where
+            # /dev/shm is small (64 MiB in a default Docker container) or a file-size limit applies.
+            prepared.inputs = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in prepared.inputs.items()}
+        conn.send(prepared)
+
+
+class _Worker:
+    def __init__(self, context: Any, spec: WorkerSpec) -> None:
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_worker_main, args=(child, spec), daemon=True, name="halp-input")
+        self.process.start()
+        child.close()
+        self.task: tuple[int, list[Sample]] | None = None
+        self.ready = False
+        self.closed = False
+
+    def stop(self, timeout: float) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.conn.send(None)
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(timeout)
+        self.conn.close()
+
+
+_END = object()
+
+
+class _Raised:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class InputPipeline:
+    """Prepared batches, in plan order, from `workers` background processes (or in series with 0 workers).
+
+    finish(prepared) runs in the feeder thread on every batch before the model gets it (positions, pinning,
+    the processor on the GPU). Iterating measures the model's wait for input into `timing`.
+    """
+
+    def __init__(
+        self,
+        plan: Iterator[list[Sample]],
+        spec: WorkerSpec,
+        workers: int,
+        finish: Callable[[Prepared], Prepared],
+        timing: StageTimes,
+        encoder: Any | None = None,
+        prefetch: int | None = None,
+    ) -> None:
+        self.plan = enumerate(plan)
+        self.spec = spec
+        self.workers = workers
+        self.finish = finish
+        self.timing = timing
+        self.encoder = encoder  # the serial path's (workers=0)
+        self.prefetch = prefetch if prefetch is not None else max(2, workers + 1)
+        self._out: queue.Queue[Any] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pool: list[_Worker] = []
+        self.replaced = 0
+
+    # -- the consumer side (the model's thread)
+    def __enter__(self) -> InputPipeline:
+        if self.workers > 0:
+            self._thread = threading.Thread(target=self._feed, name="halp-feeder", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[Prepared]:
+        if self.workers == 0:
+            yield from self._serial()
+            return
+        first = True
+        while True:
+            start = time.perf_counter()
+            item = self._out.get()
+            waited = time.perf_counter() - start
+            self.timing.add(waiting_for_input=waited, first_batch_wait=waited if first else 0.0)
+            first = False
+            if item is _END:
+                return
+            if isinstance(item, _Raised):
+                raise item.error
+            yield item
+
+    def _serial(self) -> Iterator[Prepared]:
+        for index, samples in self.plan:
+            start = time.perf_counter()
+            prepared = self.finish(prepare(index, samples, self.spec.rules, self.encoder))
+            # In series the model waits for every stage of its input.
+            self.timing.add(
+                loading_images=prepared.loading_seconds,
+                processing=prepared.processing_seconds,
+                waiting_for_input=time.perf_counter() - start,
+            )
+            yield prepared
+
+    def close(self) -> None:
+        """Stop the feeder and the workers (also on Ctrl-C or an error in the model thread)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+            self._thread = None
+        for worker in self._pool:
+            worker.stop(timeout=5)
+        self._pool.clear()
+
+    # -- the feeder thread
+    def _feed(self) -> None:
+        try:
+            self._feed_loop()
+            self._out.put(_END)
+        except BaseException as err:  # handed to the model's thread, which raises it
+            self._out.put(_Raised(err))
+
+    def _start_worker(self) -> _Worker:
+        return _Worker(_context(), self.spec)
+
+    def _feed_loop(self) -> None:
+        from multiprocessing.connection import wait
+
+        self._pool = [self._start_worker() for _ in range(self.workers)]
+        ready: dict[int, Prepared] = {}
+        next_index = 0
+        exhausted = False
+        while not self._stop.is_set():
+            # Hand out tasks while fewer than `prefetch` batches are on their way or waiting for the model.
+            outstanding = sum(w.task is not None for w in self._pool) + len(ready) + self._out.qsize()
+            for worker in self._pool:
+                if exhausted or outstanding >= self.prefetch:
+                    break
+                if worker.ready and worker.task is None:
+                    item = next(self.plan, None)
+                    if item is None:
+                        exhausted = True
+                        break
+                    worker.task = (item[0], item[1])
+                    worker.conn.send(worker.task)
+                    outstanding += 1
+            while next_index in ready:
+                self._deliver(ready.pop(next_index))
+                next_index += 1
+            if exhausted and not ready and all(w.task is None for w in self._pool):
+                return
+            waitables = [w.conn for w in self._pool] + [w.process.sentinel for w in self._pool]
+            wait(waitables, timeout=0.2)
+            for position, worker in enumerate(list(self._pool)):
+                while (message := self._receive(worker)) is not None:
+                    ready[message.index] = message
+                if worker.closed or not worker.process.is_alive():
+                    while (message := self._receive(worker)) is not None:  # what it sent before it ended
+                        ready[message.index] = message
+                    lost = self._replace(position, worker)
+                    if lost is not None:
+                        ready[lost.index] = lost
+
+    def _receive(self, worker: _Worker) -> Prepared | None:
+        """The worker's next result, if one is waiting; sets worker.closed when its end of the pipe is gone."""
+        while not worker.closed:
+            try:
+                if not worker.conn.poll():
+                    return None
+                message = worker.conn.recv()
+            except (EOFError, OSError):
+                worker.closed = True
+                return None
+            if isinstance(message, tuple) and message and message[0] == "failed":
+                raise InputWorkerError(f"an input worker could not start: {message[1].strip().splitlines()[-1]}")
+            if isinstance(message, tuple) and message and message[0] == "ready":
+                worker.ready = True
+                log.info("input worker pid %d ready", message[1])
+                continue
+            worker.task = None
+            if message.inputs is not None:
+                message.inputs = {
+                    k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in message.inputs.items()
+                }
+            self.timing.add(loading_images=message.loading_seconds, processing=message.processing_seconds)
+            return message
+        return None
+
+    def _replace(self, position: int, worker: _Worker) -> Prepared | None:
+        """A worker died: its batch's rows fail (a rerun retries them) and a new worker takes its place."""
+        worker.process.join(5)
+        if worker.process.is_alive():  # its pipe is gone but it is not: it is no use any more
+            worker.process.terminate()
+            worker.process.join(5)
+        code = worker.process.exitcode
+        worker.conn.close()
+        if not worker.ready:
+            raise InputWorkerError(f"an input worker exited with code {code} before it was ready")
+        self._pool[position] = self._start_worker()
+        self.replaced += 1
+        if worker.task is None:
+            log.warning("input worker %s exited with code %s between batches; replaced", worker.process.pid, code)
+            return None
+        index, samples = worker.task
+        message = (
+            f"the input worker (pid {worker.process.pid}) died with exit code {code} while loading or processing "
+            "this row's batch (a decoder crash on a malformed image, or the worker was killed); a rerun retries it"
+        )
+        log.warning("input worker %s died (exit code %s) with batch %d; replaced", worker.process.pid, code, index)
+        return Prepared(index, [], [(sample, "worker", "InputWorkerDied", message) for sample in samples])
+
+    def _deliver(self, prepared: Prepared) -> None:
+        self._out.put(self.finish(prepared))
+
+
+# ----- the in-order writer --------------------------------------------------------------------------------
+
+
+class OrderedWriter:
+    """Runs commits one after the other in submission order, in a thread (or inline with background=False).
+
+    At most `depth` commits wait; the model then waits too (its time is counted as model time). The first
+    error stops the writer: later commits are not run (the order would break) and the error is raised in the
+    submitting thread at its next submit or at close.
+    """
+
+    def __init__(self, timing: StageTimes, background: bool = True, depth: int = 1) -> None:
+        self.timing = timing
+        self.background = background
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if background:
+            self._thread = threading.Thread(target=self._loop, name="halp-writer", daemon=True)
+            self._thread.start()
+
+    def __enter__(self) -> OrderedWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(raise_error=exc_type is None)
+
+    def submit(self, commit: Callable[[], None]) -> None:
+        self._raise_error()
+        if not self.background:
+            self._run(commit)
+            return
+        self._queue.put(commit)
+
+    def close(self, raise_error: bool = True) -> None:
+        """Wait for every submitted commit (on Ctrl-C too: what the model finished is worth keeping)."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        if raise_error:
+            self._raise_error()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _run(self, commit: Callable[[], None]) -> None:
+        start = time.perf_counter()
+        try:
+            commit()
+        finally:
+            self.timing.add(committing=time.perf_counter() - start)
+
+    def _loop(self) -> None:
+        while True:
+            commit = self._queue.get()
+            if commit is None:
+                return
+            if self._error is not None:
+                continue  # after a failed commit nothing later may be committed
+            try:
+                self._run(commit)
+            except BaseException as err:  # raised in the submitting thread
+                self._error = err
+
+
+# ----- planning batches by token count --------------------------------------------------------------------
+
+
+class TokenCounter:
+    """How many tokens the processor will give a row, without processing it: the tokenizer for the text and
+    the processor's own count for an image of that size (a file's header is read, not decoded)."""
+
+    def __init__(self, encoder: Any, images: ImageSource) -> None:
+        self.encoder = encoder
+        self.images = images
+        # Its own tokenizer: the feeder thread counts while the model's thread decodes answers, and a Rust
+        # tokenizer called with padding/truncation settings must not be shared across threads ("Already borrowed").
+        self.tokenizer = copy.deepcopy(encoder.tokenizer())
+        self.image_token_id = encoder.image_token_id
+        processor = encoder.processor
+        self.counts_images = callable(getattr(processor, "_get_num_multimodal_tokens", None))
+
+    def image_size(self, sample: Sample) -> tuple[int, int] | None:
+        return self.images.size(sample)  # None: the worker records the real error when it loads the image
+
+    def __call__(self, samples: Sequence[Sample]) -> list[float]:
+        sizes = [self.image_size(sample) for sample in samples]
+        counts = []
+        for sample, size in zip(samples, sizes, strict=True):
+            if size is None:
+                counts.append(0.0)
+                continue
+            ids = self.tokenizer(self.encoder.prompt(sample.question), add_special_tokens=False)["input_ids"]
+            # The processor replaces the prompt's image placeholder by the image's tokens.
+            counts.append(len(ids) - ids.count(self.image_token_id) + self._image_tokens(size))
+        return counts
+
+    def _image_tokens(self, size: tuple[int, int]) -> float:
+        if self.counts_images:
+            try:
+                counted = self.encoder.processor._get_num_multimodal_tokens(image_sizes=[list(size)])
+                value = counted["num_image_tokens"] if isinstance(counted, dict) else counted.num_image_tokens
+                return float(value[0])
+            except (NotImplementedError, AttributeError, KeyError, TypeError, ValueError):
+                self.counts_images = False
+        # The processor cannot count: a dynamic-resolution model's tokens grow with the area, so order by it.
+        return size[0] * size[1] / (28 * 28)
+
+
+def plan_batches(
+    todo: Sequence[Sample], batch_size: int, count: Callable[[Sequence[Sample]], list[float]]
+) -> Iterator[list[Sample]]:
+    """Batches of rows with similar token counts, window by window (features do not depend on the batch)."""
+    window = batch_size * BUCKET_BATCHES
+    for start in range(0, len(todo), window):
+        rows = list(todo[start : start + window])
+        counts = count(rows)
+        order = sorted(range(len(rows)), key=lambda i: counts[i])
+        for first in range(0, len(order), batch_size):
+            yield [rows[i] for i in order[first : first + batch_size]]
+
+
+def padding_of(inputs: dict[str, Any]) -> tuple[int, int]:
+    """(tokens, padding tokens) of a batch's processor inputs."""
+    mask = inputs.get("attention_mask")
+    if not isinstance(mask, torch.Tensor):
+        return 0, 0
+    tokens = int(mask.sum())
+    return tokens, int(mask.numel()) - tokens
+
+
+def pin(inputs: dict[str, Any]) -> dict[str, Any]:
+    """Host tensors in page-locked memory, so the copy to the GPU runs without blocking the host."""
+    return {
+        key: value.pin_memory() if isinstance(value, torch.Tensor) and value.device.type == "cpu" else value
+        for key, value in inputs.items()
+    }
+
+
+# ----- --batch-size auto ----------------------------------------------------------------------------------
+
+
+def find_batch_size(
+    rows_longest_first: Sequence[Sample],
+    try_batch: Callable[[list[Sample]], None],
+    out_of_memory: tuple[type[BaseException], ...],
+    start: int = AUTO_BATCH_START,
+    on_out_of_memory: Callable[[], None] = lambda: None,
+) -> int:
+    """The largest batch size, halving from `start`, at which the longest rows run without running out of
+    memory. The longest rows are the worst case: every later batch has rows no longer than these."""
+    size = max(1, min(start, len(rows_longest_first)))
+    while True:
+        try:
+            try_batch(list(rows_longest_first[:size]))
+            return size
+        except out_of_memory:
+            on_out_of_memory()
+            if size == 1:
+                return 1  # not even one row fits: the run records those rows as out-of-memory failures
+            log.info("--batch-size auto: %d rows do not fit; trying %d", size, size // 2)
+            size //= 2
