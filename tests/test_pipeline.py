@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from halp.capture import FeatureExtractor, parse_layers
-from halp.data import load_image, read_samples
+from halp.data import FolderImages, load_image, read_samples
 from halp.errors import ModelLoadError, ParameterError
 from halp.extract import resolve_processor_device, run_extraction
 from halp.models import adapter_for
@@ -76,12 +76,12 @@ def test_token_counts_are_the_processors_and_batches_group_them(checkpoint_dir, 
     model, processor = loaded("qwen2_5_vl")
     adapter = adapter_for(model, processor)
     samples = read_samples(table)
-    counts = TokenCounter(adapter, images)(samples)
+    counts = TokenCounter(adapter, FolderImages(images))(samples)
     for sample, count in zip(samples, counts, strict=True):
         # The processor, run on the row alone (no padding), gives exactly the counted tokens.
         inputs = adapter.encode([load_image(images, sample.image_id)], [sample.question])
         assert count == int(inputs["attention_mask"].sum()), sample.question_id
-    planned = list(plan_batches(samples, 3, TokenCounter(adapter, images)))
+    planned = list(plan_batches(samples, 3, TokenCounter(adapter, FolderImages(images))))
     assert sorted(s.question_id for batch in planned for s in batch) == sorted(s.question_id for s in samples)
     by_id = dict(zip([s.question_id for s in samples], counts, strict=True))
     flat = [by_id[s.question_id] for batch in planned for s in batch]

@@ -120,3 +120,23 @@ def test_a_worker_that_cannot_start_fails_the_run_with_one_clear_line(tmp_path, 
     assert "a Ray worker failed: OSError" in result.output and "model.safetensors" in result.output
     logged = (out / "extract.log").read_text()
     assert "Ray worker failure" in logged and "creation task" in logged  # the full remote error
+
+
+def test_ray_extracts_a_table_that_embeds_its_images(tmp_path, cluster, run_checkpoint, run_data, run_reference):
+    """The same rows with their image files embedded in Parquet (no --images) give the same run as the files."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table, images = run_data
+    frame = pd.read_csv(table, dtype=str, keep_default_na=False)
+    arrow = pa.Table.from_pandas(frame, preserve_index=False)
+    cells = [{"bytes": (images / name).read_bytes(), "path": name} for name in frame["image_id"]]
+    embedded = tmp_path / "embedded.parquet"
+    pq.write_table(arrow.append_column("image", pa.array(cells)), embedded)
+    out = tmp_path / "run"
+    summary = run_ray_extraction(
+        compared_run_config(run_checkpoint, embedded, None, out), num_workers=2, gpus_per_worker=0
+    )
+    assert summary.finished
+    assert_run_equals(out, run_reference)

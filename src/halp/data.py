@@ -1,22 +1,35 @@
-"""Input tables (CSV, JSONL, Parquet) and images.
+"""Input tables and their images.
+
+A table is a CSV/TSV/JSON/JSONL/Parquet file whose image ids are files under an images directory, or a table
+that embeds its images: Parquet or Arrow with the `datasets` Image struct (`{bytes, path}`) or a binary column,
+JSONL with data-URL / base64 images, a `datasets.Dataset.save_to_disk` directory, a hub dataset
+(`--hf-dataset NAME [--config C] --split S`, through `datasets.load_dataset`) or an `hf://datasets/...` file
+(huggingface_hub's fsspec file system). Text columns are read up front (every table problem surfaces before a
+model loads); images are read and decoded only when a batch asks for them (`ImageSource.load`), so memory does
+not grow with the table.
 
 The column aliases are those of the HALP seeds, so their VQA tables load unchanged.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import io
+import json
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
-from halp.errors import ImageError, TableError
+from halp.errors import ImageError, ParameterError, TableError
 
 COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
     "question_id": ("question_id",),
@@ -25,7 +38,9 @@ COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
     "ground_truth": ("answer", "gt_answer", "ground_truth"),
 }
 REQUIRED = ("question_id", "image_id", "question")
-
+#: Columns that may hold embedded images, in order of preference when a table has several.
+IMAGE_COLUMNS = ("image", "decoded_image", "img", "image_bytes", "image_base64", "image_b64")
+_TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".json", ".parquet", ".pq", ".arrow")
 
 
 @dataclass(frozen=True)
@@ -37,15 +52,37 @@ class Sample:
     meta: dict[str, str] = field(default_factory=dict)
     #: The row's content identity (halp.store.row_digest), set when its image is loaded for extraction.
     row_sha256: str = ""
+    #: Row of the table that embeds this sample's image (None: the image is the file image_id under --images).
+    image_row: int | None = None
 
 
 def _as_text(value: object) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(_plain(value), ensure_ascii=False)
     return str(value)
 
 
+def _plain(value: Any) -> Any:
+    """Nested numpy/pyarrow values as JSON-able Python values."""
+    if isinstance(value, np.ndarray):
+        return [_plain(item) for item in value.tolist()]
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, bytes):
+        return f"<{len(value)} bytes>"
+    return value
+
+
 def read_frame(path: str | Path) -> pd.DataFrame:
+    """A whole table as text (CSV, TSV, JSON, JSONL, Parquet); tables with embedded images go through `open_table`."""
     path = Path(path)
     if not path.is_file():
         raise TableError(f"input table {path} does not exist")
@@ -66,59 +103,623 @@ def read_frame(path: str | Path) -> pd.DataFrame:
     raise TableError(f"{path}: unsupported table format {suffix!r}; use .csv, .tsv, .jsonl, .json or .parquet")
 
 
-def resolve_columns(columns: list[str]) -> dict[str, str]:
-    """Map canonical names to the table's column names, or fail listing the accepted aliases."""
+def resolve_columns(columns: list[str], embedded: bool = False) -> dict[str, str]:
+    """Map canonical names to the table's column names, or fail listing the accepted aliases.
+
+    With `embedded` (the table holds its images), image_id may be missing: it is then derived per row."""
     resolved: dict[str, str] = {}
     for canonical, aliases in COLUMN_ALIASES.items():
         found = next((alias for alias in aliases if alias in columns), None)
         if found is not None:
             resolved[canonical] = found
-    missing = [name for name in REQUIRED if name not in resolved]
+    required = [name for name in REQUIRED if not (embedded and name == "image_id")]
+    missing = [name for name in required if name not in resolved]
     if missing:
         details = "; ".join(f"{name}: one of {', '.join(COLUMN_ALIASES[name])}" for name in missing)
         raise TableError(f"missing required column(s) — {details}. Columns present: {', '.join(columns)}")
     return resolved
 
 
-def read_samples(path: str | Path) -> list[Sample]:
-    """Read and validate a VQA table; every problem is reported before a model is loaded."""
-    frame = read_frame(path)
+def samples_from_frame(
+    frame: pd.DataFrame, source: str, image_ids: Sequence[str] | None = None, embedded: bool = False
+) -> list[Sample]:
+    """Validated samples from a text frame; with `embedded`, sample i's image is row i of the table."""
     columns = [str(column) for column in frame.columns]
     frame.columns = columns
-    resolved = resolve_columns(columns)
+    resolved = resolve_columns(columns, embedded=embedded)
     used = set(resolved.values())
     meta_columns = [column for column in columns if column not in used]
     unnamed = [repr(column) for column in meta_columns if not column.strip() or "\x00" in column]
     if unnamed:
         # Metadata is stored under the column's name (percent-encoded where HDF5 needs it): it needs one.
-        raise TableError(f"{path}: column name(s) {', '.join(unnamed)} cannot name metadata; rename or drop them")
+        raise TableError(f"{source}: column name(s) {', '.join(unnamed)} cannot name metadata; rename or drop them")
     if frame.empty:
-        raise TableError(f"{path} has a header but no rows: nothing to extract")
+        raise TableError(f"{source} has a header but no rows: nothing to extract")
 
     ids = [_as_text(value) for value in frame[resolved["question_id"]]]
     empty = [index for index, qid in enumerate(ids) if not qid.strip()]
     if empty:
-        raise TableError(f"{path}: empty question_id in row(s) {', '.join(str(i + 2) for i in empty[:10])}")
+        raise TableError(f"{source}: empty question_id in row(s) {', '.join(str(i + 2) for i in empty[:10])}")
     duplicates = sorted(qid for qid, count in Counter(ids).items() if count > 1)
     if duplicates:
         shown = ", ".join(duplicates[:10])
-        raise TableError(f"{path}: duplicate question_id values ({len(duplicates)}), e.g. {shown}")
+        raise TableError(f"{source}: duplicate question_id values ({len(duplicates)}), e.g. {shown}")
 
-    samples = []
-    for row_index, row in enumerate(frame.to_dict(orient="records")):
-        samples.append(
-            Sample(
-                question_id=ids[row_index],
-                image_id=_as_text(row[resolved["image_id"]]),
-                question=_as_text(row[resolved["question"]]),
-                ground_truth=_as_text(row[resolved["ground_truth"]]) if "ground_truth" in resolved else "",
-                meta={column: _as_text(row[column]) for column in meta_columns},
-            )
+    # Column by column, not one dict per row: a 100,000-row table would hold 100,000 dicts at once.
+    def texts(column: str) -> list[str]:
+        return [_as_text(value) for value in frame[column].tolist()]
+
+    questions = texts(resolved["question"])
+    truths = texts(resolved["ground_truth"]) if "ground_truth" in resolved else [""] * len(ids)
+    if image_ids is None:
+        image_ids = texts(resolved["image_id"])
+    else:
+        image_ids = [image_id or f"row-{index}" for index, image_id in enumerate(image_ids)]
+    metas = {column: texts(column) for column in meta_columns}
+    samples = [
+        Sample(
+            question_id=ids[index],
+            image_id=image_ids[index],
+            question=questions[index],
+            ground_truth=truths[index],
+            meta={column: values[index] for column, values in metas.items()},
+            image_row=index if embedded else None,
         )
+        for index in range(len(ids))
+    ]
     return samples
 
 
+def read_samples(path: str | Path) -> list[Sample]:
+    """Read and validate a VQA table; every problem is reported before a model is loaded."""
+    return open_table(path).samples
 
+
+# ----- image sources -------------------------------------------------------------------------------------
+class ImageSource:
+    """Where a table's images come from. `read` opens one batch's images with the SHA-256 of the bytes decoded (the
+    row's content identity, see halp.store), an ImageError for each unreadable one; `digests` hashes without
+    decoding (resume planning); `load` is `read` without the digests."""
+
+    embedded = False
+
+    def read(
+        self, samples: Sequence[Sample], exif_orientation: bool = True
+    ) -> list[tuple[Image.Image, str] | ImageError]:
+        raise NotImplementedError
+
+    def digests(self, samples: Sequence[Sample]) -> list[str]:
+        """SHA-256 of each sample's image bytes; "" where there are none (the row fails when loaded)."""
+        raise NotImplementedError
+
+    def load(self, samples: Sequence[Sample], exif_orientation: bool = True) -> list[Image.Image | ImageError]:
+        return [item if isinstance(item, ImageError) else item[0] for item in self.read(samples, exif_orientation)]
+
+    def size(self, sample: Sample) -> tuple[int, int] | None:
+        """(height, width) of a row's image, for planning batches by token count; None when it cannot be read (the
+        loader records why). Embedded images are decoded here; files are read from their header only."""
+        (item,) = self.read([sample], exif_orientation=False)
+        return None if isinstance(item, ImageError) else (item[0].height, item[0].width)
+
+
+class FolderImages(ImageSource):
+    """Image files named by image_id, confined to one directory."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def read(
+        self, samples: Sequence[Sample], exif_orientation: bool = True
+    ) -> list[tuple[Image.Image, str] | ImageError]:
+        out: list[tuple[Image.Image, str] | ImageError] = []
+        for sample in samples:
+            try:
+                out.append(read_image(self.root, sample.image_id, exif_orientation))
+            except ImageError as err:
+                out.append(err)
+        return out
+
+    def digests(self, samples: Sequence[Sample]) -> list[str]:
+        return [image_file_sha256(self.root, sample.image_id) for sample in samples]
+
+    def size(self, sample: Sample) -> tuple[int, int] | None:
+        try:
+            with Image.open(resolve_image_path(self.root, sample.image_id)) as image:
+                return image.height, image.width
+        except (OSError, ValueError, SyntaxError, ImageError, Image.DecompressionBombError):
+            return None  # the loader records the real error
+
+
+def decode_image_bytes(data: bytes | None, what: str, exif_orientation: bool = True) -> tuple[Image.Image, str]:
+    """An embedded image's bytes as an RGB image (the same policies as files: EXIF orientation, first frame) and
+    their SHA-256, or an ImageError saying which row and why."""
+    if not data:
+        raise ImageError(f"{what}: the embedded image has no bytes")
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        return _decode(data, exif_orientation), digest
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"{what} exceeds the decompression-bomb limit: {err}") from err
+    except Exception as err:  # any decoder failure (malformed EXIF, a codec bug) is this row's error only
+        raise ImageError(f"{what} cannot be decoded: {type(err).__name__}: {err}") from err
+
+
+def _decode(data: bytes, exif_orientation: bool) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as image:
+        image.seek(0)  # animated: the first frame
+        image.load()
+        if exif_orientation:
+            oriented = ImageOps.exif_transpose(image)
+            return to_rgb(oriented if oriented is not None else image)
+        return to_rgb(image)
+
+
+def _bytes_digest(data: bytes | None) -> str:
+    return hashlib.sha256(data).hexdigest() if data else ""
+
+
+def _cell_bytes(cell: Any) -> bytes | None:
+    """The bytes of an embedded-image cell: the `datasets` Image struct {bytes, path}, or raw binary."""
+    if isinstance(cell, dict):
+        return cell.get("bytes")
+    return cell
+
+
+class ParquetImages(ImageSource):
+    """Images embedded in a Parquet file (local path or fsspec URL), read one row group at a time (the group in use
+    is cached). Picklable: a worker process reopens the file itself."""
+
+    embedded = True
+
+    def __init__(self, source: str | Path, column: str, label: str) -> None:
+        self.source = source
+        self.column = column
+        self.label = label
+        self._file: Any = None
+        self._starts: np.ndarray | None = None
+        self._cached: tuple[int, list[Any]] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_file": None, "_starts": None, "_cached": None}
+
+    def _open(self) -> Any:
+        if self._file is None:
+            import pyarrow.parquet as pq
+
+            self._file = pq.ParquetFile(_opener(self.source)[0]())
+            metadata = self._file.metadata
+            self._starts = np.cumsum([0] + [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)])
+        return self._file
+
+    def _cell(self, row: int) -> Any:
+        handle = self._open()
+        assert self._starts is not None
+        group = int(np.searchsorted(self._starts, row, side="right") - 1)
+        if self._cached is None or self._cached[0] != group:
+            self._cached = None  # drop the previous group before reading the next one
+            values = handle.read_row_group(group, columns=[self.column]).column(0).to_pylist()
+            self._cached = (group, values)
+        return self._cached[1][row - int(self._starts[group])]
+
+    def _bytes(self, sample: Sample) -> bytes | None:
+        assert sample.image_row is not None
+        return _cell_bytes(self._cell(sample.image_row))
+
+    def read(
+        self, samples: Sequence[Sample], exif_orientation: bool = True
+    ) -> list[tuple[Image.Image, str] | ImageError]:
+        out: list[tuple[Image.Image, str] | ImageError] = []
+        for sample in samples:
+            what = f"{self.label} row {sample.image_row} ({sample.question_id})"
+            try:
+                out.append(decode_image_bytes(self._bytes(sample), what, exif_orientation))
+            except ImageError as err:
+                out.append(err)
+        return out
+
+    def digests(self, samples: Sequence[Sample]) -> list[str]:
+        # In table order, so each row group is read once however the samples are ordered.
+        order = sorted(range(len(samples)), key=lambda i: samples[i].image_row or 0)
+        found = [""] * len(samples)
+        for index in order:
+            found[index] = _bytes_digest(self._bytes(samples[index]))
+        return found
+
+
+class DatasetImages(ImageSource):
+    """Images of a `datasets.Dataset` (memory-mapped Arrow): each batch reads only its rows' bytes."""
+
+    embedded = True
+
+    def __init__(self, dataset: Any, column: str, label: str) -> None:
+        # The Arrow view gives the stored {bytes, path} structs of the asked rows, undecoded and uncopied otherwise.
+        self._images = dataset.select_columns([column]).with_format("arrow")
+        self.column = column
+        self.label = label
+
+    def _cells(self, samples: Sequence[Sample]) -> list[Any]:
+        rows = [int(sample.image_row) for sample in samples if sample.image_row is not None]
+        return self._images[rows].column(self.column).to_pylist() if rows else []
+
+    def read(
+        self, samples: Sequence[Sample], exif_orientation: bool = True
+    ) -> list[tuple[Image.Image, str] | ImageError]:
+        out: list[tuple[Image.Image, str] | ImageError] = []
+        for sample, cell in zip(samples, self._cells(samples), strict=True):
+            what = f"{self.label} row {sample.image_row} ({sample.question_id})"
+            try:
+                out.append(decode_image_bytes(_cell_bytes(cell), what, exif_orientation))
+            except ImageError as err:
+                out.append(err)
+        return out
+
+    def digests(self, samples: Sequence[Sample]) -> list[str]:
+        found: list[str] = []
+        for start in range(0, len(samples), 256):  # a window at a time: the bytes are read, hashed and dropped
+            found += [_bytes_digest(_cell_bytes(cell)) for cell in self._cells(samples[start : start + 256])]
+        return found
+
+
+class JsonlImages(ImageSource):
+    """Images embedded in JSONL lines (data URLs or base64): a batch re-reads only its own lines."""
+
+    embedded = True
+
+    def __init__(self, path: Path, column: str, offsets: list[int]) -> None:
+        self.path = path
+        self.column = column
+        self.offsets = offsets
+
+    def _data(self, handle: Any, sample: Sample, what: str) -> bytes:
+        assert sample.image_row is not None
+        handle.seek(self.offsets[sample.image_row])
+        return decode_embedded_text(json.loads(handle.readline()).get(self.column), what)
+
+    def read(
+        self, samples: Sequence[Sample], exif_orientation: bool = True
+    ) -> list[tuple[Image.Image, str] | ImageError]:
+        out: list[tuple[Image.Image, str] | ImageError] = []
+        with self.path.open("rb") as handle:
+            for sample in samples:
+                what = f"{self.path.name} line {(sample.image_row or 0) + 1} ({sample.question_id})"
+                try:
+                    out.append(decode_image_bytes(self._data(handle, sample, what), what, exif_orientation))
+                except ImageError as err:
+                    out.append(err)
+        return out
+
+    def digests(self, samples: Sequence[Sample]) -> list[str]:
+        found: list[str] = []
+        with self.path.open("rb") as handle:
+            for sample in samples:
+                try:
+                    found.append(_bytes_digest(self._data(handle, sample, sample.question_id)))
+                except ImageError:
+                    found.append("")
+        return found
+
+
+def decode_embedded_text(value: Any, what: str) -> bytes:
+    """The bytes of a JSON image value: a data URL, a base64 string, or {"bytes": base64}."""
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    if not isinstance(value, str) or not value:
+        raise ImageError(f"{what}: the embedded image has no bytes")
+    if value.startswith("data:"):
+        header, _, value = value.partition(",")
+        if ";base64" not in header:
+            raise ImageError(f"{what}: data URL is not base64-encoded ({header[:40]!r})")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise ImageError(f"{what}: the embedded image is not valid base64: {err}") from err
+
+
+# ----- tables --------------------------------------------------------------------------------------------
+@dataclass
+class Table:
+    """The rows of a table (text only) and where their images come from."""
+
+    samples: list[Sample]
+    images: ImageSource | None  # None: files under --images, given at extraction
+    #: What the run identity records about the input: the table or dataset, and a digest of its content.
+    identity: dict[str, str]
+
+    @property
+    def embedded(self) -> bool:
+        return self.images is not None and self.images.embedded
+
+    def content_identity(self) -> dict[str, str]:
+        """What the run identity records of this input: the hub dataset's id, config and split, a remote table's
+        URL, the image column. Not a local path (a moved table is the same input) and not the table's digest: each
+        row's content (text and image bytes) is its own identity (halp.store.row_digest), so an edited table
+        re-extracts only the rows that changed."""
+        label = self.identity.get("data", "")
+        keep_label = "://" in label  # a URL names remote content; a hub dataset has its own keys
+        return {
+            key: value
+            for key, value in self.identity.items()
+            if key != "table_sha256" and (key != "data" or keep_label)
+        }
+
+    def image_source(self, images_dir: str | Path | None) -> ImageSource:
+        if self.images is not None:
+            return self.images
+        if images_dir is None:
+            raise TableError(
+                f"{self.identity.get('data', 'the table')} names image files but embeds no images: give --images DIR"
+            )
+        if not Path(images_dir).is_dir():
+            raise ParameterError("images", f"{images_dir} is not a directory")
+        return FolderImages(images_dir)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _embedded_column(names: Sequence[str], kinds: dict[str, str]) -> str | None:
+    """The image column among columns whose kind is 'struct' ({bytes, path}) or 'binary', preferring IMAGE_COLUMNS."""
+    candidates = [name for name in names if kinds.get(name) in {"struct", "binary"}]
+    for preferred in IMAGE_COLUMNS:
+        if preferred in candidates:
+            return preferred
+    return candidates[0] if candidates else None
+
+
+def _arrow_kind(arrow_type: Any) -> str:
+    import pyarrow as pa
+
+    if pa.types.is_struct(arrow_type):
+        names = {arrow_type.field(i).name for i in range(arrow_type.num_fields)}
+        if "bytes" in names:
+            return "struct"
+    if pa.types.is_binary(arrow_type) or pa.types.is_large_binary(arrow_type):
+        return "binary"
+    return "other"
+
+
+def _open_parquet(source: str | Path, label: str, digest: str) -> Table:
+    import pyarrow.parquet as pq
+
+    opener, filesystem, path = _opener(source)
+    try:
+        schema = pq.read_schema(opener())
+    except Exception as err:  # pyarrow raises ArrowInvalid/OSError for a file that is not Parquet
+        raise TableError(f"{label} could not be read as Parquet: {err}") from err
+    kinds = {name: _arrow_kind(schema.field(name).type) for name in schema.names}
+    column = _embedded_column(schema.names, kinds)
+    if column is None:
+        frame = pq.read_table(path, filesystem=filesystem).to_pandas()
+        return Table(samples_from_frame(frame, label), None, {"data": label, "table_sha256": digest})
+    text_columns = [name for name in schema.names if name != column]
+    frame = pq.read_table(path, filesystem=filesystem, columns=text_columns).to_pandas()
+    image_ids = [""] * len(frame)
+    if kinds[column] == "struct" and "path" in _struct_fields(schema.field(column).type):
+        image_ids = _parquet_paths(opener, column)
+    samples = samples_from_frame(frame, label, image_ids=_image_ids(frame, image_ids), embedded=True)
+    images = ParquetImages(source, column, label)
+    return Table(samples, images, {"data": label, "image_column": column, "table_sha256": digest})
+
+
+def _parquet_paths(opener: Any, column: str) -> list[str]:
+    """The stored path of each row's image, one row group at a time: a struct column is read whole, so reading
+    the table's paths at once would hold every image's bytes too."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    handle = pq.ParquetFile(opener())
+    paths: list[str] = []
+    for group in range(handle.metadata.num_row_groups):
+        values = handle.read_row_group(group, columns=[f"{column}.path"]).column(0)
+        if hasattr(values.type, "num_fields"):  # some pyarrow versions keep the struct around the selected child
+            values = pc.struct_field(values, "path")
+        paths += _struct_paths(values, len(values))
+    return paths
+
+
+def _struct_fields(arrow_type: Any) -> set[str]:
+    return {arrow_type.field(i).name for i in range(arrow_type.num_fields)}
+
+
+def _struct_paths(column: Any, rows: int) -> list[str]:
+    if column is None:
+        return [""] * rows
+    return [Path(value).name if value else "" for value in column.to_pylist()]
+
+
+def _image_ids(frame: pd.DataFrame, paths: list[str]) -> list[str] | None:
+    """image_id of embedded rows: the table's own image_id column if it has one, else the image's stored path."""
+    columns = [str(column) for column in frame.columns]
+    if any(alias in columns for alias in COLUMN_ALIASES["image_id"]):
+        return None
+    return paths
+
+
+def _opener(source: str | Path) -> tuple[Any, Any, str]:
+    """(a function opening the file for reading, the pyarrow filesystem or None, the path in it)."""
+    if isinstance(source, str) and "://" in source:
+        import fsspec
+
+        filesystem, path = fsspec.core.url_to_fs(source)
+        return (lambda: filesystem.open(path, "rb")), filesystem, path
+    return (lambda: str(source)), None, str(source)
+
+
+def _open_dataset(dataset: Any, label: str, identity: dict[str, str]) -> Table:
+    """A `datasets.Dataset` (from save_to_disk, load_dataset or an Arrow file): text now, images per batch."""
+    import datasets
+
+    columns = list(dataset.column_names)
+    kinds = {name: ("struct" if isinstance(feature, datasets.Image) else "other")
+             for name, feature in dataset.features.items()}
+    column = _embedded_column(columns, kinds)
+    text = dataset.remove_columns([column]) if column else dataset
+    frame = text.to_pandas()
+    if column is None:
+        return Table(samples_from_frame(frame, label), None, identity)
+    paths = _dataset_paths(dataset, column)
+    samples = samples_from_frame(frame, label, image_ids=_image_ids(frame, paths), embedded=True)
+    return Table(samples, DatasetImages(dataset, column, label), {**identity, "image_column": column})
+
+
+def _dataset_paths(dataset: Any, column: str) -> list[str]:
+    """The stored path of each row's image, read from Arrow without touching the bytes."""
+    import pyarrow.compute as pc
+
+    flat = dataset.flatten_indices() if dataset._indices is not None else dataset
+    chunked = flat.data.column(column)
+    if not hasattr(chunked.type, "num_fields") or "path" not in _struct_fields(chunked.type):
+        return [""] * len(flat)
+    return _struct_paths(pc.struct_field(chunked, "path"), len(flat))
+
+
+def _open_jsonl(path: Path) -> Table:
+    """JSONL, line by line: embedded image fields are located and dropped; each line's offset is kept."""
+    rows: list[dict[str, Any]] = []
+    offsets: list[int] = []
+    column: str | None = None
+    position = 0
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            start, position = position, position + len(raw)
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as err:
+                raise TableError(f"{path} line {number} is not valid UTF-8 ({err}); re-encode it as UTF-8") from err
+            except json.JSONDecodeError as err:
+                raise TableError(f"{path} line {number} is not valid JSON: {err}") from err
+            if not isinstance(row, dict):
+                raise TableError(f"{path} line {number} is a JSON {type(row).__name__}, expected an object")
+            if column is None:
+                column = _jsonl_image_column(row)
+            if column is not None:
+                row.pop(column, None)
+            rows.append(row)
+            offsets.append(start)
+    digest = file_sha256(path)
+    frame = pd.DataFrame(rows)
+    if column is None:
+        return Table(samples_from_frame(frame, str(path)), None, {"data": str(path), "table_sha256": digest})
+    samples = samples_from_frame(frame, str(path), image_ids=_image_ids(frame, [""] * len(rows)), embedded=True)
+    return Table(samples, JsonlImages(path, column, offsets),
+                 {"data": str(path), "image_column": column, "table_sha256": digest})
+
+
+def _jsonl_image_column(row: dict[str, Any]) -> str | None:
+    """The field of a JSONL row that embeds an image: a data URL, {"bytes": ...}, or an *_base64/_b64 field."""
+    for name in IMAGE_COLUMNS + tuple(row):
+        value = row.get(name)
+        if isinstance(value, str) and value.startswith("data:image/"):
+            return name
+        if isinstance(value, dict) and "bytes" in value:
+            return name
+        if name in {"image_base64", "image_b64"} and name in row:
+            return name
+    return None
+
+
+def open_table(
+    data: str | Path | None,
+    hf_dataset: str | None = None,
+    config: str | None = None,
+    split: str | None = None,
+) -> Table:
+    """Open a table (or a hub dataset) as samples plus an image source; table problems raise TableError."""
+    if hf_dataset is not None:
+        if data is not None:
+            raise TableError("give --data or --hf-dataset, not both")
+        return open_hub_dataset(hf_dataset, config, split)
+    if data is None:
+        raise TableError("no input: give --data TABLE or --hf-dataset NAME --split SPLIT")
+    if isinstance(data, str) and "://" in data:
+        if not data.lower().endswith((".parquet", ".pq")):
+            raise TableError(f"{data}: remote tables are read as Parquet; name a .parquet file")
+        import fsspec
+
+        filesystem, path = fsspec.core.url_to_fs(data)
+        if not filesystem.exists(path):
+            raise TableError(f"input table {data} does not exist")
+        return _open_parquet(data, data, f"{type(filesystem).__name__}:{filesystem.ukey(path)}")
+    path = Path(data)
+    if path.is_dir():
+        return _open_saved_dataset(path)
+    if not path.is_file():
+        raise TableError(f"input table {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix in {".parquet", ".pq"}:
+        return _open_parquet(path, str(path), file_sha256(path))
+    if suffix == ".arrow":
+        import datasets
+
+        try:
+            dataset = datasets.Dataset.from_file(str(path))
+        except Exception as err:  # pyarrow raises ArrowInvalid for a file that is not an Arrow stream
+            raise TableError(f"{path} could not be read as a `datasets` Arrow file: {err}") from err
+        return _open_dataset(dataset, str(path), {"data": str(path), "table_sha256": file_sha256(path)})
+    if suffix in {".jsonl", ".ndjson"}:
+        return _open_jsonl(path)
+    frame = read_frame(path)
+    return Table(samples_from_frame(frame, str(path)), None, {"data": str(path), "table_sha256": file_sha256(path)})
+
+
+def _open_saved_dataset(path: Path) -> Table:
+    import datasets
+
+    if (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8")).get("splits", [])
+        raise TableError(
+            f"{path} holds a DatasetDict with splits {', '.join(splits)}; pass the split's own directory "
+            f"(e.g. {path / splits[0] if splits else path})"
+        )
+    if not (path / "state.json").is_file():
+        found = ", ".join(sorted(child.name for child in path.iterdir())[:10]) or "nothing"
+        raise TableError(
+            f"{path} is a directory but not one written by datasets.Dataset.save_to_disk (expected state.json and "
+            f"data-*.arrow; found {found})"
+        )
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as err:
+        raise TableError(f"{path} could not be loaded with datasets.load_from_disk: {err}") from err
+    return _open_dataset(dataset, str(path), {"data": str(path), "table_sha256": dataset._fingerprint})
+
+
+def open_hub_dataset(name: str, config: str | None, split: str | None) -> Table:
+    """A dataset by its hub name (or a local dataset script/folder), loaded by `datasets.load_dataset`."""
+    import datasets
+
+    if not split:
+        raise TableError(f"--hf-dataset {name}: name the split with --split (e.g. test, validation)")
+    label = f"{name}{f'[{config}]' if config else ''}:{split}"
+    try:
+        dataset = datasets.load_dataset(name, config, split=split)
+    except ValueError as err:
+        # datasets says 'Unknown split "x". Should be one of [...]' for a split the dataset does not have.
+        raise TableError(f"--hf-dataset {label}: {err}") from err
+    except FileNotFoundError as err:
+        raise TableError(f"--hf-dataset {name}: not found ({err})") from err
+    except OSError as err:  # ConnectionError: offline, or the hub unreachable
+        raise TableError(
+            f"--hf-dataset {name}: could not be loaded ({err}); download it once (or point at a local copy) and retry"
+        ) from err
+    identity = {
+        "hf_dataset": name,
+        "config": config or "",
+        "split": split,
+        "table_sha256": dataset._fingerprint,
+        "data": label,
+    }
+    return _open_dataset(dataset, label, identity)
+
+
+# ----- image files ---------------------------------------------------------------------------------------
 def resolve_image_path(images_dir: str | Path, image_id: str) -> Path:
     """The image file for an image_id, confined to images_dir."""
     root = Path(images_dir).resolve()
@@ -194,3 +795,27 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+# ----- the input of a run ----------------------------------------------------------------------------------
+_OPENED: dict[tuple, Table] = {}
+
+
+def input_table(
+    data: str | Path | None, hf_dataset: str | None = None, config: str | None = None, split: str | None = None
+) -> Table:
+    """`open_table`, reusing the table opened last while its file is unchanged (a run asks for it twice: rows
+    before the model loads, images during the loop); a hub dataset is opened once per process."""
+    stat: tuple = ()
+    if data is not None and not (isinstance(data, str) and "://" in data) and Path(data).exists():
+        info = Path(data).stat()
+        stat = (info.st_mtime_ns, info.st_size)
+    key = (str(data) if data is not None else None, hf_dataset, config, split, stat)
+    if key not in _OPENED:
+        _OPENED.clear()  # one table at a time: a finished run's rows are not kept
+        _OPENED[key] = open_table(data, hf_dataset, config, split)
+    return _OPENED[key]
+
+
+def as_image_source(images: ImageSource | str | Path) -> ImageSource:
+    return images if isinstance(images, ImageSource) else FolderImages(images)

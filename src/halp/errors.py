@@ -101,6 +101,11 @@ class RayWorkerError(HalpError, RuntimeError):
     """A Ray worker failed in a way a retry does not fix (model not loadable, extraction point missing, ...)."""
 
 
+class SourceError(HalpError, ValueError):
+    """A benchmark's files cannot be converted or composed (unknown layout, missing split, clashing ids); says
+    what was expected and what was found."""
+
+
 class AdapterPluginError(HalpError, ImportError):
     """A third-party adapter registered under the `halp.adapters` entry-point group cannot be used; names the plugin."""
 

@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from halp.capture import BatchResult, FeatureExtractor, parse_layers
-from halp.data import ImageError, Sample, image_file_sha256, read_image, read_samples
+from halp.data import ImageSource, Sample, as_image_source, input_table
 from halp.errors import ParameterError, ShardError
 from halp.loading import (
     check_attn_implementation,
@@ -68,8 +68,10 @@ __all__ = ["BUCKET_BATCHES"]
 @dataclass
 class ExtractConfig:
     model: str
-    data: Path
-    images: Path
+    #: A table file or directory (see halp.data), or an hf://... Parquet file; None with hf_dataset.
+    data: Path | str | None
+    #: Directory of the table's image files; None when the table embeds its images.
+    images: Path | None
     out: Path
     layers: str = "halp"
     #: Rows per prefill pass, or "auto": the largest that fits in the device's memory (found at start).
@@ -87,6 +89,10 @@ class ExtractConfig:
     #: Both None: one shard, or the shard a torch launcher (torchrun, accelerate launch) assigns.
     num_shards: int | None = None
     shard_index: int | None = None
+    #: A hub dataset (datasets.load_dataset) instead of --data, with its config and split.
+    hf_dataset: str | None = None
+    hf_config: str | None = None
+    split: str | None = None
     #: Input worker processes (decode + processor); None: one per spare core, at most 4; 0: all in series.
     workers: int | None = None
     #: Where the image processor runs: auto (the GPU when the model is on one and the processor can), cpu, cuda.
@@ -165,8 +171,7 @@ def run_extraction(config: ExtractConfig) -> ExtractSummary:
             f"committed. Delete {config.out} first (or run once with overwrite and one shard), then start the shards.",
         )
     samples = read_table(config)  # table problems surface before the model loads
-    if not Path(config.images).is_dir():
-        raise ParameterError("images", f"{config.images} is not a directory")
+    image_source(config)  # as do missing images: no --images for a table without embedded images
     check_model_source(config.model, config.trust_remote_code)  # a missing or refused model touches no run dir
 
     device = device_for(resolve_device(config.device), shard)
@@ -195,8 +200,21 @@ def validate_options(config: ExtractConfig) -> None:
 
 
 def read_table(config: ExtractConfig) -> list[Sample]:
-    samples = read_samples(config.data)
+    samples = input_table(config.data, config.hf_dataset, config.hf_config, config.split).samples
     return samples[: config.limit] if config.limit is not None else samples
+
+
+def image_source(config: ExtractConfig) -> ImageSource:
+    """The images of the run's table: embedded in it, or files under config.images."""
+    return input_table(config.data, config.hf_dataset, config.hf_config, config.split).image_source(config.images)
+
+
+def data_identity(config: ExtractConfig) -> dict[str, str] | None:
+    """What the run identity records of an input that --images does not name: the hub dataset (id, config,
+    split), a remote table's URL, the image column (halp.data.Table.content_identity). None for a table of image
+    files (identity as before). The rows' content is covered row by row (row_digest)."""
+    table = input_table(config.data, config.hf_dataset, config.hf_config, config.split)
+    return table.content_identity() if table.images is not None else None
 
 
 def device_for(device: str, shard: Shard) -> str:
@@ -222,6 +240,7 @@ def run_identity(config: ExtractConfig, dtype: str, max_new_tokens: int, num_sha
         "prompt_format": "chat_template/user[image,text]",
         "exif_orientation": config.exif_orientation,
         "num_shards": num_shards,
+        "data": data_identity(config),
     }
 
 
@@ -249,19 +268,22 @@ class ResumePlan:
     changed: list[str]
 
 
-def content_digests(samples: Sequence[Sample], images_dir: Path) -> dict[str, str]:
-    """question_id -> the row's content digest (its text and its image file's bytes), read from disk now."""
-    return {sample.question_id: row_digest(sample, image_file_sha256(images_dir, sample.image_id))
-            for sample in samples}
+def content_digests(samples: Sequence[Sample], images: ImageSource | Path) -> dict[str, str]:
+    """question_id -> the row's content digest (its text and its image's bytes: a file under --images, or the bytes
+    the table embeds), read now."""
+    image_digests = as_image_source(images).digests(samples)
+    return {
+        sample.question_id: row_digest(sample, digest) for sample, digest in zip(samples, image_digests, strict=True)
+    }
 
 
 def plan_resume(
-    store: RunStore, samples: Sequence[Sample], images_dir: Path, digests: dict[str, str] | None = None
+    store: RunStore, samples: Sequence[Sample], images: ImageSource | Path, digests: dict[str, str] | None = None
 ) -> ResumePlan:
     """Compare the table's rows (text and image bytes) with what is committed: a row is done only if committed with
     the same content digest. Changed rows are extracted again; their old copies leave at assembly."""
     if digests is None:
-        digests = content_digests(samples, images_dir)
+        digests = content_digests(samples, images)
     committed = store.committed_digests()
     todo = [sample for sample in samples if digests[sample.question_id] not in committed.get(sample.question_id, ())]
     changed = [sample.question_id for sample in todo if sample.question_id in committed]
@@ -292,7 +314,7 @@ def _run(
     store.remove_stale_temporaries()
     store.remove_assembled_parts()
     order = [sample.question_id for sample in samples]
-    plan = plan_resume(store, samples, config.images)
+    plan = plan_resume(store, samples, image_source(config))
     todo = plan.todo
     summary = ExtractSummary(store.root, len(samples), len(samples) - len(todo), 0, changed=plan.changed)
     log.info("%d samples, %d already committed, %d to do", len(samples), summary.already_done, len(todo))
@@ -396,8 +418,9 @@ def _extract_all(
     if not todo:
         return
     device = str(extractor.input_device())
-    rules = RowRules(Path(config.images), config.exif_orientation, frozenset(special_tokens_of(extractor)))
-    counter = TokenCounter(extractor.adapter, Path(config.images))
+    source = image_source(config)
+    rules = RowRules(source, config.exif_orientation, frozenset(special_tokens_of(extractor)))
+    counter = TokenCounter(extractor.adapter, source)
     batch_size = resolve_batch_size(config, extractor, todo, counter, rules, max_new_tokens, device)
     attrs["batch_size"] = summary.batch_size = batch_size
     attrs["batch_size_auto"] = config.batch_size == "auto"
@@ -572,10 +595,11 @@ def batches_by_size(images: Sequence[Image.Image], batch_size: int) -> list[list
 
 
 def load_batch(
-    batch: Sequence[Sample], images_dir: Path, failures: FailureList, exif_orientation: bool = True
+    batch: Sequence[Sample], images: ImageSource | Path, failures: FailureList, exif_orientation: bool = True
 ) -> tuple[list[Sample], list[Image.Image]]:
-    """The rows of `batch` that have a question and a readable image, with their images; others are recorded."""
-    ready, images = [], []
+    """The rows of `batch` that have a question and a readable image, with their images; others are recorded.
+    `images` is an image directory or the table's embedded images (halp.data.ImageSource)."""
+    asked = []
     for sample in batch:
         if not sample.question.strip():
             failures.record(sample, "input", "EmptyQuestion", "the question is empty")
@@ -584,14 +608,17 @@ def load_batch(
         if unstorable:
             failures.record(sample, "input", "UnstorableText", unstorable)
             continue
-        try:
-            image, image_sha256 = read_image(images_dir, sample.image_id, exif_orientation)
-            images.append(image)
-            # The digest of the bytes decoded here is what the committed row records.
-            ready.append(replace(sample, row_sha256=row_digest(sample, image_sha256)))
-        except ImageError as err:
-            failures.record(sample, "image", type(err).__name__, str(err))
-    return ready, images
+        asked.append(sample)
+    ready, loaded = [], []
+    for sample, item in zip(asked, as_image_source(images).read(asked, exif_orientation), strict=True):
+        if isinstance(item, Exception):
+            failures.record(sample, "image", type(item).__name__, str(item))
+            continue
+        image, image_sha256 = item
+        loaded.append(image)
+        # The digest of the bytes decoded here is what the committed row records.
+        ready.append(replace(sample, row_sha256=row_digest(sample, image_sha256)))
+    return ready, loaded
 
 
 def unstorable_text(sample: Sample) -> str:
@@ -687,7 +714,7 @@ def extract_loaded(
 
 def extract_batch(
     batch: Sequence[Sample],
-    images_dir: Path,
+    images_dir: ImageSource | Path,
     extractor: FeatureExtractor,
     max_new_tokens: int,
     store: RunStore,
@@ -709,7 +736,7 @@ def _run_shard(
     store.lock()  # one writer per shard directory, for the life of this process
     try:
         mine = [sample for _, sample in shard.select(samples)]
-        digests = content_digests(mine, config.images)  # the images are read outside the run lock
+        digests = content_digests(mine, image_source(config))  # the images are read outside the run lock
         with store.sync():  # the run lock, briefly: identity, clean-up and the committed rows form one view
             identity = with_model_fingerprint(
                 run_identity(config, dtype, max_new_tokens, num_shards=shard.count), RunStore(config.out), config.model
@@ -717,7 +744,7 @@ def _run_shard(
             store.open(identity)
             store.remove_stale_temporaries()
             store.remove_assembled_parts()
-            plan = plan_resume(store, mine, config.images, digests)
+            plan = plan_resume(store, mine, image_source(config), digests)
             store.clear_done()  # until this pass ends, the run cannot be assembled
         handler = attach_log(store.writer_dir)
         try:

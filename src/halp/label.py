@@ -544,8 +544,15 @@ def label_run(
             else:
                 results.append(Label(manual[qid], "manual", f"from {source}", answer_type))
     else:
-        for question, truth, answer in zip(rows["question"], rows["ground_truth"], rows["answer"], strict=True):
-            item = label_answer(question, truth, answer)
+        from halp.sources.labels import source_rules
+
+        by_source = source_rules(run_dir)  # tables from `halp data convert`: rules that know each source's answers
+        for index, (question, truth, answer) in enumerate(
+            zip(rows["question"], rows["ground_truth"], rows["answer"], strict=True)
+        ):
+            item = (by_source(index, question, truth, answer) if by_source else None) or label_answer(
+                question, truth, answer
+            )
             if item.label is None and judge is not None and truth.strip() and answer.strip():
                 item = judge(question, truth, answer, item.answer_type)
             results.append(item)

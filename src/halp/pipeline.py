@@ -38,15 +38,14 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from halp.data import Sample, resolve_image_path
-from halp.errors import ImageError, InputWorkerError
+from halp.data import ImageSource, Sample
+from halp.errors import InputWorkerError
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +177,8 @@ class Prepared:
 class RowRules:
     """How a row's inputs are read: the same rules in a worker process as in the serial loop."""
 
-    images_dir: Path
+    #: The table's images: files under --images, or embedded in the table (halp.data.ImageSource; picklable).
+    images: ImageSource
     exif_orientation: bool = True
     #: The model's special tokens: a question holding one fails (halp.extract.reject_special_tokens).
     specials: frozenset[str] = frozenset()
@@ -200,7 +200,7 @@ def load_rows(
             self.rows.append((sample, stage, error, message))
 
     collected = Collected()
-    loaded, loaded_images = load_batch(samples, rules.images_dir, collected, rules.exif_orientation)
+    loaded, loaded_images = load_batch(samples, rules.images, collected, rules.exif_orientation)
     ready, images = [], []
     for sample, image in zip(loaded, loaded_images, strict=True):
         message = special_token_message(sample.question, rules.specials)
@@ -597,11 +597,11 @@ class OrderedWriter:
 
 class TokenCounter:
     """How many tokens the processor will give a row, without processing it: the tokenizer for the text and
-    the processor's own count for an image of that size (read from the file's header, not decoded)."""
+    the processor's own count for an image of that size (a file's header is read, not decoded)."""
 
-    def __init__(self, encoder: Any, images_dir: Path) -> None:
+    def __init__(self, encoder: Any, images: ImageSource) -> None:
         self.encoder = encoder
-        self.images_dir = Path(images_dir)
+        self.images = images
         # Its own tokenizer: the feeder thread counts while the model's thread decodes answers, and a Rust
         # tokenizer called with padding/truncation settings must not be shared across threads ("Already borrowed").
         self.tokenizer = copy.deepcopy(encoder.tokenizer())
@@ -610,11 +610,7 @@ class TokenCounter:
         self.counts_images = callable(getattr(processor, "_get_num_multimodal_tokens", None))
 
     def image_size(self, sample: Sample) -> tuple[int, int] | None:
-        try:
-            with Image.open(resolve_image_path(self.images_dir, sample.image_id)) as image:
-                return image.height, image.width
-        except (OSError, ValueError, SyntaxError, ImageError, Image.DecompressionBombError):
-            return None  # the worker records the real error when it loads the image
+        return self.images.size(sample)  # None: the worker records the real error when it loads the image
 
     def __call__(self, samples: Sequence[Sample]) -> list[float]:
         sizes = [self.image_size(sample) for sample in samples]

@@ -21,7 +21,7 @@ import pandas as pd
 from PIL import Image
 
 from halp.capture import FeatureExtractor
-from halp.data import ImageError, Sample, load_image, read_samples, to_rgb
+from halp.data import ImageError, Sample, load_image, open_table, to_rgb
 from halp.errors import ParameterError, ScorerError
 from halp.features import PRE_LM_REPRESENTATIONS, REPRESENTATIONS, split_feature
 from halp.layout import RESULTS_FILE, atomic_write, features_path, probe_file, probes_dir, run_file
@@ -211,7 +211,7 @@ class PredictSummary:
 
 
 def predict_file(
-    scorer: RiskScorer, data: str | Path, images_dir: str | Path, out: str | Path, progress: bool = False
+    scorer: RiskScorer, data: str | Path, images_dir: str | Path | None, out: str | Path, progress: bool = False
 ) -> PredictSummary:
     """Score every row of a VQA table; write `question_id,risk,flagged,error` to `out` (atomically).
 
@@ -221,7 +221,9 @@ def predict_file(
 
     from halp.extract import special_tokens_of
 
-    samples = read_samples(data)
+    table = open_table(data)
+    samples = table.samples
+    source = table.image_source(images_dir)  # files under images_dir, or the images the table embeds
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     specials = special_tokens_of(scorer.extractor)
@@ -232,17 +234,20 @@ def predict_file(
             batch = samples[start : start + scorer.batch_size]
             good: list[Sample] = []
             images: list[Image.Image] = []
+            asked = []
             for sample in batch:
                 present = sorted(token for token in specials if token in sample.question)
                 if present:
                     failed.append((sample.question_id, f"the question contains the model's special token(s) "
                                                        f"{', '.join(map(repr, present[:3]))}"))
                     continue
-                try:
-                    images.append(load_image(images_dir, sample.image_id, scorer.exif_orientation))
+                asked.append(sample)
+            for sample, image in zip(asked, source.load(asked, scorer.exif_orientation), strict=True):
+                if isinstance(image, ImageError):
+                    failed.append((sample.question_id, str(image)))
+                else:
+                    images.append(image)
                     good.append(sample)
-                except ImageError as err:
-                    failed.append((sample.question_id, str(err)))
             risks.update(_score_isolating_failures(scorer, good, images, failed))
             bar.update(len(batch))
     errors = dict(failed)

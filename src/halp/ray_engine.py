@@ -40,6 +40,7 @@ from halp.extract import (
     FailureLog,
     attach_log,
     extract_batch,
+    image_source,
     log_rate,
     plan_resume,
     prepare_extractor,
@@ -114,23 +115,26 @@ class ExtractWorker:
         device = resolve_device(self.config.device)  # on the worker: the GPU(s) Ray assigned it, if any
         self.extractor, self.attrs = prepare_extractor(self.config, device, dtype, max_new_tokens)
         self.attrs["engine"] = "ray"
+        self.images = image_source(self.config)  # files under --images, or the table's embedded images
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
         samples = [
-            Sample(str(qid), str(image_id), str(question), str(truth), json.loads(str(meta)))
-            for qid, image_id, question, truth, meta in zip(
+            Sample(str(qid), str(image_id), str(question), str(truth), json.loads(str(meta)),
+                   image_row=None if int(row) < 0 else int(row))
+            for qid, image_id, question, truth, meta, row in zip(
                 batch["question_id"],
                 batch["image_id"],
                 batch["question"],
                 batch["ground_truth"],
                 batch["meta"],
+                batch["image_row"],
                 strict=True,
             )
         ]
         failures = FailureList()
         extract_batch(
             samples,
-            Path(self.config.images),
+            self.images,
             self.extractor,
             self.max_new_tokens,
             self.store,
@@ -173,14 +177,14 @@ def run_ray_extraction(
             "and do not start it under torchrun/accelerate"
         )
     samples = read_table(config)  # table problems surface before the cluster is touched
-    if not Path(config.images).is_dir():
-        raise ParameterError("images", f"{config.images} is not a directory")
+    image_source(config)  # as do missing images: no --images for a table without embedded images
     # Workers may run on other nodes: every path they open must be absolute (and on a shared filesystem).
     config = ExtractConfig(
         **{
             **asdict(config),
             "out": Path(config.out).resolve(),
-            "images": Path(config.images).resolve(),
+            "images": Path(config.images).resolve() if config.images is not None else None,
+            "data": _absolute_data(config.data),
             "model": str(Path(config.model).resolve()) if Path(config.model).exists() else config.model,
         }
     )
@@ -226,6 +230,13 @@ def run_ray_extraction(
         store.unlock()
 
 
+def _absolute_data(data: Path | str | None) -> Path | str | None:
+    """--data as the workers must open it: an absolute path (on a shared file system), or a URL as given."""
+    if data is None or (isinstance(data, str) and "://" in data):
+        return data
+    return Path(data).resolve()
+
+
 def _drive(
     ray: Any,
     config: ExtractConfig,
@@ -240,7 +251,7 @@ def _drive(
 ) -> ExtractSummary:
     store.remove_stale_temporaries()
     store.remove_assembled_parts()
-    plan = plan_resume(store, samples, Path(config.images))  # content identity: changed rows are done again
+    plan = plan_resume(store, samples, image_source(config))  # content identity: changed rows are done again
     todo = plan.todo
     summary = ExtractSummary(store.root, len(samples), len(samples) - len(todo), 0, changed=plan.changed)
     log.info("ray: %d samples, %d already committed, %d to do", len(samples), summary.already_done, len(todo))
@@ -260,6 +271,7 @@ def _drive(
                 "question": sample.question,
                 "ground_truth": sample.ground_truth,
                 "meta": json.dumps(sample.meta),
+                "image_row": -1 if sample.image_row is None else sample.image_row,
             }
             for sample in todo
         ]

@@ -84,9 +84,9 @@ from halp.rows import (  # noqa: F401  (re-exported: halp.store was their home)
 )
 
 #: Settings that change the numbers; a rerun into the same directory must agree on them.
-IDENTITY_KEYS = ("model", "layers", "dtype", "max_new_tokens", "prompt_format", "exif_orientation")
+IDENTITY_KEYS = ("model", "layers", "dtype", "max_new_tokens", "prompt_format", "exif_orientation", "data")
 #: Identity keys added after runs already existed: a run.json without them gets the present value recorded.
-LATER_IDENTITY_KEYS = ("exif_orientation", "model_sha256")
+LATER_IDENTITY_KEYS = ("exif_orientation", "model_sha256", "data")
 
 log = logging.getLogger(__name__)
 

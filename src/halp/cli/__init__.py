@@ -5,6 +5,7 @@
 
 from halp.cli import (
     commands,  # noqa: F401  (registers the commands)
+    data,  # noqa: F401  (registers `halp data`)
     review,  # noqa: F401  (registers `halp review`)
 )
 from halp.cli.app import app

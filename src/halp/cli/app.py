@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, NoReturn
 
 import click
@@ -56,6 +57,11 @@ def fail(message: str, code: int = 2) -> NoReturn:
     # soft_wrap: the message stays one line however narrow the terminal (scripts grep it).
     err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def setup_logging() -> None:
+    """Warnings and errors of halp's modules on stderr, one line each (the run's own log file gets the rest)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
 def say(message: str) -> None:

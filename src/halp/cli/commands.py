@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +17,8 @@ from halp.cli.app import (
     app,
     console,
     err_console,
+    say,
+    setup_logging,
 )
 from halp.cli.app import fail as _fail
 
@@ -38,9 +39,23 @@ def interrupted_exits(message: str) -> Iterator[None]:
 @app.command()
 def extract(
     model: ModelOption,
-    data: Annotated[Path, typer.Option(help="VQA table: CSV, JSONL or Parquet.")],
-    images: Annotated[Path, typer.Option(help="Directory the table's image ids are relative to.")],
     out: Annotated[Path, typer.Option(help="Run directory (created, or resumed if it exists).")],
+    # --data is a str: an hf://datasets/... URL must not be folded into a local path.
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="VQA table: CSV, JSONL, Parquet, Arrow, a save_to_disk directory or hf://datasets/.../x.parquet "
+            "(images embedded or under --images; see docs/data.md)."
+        ),
+    ] = None,
+    images: Annotated[
+        Path | None, typer.Option(help="Directory the table's image ids are relative to (not for embedded images).")
+    ] = None,
+    hf_dataset: Annotated[
+        str | None, typer.Option(help="A hub dataset instead of --data, loaded by datasets.load_dataset.")
+    ] = None,
+    hf_config: Annotated[str | None, typer.Option("--config", help="--hf-dataset: its configuration.")] = None,
+    split: Annotated[str | None, typer.Option(help="--hf-dataset: the split (e.g. test).")] = None,
     layers: Annotated[str, typer.Option(help="'halp' = {0,L/4,L/2,3L/4,L-1}, 'all', or e.g. '0,7,-1'.")] = "halp",
     batch_size: Annotated[
         str, typer.Option(help="Samples per prefill pass, or 'auto': the largest that fits in GPU memory.")
@@ -87,7 +102,7 @@ def extract(
     """
     from halp.extract import ExtractConfig
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     if batch_size != "auto" and not batch_size.isdigit():
         _fail(f"--batch-size {batch_size!r}: a positive integer or auto")
     if batch_size == "auto" and engine == "ray":
@@ -112,6 +127,9 @@ def extract(
         workers=workers,
         processor_device=processor_device,
         attn_implementation=attn_implementation,
+        hf_dataset=hf_dataset,
+        hf_config=hf_config,
+        split=split,
     )
     if engine not in ("local", "ray"):
         _fail(f"--engine {engine!r}: choose local or ray")
@@ -325,7 +343,7 @@ def probe(
     from halp.cli import render
     from halp.probe import train_probes
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     chosen = [name.strip() for name in features.split(",") if name.strip()] if features else None
     results = train_probes(
         run_dir,
@@ -362,8 +380,10 @@ def report(
 @app.command()
 def predict(
     run: Annotated[Path, typer.Option(help="Run directory with trained probes.")],
-    data: Annotated[Path, typer.Option(help="VQA table to score: CSV, JSONL or Parquet.")],
-    images: Annotated[Path, typer.Option(help="Directory the table's image ids are relative to.")],
+    data: Annotated[Path, typer.Option(help="VQA table to score: CSV, JSONL, Parquet, Arrow or save_to_disk dir.")],
+    images: Annotated[
+        Path | None, typer.Option(help="Directory the table's image ids are relative to (not for embedded images).")
+    ] = None,
     feature: Annotated[str | None, typer.Option(help="Feature to score with (default: best AUROC).")] = None,
     probe: Annotated[str | None, typer.Option(help="logreg or mlp (default: best AUROC).")] = None,
     threshold: Annotated[float | None, typer.Option(help="Flag risk >= T (default: the probe's).")] = None,
@@ -381,7 +401,7 @@ def predict(
     from halp.layout import risk_file
     from halp.predict import RiskScorer, check_predict_output, predict_file
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     destination = out or risk_file(run, data)
     check_predict_output(destination, run, data)
     read_samples(data)  # a bad or header-only table is refused before the model loads
@@ -421,11 +441,11 @@ def demo(
     from halp.cli import render
     from halp.demo import DemoConfig, run_demo
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     config = DemoConfig(out=out, seed=seed, progress=True)
     if images is not None:
         config.n_images = images
-    result = run_demo(config, say=lambda message: err_console.print(message, markup=False, highlight=False))
+    result = run_demo(config, say=say)
     render.demo_result(console, result)
     if not result.passed:
         err_console.print("the planted check failed: see the FAIL lines above", markup=False)
@@ -450,7 +470,7 @@ def embed(
     """Embed images: vision tokens before/after the projector, decoder states of image and text tokens, pools."""
     from halp.embed import Embedder, write_embeddings
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     missing = [str(path) for path in images if not path.is_file()]
     if missing:
         _fail(f"no such image file: {', '.join(missing)}")
@@ -469,7 +489,7 @@ def embed(
         out,
         prompt=prompt,
         tokens=save_tokens,
-        progress=lambda message: err_console.print(message, markup=False, highlight=False),
+        progress=say,
     )
     console.print(f"embedded {len(images)} image(s); manifest: {manifest}", markup=False)
 
@@ -496,7 +516,7 @@ def analyze_norms(
     from halp.analyze import analyze_norms as run_norms
     from halp.embed import Embedder
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     embedder = Embedder(
         model,
         layers=layers,
@@ -512,7 +532,7 @@ def analyze_norms(
         prompt=prompt,
         save_features=save_features,
         limit=limit,
-        progress=lambda message: err_console.print(message, markup=False, highlight=False),
+        progress=say,
     )
     console.print(f"wrote {result.summary_path} and {result.plot_path}", markup=False)
     if result.features_dir is not None:
@@ -543,7 +563,7 @@ def analyze_neighbors(
     from halp.analyze import analyze_neighbors as run_neighbors
     from halp.embed import Embedder
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     embedder = Embedder(
         model,
         layers=layers,
@@ -561,7 +581,7 @@ def analyze_neighbors(
         contextual_corpus=contextual_corpus,
         contextual_layers=contextual_layers,
         limit=limit,
-        progress=lambda message: err_console.print(message, markup=False, highlight=False),
+        progress=say,
     )
     console.print(f"wrote {result.json_path} and {result.html_path}", markup=False)
 

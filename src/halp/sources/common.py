@@ -1,0 +1,293 @@
+"""What every converter shares: the output row, the table writer, and readers for the published layouts.
+
+A converted table is one Parquet file, `DIR/<source>.parquet`, that embeds its images as the `datasets` Image
+struct (`{bytes, path}`), so `halp extract --data DIR/<source>.parquet` needs no --images; and `DIR/convert.json`,
+the manifest: source, input, layout found, rows written, rows skipped (with reasons, also in skipped.jsonl).
+Rows are written in row groups of `ROW_GROUP` rows: memory holds one group's images, whatever the table's size.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from halp.errors import SourceError
+from halp.layout import atomic_path, write_text_atomic
+
+#: Columns of a converted table, in order (`image` is the embedded image).
+COLUMNS = (
+    "question_id",
+    "image_id",
+    "question",
+    "answer",
+    "answer_format",
+    "references",
+    "category",
+    "dataset",
+    "source_id",
+    "split",
+    "extra",
+    "image",
+)
+#: answer_format values: how `halp label` should read the ground truth of the row.
+ANSWER_FORMATS = ("yesno", "choice", "number", "text", "open", "objects")
+ROW_GROUP = 64
+MANIFEST = "convert.json"
+SKIPPED = "skipped.jsonl"
+
+
+@dataclass
+class Row:
+    """One converted question. `image` is a zero-argument function returning the image bytes (read only when the
+    row is written), or raising SourceError with the reason the row must be skipped."""
+
+    source_id: str
+    image_id: str
+    question: str
+    answer: str
+    answer_format: str
+    category: str
+    image: Callable[[], bytes]
+    references: list[str] = field(default_factory=list)
+    split: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Skipped:
+    source_id: str
+    reason: str
+
+
+@dataclass
+class ConvertSummary:
+    source: str
+    out: Path
+    table: Path
+    layout: str
+    rows: int
+    skipped: list[Skipped]
+    categories: dict[str, int]
+
+
+def prefixed(source: str, source_id: str) -> str:
+    """The question_id of a converted row: the source's name, then its own id (unique across sources)."""
+    return f"{source}_{source_id}"
+
+
+def features() -> Any:
+    import datasets
+
+    return datasets.Features(
+        {
+            **{name: datasets.Value("string") for name in COLUMNS if name != "image"},
+            "image": datasets.Image(),
+        }
+    )
+
+
+def write_table(
+    source: str, rows: Iterable[Row], out_dir: Path, layout: str, origin: str
+) -> ConvertSummary:
+    """Write DIR/<source>.parquet (embedded images), DIR/skipped.jsonl and DIR/convert.json."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table_path = out_dir / f"{source}.parquet"
+    schema = features().arrow_schema  # carries the `datasets` metadata: the image column reads back as Image
+    skipped: list[Skipped] = []
+    categories: Counter[str] = Counter()
+    seen: set[str] = set()
+    written = 0
+    with atomic_path(table_path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for group in _groups(rows, ROW_GROUP):
+            columns: dict[str, list[Any]] = {name: [] for name in COLUMNS}
+            for row in group:
+                question_id = prefixed(source, row.source_id)
+                if question_id in seen:
+                    raise SourceError(f"{origin}: {source} id {row.source_id!r} occurs twice")
+                seen.add(question_id)
+                try:
+                    data = row.image()
+                except SourceError as err:
+                    skipped.append(Skipped(row.source_id, str(err)))
+                    continue
+                if not data:
+                    skipped.append(Skipped(row.source_id, "the image has no bytes"))
+                    continue
+                values = {
+                    "question_id": question_id,
+                    "image_id": row.image_id,
+                    "question": row.question,
+                    "answer": row.answer,
+                    "answer_format": row.answer_format,
+                    "references": json.dumps(row.references, ensure_ascii=False),
+                    "category": row.category,
+                    "dataset": source,
+                    "source_id": row.source_id,
+                    "split": row.split,
+                    "extra": json.dumps(row.extra, ensure_ascii=False, sort_keys=True),
+                    "image": {"bytes": data, "path": row.image_id},
+                }
+                for name in COLUMNS:
+                    columns[name].append(values[name])
+                categories[row.category] += 1
+            if columns["question_id"]:
+                writer.write_table(pa.table(columns, schema=schema))
+                written += len(columns["question_id"])
+    if written == 0:
+        table_path.unlink()
+        reasons = "; ".join(f"{item.source_id}: {item.reason}" for item in skipped[:3])
+        raise SourceError(f"{origin}: no {source} row could be converted ({len(skipped)} skipped, e.g. {reasons})")
+    with atomic_path(out_dir / SKIPPED) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        for item in skipped:
+            handle.write(json.dumps({"source_id": item.source_id, "reason": item.reason}) + "\n")
+    summary = ConvertSummary(source, out_dir, table_path, layout, written, skipped, dict(sorted(categories.items())))
+    manifest = {
+        "source": source,
+        "from": origin,
+        "layout": layout,
+        "table": table_path.name,
+        "rows": written,
+        "skipped": len(skipped),
+        "categories": summary.categories,
+    }
+    write_text_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return summary
+
+
+def _groups(rows: Iterable[Row], size: int) -> Iterator[list[Row]]:
+    group: list[Row] = []
+    for row in rows:
+        group.append(row)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+# ----- reading the published forms ---------------------------------------------------------------------------
+def read_json(path: Path) -> Any:
+    """A JSON file, with the error naming the file for bad encoding or syntax."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise SourceError(f"{path} is not valid UTF-8 ({err}); re-encode it as UTF-8") from err
+    except json.JSONDecodeError as err:
+        raise SourceError(f"{path} is not valid JSON: {err}") from err
+
+
+def read_json_lines(path: Path) -> list[dict[str, Any]]:
+    """JSON Lines (POPE publishes its question files as one JSON object per line, named .json)."""
+    rows = []
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SourceError(f"{path} is not valid UTF-8 ({err}); re-encode it as UTF-8") from err
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise SourceError(f"{path} line {number} is not valid JSON: {err}") from err
+    return rows
+
+
+def file_bytes(images_dir: Path | None, name: str, what: str) -> Callable[[], bytes]:
+    """A reader of an image file under images_dir (confined to it), for a Row."""
+
+    def read() -> bytes:
+        if images_dir is None:
+            raise SourceError(f"{what}: no image folder given (--images)")
+        root = images_dir.resolve()
+        path = (root / name).resolve()
+        if not path.is_relative_to(root):
+            raise SourceError(f"{what}: image path {name!r} points outside {root}")
+        if not path.is_file():
+            raise SourceError(f"{what}: image file {path} does not exist")
+        return path.read_bytes()
+
+    return read
+
+
+def parquet_files(root: Path, split: str | None) -> tuple[list[Path], list[str]]:
+    """The Parquet shards of a hub dataset snapshot (or one file), for `split` if given; and the splits found.
+
+    Hub layouts name shards `<split>-00000-of-0000N*.parquet` or put them in a `<split>/` folder."""
+    if root.is_file():
+        files = [root] if root.suffix.lower() in {".parquet", ".pq"} else []
+    else:
+        files = sorted(root.rglob("*.parquet"))
+    splits = sorted({split_of(path, root) for path in files})
+    if split is not None:
+        files = [path for path in files if split_of(path, root) == split]
+    return files, splits
+
+
+def split_of(path: Path, root: Path) -> str:
+    name = path.name.split("-")[0].split(".")[0]
+    if path == root:
+        return name
+    parent = path.parent.name
+    # data/test-00000-of-00001.parquet -> test; random/test-... keeps the file's own split; <split>/0000.parquet
+    return name if not name.isdigit() else parent
+
+
+def require_split(origin: Path, files: Sequence[Path], split: str | None, splits: Sequence[str]) -> None:
+    if split is not None and not files:
+        raise SourceError(f"{origin}: no split {split!r}; the splits found are {', '.join(splits) or 'none'}")
+
+
+def parquet_rows(files: Sequence[Path], batch_size: int = ROW_GROUP) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Rows of Parquet files a batch at a time (images included: one batch of them in memory)."""
+    import pyarrow.parquet as pq
+
+    for path in files:
+        handle = pq.ParquetFile(path)
+        for batch in handle.iter_batches(batch_size=batch_size):
+            for row in batch.to_pylist():
+                yield path, row
+
+
+def parquet_columns(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return list(pq.read_schema(path).names)
+
+
+def embedded_bytes(cell: Any, what: str) -> Callable[[], bytes]:
+    """A reader of an embedded image cell (the `datasets` Image struct, or raw bytes), for a Row."""
+
+    def read() -> bytes:
+        data = cell.get("bytes") if isinstance(cell, dict) else cell
+        if not data:
+            raise SourceError(f"{what}: the embedded image has no bytes")
+        return data
+
+    return read
+
+
+def unknown_layout(source: str, path: Path, expected: str) -> SourceError:
+    if path.is_dir():
+        found = ", ".join(sorted(child.name for child in path.iterdir())[:12]) or "an empty folder"
+    elif path.exists():
+        found = f"a file named {path.name}"
+    else:
+        found = "nothing (the path does not exist)"
+    return SourceError(f"{path} is not a {source} layout halp knows: expected {expected}; found {found}")
+
+
+def yes_no_text(value: Any) -> str:
+    """'yes'/'no' from the benchmarks' spellings (Yes, no, 1, 0, true); '' if it is neither."""
+    text = str(value).strip().lower().rstrip(".")
+    if text in {"yes", "1", "true"}:
+        return "yes"
+    if text in {"no", "0", "false"}:
+        return "no"
+    return ""
