@@ -92,10 +92,10 @@ def crash_decoder_on_marker() -> None:
     """Input-worker fault injection (`ExtractConfig.worker_init="halp.testing.faults:crash_decoder_on_marker"`):
     the worker's image reading aborts the whole process (as a native decoder crash does, no Python exception)
     on a file starting with CRASH_MARKER."""
-    from halp import extract
+    from halp import data
     from halp.data import resolve_image_path
 
-    real_read = extract.read_image
+    real_read = data.read_image  # what halp.data's image sources call to read a file
 
     def read(images_dir: str | Path, image_id: str, *args: Any, **kwargs: Any) -> Any:
         path = resolve_image_path(images_dir, image_id)
@@ -103,4 +103,4 @@ def crash_decoder_on_marker() -> None:
             os.abort()
         return real_read(images_dir, image_id, *args, **kwargs)
 
-    extract.read_image = read
+    data.read_image = read
