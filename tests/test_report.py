@@ -64,6 +64,7 @@ def _write_run(run_dir: Path, seed: int = 0) -> np.ndarray:
             "question": ["Is it?"] * N,
             "ground_truth": ["yes"] * N,
             "answer": ["no"] * N,
+            "row_sha256": [""] * N,  # no content digest: these rows were not extracted from a table
         },
         meta={"source": [HOSTILE if i % 2 else "plain & simple" for i in range(N)]},
         features=features,
@@ -100,14 +101,14 @@ def test_split_feature() -> None:
 def test_report_files_and_the_planted_feature_is_best(probed_run: Path) -> None:
     report = build_report(probed_run)
     assert report.html_path == probed_run / "report" / "report.html"
-    for name in ("auroc_heatmap", "roc_curves", "label_balance"):
+    for name in ("auroc_heatmap", "roc_curves", "label_balance", "deployment"):
         png = report.pngs[name].read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000, name
     assert report.best["feature"] == SIGNAL
     page = report.html_path.read_text(encoding="utf-8")
     headline = re.search(r'<p class="headline">(.*?)</p>', page, re.S)
     assert headline is not None and SIGNAL in headline.group(1)
-    assert page.count("data:image/png;base64,") == 3  # the page stands alone
+    assert page.count("data:image/png;base64,") == 4  # the page stands alone (its four figures are embedded)
     results = pd.read_csv(probed_run / "probes" / "results.csv")
     assert f"{results['auroc_mean'].max():.3f}" in headline.group(1)
 
