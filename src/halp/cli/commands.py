@@ -388,9 +388,7 @@ def predict(
     probe: Annotated[str | None, typer.Option(help="logreg or mlp (default: best AUROC).")] = None,
     threshold: Annotated[float | None, typer.Option(help="Flag risk >= T (default: the probe's).")] = None,
     out: Annotated[Path | None, typer.Option(help="Output CSV (default RUN/risk/<data name>.csv).")] = None,
-    batch_size: Annotated[
-        str, typer.Option(help="Samples per prefill pass, or 'auto': the largest that fits in GPU memory.")
-    ] = "8",
+    batch_size: Annotated[int, typer.Option(min=1, help="Samples per prefill pass.")] = 8,
     device: DeviceOption = "auto",
     dtype: Annotated[str, typer.Option(help="auto = the run's dtype, which the probe was trained on.")] = "auto",
     model: Annotated[str | None, typer.Option(help="The run's checkpoint, if it moved since extraction.")] = None,
