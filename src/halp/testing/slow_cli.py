@@ -5,6 +5,9 @@
 - `HALP_HALT_AFTER_COMMITS=K`: after this process's K-th committed part, stop making progress (block until
   killed). A test that waits for K parts and then SIGKILLs the process knows exactly what was committed,
   whatever the machine's speed or load.
+- `HALP_HALT_MODEL_AFTER_BATCHES=K`: the model step (which runs in the main thread) blocks before its
+  (K+1)-th batch, in a sleep that Ctrl-C interrupts. A test that waits for K committed parts and then sends
+  SIGINT interrupts the run at a known point: K batches done, none after.
 """
 
 from __future__ import annotations
@@ -33,6 +36,25 @@ def _install() -> None:
         return path
 
     store.RunStore.commit = controlled_commit
+
+    model_halt_after = int(os.environ.get("HALP_HALT_MODEL_AFTER_BATCHES", "0"))
+    if model_halt_after:
+        import time
+
+        from halp.capture import FeatureExtractor
+
+        run = FeatureExtractor.run
+        batches = 0
+
+        def halting_run(self, *args, **kwargs):
+            nonlocal batches
+            if batches >= model_halt_after:
+                while True:  # the main thread: SIGINT raises KeyboardInterrupt here
+                    time.sleep(0.05)
+            batches += 1
+            return run(self, *args, **kwargs)
+
+        FeatureExtractor.run = halting_run
 
 
 if __name__ == "__main__":
