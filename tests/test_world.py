@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import ndimage
 
 from halp.world.questions import ANSWERS, QUESTION_TYPES, ask, is_wrong
 from halp.world.scene import DIFFICULTIES, RELATION_MARGIN, make_scene, object_mask
@@ -29,6 +30,7 @@ def tiny_model_config(**overrides):
         vision_dim=32,
         vision_depth=1,
         steps=TINY_STEPS,
+        grounding_steps=100,
         batch_size=16,
         learning_rate=3e-3,
         warmup_steps=10,
@@ -123,6 +125,45 @@ def test_same_seed_gives_the_same_study_set(tmp_path: Path) -> None:
     assert len(table) == 24 and table["question_id"].is_unique
     # Questions of one image have distinct types.
     assert (table.groupby("image_id")["question_type"].nunique() == 2).all()
+
+
+def test_training_starts_with_the_grounding_curriculum_then_the_mix() -> None:
+    """The first grounding_steps batches: one object on an easy scene, its colour or shape asked; then the mix."""
+    from halp.world.model import GROUNDING_TYPES, WorldModelConfig, training_batches
+
+    config = WorldModelConfig(steps=6, grounding_steps=3, batch_size=8)
+    batches = list(training_batches(config))
+    assert len(batches) == 6 and all(len(batch) == 8 for batch in batches)
+    for batch in batches[:3]:
+        for image, question, difficulty in batch:
+            assert difficulty == "easy" and question.question_type in GROUNDING_TYPES
+            # One object: easy objects never touch, so the pixels off the background form one connected blob.
+            pixels = np.asarray(image)
+            assert ndimage.label((pixels != pixels[0, 0]).any(axis=2))[1] == 1
+    later = [question.question_type for batch in batches[3:] for _, question, _ in batch]
+    assert len(set(later)) >= 4  # the uniform mix of all seven types
+    # The same seed gives the same stream.
+    again = list(training_batches(config))
+    assert [q.question for b in again for _, q, _ in b] == [q.question for b in batches for _, q, _ in b]
+
+
+def test_one_object_scenes_and_their_grounding_questions() -> None:
+    from halp.world.model import grounding_examples
+
+    stream = grounding_examples(seed=4)
+    for _ in range(30):
+        _, question, _ = next(stream)
+        assert question.answer in ANSWERS and question.answer != "none"
+    rng = np.random.default_rng(5)
+    assert all(len(make_scene(rng, level, objects=1).objects) == 1 for level in DIFFICULTIES for _ in range(5))
+
+
+def test_grounding_steps_beyond_the_training_are_refused(tmp_path: Path) -> None:
+    from halp.errors import WorldError
+    from halp.world.model import train
+
+    with pytest.raises(WorldError, match="grounding_steps"):
+        train(tiny_model_config(steps=10, grounding_steps=20), cache_dir=tmp_path, progress=False)
 
 
 # ----- the reduced model and the study ---------------------------------------------------------

@@ -19,6 +19,10 @@ def world(
         "halp-world"
     ),
     steps: Annotated[int | None, typer.Option(help="Training steps (default: the study's recipe).")] = None,
+    grounding_steps: Annotated[
+        int | None,
+        typer.Option(help="Of those, the first steps on one-object colour/shape questions (default: the recipe's)."),
+    ] = None,
     images: Annotated[int | None, typer.Option(help="Study-set images, two questions each.")] = None,
     probe: Annotated[str, typer.Option(help="logreg, mlp or both.")] = "both",
     folds: Annotated[int, typer.Option(help="Cross-validation folds of the probes.")] = 5,
@@ -41,6 +45,8 @@ def world(
     model = WorldModelConfig(seed=seed)
     if steps is not None:
         model.steps = steps
+    if grounding_steps is not None:
+        model.grounding_steps = grounding_steps
     config = StudyConfig(
         out=out,
         model=model,

@@ -3,8 +3,12 @@
 The architecture and the offline tokenizer/processor are those of `halp.testing`'s Qwen2-VL builder (a
 real `Qwen2VLForConditionalGeneration`, halp's BPE tokenizer, the real `Qwen2VLImageProcessor`, Qwen's chat
 template). Training draws fresh scenes and questions every step from a seeded stream (so there is no fixed
-training set to memorise), feeds `prompt + answer + <|im_end|>` exactly as halp's adapter writes the prompt,
-and puts only the answer tokens (and the end token, so that greedy decoding stops) in the loss.
+training set to memorise). It starts with a grounding curriculum: for `grounding_steps` steps every example is
+an easy scene with a single object and a colour or shape question about it (`attribute_colour` /
+`attribute_shape`), whose answer cannot come from the words' prior; without it the model settles on each
+question type's answer prior and never learns to read the image (docs/world.md). Then the full mix. It feeds
+`prompt + answer + <|im_end|>` exactly as halp's adapter writes the prompt, and puts only the answer
+tokens (and the end token, so that greedy decoding stops) in the loss.
 
 The result is saved with `save_pretrained` into `~/.cache/halp/world/<config hash>/checkpoint` (written in a
 temporary directory, renamed when complete) and loaded back through `from_pretrained` like any checkpoint.
@@ -33,11 +37,13 @@ from halp.world.questions import ANSWERS, Question, ask
 from halp.world.scene import DIFFICULTIES, IMAGE_SIZE, make_scene
 
 #: Bumped whenever the world or the training recipe changes what a config hash stands for.
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 CHECKPOINT_DIR = "checkpoint"
 TRAINING_FILE = "training.json"
 #: Seed offsets of the independent streams (training, held-out evaluation, the study set).
-TRAIN_STREAM, HELDOUT_STREAM, STUDY_STREAM, TOKENIZER_STREAM = 0, 1, 2, 3
+TRAIN_STREAM, HELDOUT_STREAM, STUDY_STREAM, TOKENIZER_STREAM, GROUNDING_STREAM = 0, 1, 2, 3, 4
+#: The grounding curriculum's question types: one object, its colour or its shape.
+GROUNDING_TYPES = ("attribute_colour", "attribute_shape")
 #: The world tokenizer's vocabulary size (bytes, special tokens, merges).
 VOCAB_SIZE = 600
 
@@ -50,10 +56,12 @@ class WorldModelConfig:
     num_layers: int = 4
     vision_dim: int = 64
     vision_depth: int = 2
-    steps: int = 1500
-    batch_size: int = 24
+    #: Training steps in all, the first `grounding_steps` of them on the grounding curriculum.
+    steps: int = 700
+    grounding_steps: int = 250
+    batch_size: int = 48
     learning_rate: float = 2e-3
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     weight_decay: float = 0.01
     difficulties: tuple[str, ...] = ("easy", "medium", "hard")
     heldout: int = 384
@@ -105,6 +113,24 @@ def examples(seed: int, stream: int, difficulties: tuple[str, ...]) -> Iterator[
         difficulty = difficulties[int(rng.integers(len(difficulties)))]
         scene = make_scene(rng, difficulty)
         yield scene.image, ask(rng, scene), difficulty
+
+
+def grounding_examples(seed: int) -> Iterator[tuple[Any, Question, str]]:
+    """The grounding curriculum's stream: an easy scene with one object, and its colour or its shape asked."""
+    rng = np.random.default_rng([seed, GROUNDING_STREAM])
+    while True:
+        scene = make_scene(rng, "easy", objects=1)
+        question_type = GROUNDING_TYPES[int(rng.integers(len(GROUNDING_TYPES)))]
+        yield scene.image, ask(rng, scene, question_type), "easy"
+
+
+def training_batches(config: WorldModelConfig) -> Iterator[list[tuple[Any, Question, str]]]:
+    """The training batches: `grounding_steps` of the grounding curriculum, then the mix of `difficulties`."""
+    grounding = grounding_examples(config.seed)
+    mix = examples(config.seed, TRAIN_STREAM, config.difficulties)
+    for step in range(config.steps):
+        stream = grounding if step < config.grounding_steps else mix
+        yield [next(stream) for _ in range(config.batch_size)]
 
 
 def tokenizer_corpus(size: int = 600) -> list[str]:
@@ -203,6 +229,8 @@ def train(
     unknown = [d for d in config.difficulties if d not in DIFFICULTIES]
     if unknown:
         raise WorldError(f"unknown difficulty {', '.join(unknown)}; choose from {', '.join(DIFFICULTIES)}")
+    if not 0 <= config.grounding_steps <= config.steps:
+        raise WorldError(f"grounding_steps must be between 0 and steps ({config.steps}), not {config.grounding_steps}")
     home = (cache_dir or default_cache_dir()) / config.digest()
     checkpoint = home / CHECKPOINT_DIR
     record = home / TRAINING_FILE
@@ -254,14 +282,15 @@ def train(
         torch.manual_seed(config.seed)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _schedule(step, config))
-        stream = examples(config.seed, TRAIN_STREAM, config.difficulties)
+        batches = training_batches(config)
         losses: list[float] = []
         accuracy: list[float] = []
-        bar = tqdm(range(config.steps), desc="training the world model", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(
+            batches, total=config.steps, desc="training the world model", disable=not progress, dynamic_ncols=True
+        )
         smooth_loss, smooth_acc = float("nan"), float("nan")
-        for step in bar:
+        for step, batch in enumerate(bar):
             model.train()
-            batch = [next(stream) for _ in range(config.batch_size)]
             inputs = encoder(
                 [i for i, _, _ in batch], [q.question for _, q, _ in batch], [q.answer for _, q, _ in batch]
             )

@@ -122,10 +122,14 @@ def _choice(rng: np.random.Generator, options: tuple[str, ...], weights: np.ndar
     return options[int(rng.choice(len(options), p=weights / weights.sum()))]
 
 
-def make_scene(rng: np.random.Generator, difficulty: str, side: int = IMAGE_SIZE) -> Scene:
-    """Draw one scene: distinct (colour, shape) objects placed by rejection sampling, then rendered."""
+def make_scene(rng: np.random.Generator, difficulty: str, side: int = IMAGE_SIZE, objects: int | None = None) -> Scene:
+    """Draw one scene: distinct (colour, shape) objects placed by rejection sampling, then rendered.
+
+    `objects`: the number of objects, instead of one drawn from the difficulty's range (the training
+    curriculum's one-object scenes).
+    """
     spec = DIFFICULTIES[difficulty]
-    wanted = int(rng.integers(spec.objects[0], spec.objects[1] + 1))
+    wanted = int(rng.integers(spec.objects[0], spec.objects[1] + 1)) if objects is None else objects
     background = tuple(int(v) for v in rng.integers(70, 150, size=3))
     objects: list[SceneObject] = []
     masks: list[np.ndarray] = []
