@@ -129,7 +129,7 @@ def test_same_seed_gives_the_same_study_set(tmp_path: Path) -> None:
 
 def test_training_starts_with_the_grounding_curriculum_then_the_mix() -> None:
     """The first grounding_steps batches: one object on an easy scene, its colour or shape asked; then the mix."""
-    from halp.world.model import GROUNDING_TYPES, WorldModelConfig, training_batches
+    from halp.world.model import GROUNDED_TYPES, GROUNDING_TYPES, WorldModelConfig, training_batches
 
     config = WorldModelConfig(steps=6, grounding_steps=3, batch_size=8)
     batches = list(training_batches(config))
@@ -145,6 +145,12 @@ def test_training_starts_with_the_grounding_curriculum_then_the_mix() -> None:
     # The same seed gives the same stream.
     again = list(training_batches(config))
     assert [q.question for b in again for _, q, _ in b] == [q.question for b in batches for _, q, _ in b]
+    # With a grounded share, that many examples of every later batch ask a question read from the pixels.
+    shared = list(training_batches(WorldModelConfig(steps=5, grounding_steps=1, grounded_share=0.25, batch_size=8)))
+    for batch in shared[1:]:
+        kinds = [question.question_type for _, question, _ in batch]
+        assert all(kind in GROUNDED_TYPES for kind in kinds[:2])
+    assert {question.question_type for batch in shared[1:] for _, question, _ in batch[:2]} == set(GROUNDED_TYPES)
 
 
 def test_one_object_scenes_and_their_grounding_questions() -> None:
@@ -158,12 +164,15 @@ def test_one_object_scenes_and_their_grounding_questions() -> None:
     assert all(len(make_scene(rng, level, objects=1).objects) == 1 for level in DIFFICULTIES for _ in range(5))
 
 
-def test_grounding_steps_beyond_the_training_are_refused(tmp_path: Path) -> None:
+def test_curriculum_settings_out_of_range_are_refused(tmp_path: Path) -> None:
     from halp.errors import WorldError
     from halp.world.model import train
 
     with pytest.raises(WorldError, match="grounding_steps"):
         train(tiny_model_config(steps=10, grounding_steps=20), cache_dir=tmp_path, progress=False)
+    with pytest.raises(WorldError, match="grounded_share"):
+        train(tiny_model_config(grounded_share=1.5), cache_dir=tmp_path, progress=False)
+    assert not any(tmp_path.iterdir())  # refused before anything is built or cached
 
 
 # ----- the reduced model and the study ---------------------------------------------------------

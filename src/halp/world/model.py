@@ -41,9 +41,12 @@ WORLD_VERSION = 2
 CHECKPOINT_DIR = "checkpoint"
 TRAINING_FILE = "training.json"
 #: Seed offsets of the independent streams (training, held-out evaluation, the study set).
-TRAIN_STREAM, HELDOUT_STREAM, STUDY_STREAM, TOKENIZER_STREAM, GROUNDING_STREAM = 0, 1, 2, 3, 4
+TRAIN_STREAM, HELDOUT_STREAM, STUDY_STREAM, TOKENIZER_STREAM, GROUNDING_STREAM, GROUNDED_STREAM = 0, 1, 2, 3, 4, 5
 #: The grounding curriculum's question types: one object, its colour or its shape.
 GROUNDING_TYPES = ("attribute_colour", "attribute_shape")
+#: Question types whose answer has to be read from the pixels (no answer prior gets far on them): the share of
+#: them that the training mix keeps after the curriculum (`grounded_share`) is drawn from these.
+GROUNDED_TYPES = ("attribute_colour", "attribute_shape", "multiple_choice")
 #: The world tokenizer's vocabulary size (bytes, special tokens, merges).
 VOCAB_SIZE = 600
 
@@ -59,6 +62,8 @@ class WorldModelConfig:
     #: Training steps in all, the first `grounding_steps` of them on the grounding curriculum.
     steps: int = 700
     grounding_steps: int = 250
+    #: After the curriculum, this share of every batch asks a question of GROUNDED_TYPES, the rest the uniform mix.
+    grounded_share: float = 0.0
     batch_size: int = 48
     learning_rate: float = 2e-3
     warmup_steps: int = 50
@@ -124,13 +129,33 @@ def grounding_examples(seed: int) -> Iterator[tuple[Any, Question, str]]:
         yield scene.image, ask(rng, scene, question_type), "easy"
 
 
+def grounded_examples(seed: int, difficulties: tuple[str, ...]) -> Iterator[tuple[Any, Question, str]]:
+    """Scenes of every difficulty with a question of GROUNDED_TYPES (the first, in a random order, that fits)."""
+    rng = np.random.default_rng([seed, GROUNDED_STREAM])
+    while True:
+        difficulty = difficulties[int(rng.integers(len(difficulties)))]
+        scene = make_scene(rng, difficulty)
+        for index in rng.permutation(len(GROUNDED_TYPES)):
+            try:
+                question = ask(rng, scene, GROUNDED_TYPES[int(index)])
+            except ValueError:  # no object with a unique colour or shape: try the next type, else a new scene
+                continue
+            yield scene.image, question, difficulty
+            break
+
+
 def training_batches(config: WorldModelConfig) -> Iterator[list[tuple[Any, Question, str]]]:
-    """The training batches: `grounding_steps` of the grounding curriculum, then the mix of `difficulties`."""
+    """The training batches: `grounding_steps` of the grounding curriculum, then the mix of `difficulties`, of
+    which the first round(grounded_share * batch_size) examples of every batch ask a question of GROUNDED_TYPES."""
     grounding = grounding_examples(config.seed)
+    grounded = grounded_examples(config.seed, config.difficulties)
     mix = examples(config.seed, TRAIN_STREAM, config.difficulties)
+    kept = round(config.grounded_share * config.batch_size)
     for step in range(config.steps):
-        stream = grounding if step < config.grounding_steps else mix
-        yield [next(stream) for _ in range(config.batch_size)]
+        if step < config.grounding_steps:
+            yield [next(grounding) for _ in range(config.batch_size)]
+        else:
+            yield [next(grounded) for _ in range(kept)] + [next(mix) for _ in range(config.batch_size - kept)]
 
 
 def tokenizer_corpus(size: int = 600) -> list[str]:
@@ -229,6 +254,8 @@ def train(
     unknown = [d for d in config.difficulties if d not in DIFFICULTIES]
     if unknown:
         raise WorldError(f"unknown difficulty {', '.join(unknown)}; choose from {', '.join(DIFFICULTIES)}")
+    if not 0 <= config.grounded_share <= 1:
+        raise WorldError(f"grounded_share is a fraction of the batch, between 0 and 1, not {config.grounded_share}")
     if not 0 <= config.grounding_steps <= config.steps:
         raise WorldError(f"grounding_steps must be between 0 and steps ({config.steps}), not {config.grounding_steps}")
     home = (cache_dir or default_cache_dir()) / config.digest()
