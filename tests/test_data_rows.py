@@ -141,3 +141,18 @@ def test_rows_hold_compact_text():
     # Each string costs its bytes plus a 4-byte offset; the answer column is empty; positions 8 bytes a row.
     assert rows.nbytes <= text_bytes + count * (5 * 4 + 8) + 4096
     assert rows[count - 1].question == f"Is there a dog in image {count - 1}?"
+
+
+def test_text_that_is_not_unicode_is_carried():
+    """A lone surrogate (a JSON escape can make one) in an object column: the row opens, and extraction refuses it
+    with a reason later (halp.extract.unstorable_text)."""
+    ids = [f"q{i}" for i in range(12)]
+    ids[7] = "q\ud800"
+    frame = pd.DataFrame({"question_id": ids, "image_id": "a.png", "question": [f"Q{i}?" for i in range(12)],
+                          "note": ["ok"] * 11 + ["x\x00y"]}, dtype=object)
+    rows = data.samples_from_frame(frame.copy(), "odd")
+    assert rows[7].question_id == "q\ud800" and rows[11].meta == {"note": "x\x00y"}
+    assert [s.question_id for s in rows] == ids and rows.question_ids() == ids
+    frame.loc[3, "question_id"] = "q\ud800"
+    with pytest.raises(TableError, match="duplicate question_id values \\(1\\), e.g. q\ud800"):
+        data.samples_from_frame(frame, "odd")

@@ -197,8 +197,38 @@ def _column_texts(array: Any, positions: np.ndarray) -> list[str]:
     import pyarrow as pa
 
     if len(positions) and positions[-1] - positions[0] == len(positions) - 1 and np.all(np.diff(positions) == 1):
-        return array.slice(int(positions[0]), len(positions)).to_pylist()  # contiguous: no copy
-    return array.take(pa.array(positions, type=pa.int64())).to_pylist()
+        values = array.slice(int(positions[0]), len(positions))  # contiguous: no copy
+    else:
+        values = array.take(pa.array(positions, type=pa.int64()))
+    return _texts_of(values)
+
+
+def _texts_of(array: Any) -> list[str]:
+    import pyarrow as pa
+
+    if pa.types.is_string(array.type):
+        return array.to_pylist()
+    return [value.decode("utf-8", "surrogatepass") for value in array.to_pylist()]
+
+
+def _text_array(values: list[str]) -> Any:
+    """Texts as an Arrow string array, or as their bytes ("surrogatepass") where one is not valid Unicode (a lone
+    surrogate from a JSON escape): such a row opens, and extraction refuses it with a reason (unstorable_text)."""
+    import pyarrow as pa
+
+    try:
+        return pa.array(values, type=pa.string())
+    except UnicodeEncodeError:
+        return pa.array([value.encode("utf-8", "surrogatepass") for value in values], type=pa.binary())
+
+
+def _text_column(chunks: list[Any]) -> Any:
+    """One column of chunks from `_text_array`: strings, or all as bytes when a chunk needed them."""
+    import pyarrow as pa
+
+    if all(pa.types.is_string(chunk.type) for chunk in chunks):
+        return pa.chunked_array(chunks, type=pa.string())
+    return pa.chunked_array([chunk.cast(pa.binary()) for chunk in chunks], type=pa.binary())
 
 
 def samples_from_frame(
@@ -249,19 +279,19 @@ def rows_from_chunks(
             values = [_as_text(value) for value in chunk[column].tolist()]
             if name == "question_id":
                 empty += [offset + index for index, qid in enumerate(values) if not qid.strip()]
-            parts[name].append(pa.array(values, type=pa.string()))
+            parts[name].append(_text_array(values))
         if image_ids is not None:
             given = image_ids[offset : offset + len(chunk)]
             given = given.to_pylist() if hasattr(given, "to_pylist") else list(given)
             parts["image_id"].append(
-                pa.array([image_id or f"row-{offset + index}" for index, image_id in enumerate(given)], pa.string())
+                _text_array([image_id or f"row-{offset + index}" for index, image_id in enumerate(given)])
             )
         offset += len(chunk)
     if offset != num_rows:
         raise AssertionError(f"{source}: read {offset} rows of {num_rows}")  # a reader bug, not bad input
     if empty:
         raise TableError(f"{source}: empty question_id in row(s) {', '.join(str(i + 2) for i in empty[:10])}")
-    arrays = {name: pa.chunked_array(chunks_of, type=pa.string()) for name, chunks_of in parts.items()}
+    arrays = {name: _text_column(chunks_of) for name, chunks_of in parts.items()}
     duplicates = _repeated(arrays["question_id"])
     if duplicates:
         shown = ", ".join(duplicates[:10])
@@ -281,7 +311,7 @@ def _repeated(values: Any) -> list[str]:
         return []
     ordered = values.take(pc.sort_indices(values)).combine_chunks()
     repeats = ordered.slice(1).filter(pc.equal(ordered.slice(1), ordered.slice(0, len(ordered) - 1)))
-    return sorted(set(repeats.to_pylist()))
+    return sorted(set(_texts_of(repeats)))
 
 
 def _arrow_chunks(table: Any) -> Iterator[pd.DataFrame]:

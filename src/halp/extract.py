@@ -24,7 +24,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from halp.capture import BatchResult, FeatureExtractor, parse_layers
-from halp.data import ImageSource, Sample, as_image_source, input_table
+from halp.compact import RowDigests
+from halp.data import ImageSource, Sample, TableRows, as_image_source, input_table
 from halp.errors import ParameterError, ShardError
 from halp.loading import (
     check_attn_implementation,
@@ -61,6 +62,8 @@ log = logging.getLogger(__name__)
 
 #: --processor-device choices.
 PROCESSOR_DEVICES = ("auto", "cpu", "cuda")
+#: Rows whose images are hashed at a time when planning a resume (their bytes are read, hashed and dropped).
+DIGEST_WINDOW = 1024
 #: Re-exported: bench_extract.py and older callers import it from here.
 __all__ = ["BUCKET_BATCHES"]
 
@@ -263,30 +266,40 @@ def recheck_model_after_loading(identity: dict[str, Any], store: RunStore, model
 class ResumePlan:
     """What a rerun must do: the table's content digests, and the rows to extract (new, failed or changed)."""
 
-    digests: dict[str, str]
-    todo: list[Sample]
+    digests: RowDigests
+    todo: Sequence[Sample]  # a view of the table's rows (halp.data.TableRows) or a list
     changed: list[str]
 
 
-def content_digests(samples: Sequence[Sample], images: ImageSource | Path) -> dict[str, str]:
+def content_digests(samples: Sequence[Sample], images: ImageSource | Path) -> RowDigests:
     """question_id -> the row's content digest (its text and its image's bytes: a file under --images, or the bytes
-    the table embeds), read now."""
-    image_digests = as_image_source(images).digests(samples)
-    return {
-        sample.question_id: row_digest(sample, digest) for sample, digest in zip(samples, image_digests, strict=True)
-    }
+    the table embeds), read now, a window of rows at a time; kept compact (halp.compact.RowDigests)."""
+    source = as_image_source(images)
+
+    def pairs() -> Iterator[tuple[str, str]]:
+        for start in range(0, len(samples), DIGEST_WINDOW):
+            window = samples[start : start + DIGEST_WINDOW]
+            for sample, digest in zip(window, source.digests(window), strict=True):
+                yield sample.question_id, row_digest(sample, digest)
+
+    return RowDigests(pairs())
 
 
 def plan_resume(
-    store: RunStore, samples: Sequence[Sample], images: ImageSource | Path, digests: dict[str, str] | None = None
+    store: RunStore, samples: Sequence[Sample], images: ImageSource | Path, digests: RowDigests | None = None
 ) -> ResumePlan:
     """Compare the table's rows (text and image bytes) with what is committed: a row is done only if committed with
     the same content digest. Changed rows are extracted again; their old copies leave at assembly."""
     if digests is None:
         digests = content_digests(samples, images)
     committed = store.committed_digests()
-    todo = [sample for sample in samples if digests[sample.question_id] not in committed.get(sample.question_id, ())]
-    changed = [sample.question_id for sample in todo if sample.question_id in committed]
+    keep = [
+        index
+        for index, (question_id, digest) in enumerate(digests.items_in_order())
+        if not committed.holds(question_id, digest)
+    ]
+    todo: Sequence[Sample] = samples.take(keep) if isinstance(samples, TableRows) else [samples[i] for i in keep]
+    changed = [sample.question_id for sample in todo if sample.question_id in committed] if len(committed) else []
     if changed:
         log.warning(
             "%d committed row(s) changed in the table or image since they were extracted; extracting them again: %s",
@@ -735,7 +748,7 @@ def _run_shard(
     store = RunStore.for_shard(config.out, shard.name)
     store.lock()  # one writer per shard directory, for the life of this process
     try:
-        mine = [sample for _, sample in shard.select(samples)]
+        mine = shard.share(samples)
         digests = content_digests(mine, image_source(config))  # the images are read outside the run lock
         with store.sync():  # the run lock, briefly: identity, clean-up and the committed rows form one view
             identity = with_model_fingerprint(
