@@ -4,6 +4,7 @@ whole-table pandas conversion gives, whichever chunk a value falls in; views (sl
 from __future__ import annotations
 
 import pickle
+import re
 
 import pandas as pd
 import pyarrow as pa
@@ -54,9 +55,11 @@ def _as_tuples(samples) -> list[tuple]:
     return [(s.question_id, s.image_id, s.question, s.ground_truth, s.meta) for s in samples]
 
 
-def test_parquet_rows_match_the_whole_table_frame(tmp_path):
+@pytest.mark.parametrize("statistics", [True, False])
+def test_parquet_rows_match_the_whole_table_frame(tmp_path, statistics):
     path = tmp_path / "mixed.parquet"
-    pq.write_table(_mixed_table(), path)
+    # Without statistics no row group records its null count: the integer columns are read alone to find nulls.
+    pq.write_table(_mixed_table(), path, row_group_size=4, write_statistics=statistics)
     rows = open_table(path).samples
     assert isinstance(rows, TableRows) and len(rows) == ROWS
     assert _as_tuples(rows) == _expected(pd.read_parquet(path))
@@ -154,5 +157,5 @@ def test_text_that_is_not_unicode_is_carried():
     assert rows[7].question_id == "q\ud800" and rows[11].meta == {"note": "x\x00y"}
     assert [s.question_id for s in rows] == ids and rows.question_ids() == ids
     frame.loc[3, "question_id"] = "q\ud800"
-    with pytest.raises(TableError, match="duplicate question_id values \\(1\\), e.g. q\ud800"):
+    with pytest.raises(TableError, match=re.escape("duplicate question_id values (1), e.g. q\ud800")):
         data.samples_from_frame(frame, "odd")

@@ -314,14 +314,6 @@ def _repeated(values: Any) -> list[str]:
     return sorted(set(_texts_of(repeats)))
 
 
-def _arrow_chunks(table: Any) -> Iterator[pd.DataFrame]:
-    """A pyarrow Table as pandas frames of TEXT_CHUNK_ROWS rows, each with the dtypes `table.to_pandas()` gives the
-    whole table."""
-    nullable_ints = _nullable_ints(table)
-    for start in range(0, table.num_rows, TEXT_CHUNK_ROWS):
-        yield _as_whole_table(table.slice(start, TEXT_CHUNK_ROWS).to_pandas(use_threads=False), nullable_ints)
-
-
 def _nullable_ints(table: Any) -> set[str]:
     """Integer columns with nulls: pandas makes them float64 for the whole table, also in a chunk without nulls."""
     import pyarrow as pa
@@ -341,10 +333,12 @@ def _as_whole_table(frame: pd.DataFrame, nullable_ints: set[str]) -> pd.DataFram
 
 
 def _frame_columns(table: Any) -> list[str]:
-    """The columns `table.to_pandas()` has: pandas' stored index columns become its index, not columns."""
-    index_columns = {name for name in ((table.schema.pandas_metadata or {}).get("index_columns") or [])
+    """The columns `table.to_pandas()` has (a pyarrow Table or Schema): pandas' stored index columns become its
+    index, not columns."""
+    schema = getattr(table, "schema", table)
+    index_columns = {name for name in ((schema.pandas_metadata or {}).get("index_columns") or [])
                      if isinstance(name, str)}
-    return [name for name in table.column_names if name not in index_columns]
+    return [name for name in schema.names if name not in index_columns]
 
 
 def read_samples(path: str | Path) -> list[Sample]:
@@ -674,34 +668,67 @@ def _open_parquet(source: str | Path, label: str, digest: str) -> Table:
     schema = handle.schema_arrow
     kinds = {name: _arrow_kind(schema.field(name).type) for name in schema.names}
     column = _embedded_column(schema.names, kinds)
-    text = _read_parquet_text(handle, [name for name in schema.names if name != column])
+    text_columns = [name for name in schema.names if name != column]
     if column is None:
-        return Table(_arrow_rows(text, label), None, {"data": label, "table_sha256": digest})
+        return Table(_parquet_rows(handle, text_columns, label), None, {"data": label, "table_sha256": digest})
     image_ids: Any = None
-    if not _has_image_id(_frame_columns(text)):
+    if not _has_image_id(_frame_columns(_selected_schema(handle, text_columns))):
         if kinds[column] == "struct" and "path" in _struct_fields(schema.field(column).type):
             image_ids = _parquet_paths(handle, column)
         else:
-            image_ids = [""] * text.num_rows
-    samples = _arrow_rows(text, label, image_ids=image_ids, embedded=True)
+            image_ids = [""] * handle.metadata.num_rows
+    samples = _parquet_rows(handle, text_columns, label, image_ids=image_ids, embedded=True)
     images = ParquetImages(source, column, label, handle)
     return Table(samples, images, {"data": label, "image_column": column, "table_sha256": digest})
 
 
-def _read_parquet_text(handle: Any, columns: list[str]) -> Any:
-    """The text columns as one Arrow table, read a batch at a time on one thread: pyarrow's allocator keeps the
-    pages that reading a whole file of many row groups (or each thread) took, which costs more than the text."""
+def _selected_schema(handle: Any, columns: list[str]) -> Any:
     import pyarrow as pa
 
     schema = handle.schema_arrow
-    selected = pa.schema([schema.field(name) for name in columns], metadata=schema.metadata)
-    batches = handle.iter_batches(batch_size=TEXT_CHUNK_ROWS, columns=columns, use_threads=False)
-    return pa.Table.from_batches(list(batches), schema=selected)
+    return pa.schema([schema.field(name) for name in columns], metadata=schema.metadata)
 
 
-def _arrow_rows(table: Any, label: str, image_ids: Any = None, embedded: bool = False) -> TableRows:
-    columns = _frame_columns(table)
-    return rows_from_chunks(columns, table.num_rows, _arrow_chunks(table), label, image_ids, embedded)
+def _parquet_rows(
+    handle: Any, columns: list[str], label: str, image_ids: Any = None, embedded: bool = False
+) -> TableRows:
+    """A Parquet file's text columns as rows, read a batch of TEXT_CHUNK_ROWS at a time on one thread and converted
+    as it comes: the text is never held twice, and pyarrow's allocator does not keep the pages that reading a whole
+    file of many row groups (or each thread) took."""
+    import pyarrow as pa
+
+    selected = _selected_schema(handle, columns)
+    nullable_ints = _parquet_nullable_ints(handle, selected)
+
+    def frames() -> Iterator[pd.DataFrame]:
+        for batch in handle.iter_batches(batch_size=TEXT_CHUNK_ROWS, columns=columns, use_threads=False):
+            frame = pa.Table.from_batches([batch], schema=selected).to_pandas(use_threads=False)
+            yield _as_whole_table(frame, nullable_ints)
+
+    return rows_from_chunks(_frame_columns(selected), handle.metadata.num_rows, frames(), label, image_ids, embedded)
+
+
+def _parquet_nullable_ints(handle: Any, schema: Any) -> set[str]:
+    """`_nullable_ints` of a Parquet file's columns, from the row groups' null counts where every row group records
+    one, else by reading that column alone."""
+    import pyarrow as pa
+
+    metadata = handle.metadata
+    leaves = {metadata.schema.column(i).path: i for i in range(metadata.num_columns)}
+    found: set[str] = set()
+    for column in schema:
+        if not pa.types.is_integer(column.type):
+            continue
+        leaf = leaves.get(column.name)
+        stats = [metadata.row_group(g).column(leaf).statistics for g in range(metadata.num_row_groups)] if (
+            leaf is not None) else [None]
+        if all(stat is not None and stat.has_null_count for stat in stats):
+            nulls = sum(stat.null_count for stat in stats)
+        else:
+            nulls = handle.read(columns=[column.name], use_threads=False).column(0).null_count
+        if nulls:
+            found.add(column.name)
+    return found
 
 
 def _parquet_paths(handle: Any, column: str) -> Any:
