@@ -326,17 +326,36 @@ class _Worker:
         self.ready = False
         self.closed = False
 
-    def stop(self, timeout: float) -> None:
+    def ask_to_stop(self) -> None:
+        """The worker ends after its current batch (a task message is small: this never blocks)."""
         with contextlib.suppress(OSError, ValueError):
             self.conn.send(None)
-        self.process.join(timeout)
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(timeout)
-        self.conn.close()
+
+    def end(self, deadline: float) -> None:
+        """Wait until `deadline` (time.monotonic) for the worker to end, then terminate it, then kill it.
+
+        A worker blocked sending a large batch to a main process that no longer reads never reads its stop
+        message: it is terminated. Each step is bounded, so a Ctrl-C never waits on a worker for long."""
+        self.process.join(max(0.0, deadline - time.monotonic()))
+        for signal_it in (self.process.terminate, self.process.kill):
+            if not self.process.is_alive():
+                break
+            signal_it()
+            self.process.join(_WORKER_SIGNAL_WAIT)
+        with contextlib.suppress(OSError):
+            self.conn.close()
 
 
 _END = object()
+#: Seconds a stopping worker gets to finish its batch, and then to end after SIGTERM (and after SIGKILL).
+_WORKER_STOP_WAIT = 5.0
+_WORKER_SIGNAL_WAIT = 2.0
+#: Seconds the model's thread waits for the feeder thread when stopping; every wait in the feeder is shorter.
+_FEEDER_STOP_WAIT = 10.0
+
+
+class _Stopping(Exception):
+    """Raised in the feeder thread when the pipeline is closing."""
 
 
 class _Raised:
@@ -372,6 +391,7 @@ class InputPipeline:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pool: list[_Worker] = []
+        self._pool_lock = threading.Lock()
         self.replaced = 0
 
     # -- the consumer side (the model's thread)
@@ -414,30 +434,54 @@ class InputPipeline:
             yield prepared
 
     def close(self) -> None:
-        """Stop the feeder and the workers (also on Ctrl-C or an error in the model thread)."""
-        self._stop.set()
+        """Stop the feeder and the workers (also on Ctrl-C or an error in the model thread).
+
+        Every worker is asked to stop at once and they end in parallel under one deadline; once stopping, the
+        feeder starts no new worker (a replacement started during a Ctrl-C would otherwise outlive the run)."""
+        start = time.monotonic()
+        with self._pool_lock:
+            self._stop.set()
+            for worker in self._pool:
+                worker.ask_to_stop()
         if self._thread is not None:
-            self._thread.join(30)
+            self._thread.join(_FEEDER_STOP_WAIT)
+            if self._thread.is_alive():
+                log.warning("the input feeder did not stop within %.0f s; its workers are ended", _FEEDER_STOP_WAIT)
             self._thread = None
-        for worker in self._pool:
-            worker.stop(timeout=5)
-        self._pool.clear()
+        with self._pool_lock:
+            pool, self._pool = self._pool, []
+        deadline = time.monotonic() + _WORKER_STOP_WAIT
+        for worker in pool:
+            worker.ask_to_stop()  # again: a worker started after the first request did not get it
+        for worker in pool:
+            worker.end(deadline)
+        if pool:
+            log.info("stopped %d input worker(s) in %.1f s", len(pool), time.monotonic() - start)
 
     # -- the feeder thread
     def _feed(self) -> None:
         try:
             self._feed_loop()
             self._out.put(_END)
+        except _Stopping:  # close() was called: nobody reads any more
+            pass
         except BaseException as err:  # handed to the model's thread, which raises it
             self._out.put(_Raised(err))
 
     def _start_worker(self) -> _Worker:
-        return _Worker(_context(), self.spec)
+        """A new worker, registered in the pool under the lock; none once the pipeline is stopping."""
+        with self._pool_lock:
+            if self._stop.is_set():
+                raise _Stopping("the input pipeline is stopping: no new worker")
+            worker = _Worker(_context(), self.spec)
+            self._pool.append(worker)
+            return worker
 
     def _feed_loop(self) -> None:
         from multiprocessing.connection import wait
 
-        self._pool = [self._start_worker() for _ in range(self.workers)]
+        for _ in range(self.workers):
+            self._start_worker()
         ready: dict[int, Prepared] = {}
         next_index = 0
         exhausted = False
@@ -462,13 +506,13 @@ class InputPipeline:
                 return
             waitables = [w.conn for w in self._pool] + [w.process.sentinel for w in self._pool]
             wait(waitables, timeout=0.2)
-            for position, worker in enumerate(list(self._pool)):
+            for worker in list(self._pool):
                 while (message := self._receive(worker)) is not None:
                     ready[message.index] = message
                 if worker.closed or not worker.process.is_alive():
                     while (message := self._receive(worker)) is not None:  # what it sent before it ended
                         ready[message.index] = message
-                    lost = self._replace(position, worker)
+                    lost = self._replace(worker)
                     if lost is not None:
                         ready[lost.index] = lost
 
@@ -497,17 +541,15 @@ class InputPipeline:
             return message
         return None
 
-    def _replace(self, position: int, worker: _Worker) -> Prepared | None:
+    def _replace(self, worker: _Worker) -> Prepared | None:
         """A worker died: its batch's rows fail (a rerun retries them) and a new worker takes its place."""
-        worker.process.join(5)
-        if worker.process.is_alive():  # its pipe is gone but it is not: it is no use any more
-            worker.process.terminate()
-            worker.process.join(5)
+        worker.end(time.monotonic() + _WORKER_STOP_WAIT)  # a live worker whose pipe is gone is no use any more
         code = worker.process.exitcode
-        worker.conn.close()
         if not worker.ready:
             raise InputWorkerError(f"an input worker exited with code {code} before it was ready")
-        self._pool[position] = self._start_worker()
+        with self._pool_lock:
+            self._pool.remove(worker)
+        self._start_worker()
         self.replaced += 1
         if worker.task is None:
             log.warning("input worker %s exited with code %s between batches; replaced", worker.process.pid, code)

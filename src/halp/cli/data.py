@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from halp.cli.app import app, console, fail
+from halp.cli.app import app, console
 
 data_app = typer.Typer(no_args_is_help=True, help="Convert published benchmarks to halp tables; compose a mix.")
 app.add_typer(data_app, name="data")
@@ -26,14 +26,9 @@ def convert(
     split: Annotated[str | None, typer.Option(help="Only this split / subset (e.g. testmini, adversarial).")] = None,
 ) -> None:
     """Convert one benchmark to halp's table (see docs/data.md for the layouts each source accepts)."""
-    from halp.errors import HalpError
     from halp.sources import convert as run_convert
 
-    try:
-        summary = run_convert(source, from_path, out, images, split)
-    except HalpError as err:
-        fail(str(err))
-        return
+    summary = run_convert(source, from_path, out, images, split)
     console.print(
         f"{summary.source}: {summary.rows} rows from {summary.layout} -> {summary.table}", markup=False, soft_wrap=True
     )
@@ -62,14 +57,9 @@ def compose(
     ] = "study",
 ) -> None:
     """Sample a composite: per-source counts in proportion, stratified by category within each source."""
-    from halp.errors import HalpError
     from halp.sources.compose import compose as run_compose
 
-    try:
-        summary = run_compose(list(from_dirs), out, total, seed, proportions)
-    except HalpError as err:
-        fail(str(err))
-        return
+    summary = run_compose(list(from_dirs), out, total, seed, proportions)
     drawn = ", ".join(f"{source} {count}" for source, count in summary.drawn.items())
     console.print(f"{summary.total} rows ({drawn}) -> {summary.table}", markup=False, soft_wrap=True)
     console.print(f"manifest: {summary.manifest}", markup=False, soft_wrap=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import getpass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 from urllib.parse import urlencode
@@ -10,22 +9,11 @@ from urllib.parse import urlencode
 import typer
 
 from halp.cli.app import app, console, err_console, fail
-from halp.errors import HalpError
 
 if TYPE_CHECKING:
     from halp.review.decisions import ReviewSummary
 
 EXPORT_FORMATS = ("label-studio",)
-
-
-def default_reviewer() -> str:
-    from halp.review.decisions import REVIEWER_PATTERN
-
-    try:
-        name = getpass.getuser()
-    except (KeyError, OSError):  # no login name (some containers)
-        return "reviewer"
-    return name if REVIEWER_PATTERN.match(name) else "reviewer"
 
 
 @app.command()
@@ -55,40 +43,38 @@ def review(
     """Review answers in the browser: h hallucinated, c correct, u unsure; decisions go to RUN_DIR/reviews.jsonl."""
     from halp.layout import reviews_file
 
-    try:
-        if export is not None:
-            _export(run_dir, export, out, image_url_prefix)
-            return
-        if out is not None:
-            fail(f"unexpected argument {out}: a file is only taken with --export")
-        if images is None:
-            fail("pass --images DIR: the directory the run's image ids are relative to (as given to halp extract)")
-        from halp.review.app import is_loopback, serve
-        from halp.review.session import ReviewSession
+    if export is not None:
+        _export(run_dir, export, out, image_url_prefix)
+        return
+    if out is not None:
+        fail(f"unexpected argument {out}: a file is only taken with --export")
+    if images is None:
+        fail("pass --images DIR: the directory the run's image ids are relative to (as given to halp extract)")
+    from halp.review.app import is_loopback, serve
+    from halp.review.decisions import default_reviewer
+    from halp.review.session import ReviewSession
 
-        session = ReviewSession(run_dir, images, reviewer or default_reviewer())
-        chosen = session.queue(queue, only, order)  # checks the choices before the server starts
-        start = {"queue": queue, "order": order, **({"where": only} if only else {})}
+    session = ReviewSession(run_dir, images, reviewer or default_reviewer())
+    chosen = session.queue(queue, only, order)  # checks the choices before the server starts
+    start = {"queue": queue, "order": order, **({"where": only} if only else {})}
 
-        def ready(url: str) -> None:
-            typer.echo(url + ("&" if "?" in url else "?") + urlencode(start))
+    def ready(url: str) -> None:
+        typer.echo(url + ("&" if "?" in url else "?") + urlencode(start))
+        err_console.print(
+            f"halp review: {len(session.rows)} rows, {len(chosen)} in queue {queue}"
+            f"{' (' + only + ')' if only else ''}; reviewer {session.reviewer}; decisions go to "
+            f"{reviews_file(run_dir)}. Ctrl-C stops.",
+            markup=False,
+            highlight=False,
+        )
+        if not is_loopback(host):
             err_console.print(
-                f"halp review: {len(session.rows)} rows, {len(chosen)} in queue {queue}"
-                f"{' (' + only + ')' if only else ''}; reviewer {session.reviewer}; decisions go to "
-                f"{reviews_file(run_dir)}. Ctrl-C stops.",
+                f"listening on {host}: the page needs the token in this URL; share it only with reviewers.",
                 markup=False,
                 highlight=False,
             )
-            if not is_loopback(host):
-                err_console.print(
-                    f"listening on {host}: the page needs the token in this URL; share it only with reviewers.",
-                    markup=False,
-                    highlight=False,
-                )
 
-        serve(session, host, port, on_ready=ready)
-    except HalpError as err:
-        fail(str(err))
+    serve(session, host, port, on_ready=ready)
 
 
 def _export(run_dir: Path, fmt: str, out: Path | None, image_url_prefix: str) -> None:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from halp.cli.app import app, console, fail, say, setup_logging
+from halp.cli.app import app, console, say, setup_logging
 
 if TYPE_CHECKING:
     from halp.world.study import StudyResult
@@ -33,7 +33,6 @@ def world(
     ] = None,
 ) -> None:
     """Real hallucinations offline: a tiny VLM trained on a synthetic world, probed on its own wrong answers."""
-    from halp.errors import HalpError
     from halp.world.model import WorldModelConfig
     from halp.world.study import StudyConfig, run_study
 
@@ -53,10 +52,7 @@ def world(
     )
     if images is not None:
         config.n_images = images
-    try:
-        result = run_study(config, say=say)
-    except HalpError as err:
-        fail(str(err))
+    result = run_study(config, say=say)
     print_world(console, result)
 
 

@@ -19,6 +19,7 @@ a newline, so it becomes one damaged line that readers count and report, never a
 from __future__ import annotations
 
 import fcntl
+import getpass
 import json
 import os
 import re
@@ -44,6 +45,15 @@ VERDICTS = tuple(VERDICT_LABELS)
 LABEL_WORDS = {1: "hallucinated", 0: "correct", None: "unknown"}
 #: Reviewer names go into labels.csv's method column and URLs: letters, digits and . _ @ - only.
 REVIEWER_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+
+
+def default_reviewer() -> str:
+    """The login name where it is a valid reviewer name, else "reviewer" (some containers have no login name)."""
+    try:
+        name = getpass.getuser()
+    except (KeyError, OSError):
+        return "reviewer"
+    return name if REVIEWER_PATTERN.match(name) else "reviewer"
 RESOLVE_CHOICES = ("none", "latest")
 
 

@@ -104,3 +104,14 @@ def crash_decoder_on_marker() -> None:
         return real_read(images_dir, image_id, *args, **kwargs)
 
     data.read_image = read
+
+
+
+def hang_in_worker() -> None:
+    """Input-worker fault injection: the worker never becomes ready and ignores SIGTERM (as a worker stuck in
+    native code that answers no signal would). Tests see the ignored SIGTERM in /proc/PID/status (SigIgn)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    while True:
+        time.sleep(1)
