@@ -1,12 +1,15 @@
 """Peak memory of reading a table that embeds its images, as `halp extract` reads it: 1,000 vs 100,000 rows.
 
 For each size a Parquet file is written the way `datasets` writes one (the Image struct {bytes, path}, row groups
-of 100 rows, `datasets`' schema metadata) and, with --formats, a `save_to_disk` folder. A fresh process then opens
-it with `halp.data.open_table` (text columns up front) and loads every image, a window of 128 rows at a time
-(extraction's window: batch size 8 x 16 batches), decoding and dropping them. Printed: rows, file size, seconds,
-peak RSS of that process (ru_maxrss), the peak RSS after opening the table only, and the peak anonymous RSS
-(RssAnon, sampled after each window): a memory-mapped Arrow folder's pages count in RSS once touched, but they are
-file-backed and the kernel reclaims them under pressure.
+of 100 rows, `datasets`' schema metadata) and, with --formats, a `save_to_disk` folder. A fresh process then does
+what `halp extract` does with the table before and around the model: opens it with `halp.data.open_table` (text
+columns up front), plans the run as a first run does (`halp.extract.plan_resume` against an empty run directory:
+every row's content digest, its image bytes hashed, and the rows to do), and loads every image of the rows to do,
+a window of 128 rows at a time (extraction's window: batch size 8 x 16 batches), decoding and dropping them.
+Printed: rows, file size, seconds, the RSS after importing halp's extraction modules (torch included: the floor of
+any `halp extract` process), the peak RSS (ru_maxrss) after opening the table, after planning and at the end, and
+the peak anonymous RSS (RssAnon, sampled after each step and window): a memory-mapped Arrow folder's pages count
+in RSS once touched, but they are file-backed and the kernel reclaims them under pressure.
 
     python benchmarks/bench_data_memory.py                       # 1,000 and 100,000 rows, Parquet
     python benchmarks/bench_data_memory.py --sizes 1000 10000 --formats parquet saved
@@ -73,16 +76,23 @@ def anonymous_rss_mib() -> float:
 
 
 def measure(data: str) -> dict[str, float]:
-    """In this process: open the table, then load every image a window at a time."""
+    """In this process: open the table, plan a first run, then load every image to do a window at a time."""
     from halp.data import open_table
+    from halp.extract import plan_resume
+    from halp.store import RunStore
 
+    imported_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
     table = open_table(data)
     opened_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     peak_anonymous = anonymous_rss_mib()
+    with tempfile.TemporaryDirectory(prefix="halp-bench-run-") as run_dir:
+        plan = plan_resume(RunStore(Path(run_dir) / "run"), table.samples, table.images)
+    planned_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_anonymous = max(peak_anonymous, anonymous_rss_mib())
     pixels = 0
-    for begin in range(0, len(table.samples), WINDOW):
-        window = table.samples[begin : begin + WINDOW]
+    for begin in range(0, len(plan.todo), WINDOW):
+        window = list(plan.todo[begin : begin + WINDOW])
         for image in table.images.load(window):
             if isinstance(image, Exception):
                 raise image
@@ -91,7 +101,9 @@ def measure(data: str) -> dict[str, float]:
     return {
         "rows": len(table.samples),
         "seconds": time.perf_counter() - start,
+        "peak_rss_mib_after_imports": imported_rss,
         "peak_rss_mib_after_open": opened_rss,
+        "peak_rss_mib_after_plan": planned_rss,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_anonymous_mib": peak_anonymous,
         "pixels": pixels,
@@ -111,8 +123,9 @@ def main() -> None:
         return
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="halp-bench-data-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    print(f"{'format':<8} {'rows':>8} {'file MiB':>9} {'seconds':>8} {'RSS open MiB':>13} {'peak RSS MiB':>13} "
-          f"{'peak anon MiB':>14}")
+    print(f"{'format':<8} {'rows':>8} {'file MiB':>9} {'seconds':>8} {'RSS imports':>12} {'RSS open MiB':>13} "
+          f"{'RSS plan MiB':>13} "
+          f"{'peak RSS MiB':>13} {'peak anon MiB':>14}")
     for rows in args.sizes:
         parquet = workdir / f"table-{rows}.parquet"
         if not parquet.exists():
@@ -132,7 +145,9 @@ def main() -> None:
                                  capture_output=True, text=True).stdout
             result = json.loads(out.strip().splitlines()[-1])
             print(f"{fmt:<8} {result['rows']:>8} {size / 2**20:>9.1f} {result['seconds']:>8.1f} "
-                  f"{result['peak_rss_mib_after_open']:>13.0f} {result['peak_rss_mib']:>13.0f} "
+                  f"{result['peak_rss_mib_after_imports']:>12.0f} "
+                  f"{result['peak_rss_mib_after_open']:>13.0f} {result['peak_rss_mib_after_plan']:>13.0f} "
+                  f"{result['peak_rss_mib']:>13.0f} "
                   f"{result['peak_anonymous_mib']:>14.0f}", flush=True)
 
 

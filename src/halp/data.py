@@ -19,8 +19,7 @@ import hashlib
 import io
 import json
 import math
-from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,12 +119,142 @@ def resolve_columns(columns: list[str], embedded: bool = False) -> dict[str, str
     return resolved
 
 
+#: Rows converted to text at a time: one chunk's Python strings exist at once, the table's text stays in Arrow.
+TEXT_CHUNK_ROWS = 4096
+
+
+class TableRows(Sequence[Sample]):
+    """A table's rows as compact Arrow string columns; each `Sample` is made only when asked for (indexing,
+    slicing, iterating), so a 100,000-row table costs its text plus 8 bytes a row, not 100,000 Python objects.
+
+    A slice or `take` is a view of the same columns (the positions it selects); `image_row` is the table position
+    for a table that embeds its images."""
+
+    def __init__(
+        self,
+        core: dict[str, Any],
+        meta: dict[str, Any],
+        embedded: bool,
+        positions: np.ndarray | None = None,
+    ) -> None:
+        #: question_id, image_id, question, ground_truth: pyarrow (chunked) string arrays, one per table row.
+        self._core = core
+        #: metadata column name -> its pyarrow string array, in the table's column order.
+        self._meta = meta
+        self.embedded = embedded
+        rows = len(core["question_id"])
+        self._positions = np.arange(rows, dtype=np.int64) if positions is None else positions
+
+    def __len__(self) -> int:
+        return len(self._positions)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return self._view(self._positions[index])
+        return self._make(self._positions[[index]])[0]
+
+    def __iter__(self) -> Any:
+        for start in range(0, len(self._positions), TEXT_CHUNK_ROWS):
+            yield from self._make(self._positions[start : start + TEXT_CHUNK_ROWS])
+
+    def __repr__(self) -> str:
+        return f"TableRows({len(self)} rows)"
+
+    def take(self, indices: Sequence[int] | np.ndarray) -> TableRows:
+        """The rows at these indices (of this view), in that order, as a view."""
+        return self._view(self._positions[np.asarray(indices, dtype=np.int64)])
+
+    def question_ids(self) -> list[str]:
+        """The rows' question_ids (Python strings, made now)."""
+        return _column_texts(self._core["question_id"], self._positions)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the text columns (shared by every view of the table) and this view's positions."""
+        arrays = list(self._core.values()) + list(self._meta.values())
+        return sum(array.nbytes for array in arrays) + self._positions.nbytes
+
+    def _view(self, positions: np.ndarray) -> TableRows:
+        return TableRows(self._core, self._meta, self.embedded, positions)
+
+    def _make(self, positions: np.ndarray) -> list[Sample]:
+        core = {name: _column_texts(array, positions) for name, array in self._core.items()}
+        metas = {name: _column_texts(array, positions) for name, array in self._meta.items()}
+        return [
+            Sample(
+                question_id=core["question_id"][index],
+                image_id=core["image_id"][index],
+                question=core["question"][index],
+                ground_truth=core["ground_truth"][index],
+                meta={name: values[index] for name, values in metas.items()},
+                image_row=int(position) if self.embedded else None,
+            )
+            for index, position in enumerate(positions)
+        ]
+
+
+def _column_texts(array: Any, positions: np.ndarray) -> list[str]:
+    import pyarrow as pa
+
+    if len(positions) and positions[-1] - positions[0] == len(positions) - 1 and np.all(np.diff(positions) == 1):
+        values = array.slice(int(positions[0]), len(positions))  # contiguous: no copy
+    else:
+        values = array.take(pa.array(positions, type=pa.int64()))
+    return _texts_of(values)
+
+
+def _texts_of(array: Any) -> list[str]:
+    import pyarrow as pa
+
+    if pa.types.is_string(array.type):
+        return array.to_pylist()
+    return [value.decode("utf-8", "surrogatepass") for value in array.to_pylist()]
+
+
+def _text_array(values: list[str]) -> Any:
+    """Texts as an Arrow string array, or as their bytes ("surrogatepass") where one is not valid Unicode (a lone
+    surrogate from a JSON escape): such a row opens, and extraction refuses it with a reason (unstorable_text)."""
+    import pyarrow as pa
+
+    try:
+        return pa.array(values, type=pa.string())
+    except UnicodeEncodeError:
+        return pa.array([value.encode("utf-8", "surrogatepass") for value in values], type=pa.binary())
+
+
+def _text_column(chunks: list[Any]) -> Any:
+    """One column of chunks from `_text_array`: strings, or all as bytes when a chunk needed them."""
+    import pyarrow as pa
+
+    if all(pa.types.is_string(chunk.type) for chunk in chunks):
+        return pa.chunked_array(chunks, type=pa.string())
+    return pa.chunked_array([chunk.cast(pa.binary()) for chunk in chunks], type=pa.binary())
+
+
 def samples_from_frame(
     frame: pd.DataFrame, source: str, image_ids: Sequence[str] | None = None, embedded: bool = False
-) -> list[Sample]:
+) -> TableRows:
     """Validated samples from a text frame; with `embedded`, sample i's image is row i of the table."""
-    columns = [str(column) for column in frame.columns]
-    frame.columns = columns
+    frame.columns = [str(column) for column in frame.columns]
+    chunks = (frame.iloc[start : start + TEXT_CHUNK_ROWS] for start in range(0, len(frame), TEXT_CHUNK_ROWS))
+    return rows_from_chunks(list(frame.columns), len(frame), chunks, source, image_ids, embedded)
+
+
+def rows_from_chunks(
+    columns: list[str],
+    num_rows: int,
+    chunks: Iterable[pd.DataFrame],
+    source: str,
+    image_ids: Any = None,
+    embedded: bool = False,
+) -> TableRows:
+    """Validated rows from a table's text, read as consecutive frames of rows (each with the dtypes the whole
+    table's frame would have), converted to text one frame at a time into Arrow string columns.
+
+    `image_ids`: the rows' image ids when the table has no image_id column (a sequence or a pyarrow string array;
+    an empty one becomes `row-N`)."""
+    import pyarrow as pa
+
     resolved = resolve_columns(columns, embedded=embedded)
     used = set(resolved.values())
     meta_columns = [column for column in columns if column not in used]
@@ -133,46 +262,88 @@ def samples_from_frame(
     if unnamed:
         # Metadata is stored under the column's name (percent-encoded where HDF5 needs it): it needs one.
         raise TableError(f"{source}: column name(s) {', '.join(unnamed)} cannot name metadata; rename or drop them")
-    if frame.empty:
+    if num_rows == 0:
         raise TableError(f"{source} has a header but no rows: nothing to extract")
 
-    ids = [_as_text(value) for value in frame[resolved["question_id"]]]
-    empty = [index for index, qid in enumerate(ids) if not qid.strip()]
+    sources = {name: resolved[name] for name in ("question_id", "question", "ground_truth") if name in resolved}
+    if image_ids is None:
+        sources["image_id"] = resolved["image_id"]
+    parts: dict[str, list[Any]] = {name: [] for name in [*sources, *meta_columns]}
+    if image_ids is not None:
+        parts["image_id"] = []
+    empty: list[int] = []
+    offset = 0
+    for chunk in chunks:
+        chunk.columns = [str(column) for column in chunk.columns]
+        for name, column in [*sources.items(), *((column, column) for column in meta_columns)]:
+            values = [_as_text(value) for value in chunk[column].tolist()]
+            if name == "question_id":
+                empty += [offset + index for index, qid in enumerate(values) if not qid.strip()]
+            parts[name].append(_text_array(values))
+        if image_ids is not None:
+            given = image_ids[offset : offset + len(chunk)]
+            given = given.to_pylist() if hasattr(given, "to_pylist") else list(given)
+            parts["image_id"].append(
+                _text_array([image_id or f"row-{offset + index}" for index, image_id in enumerate(given)])
+            )
+        offset += len(chunk)
+    if offset != num_rows:
+        raise AssertionError(f"{source}: read {offset} rows of {num_rows}")  # a reader bug, not bad input
     if empty:
         raise TableError(f"{source}: empty question_id in row(s) {', '.join(str(i + 2) for i in empty[:10])}")
-    duplicates = sorted(qid for qid, count in Counter(ids).items() if count > 1)
+    arrays = {name: _text_column(chunks_of) for name, chunks_of in parts.items()}
+    duplicates = _repeated(arrays["question_id"])
     if duplicates:
         shown = ", ".join(duplicates[:10])
         raise TableError(f"{source}: duplicate question_id values ({len(duplicates)}), e.g. {shown}")
+    if "ground_truth" not in arrays:
+        arrays["ground_truth"] = pa.chunked_array([pa.array([""] * num_rows, type=pa.string())])
+    core = {name: arrays.pop(name) for name in ("question_id", "image_id", "question", "ground_truth")}
+    return TableRows(core, {column: arrays[column] for column in meta_columns}, embedded)
 
-    # Column by column, not one dict per row: a 100,000-row table would hold 100,000 dicts at once.
-    def texts(column: str) -> list[str]:
-        return [_as_text(value) for value in frame[column].tolist()]
 
-    questions = texts(resolved["question"])
-    truths = texts(resolved["ground_truth"]) if "ground_truth" in resolved else [""] * len(ids)
-    if image_ids is None:
-        image_ids = texts(resolved["image_id"])
-    else:
-        image_ids = [image_id or f"row-{index}" for index, image_id in enumerate(image_ids)]
-    metas = {column: texts(column) for column in meta_columns}
-    samples = [
-        Sample(
-            question_id=ids[index],
-            image_id=image_ids[index],
-            question=questions[index],
-            ground_truth=truths[index],
-            meta={column: values[index] for column, values in metas.items()},
-            image_row=index if embedded else None,
-        )
-        for index in range(len(ids))
-    ]
-    return samples
+def _repeated(values: Any) -> list[str]:
+    """The values that occur more than once in a string array, sorted. By sorting (8 bytes a row of indices), not
+    hashing: a hash table of 100,000 strings costs more than the strings."""
+    import pyarrow.compute as pc
+
+    if len(values) < 2:
+        return []
+    ordered = values.take(pc.sort_indices(values)).combine_chunks()
+    repeats = ordered.slice(1).filter(pc.equal(ordered.slice(1), ordered.slice(0, len(ordered) - 1)))
+    return sorted(set(_texts_of(repeats)))
+
+
+def _nullable_ints(table: Any) -> set[str]:
+    """Integer columns with nulls: pandas makes them float64 for the whole table, also in a chunk without nulls."""
+    import pyarrow as pa
+
+    return {
+        table.schema.field(i).name
+        for i in range(table.num_columns)
+        if pa.types.is_integer(table.schema.field(i).type) and table.column(i).null_count
+    }
+
+
+def _as_whole_table(frame: pd.DataFrame, nullable_ints: set[str]) -> pd.DataFrame:
+    for name in nullable_ints:
+        if name in frame.columns and isinstance(frame[name].dtype, np.dtype) and frame[name].dtype.kind in "iu":
+            frame[name] = frame[name].astype("float64")
+    return frame
+
+
+def _frame_columns(table: Any) -> list[str]:
+    """The columns `table.to_pandas()` has (a pyarrow Table or Schema): pandas' stored index columns become its
+    index, not columns."""
+    schema = getattr(table, "schema", table)
+    index_columns = {name for name in ((schema.pandas_metadata or {}).get("index_columns") or [])
+                     if isinstance(name, str)}
+    return [name for name in schema.names if name not in index_columns]
 
 
 def read_samples(path: str | Path) -> list[Sample]:
     """Read and validate a VQA table; every problem is reported before a model is loaded."""
-    return open_table(path).samples
+    return list(open_table(path).samples)
 
 
 # ----- image sources -------------------------------------------------------------------------------------
@@ -271,11 +442,11 @@ class ParquetImages(ImageSource):
 
     embedded = True
 
-    def __init__(self, source: str | Path, column: str, label: str) -> None:
+    def __init__(self, source: str | Path, column: str, label: str, handle: Any = None) -> None:
         self.source = source
         self.column = column
         self.label = label
-        self._file: Any = None
+        self._file: Any = handle  # an open pyarrow ParquetFile of `source` to reuse, or None
         self._starts: np.ndarray | None = None
         self._cached: tuple[int, list[Any]] | None = None
 
@@ -287,6 +458,7 @@ class ParquetImages(ImageSource):
             import pyarrow.parquet as pq
 
             self._file = pq.ParquetFile(_opener(self.source)[0]())
+        if self._starts is None:
             metadata = self._file.metadata
             self._starts = np.cumsum([0] + [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)])
         return self._file
@@ -297,7 +469,7 @@ class ParquetImages(ImageSource):
         group = int(np.searchsorted(self._starts, row, side="right") - 1)
         if self._cached is None or self._cached[0] != group:
             self._cached = None  # drop the previous group before reading the next one
-            values = handle.read_row_group(group, columns=[self.column]).column(0).to_pylist()
+            values = handle.read_row_group(group, columns=[self.column], use_threads=False).column(0).to_pylist()
             self._cached = (group, values)
         return self._cached[1][row - int(self._starts[group])]
 
@@ -420,7 +592,7 @@ def decode_embedded_text(value: Any, what: str) -> bytes:
 class Table:
     """The rows of a table (text only) and where their images come from."""
 
-    samples: list[Sample]
+    samples: Sequence[Sample]  # TableRows: the text in Arrow, a Sample made per row asked for
     images: ImageSource | None  # None: files under --images, given at extraction
     #: What the run identity records about the input: the table or dataset, and a digest of its content.
     identity: dict[str, str]
@@ -486,40 +658,91 @@ def _arrow_kind(arrow_type: Any) -> str:
 def _open_parquet(source: str | Path, label: str, digest: str) -> Table:
     import pyarrow.parquet as pq
 
-    opener, filesystem, path = _opener(source)
+    opener = _opener(source)[0]
     try:
-        schema = pq.read_schema(opener())
+        # One handle (its footer parsed once: a file of many small row groups has a large one) for the text, the
+        # image paths and the first batches' images.
+        handle = pq.ParquetFile(opener(), pre_buffer=isinstance(source, str) and "://" in source)
     except Exception as err:  # pyarrow raises ArrowInvalid/OSError for a file that is not Parquet
         raise TableError(f"{label} could not be read as Parquet: {err}") from err
+    schema = handle.schema_arrow
     kinds = {name: _arrow_kind(schema.field(name).type) for name in schema.names}
     column = _embedded_column(schema.names, kinds)
-    if column is None:
-        frame = pq.read_table(path, filesystem=filesystem).to_pandas()
-        return Table(samples_from_frame(frame, label), None, {"data": label, "table_sha256": digest})
     text_columns = [name for name in schema.names if name != column]
-    frame = pq.read_table(path, filesystem=filesystem, columns=text_columns).to_pandas()
-    image_ids = [""] * len(frame)
-    if kinds[column] == "struct" and "path" in _struct_fields(schema.field(column).type):
-        image_ids = _parquet_paths(opener, column)
-    samples = samples_from_frame(frame, label, image_ids=_image_ids(frame, image_ids), embedded=True)
-    images = ParquetImages(source, column, label)
+    if column is None:
+        return Table(_parquet_rows(handle, text_columns, label), None, {"data": label, "table_sha256": digest})
+    image_ids: Any = None
+    if not _has_image_id(_frame_columns(_selected_schema(handle, text_columns))):
+        if kinds[column] == "struct" and "path" in _struct_fields(schema.field(column).type):
+            image_ids = _parquet_paths(handle, column)
+        else:
+            image_ids = [""] * handle.metadata.num_rows
+    samples = _parquet_rows(handle, text_columns, label, image_ids=image_ids, embedded=True)
+    images = ParquetImages(source, column, label, handle)
     return Table(samples, images, {"data": label, "image_column": column, "table_sha256": digest})
 
 
-def _parquet_paths(opener: Any, column: str) -> list[str]:
-    """The stored path of each row's image, one row group at a time: a struct column is read whole, so reading
-    the table's paths at once would hold every image's bytes too."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
+def _selected_schema(handle: Any, columns: list[str]) -> Any:
+    import pyarrow as pa
 
-    handle = pq.ParquetFile(opener())
-    paths: list[str] = []
+    schema = handle.schema_arrow
+    return pa.schema([schema.field(name) for name in columns], metadata=schema.metadata)
+
+
+def _parquet_rows(
+    handle: Any, columns: list[str], label: str, image_ids: Any = None, embedded: bool = False
+) -> TableRows:
+    """A Parquet file's text columns as rows, read a batch of TEXT_CHUNK_ROWS at a time on one thread and converted
+    as it comes: the text is never held twice, and pyarrow's allocator does not keep the pages that reading a whole
+    file of many row groups (or each thread) took."""
+    import pyarrow as pa
+
+    selected = _selected_schema(handle, columns)
+    nullable_ints = _parquet_nullable_ints(handle, selected)
+
+    def frames() -> Iterator[pd.DataFrame]:
+        for batch in handle.iter_batches(batch_size=TEXT_CHUNK_ROWS, columns=columns, use_threads=False):
+            frame = pa.Table.from_batches([batch], schema=selected).to_pandas(use_threads=False)
+            yield _as_whole_table(frame, nullable_ints)
+
+    return rows_from_chunks(_frame_columns(selected), handle.metadata.num_rows, frames(), label, image_ids, embedded)
+
+
+def _parquet_nullable_ints(handle: Any, schema: Any) -> set[str]:
+    """`_nullable_ints` of a Parquet file's columns, from the row groups' null counts where every row group records
+    one, else by reading that column alone."""
+    import pyarrow as pa
+
+    metadata = handle.metadata
+    leaves = {metadata.schema.column(i).path: i for i in range(metadata.num_columns)}
+    found: set[str] = set()
+    for column in schema:
+        if not pa.types.is_integer(column.type):
+            continue
+        leaf = leaves.get(column.name)
+        stats = [metadata.row_group(g).column(leaf).statistics for g in range(metadata.num_row_groups)] if (
+            leaf is not None) else [None]
+        if all(stat is not None and stat.has_null_count for stat in stats):
+            nulls = sum(stat.null_count for stat in stats)
+        else:
+            nulls = handle.read(columns=[column.name], use_threads=False).column(0).null_count
+        if nulls:
+            found.add(column.name)
+    return found
+
+
+def _parquet_paths(handle: Any, column: str) -> Any:
+    """The stored file name of each row's image (a pyarrow string array), one row group at a time: a struct column
+    is read whole, so reading the table's paths at once would hold every image's bytes too."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    paths: list[Any] = []
     for group in range(handle.metadata.num_row_groups):
-        values = handle.read_row_group(group, columns=[f"{column}.path"]).column(0)
+        values = handle.read_row_group(group, columns=[f"{column}.path"], use_threads=False).column(0)
         if hasattr(values.type, "num_fields"):  # some pyarrow versions keep the struct around the selected child
             values = pc.struct_field(values, "path")
-        paths += _struct_paths(values, len(values))
-    return paths
+        paths.append(pa.array(_struct_paths(values, len(values)), type=pa.string()))
+    return pa.chunked_array(paths, type=pa.string())
 
 
 def _struct_fields(arrow_type: Any) -> set[str]:
@@ -532,12 +755,15 @@ def _struct_paths(column: Any, rows: int) -> list[str]:
     return [Path(value).name if value else "" for value in column.to_pylist()]
 
 
-def _image_ids(frame: pd.DataFrame, paths: list[str]) -> list[str] | None:
+def _has_image_id(columns: Sequence[str]) -> bool:
+    """Whether embedded rows take their image_id from the table's own column (else from the image's stored path)."""
+    names = [str(column) for column in columns]
+    return any(alias in names for alias in COLUMN_ALIASES["image_id"])
+
+
+def _image_ids(frame: pd.DataFrame, paths: Any) -> Any:
     """image_id of embedded rows: the table's own image_id column if it has one, else the image's stored path."""
-    columns = [str(column) for column in frame.columns]
-    if any(alias in columns for alias in COLUMN_ALIASES["image_id"]):
-        return None
-    return paths
+    return None if _has_image_id(list(frame.columns)) else paths
 
 
 def _opener(source: str | Path) -> tuple[Any, Any, str]:
@@ -559,23 +785,38 @@ def _open_dataset(dataset: Any, label: str, identity: dict[str, str]) -> Table:
              for name, feature in dataset.features.items()}
     column = _embedded_column(columns, kinds)
     text = dataset.remove_columns([column]) if column else dataset
-    frame = text.to_pandas()
     if column is None:
-        return Table(samples_from_frame(frame, label), None, identity)
-    paths = _dataset_paths(dataset, column)
-    samples = samples_from_frame(frame, label, image_ids=_image_ids(frame, paths), embedded=True)
+        return Table(_dataset_rows(text, label), None, identity)
+    paths = None if _has_image_id(text.column_names) else _dataset_paths(dataset, column)
+    samples = _dataset_rows(text, label, image_ids=paths, embedded=True)
     return Table(samples, DatasetImages(dataset, column, label), {**identity, "image_column": column})
 
 
-def _dataset_paths(dataset: Any, column: str) -> list[str]:
-    """The stored path of each row's image, read from Arrow without touching the bytes."""
+def _dataset_rows(text: Any, label: str, image_ids: Any = None, embedded: bool = False) -> TableRows:
+    """A dataset's text columns as rows: `datasets`' own pandas conversion (Dataset.to_pandas), a chunk at a time
+    over the memory-mapped Arrow, never the whole table as one frame."""
+    nullable_ints = _nullable_ints(text.with_format("arrow")[:]) if len(text) else set()
+    frames = (
+        _as_whole_table(frame, nullable_ints)
+        for frame in text.to_pandas(batch_size=TEXT_CHUNK_ROWS, batched=True)
+    )
+    return rows_from_chunks(list(text.column_names), len(text), frames, label, image_ids, embedded)
+
+
+def _dataset_paths(dataset: Any, column: str) -> Any:
+    """The stored file name of each row's image (a pyarrow string array), read from Arrow without the bytes."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     flat = dataset.flatten_indices() if dataset._indices is not None else dataset
     chunked = flat.data.column(column)
     if not hasattr(chunked.type, "num_fields") or "path" not in _struct_fields(chunked.type):
         return [""] * len(flat)
-    return _struct_paths(pc.struct_field(chunked, "path"), len(flat))
+    paths = pc.struct_field(chunked, "path")
+    step = TEXT_CHUNK_ROWS
+    names = [pa.array(_struct_paths(paths.slice(start, step), min(step, len(flat) - start)), type=pa.string())
+             for start in range(0, len(flat), step)]
+    return pa.chunked_array(names, type=pa.string())
 
 
 def _open_jsonl(path: Path) -> Table:
@@ -605,9 +846,11 @@ def _open_jsonl(path: Path) -> Table:
             offsets.append(start)
     digest = file_sha256(path)
     frame = pd.DataFrame(rows)
+    count = len(rows)
+    del rows  # the frame holds the text now; the rows keep it in Arrow
     if column is None:
         return Table(samples_from_frame(frame, str(path)), None, {"data": str(path), "table_sha256": digest})
-    samples = samples_from_frame(frame, str(path), image_ids=_image_ids(frame, [""] * len(rows)), embedded=True)
+    samples = samples_from_frame(frame, str(path), image_ids=_image_ids(frame, [""] * count), embedded=True)
     return Table(samples, JsonlImages(path, column, offsets),
                  {"data": str(path), "image_column": column, "table_sha256": digest})
 
@@ -666,7 +909,9 @@ def open_table(
     if suffix in {".jsonl", ".ndjson"}:
         return _open_jsonl(path)
     frame = read_frame(path)
-    return Table(samples_from_frame(frame, str(path)), None, {"data": str(path), "table_sha256": file_sha256(path)})
+    rows = samples_from_frame(frame, str(path))
+    del frame  # the rows keep their text in Arrow
+    return Table(rows, None, {"data": str(path), "table_sha256": file_sha256(path)})
 
 
 def _open_saved_dataset(path: Path) -> Table:

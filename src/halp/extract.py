@@ -24,7 +24,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from halp.capture import BatchResult, FeatureExtractor, parse_layers
-from halp.data import ImageSource, Sample, as_image_source, input_table
+from halp.compact import RowDigests
+from halp.data import ImageSource, Sample, TableRows, as_image_source, input_table
 from halp.errors import ParameterError, ShardError
 from halp.loading import (
     check_attn_implementation,
@@ -61,6 +62,8 @@ log = logging.getLogger(__name__)
 
 #: --processor-device choices.
 PROCESSOR_DEVICES = ("auto", "cpu", "cuda")
+#: Rows whose images are hashed at a time when planning a resume (their bytes are read, hashed and dropped).
+DIGEST_WINDOW = 1024
 #: Re-exported: bench_extract.py and older callers import it from here.
 __all__ = ["BUCKET_BATCHES"]
 
@@ -147,6 +150,26 @@ def batches(items: Sequence[Sample], size: int) -> Iterator[list[Sample]]:
         yield list(items[start : start + size])
 
 
+@dataclass(frozen=True)
+class ExtractPass:
+    """One extraction pass's settings: the user's config and where and how the model runs (device, dtype, answer
+    length), resolved once in run_extraction and handed down whole."""
+
+    config: ExtractConfig
+    device: str
+    dtype: str
+    max_new_tokens: int
+
+    @classmethod
+    def resolve(cls, config: ExtractConfig, shard: Shard) -> ExtractPass:
+        device = device_for(resolve_device(config.device), shard)
+        dtype = str(resolve_dtype(config.dtype, device)).removeprefix("torch.")
+        return cls(config, device, dtype, config.max_new_tokens if config.generate else 0)
+
+    def identity(self, num_shards: int) -> dict[str, Any]:
+        return run_identity(self.config, self.dtype, self.max_new_tokens, num_shards=num_shards)
+
+
 def attach_log(run_dir: Path) -> logging.Handler:
     handler = logging.FileHandler(run_dir / "extract.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -174,16 +197,14 @@ def run_extraction(config: ExtractConfig) -> ExtractSummary:
     image_source(config)  # as do missing images: no --images for a table without embedded images
     check_model_source(config.model, config.trust_remote_code)  # a missing or refused model touches no run dir
 
-    device = device_for(resolve_device(config.device), shard)
-    dtype = str(resolve_dtype(config.dtype, device)).removeprefix("torch.")
-    max_new_tokens = config.max_new_tokens if config.generate else 0
+    run = ExtractPass.resolve(config, shard)
     if shard.is_sharded:
-        return _run_shard(config, shard, samples, device, dtype, max_new_tokens)
+        return _run_shard(run, shard, samples)
 
     store = RunStore(config.out)
     store.lock()
     try:
-        return _locked_run(config, store, samples, device, dtype, max_new_tokens)
+        return _locked_run(run, store, samples)
     finally:
         store.unlock()
 
@@ -263,30 +284,40 @@ def recheck_model_after_loading(identity: dict[str, Any], store: RunStore, model
 class ResumePlan:
     """What a rerun must do: the table's content digests, and the rows to extract (new, failed or changed)."""
 
-    digests: dict[str, str]
-    todo: list[Sample]
+    digests: RowDigests
+    todo: Sequence[Sample]  # a view of the table's rows (halp.data.TableRows) or a list
     changed: list[str]
 
 
-def content_digests(samples: Sequence[Sample], images: ImageSource | Path) -> dict[str, str]:
+def content_digests(samples: Sequence[Sample], images: ImageSource | Path) -> RowDigests:
     """question_id -> the row's content digest (its text and its image's bytes: a file under --images, or the bytes
-    the table embeds), read now."""
-    image_digests = as_image_source(images).digests(samples)
-    return {
-        sample.question_id: row_digest(sample, digest) for sample, digest in zip(samples, image_digests, strict=True)
-    }
+    the table embeds), read now, a window of rows at a time; kept compact (halp.compact.RowDigests)."""
+    source = as_image_source(images)
+
+    def pairs() -> Iterator[tuple[str, str]]:
+        for start in range(0, len(samples), DIGEST_WINDOW):
+            window = samples[start : start + DIGEST_WINDOW]
+            for sample, digest in zip(window, source.digests(window), strict=True):
+                yield sample.question_id, row_digest(sample, digest)
+
+    return RowDigests(pairs())
 
 
 def plan_resume(
-    store: RunStore, samples: Sequence[Sample], images: ImageSource | Path, digests: dict[str, str] | None = None
+    store: RunStore, samples: Sequence[Sample], images: ImageSource | Path, digests: RowDigests | None = None
 ) -> ResumePlan:
     """Compare the table's rows (text and image bytes) with what is committed: a row is done only if committed with
     the same content digest. Changed rows are extracted again; their old copies leave at assembly."""
     if digests is None:
         digests = content_digests(samples, images)
     committed = store.committed_digests()
-    todo = [sample for sample in samples if digests[sample.question_id] not in committed.get(sample.question_id, ())]
-    changed = [sample.question_id for sample in todo if sample.question_id in committed]
+    keep = [
+        index
+        for index, (question_id, digest) in enumerate(digests.items_in_order())
+        if not committed.holds(question_id, digest)
+    ]
+    todo: Sequence[Sample] = samples.take(keep) if isinstance(samples, TableRows) else [samples[i] for i in keep]
+    changed = [sample.question_id for sample in todo if sample.question_id in committed] if len(committed) else []
     if changed:
         log.warning(
             "%d committed row(s) changed in the table or image since they were extracted; extracting them again: %s",
@@ -295,22 +326,19 @@ def plan_resume(
     return ResumePlan(digests, todo, changed)
 
 
-def _locked_run(
-    config: ExtractConfig, store: RunStore, samples: list[Sample], device: str, dtype: str, max_new_tokens: int
-) -> ExtractSummary:
-    identity = with_model_fingerprint(run_identity(config, dtype, max_new_tokens, num_shards=1), store, config.model)
-    store.open(identity, overwrite=config.overwrite)
+def _locked_run(run: ExtractPass, store: RunStore, samples: list[Sample]) -> ExtractSummary:
+    identity = with_model_fingerprint(run.identity(num_shards=1), store, run.config.model)
+    store.open(identity, overwrite=run.config.overwrite)
     handler = attach_log(store.root)
     try:
-        return _run(config, store, samples, device, dtype, max_new_tokens)
+        return _run(run, store, samples)
     finally:
         logging.getLogger("halp").removeHandler(handler)
         handler.close()
 
 
-def _run(
-    config: ExtractConfig, store: RunStore, samples: list[Sample], device: str, dtype: str, max_new_tokens: int
-) -> ExtractSummary:
+def _run(run: ExtractPass, store: RunStore, samples: list[Sample]) -> ExtractSummary:
+    config = run.config
     store.remove_stale_temporaries()
     store.remove_assembled_parts()
     order = [sample.question_id for sample in samples]
@@ -333,13 +361,13 @@ def _run(
         return summary
 
     warm_up(resolve_workers(config))
-    extractor, attrs = prepare_extractor(config, device, dtype, max_new_tokens)
+    extractor, attrs = prepare_extractor(run)
     recheck_model_after_loading(store.read_identity() or {}, store, config.model)
     if store.features_path.exists():
         store.reopen_finished()
     failures = FailureLog(store.root / ERRORS_FILE, summary)
     start = time.perf_counter()
-    _extract_all(config, extractor, todo, store, attrs, failures, dtype, max_new_tokens, summary, "extract")
+    _extract_all(run, extractor, todo, store, attrs, failures, summary, "extract")
     summary.seconds = time.perf_counter() - start
     attrs["stage_seconds"] = json.dumps(summary.stages.as_dict())
 
@@ -357,10 +385,9 @@ def _run(
     return summary
 
 
-def prepare_extractor(
-    config: ExtractConfig, device: str, dtype: str, max_new_tokens: int
-) -> tuple[FeatureExtractor, dict[str, Any]]:
+def prepare_extractor(run: ExtractPass) -> tuple[FeatureExtractor, dict[str, Any]]:
     """Load the model, pick its adapter and layers; the attributes every committed part records."""
+    config, device, dtype, max_new_tokens = run.config, run.device, run.dtype, run.max_new_tokens
     if config.preloaded is not None:
         model, processor = config.preloaded
     else:
@@ -403,20 +430,19 @@ def log_rate(summary: ExtractSummary) -> None:
 
 
 def _extract_all(
-    config: ExtractConfig,
+    run: ExtractPass,
     extractor: FeatureExtractor,
     todo: Sequence[Sample],
     store: RunStore,
     attrs: dict[str, Any],
     failures: FailureList,
-    dtype: str,
-    max_new_tokens: int,
     summary: ExtractSummary,
     desc: str,
 ) -> None:
     """The overlapped loop (halp.pipeline): input workers -> the model in this thread -> the in-order writer."""
     if not todo:
         return
+    config, dtype, max_new_tokens = run.config, run.dtype, run.max_new_tokens
     device = str(extractor.input_device())
     source = image_source(config)
     rules = RowRules(source, config.exif_orientation, frozenset(special_tokens_of(extractor)))
@@ -728,19 +754,16 @@ def extract_batch(
     return extract_loaded(ready, images, extractor, max_new_tokens, store, attrs, failures, dtype)
 
 
-def _run_shard(
-    config: ExtractConfig, shard: Shard, samples: list[Sample], device: str, dtype: str, max_new_tokens: int
-) -> ExtractSummary:
+def _run_shard(run: ExtractPass, shard: Shard, samples: list[Sample]) -> ExtractSummary:
     """Extract this shard's rows into RUN_DIR/shards/<i>-of-<k>/; the last shard to finish assembles features.h5."""
+    config = run.config
     store = RunStore.for_shard(config.out, shard.name)
     store.lock()  # one writer per shard directory, for the life of this process
     try:
-        mine = [sample for _, sample in shard.select(samples)]
+        mine = shard.share(samples)
         digests = content_digests(mine, image_source(config))  # the images are read outside the run lock
         with store.sync():  # the run lock, briefly: identity, clean-up and the committed rows form one view
-            identity = with_model_fingerprint(
-                run_identity(config, dtype, max_new_tokens, num_shards=shard.count), RunStore(config.out), config.model
-            )
+            identity = with_model_fingerprint(run.identity(num_shards=shard.count), RunStore(config.out), config.model)
             store.open(identity)
             store.remove_stale_temporaries()
             store.remove_assembled_parts()
@@ -748,7 +771,7 @@ def _run_shard(
             store.clear_done()  # until this pass ends, the run cannot be assembled
         handler = attach_log(store.writer_dir)
         try:
-            return _shard_pass(config, shard, store, samples, plan, device, dtype, max_new_tokens)
+            return _shard_pass(run, shard, store, samples, plan)
         finally:
             logging.getLogger("halp").removeHandler(handler)
             handler.close()
@@ -757,15 +780,9 @@ def _run_shard(
 
 
 def _shard_pass(
-    config: ExtractConfig,
-    shard: Shard,
-    store: RunStore,
-    samples: list[Sample],
-    plan: ResumePlan,
-    device: str,
-    dtype: str,
-    max_new_tokens: int,
+    run: ExtractPass, shard: Shard, store: RunStore, samples: list[Sample], plan: ResumePlan
 ) -> ExtractSummary:
+    config = run.config
     mine = shard.select(samples)
     todo = plan.todo
     summary = ExtractSummary(store.root, len(mine), len(mine) - len(todo), 0, shard=shard, changed=plan.changed)
@@ -775,13 +792,11 @@ def _shard_pass(
     failures = FailureLog(store.writer_dir / ERRORS_FILE, summary)
     if todo:
         warm_up(resolve_workers(config))
-        extractor, attrs = prepare_extractor(config, device, dtype, max_new_tokens)
+        extractor, attrs = prepare_extractor(run)
         recheck_model_after_loading(store.read_identity() or {}, store, config.model)
         attrs["num_shards"] = shard.count
         start = time.perf_counter()
-        _extract_all(
-            config, extractor, todo, store, attrs, failures, dtype, max_new_tokens, summary, f"extract {shard.name}"
-        )
+        _extract_all(run, extractor, todo, store, attrs, failures, summary, f"extract {shard.name}")
         summary.seconds = time.perf_counter() - start
         log_rate(summary)
     store.write_done(

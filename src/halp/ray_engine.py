@@ -35,6 +35,7 @@ from halp.data import Sample
 from halp.errors import MissingDependencyError, ParameterError, RayWorkerError, ShardError
 from halp.extract import (
     ExtractConfig,
+    ExtractPass,
     ExtractSummary,
     FailureList,
     FailureLog,
@@ -113,7 +114,7 @@ class ExtractWorker:
         self.store = RunStore.for_ray_worker(self.config.out, worker_id)
         self.store.lock()
         device = resolve_device(self.config.device)  # on the worker: the GPU(s) Ray assigned it, if any
-        self.extractor, self.attrs = prepare_extractor(self.config, device, dtype, max_new_tokens)
+        self.extractor, self.attrs = prepare_extractor(ExtractPass(self.config, device, dtype, max_new_tokens))
         self.attrs["engine"] = "ray"
         self.images = image_source(self.config)  # files under --images, or the table's embedded images
 

@@ -61,7 +61,12 @@ class Shard:
 
     def select(self, items: Sequence[Item]) -> list[tuple[int, Item]]:
         """(table position, item) for every item this shard owns, in table order."""
-        return [(position, items[position]) for position in range(self.index, len(items), self.count)]
+        # One slice, not an index per row: a table's rows (halp.data.TableRows) make their samples a chunk at a time.
+        return list(zip(range(self.index, len(items), self.count), self.share(items), strict=True))
+
+    def share(self, items: Sequence[Item]) -> Sequence[Item]:
+        """The items this shard owns, in table order (a slice: a view of a table's rows)."""
+        return items[self.index :: self.count]
 
 
 SINGLE = Shard(0, 1)

@@ -46,6 +46,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from halp.compact import CommittedDigests
 from halp.errors import RunDamagedError, RunLockedError, RunMismatchError, StoreWriteError  # noqa: F401  (re-exported)
 from halp.layout import (
     DONE_FILE,
@@ -239,17 +240,17 @@ class RunStore(RunLocks):
                 done.update(read_strings(handle["question_id"]))
         return done
 
-    def committed_digests(self) -> dict[str, set[str]]:
-        """question_id -> the content digests it is committed with (several while a changed row awaits assembly)."""
-        found: dict[str, set[str]] = {}
+    def committed_digests(self) -> CommittedDigests:
+        """Each committed question_id with the content digest it is committed with (several while a changed row
+        awaits assembly), in compact arrays (halp.compact): a resume of a large run does not hold a set per row."""
+        found = CommittedDigests()
         sources = [*self.all_part_paths(), self.features_path] if self.features_path.exists() else self.all_part_paths()
         for path in sources:
             with self.reading(path) as handle:
                 ids = read_strings(handle["question_id"])
                 digests = _texts_or_blank(handle, ROW_DIGEST, len(ids))
-            for qid, digest in zip(ids, digests, strict=True):
-                found.setdefault(qid, set()).add(digest)
-        return found
+            found.add(ids, digests)
+        return found.seal()
 
     def assembled_as(self, order: Sequence[str], digests: dict[str, str]) -> bool:
         """Whether features.h5 holds exactly the rows of `order`, in that order, with these content digests."""
