@@ -6,7 +6,8 @@ template). Training draws fresh scenes and questions every step from a seeded st
 training set to memorise). It starts with a grounding curriculum: for `grounding_steps` steps every example is
 an easy scene with a single object and a colour or shape question about it (`attribute_colour` /
 `attribute_shape`), whose answer cannot come from the words' prior; without it the model settles on each
-question type's answer prior and never learns to read the image (docs/world.md). Then the full mix. It feeds
+question type's answer prior at once. Then the full mix (docs/world.md: in the default budget, the one-object
+skill does not yet carry over to scenes of several objects). It feeds
 `prompt + answer + <|im_end|>` exactly as halp's adapter writes the prompt, and puts only the answer
 tokens (and the end token, so that greedy decoding stops) in the loss.
 
