@@ -165,12 +165,12 @@ def test_one_object_scenes_and_their_grounding_questions() -> None:
 
 
 def test_curriculum_settings_out_of_range_are_refused(tmp_path: Path) -> None:
-    from halp.errors import WorldError
+    from halp.errors import ParameterError
     from halp.world.model import train
 
-    with pytest.raises(WorldError, match="grounding_steps"):
+    with pytest.raises(ParameterError, match="grounding_steps"):
         train(tiny_model_config(steps=10, grounding_steps=20), cache_dir=tmp_path, progress=False)
-    with pytest.raises(WorldError, match="grounded_share"):
+    with pytest.raises(ParameterError, match="grounded_share"):
         train(tiny_model_config(grounded_share=1.5), cache_dir=tmp_path, progress=False)
     assert not any(tmp_path.iterdir())  # refused before anything is built or cached
 

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from halp.errors import WorldError
+from halp.errors import ParameterError, WorldError
 from halp.layout import write_text_atomic
 from halp.world.questions import ANSWERS, Question, ask
 from halp.world.scene import DIFFICULTIES, IMAGE_SIZE, make_scene
@@ -256,9 +256,10 @@ def train(
     if unknown:
         raise WorldError(f"unknown difficulty {', '.join(unknown)}; choose from {', '.join(DIFFICULTIES)}")
     if not 0 <= config.grounded_share <= 1:
-        raise WorldError(f"grounded_share is a fraction of the batch, between 0 and 1, not {config.grounded_share}")
+        raise ParameterError("grounded_share", f"is a share of the batch, between 0 and 1, not {config.grounded_share}")
     if not 0 <= config.grounding_steps <= config.steps:
-        raise WorldError(f"grounding_steps must be between 0 and steps ({config.steps}), not {config.grounding_steps}")
+        steps, asked = config.steps, config.grounding_steps
+        raise ParameterError("grounding_steps", f"must be between 0 and steps ({steps}), not {asked}")
     home = (cache_dir or default_cache_dir()) / config.digest()
     checkpoint = home / CHECKPOINT_DIR
     record = home / TRAINING_FILE
