@@ -8,6 +8,8 @@
 - `HALP_HALT_MODEL_AFTER_BATCHES=K`: the model step (which runs in the main thread) blocks before its
   (K+1)-th batch, in a sleep that Ctrl-C interrupts. A test that waits for K committed parts and then sends
   SIGINT interrupts the run at a known point: K batches done, none after.
+
+SIGUSR1 prints the stacks of all threads to stderr (faulthandler), for tests to show where a process hung.
 """
 
 from __future__ import annotations
@@ -58,6 +60,12 @@ def _install() -> None:
 
 
 if __name__ == "__main__":
+    import faulthandler
+    import signal
+
+    # SIGUSR1 prints every thread's Python stack to stderr: a test whose process hangs asks for it before
+    # killing the process, so the failure shows where it hung.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     _install()
     from halp.cli import app
 
