@@ -66,6 +66,10 @@ if __name__ == "__main__":
     # SIGUSR1 prints every thread's Python stack to stderr: a test whose process hangs asks for it before
     # killing the process, so the failure shows where it hung.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # The tests' SIGINT stands for a user's Ctrl-C. A process started from a background job (`.ci/run &` in a
+    # non-interactive shell) inherits SIGINT as ignored, and Python then installs no KeyboardInterrupt
+    # handler: the signal would never reach halp. The harness restores Python's own handler.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     _install()
     from halp.cli import app
 
