@@ -37,6 +37,11 @@ def _digest_bytes(hex_digest: str) -> bytes:
     return value
 
 
+def _digest_array(hex_digests: Iterable[str]) -> np.ndarray:
+    """The digests as rows of 32 bytes."""
+    return np.frombuffer(b"".join(_digest_bytes(value) for value in hex_digests), dtype=np.uint8).reshape(-1, 32)
+
+
 class _IdIndex:
     """question_ids in Arrow with a sorted hash index: position of an id, or None."""
 
@@ -81,6 +86,10 @@ class _IdIndex:
             if self._ids[position].as_py() == question_id.encode("utf-8", "surrogatepass"):
                 yield position
 
+    @property
+    def nbytes(self) -> int:
+        return self._hashes.nbytes + self._order.nbytes + (self._ids.nbytes if self._ids is not None else 0)
+
     def ids(self) -> Iterator[str]:
         assert self._ids is not None, "seal() first"
         for start in range(0, len(self._ids), CHUNK_ROWS):
@@ -95,17 +104,17 @@ class RowDigests(Mapping[str, str]):
         self._index = _IdIndex()
         digests: list[np.ndarray] = []
         ids: list[str] = []
-        values: list[bytes] = []
+        values: list[str] = []
         for question_id, hex_digest in pairs:
             ids.append(question_id)
-            values.append(_digest_bytes(hex_digest))
+            values.append(hex_digest)
             if len(ids) == CHUNK_ROWS:
                 self._index.extend(ids)
-                digests.append(np.frombuffer(b"".join(values), dtype=np.uint8).reshape(-1, 32))
+                digests.append(_digest_array(values))
                 ids, values = [], []
         if ids:
             self._index.extend(ids)
-            digests.append(np.frombuffer(b"".join(values), dtype=np.uint8).reshape(-1, 32))
+            digests.append(_digest_array(values))
         self._index.seal()
         self._digests = np.concatenate(digests) if digests else np.zeros((0, 32), dtype=np.uint8)
 
@@ -129,9 +138,7 @@ class RowDigests(Mapping[str, str]):
 
     @property
     def nbytes(self) -> int:
-        return self._digests.nbytes + self._index._hashes.nbytes + self._index._order.nbytes + (
-            self._index._ids.nbytes if self._index._ids is not None else 0
-        )
+        return self._digests.nbytes + self._index.nbytes
 
 
 class CommittedDigests:
@@ -145,10 +152,8 @@ class CommittedDigests:
 
     def add(self, question_ids: list[str], hex_digests: list[str]) -> None:
         for start in range(0, len(question_ids), CHUNK_ROWS):
-            ids = question_ids[start : start + CHUNK_ROWS]
-            values = b"".join(_digest_bytes(value) for value in hex_digests[start : start + CHUNK_ROWS])
-            self._index.extend(ids)
-            self._digests.append(np.frombuffer(values, dtype=np.uint8).reshape(-1, 32))
+            self._index.extend(question_ids[start : start + CHUNK_ROWS])
+            self._digests.append(_digest_array(hex_digests[start : start + CHUNK_ROWS]))
 
     def seal(self) -> CommittedDigests:
         self._index.seal()

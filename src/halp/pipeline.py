@@ -450,9 +450,8 @@ class InputPipeline:
             self._thread = None
         with self._pool_lock:
             pool, self._pool = self._pool, []
+        # Every worker in the pool was asked above: none can start once _stop is set (both under the lock).
         deadline = time.monotonic() + _WORKER_STOP_WAIT
-        for worker in pool:
-            worker.ask_to_stop()  # again: a worker started after the first request did not get it
         for worker in pool:
             worker.end(deadline)
         if pool:
