@@ -7,6 +7,7 @@ costs 5 CV fits + 5 shuffled-label control fits + 1 final fit on all rows + the 
     python benchmarks/bench_probes.py                      # reduced: 2000 samples, 1 feature, both (minutes)
     python benchmarks/bench_probes.py --full               # the paper's grid (hours on 2 cores)
     python benchmarks/bench_probes.py --samples 10000 --features 1 --probe both   # one full-size cell per type
+    python benchmarks/bench_probes.py --features 4 --dim 128 --threads 1 --jobs 2  # features in 2 processes
 
 Features are random with a weak planted signal (10% positives); what is measured is the time,
 not the AUROC. Prints the wall time per (feature, probe) cell and the total; results go to a
@@ -75,6 +76,7 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=None, help="keep the run here (default: a temporary directory)")
     parser.add_argument("--device", default="cpu", help="where the MLP trains: cpu or cuda")
+    parser.add_argument("--jobs", type=int, default=1, help="processes evaluating features at once (halp probe --jobs)")
     args = parser.parse_args()
     if args.full:
         args.samples, args.features, args.probe = 10000, len(FEATURES), "both"
@@ -105,6 +107,7 @@ def main() -> None:
             bootstrap=args.bootstrap,
             threads=args.threads,
             device=args.device,
+            jobs=args.jobs,
             probe_params={"mlp": {"epochs": args.epochs}},
             progress=print,
         )

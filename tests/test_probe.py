@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 
 from halp.cli import app
 from halp.data import Sample
+from halp.errors import ParameterError
 from halp.probe import (
     LOGREG_CS,
     LogRegProbe,
@@ -414,3 +415,37 @@ def test_bootstrap_intervals_equal_a_scikit_learn_loop():
     for name, (low, high) in fast.items():
         assert low == pytest.approx(np.percentile(slow[name], 2.5), abs=1e-12), name
         assert high == pytest.approx(np.percentile(slow[name], 97.5), abs=1e-12), name
+
+
+def test_parallel_features_give_the_serial_results(tmp_path):
+    """`jobs=2` evaluates features in two processes: every row, prediction and saved probe is the serial one's.
+
+    Both runs use one torch thread per fit, so the same operations run in the same order; the stated tolerance
+    (1e-9 on scores and metrics) only allows for a different BLAS dispatch between processes.
+    """
+    run_dir, _ = write_run(tmp_path / "run", n_images=120)
+    features = [NOISE, SIGNAL, PER_IMAGE]
+    outputs = {}
+    for jobs in (1, 2):
+        results = train_probes(
+            run_dir,
+            features=features,
+            probe="both",
+            probe_params={**FAST_LOGREG, **FAST_MLP},
+            bootstrap=20,
+            threads=1,
+            jobs=jobs,
+        )
+        predictions = pd.read_csv(run_dir / "probes" / "predictions.csv", dtype={"question_id": str})
+        probe, meta = load_probe(probe_stem(run_dir, SIGNAL, "mlp"), device="cpu")
+        outputs[jobs] = (results, predictions, probe, meta)
+    serial, parallel = outputs[1], outputs[2]
+    assert list(parallel[0]["feature"]) == [f for f in features for _ in ("logreg", "mlp")]
+    numeric = [c for c in serial[0].columns if serial[0][c].dtype.kind == "f" and c != "fit_seconds"]
+    np.testing.assert_allclose(parallel[0][numeric].to_numpy(), serial[0][numeric].to_numpy(), rtol=0, atol=1e-9)
+    pd.testing.assert_frame_equal(parallel[1].drop(columns="score"), serial[1].drop(columns="score"), check_exact=True)
+    np.testing.assert_allclose(parallel[1]["score"], serial[1]["score"], rtol=0, atol=1e-9)
+    X = np.random.default_rng(0).normal(size=(16, serial[2].n_features_in_))
+    np.testing.assert_allclose(parallel[2].predict_proba(X), serial[2].predict_proba(X), rtol=0, atol=1e-9)
+    with pytest.raises(ParameterError, match="jobs"):
+        train_probes(run_dir, features=features, jobs=0)

@@ -60,10 +60,14 @@ AUTO_BATCH_CPU = 8
 RowFailure = tuple[Sample, str, str, str]
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, which containers and `taskset` narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_workers() -> int:
     """One input worker per spare CPU core, at most 4 (past that the processor rarely is the bottleneck)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(4, cores - 1))
+    return max(1, min(4, usable_cores() - 1))
 
 
 def _context() -> Any:

@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -530,6 +530,9 @@ class ProbeSettings:
     bootstrap: int = 1000
     device: str = "cpu"
     threads: int | None = None
+    #: Processes evaluating features at once (joblib). Every (feature, probe) result is the same for any value:
+    #: each one's seeds are its own, and a worker runs with `threads` (1 when None and jobs > 1).
+    jobs: int = 1
     #: Extra constructor arguments per probe type, e.g. {"mlp": {"epochs": 5}}.
     probe_params: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -645,8 +648,7 @@ class FeatureResult:
     group_rows: list[dict[str, Any]]
 
 
-def evaluate_feature(data: ProbeData, settings: ProbeSettings, feature: str, kind: str, X: np.ndarray
-                     ) -> FeatureResult:
+def evaluate_feature(data: ProbeData, settings: ProbeSettings, feature: str, kind: str, X: np.ndarray) -> FeatureResult:
     """Cross-validate one probe type on one feature (and on the shuffled control), fit it on every labelled row,
     save it, and return its results row, out-of-fold predictions and per-group metrics."""
     y, tested = data.y, data.tested
@@ -694,6 +696,40 @@ def evaluate_feature(data: ProbeData, settings: ProbeSettings, feature: str, kin
     if data.group_values is not None:
         group_rows = _group_metrics(feature, kind, data.group_values[tested], y[tested], scores[tested])
     return FeatureResult(row, predictions, group_rows)
+
+
+def _evaluate_in_worker(
+    data: ProbeData, settings: ProbeSettings, feature: str, kinds: list[str]
+) -> list[FeatureResult]:
+    """One feature's probes in a joblib worker: its matrix is read there (not sent), its BLAS kept to `threads`."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=settings.threads or 1):
+        X = data.matrix(feature)
+        return [evaluate_feature(data, settings, feature, kind, X) for kind in kinds]
+
+
+def evaluate_features(data: ProbeData, settings: ProbeSettings) -> Iterator[FeatureResult]:
+    """`evaluate_feature` for every feature x probe type, in the order of `data.features` then `settings.kinds`;
+    with `settings.jobs` > 1, that many processes evaluate features at once (the results still arrive in order)."""
+    kinds = settings.kinds
+    if settings.jobs < 1:
+        raise ParameterError("jobs", f"must be at least 1, not {settings.jobs}")
+    if settings.jobs == 1 or len(data.features) < 2:
+        for feature in data.features:
+            X = data.matrix(feature)
+            for kind in kinds:
+                yield evaluate_feature(data, settings, feature, kind, X)
+        return
+    from joblib import Parallel, delayed
+
+    # One torch/BLAS thread per worker unless asked otherwise: jobs x threads should not exceed the cores.
+    worker_settings = replace(settings, threads=settings.threads or 1)
+    parallel = Parallel(n_jobs=min(settings.jobs, len(data.features)), backend="loky", return_as="generator")
+    for results in parallel(
+        delayed(_evaluate_in_worker)(data, worker_settings, feature, kinds) for feature in data.features
+    ):
+        yield from results
 
 
 def write_probe_outputs(data: ProbeData, settings: ProbeSettings, evaluated: list[FeatureResult]) -> pd.DataFrame:
@@ -749,6 +785,7 @@ def train_probes(
     threads: int | None = None,
     probe_params: dict[str, dict[str, Any]] | None = None,
     progress: Callable[[str], None] | None = None,
+    jobs: int = 1,
 ) -> pd.DataFrame:
     """Evaluate and save one probe per feature x probe type; write RUN_DIR/probes/results.{csv,json}.
 
@@ -756,7 +793,9 @@ def train_probes(
     is empty or missing are left out. `label_column=None` takes `label`, else `is_hallucinating_manual`.
     `device`, `threads`: where the MLP trains and its torch intra-op threads (None: torch's setting).
     `probe_params`: extra constructor arguments per probe type, e.g. {"mlp": {"epochs": 5}}.
-    The steps: `load_probe_data` -> `evaluate_feature` per feature x probe -> `write_probe_outputs`.
+    `jobs`: processes evaluating features at once (the results do not depend on it).
+    The steps: `load_probe_data` -> `evaluate_features` (`evaluate_feature` per feature x probe) ->
+    `write_probe_outputs`.
     """
     settings = ProbeSettings(
         probe=probe,
@@ -768,25 +807,23 @@ def train_probes(
         bootstrap=bootstrap,
         device=device,
         threads=threads,
+        jobs=jobs,
         probe_params=probe_params or {},
     )
-    kinds = settings.kinds
+    settings.kinds  # noqa: B018 -- an unknown probe type fails here, before any data is read
     say = progress or log.info
     data = load_probe_data(run_dir, settings, labels, label_column, features)
     say(f"{len(data.y)} labelled rows ({int(data.y.sum())} hallucinated) of {data.n_rows}; {data.scheme}")
     probes_dir(data.run_dir).mkdir(parents=True, exist_ok=True)
     evaluated = []
-    for feature in data.features:
-        X = data.matrix(feature)
-        for kind in kinds:
-            result = evaluate_feature(data, settings, feature, kind, X)
-            evaluated.append(result)
-            row = result.row
-            say(
-                f"{feature} {kind}: AUROC {row['auroc_mean']:.3f} ± {_fmt(row['auroc_std'])} "
-                f"[{row['auroc_ci_low']:.3f}, {row['auroc_ci_high']:.3f}], control {row['control_auroc_mean']:.3f}"
-                f" ({row['fit_seconds']:.1f}s)"
-            )
+    for result in evaluate_features(data, settings):
+        evaluated.append(result)
+        row = result.row
+        say(
+            f"{row['feature']} {row['probe']}: AUROC {row['auroc_mean']:.3f} ± {_fmt(row['auroc_std'])} "
+            f"[{row['auroc_ci_low']:.3f}, {row['auroc_ci_high']:.3f}], control {row['control_auroc_mean']:.3f}"
+            f" ({row['fit_seconds']:.1f}s)"
+        )
     return write_probe_outputs(data, settings, evaluated)
 
 

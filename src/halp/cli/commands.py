@@ -338,6 +338,9 @@ def probe(
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals.")] = 1000,
     device: Annotated[str, typer.Option(help="Device of the MLP probe: cpu, cuda or auto.")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="Torch threads of the MLP on CPU (default: torch's).")] = None,
+    jobs: Annotated[
+        int, typer.Option(help="Processes evaluating features at once (results do not depend on it).", min=1)
+    ] = 1,
 ) -> None:
     """Train and evaluate one probe per feature; write RUN_DIR/probes/ (results, predictions, models)."""
     from halp.cli import render
@@ -359,6 +362,7 @@ def probe(
         bootstrap=bootstrap,
         device=device,
         threads=threads,
+        jobs=jobs,
         progress=lambda message: console.print(message, markup=False, highlight=False),
     )
     render.probe_results(console, results, run_dir)

@@ -31,6 +31,10 @@ def world(
     threads: Annotated[
         int, typer.Option(help="torch CPU threads (1 is fastest on a shared machine: idle threads spin).")
     ] = 1,
+    jobs: Annotated[
+        int | None,
+        typer.Option(help="Processes training the probes, one feature each (default: the usable CPU cores).", min=1),
+    ] = None,
     cache_dir: Annotated[
         Path | None,
         typer.Option(help="Where trained models are kept (default $HALP_CACHE/world or ~/.cache/halp/world)."),
@@ -55,6 +59,7 @@ def world(
         seed=seed,
         cache_dir=cache_dir,
         threads=threads,
+        probe_jobs=jobs,
     )
     if images is not None:
         config.n_images = images

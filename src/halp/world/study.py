@@ -52,6 +52,8 @@ class StudyConfig:
     seed: int = 0
     cache_dir: Path | None = None
     threads: int | None = 1
+    #: Processes training the probes, one feature each (None: the usable CPU cores). Results do not depend on it.
+    probe_jobs: int | None = None
     progress: bool = True
     #: Probe constructor overrides per type (tests shorten the MLP), as `halp.probe.train_probes` takes them.
     probe_params: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -289,6 +291,7 @@ def run_study(config: StudyConfig, say: Callable[[str], None] | None = None) -> 
 
     from halp.extract import ExtractConfig, run_extraction
     from halp.label import label_run
+    from halp.pipeline import usable_cores
     from halp.probe import train_probes
     from halp.report import build_report
 
@@ -355,6 +358,7 @@ def run_study(config: StudyConfig, say: Callable[[str], None] | None = None) -> 
             seed=config.seed,
             bootstrap=config.bootstrap,
             threads=1,
+            jobs=config.probe_jobs or usable_cores(),
             probe_params=config.probe_params,
             progress=say,
         )
