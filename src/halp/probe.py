@@ -530,7 +530,7 @@ class ProbeSettings:
     bootstrap: int = 1000
     device: str = "cpu"
     threads: int | None = None
-    #: Processes evaluating features at once (joblib). Every (feature, probe) result is the same for any value:
+    #: Processes evaluating features at once (a process pool). Every (feature, probe) result is the same for any value:
     #: each one's seeds are its own, and a worker runs with `threads` (1 when None and jobs > 1).
     jobs: int = 1
     #: Extra constructor arguments per probe type, e.g. {"mlp": {"epochs": 5}}.
@@ -701,7 +701,7 @@ def evaluate_feature(data: ProbeData, settings: ProbeSettings, feature: str, kin
 def _evaluate_in_worker(
     data: ProbeData, settings: ProbeSettings, feature: str, kinds: list[str]
 ) -> list[FeatureResult]:
-    """One feature's probes in a joblib worker: its matrix is read there (not sent), its BLAS kept to `threads`."""
+    """One feature's probes in a worker process: its matrix is read there (not sent), its BLAS kept to `threads`."""
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=settings.threads or 1):
@@ -721,15 +721,19 @@ def evaluate_features(data: ProbeData, settings: ProbeSettings) -> Iterator[Feat
             for kind in kinds:
                 yield evaluate_feature(data, settings, feature, kind, X)
         return
-    from joblib import Parallel, delayed
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
     # One torch/BLAS thread per worker unless asked otherwise: jobs x threads should not exceed the cores.
     worker_settings = replace(settings, threads=settings.threads or 1)
-    parallel = Parallel(n_jobs=min(settings.jobs, len(data.features)), backend="loky", return_as="generator")
-    for results in parallel(
-        delayed(_evaluate_in_worker)(data, worker_settings, feature, kinds) for feature in data.features
-    ):
-        yield from results
+    # forkserver: workers never fork from this process's threads (OpenMP, torch) that may hold locks.
+    context = multiprocessing.get_context("forkserver")
+    workers = min(settings.jobs, len(data.features))
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        calls = [pool.submit(_evaluate_in_worker, data, worker_settings, f, kinds) for f in data.features]
+        for call in calls:
+            results = call.result()
+            yield from results
 
 
 def write_probe_outputs(data: ProbeData, settings: ProbeSettings, evaluated: list[FeatureResult]) -> pd.DataFrame:
