@@ -35,14 +35,15 @@ import torch
 from halp.errors import ParameterError, WorldError
 from halp.layout import write_text_atomic
 from halp.world.questions import ANSWERS, Question, ask
-from halp.world.scene import DIFFICULTIES, IMAGE_SIZE, make_scene
+from halp.world.scene import DIFFICULTIES, IMAGE_SIZE, Scene, make_scene
 
 #: Bumped whenever the world or the training recipe changes what a config hash stands for.
-WORLD_VERSION = 2
+WORLD_VERSION = 3
 CHECKPOINT_DIR = "checkpoint"
 TRAINING_FILE = "training.json"
-#: Seed offsets of the independent streams (training, held-out evaluation, the study set).
+#: Seed offsets of the independent streams (training, held-out evaluation, the study set, ...).
 TRAIN_STREAM, HELDOUT_STREAM, STUDY_STREAM, TOKENIZER_STREAM, GROUNDING_STREAM, GROUNDED_STREAM = 0, 1, 2, 3, 4, 5
+VISION_STREAM = 6
 #: The grounding curriculum's question types: one object, its colour or its shape.
 GROUNDING_TYPES = ("attribute_colour", "attribute_shape")
 #: Question types whose answer has to be read from the pixels (no answer prior gets far on them): the share of
@@ -60,6 +61,12 @@ class WorldModelConfig:
     num_layers: int = 4
     vision_dim: int = 64
     vision_depth: int = 2
+    #: The vision pretraining stage (`pretrain_vision`): steps, scenes per step, learning rate. 0 steps: none.
+    vision_steps: int = 200
+    vision_batch_size: int = 64
+    vision_learning_rate: float = 3e-3
+    #: Keep the tower's patch embedding and blocks fixed while the VLM trains (the merger and decoder learn).
+    freeze_vision: bool = True
     #: Training steps in all, the first `grounding_steps` of them on the grounding curriculum.
     steps: int = 700
     grounding_steps: int = 250
@@ -90,6 +97,8 @@ class TrainingResult:
     heldout_by_type: dict[str, float] = field(default_factory=dict)
     threads: int = 0
     cpu_seconds: float = float("nan")
+    vision_losses: list[float] = field(default_factory=list)
+    vision_scores: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -103,6 +112,8 @@ class TrainingResult:
             "train_accuracy": self.train_accuracy,
             "heldout_accuracy": self.heldout_accuracy,
             "heldout_by_type": self.heldout_by_type,
+            "vision_losses": self.vision_losses,
+            "vision_scores": self.vision_scores,
         }
 
 
@@ -173,19 +184,24 @@ def tokenizer_corpus(size: int = 600) -> list[str]:
 
 
 class Encoder:
-    """Batches of `prompt + answer + end` with the answer tokens marked, as halp's adapter prompts."""
+    """Batches of `prompt + answer + end` with the answer tokens marked, as halp's adapter prompts.
 
-    def __init__(self, model: Any, processor: Any) -> None:
-        from halp.models import adapter_for
+    Needs the processor only (the adapter's prompt is the processor's chat template), so that a data-loading
+    worker process can build it from the checkpoint directory without the model.
+    """
 
-        self.adapter = adapter_for(model, processor)
+    def __init__(self, processor: Any, model_type: str) -> None:
+        from halp.models import adapter_class_for
+
+        # Prompting reads only the processor: the adapter is made without a model for it.
+        self.prompting = adapter_class_for(model_type)(None, processor)
         self.processor = processor
-        self.tokenizer = self.adapter.tokenizer()
+        self.tokenizer = self.prompting.tokenizer()
         self.end = self.tokenizer.eos_token
 
     def __call__(self, images: list[Any], questions: list[str], answers: list[str]) -> dict[str, torch.Tensor]:
         self.tokenizer.padding_side = "left"
-        texts = [self.adapter.prompt(q) + a + self.end for q, a in zip(questions, answers, strict=True)]
+        texts = [self.prompting.prompt(q) + a + self.end for q, a in zip(questions, answers, strict=True)]
         inputs = dict(self.processor(text=texts, images=images, padding=True, return_tensors="pt"))
         targets = torch.full_like(inputs["input_ids"], -100)
         for row, answer in enumerate(answers):
@@ -199,6 +215,47 @@ class Encoder:
             targets[row, -len(answer_ids) :] = torch.tensor(answer_ids)
         inputs["targets"] = targets
         return inputs
+
+    def batch(self, examples: list[tuple[Any, Question, str]]) -> dict[str, torch.Tensor]:
+        images, questions, _ = zip(*examples, strict=True)
+        return self(list(images), [q.question for q in questions], [q.answer for q in questions])
+
+    def scene_batch(self, scenes: list[Scene]) -> dict[str, torch.Tensor]:
+        """The vision stage's inputs: the images' pixels and grid, and every merged token's targets."""
+        inputs = dict(self.processor.image_processor(images=[scene.image for scene in scenes], return_tensors="pt"))
+        inputs["targets"] = torch.from_numpy(np.concatenate([scene.token_targets() for scene in scenes]))
+        return inputs
+
+
+class TrainingStream(torch.utils.data.IterableDataset):
+    """Every training batch, encoded: `vision_steps + 1` scene batches (the last one scores the vision stage),
+    then `steps` question batches.
+
+    Iterated in a `torch.utils.data.DataLoader` worker, drawing scenes and running the processor overlap the
+    model's steps; the worker builds its processor from the checkpoint directory. One worker keeps the order.
+    """
+
+    def __init__(self, config: WorldModelConfig, checkpoint: Path, model_type: str) -> None:
+        self.config, self.checkpoint, self.model_type = config, checkpoint, model_type
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        from transformers import AutoProcessor
+
+        encoder = Encoder(AutoProcessor.from_pretrained(self.checkpoint), self.model_type)
+        if self.config.vision_steps:
+            scenes = vision_batches(self.config)
+            for _ in range(self.config.vision_steps + 1):
+                yield encoder.scene_batch(next(scenes))
+        for batch in training_batches(self.config):
+            yield encoder.batch(batch)
+
+
+def vision_tower(model: Any) -> torch.nn.Module:
+    """The vision tower: the module that holds the projector (Qwen2-VL: `model.visual`, the merger inside)."""
+    from halp.models import adapter_class_for
+    from halp.models.base import get_submodule
+
+    return get_submodule(model, adapter_class_for(model.config.model_type).projector.rsplit(".", 1)[0])
 
 
 def answer_loss(model: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,6 +283,96 @@ def _schedule(step: int, config: WorldModelConfig) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def vision_batches(config: WorldModelConfig) -> Iterator[list[Scene]]:
+    """The vision pretraining stage's batches: `vision_batch_size` fresh scenes of `difficulties` per step."""
+    rng = np.random.default_rng([config.seed, VISION_STREAM])
+    while True:
+        yield [
+            make_scene(rng, config.difficulties[int(rng.integers(len(config.difficulties)))])
+            for _ in range(config.vision_batch_size)
+        ]
+
+
+def pretrain_vision(
+    model: Any, batches: Iterator[dict[str, torch.Tensor]], config: WorldModelConfig, progress: bool = True
+) -> tuple[list[float], dict[str, float]]:
+    """Pretrain the vision tower alone on exact per-token labels; return (losses, held-out token scores).
+
+    Real VLMs start from a pretrained vision encoder (CLIP, SigLIP) and LLaVA keeps it frozen; none can be
+    downloaded here, so the tower (patch embedding, blocks and merger) learns `Scene.token_targets` (which
+    colours and shapes each merged token's square shows, and whether an object's centre lies there) through a
+    linear head that is then thrown away: binary cross-entropy, AdamW, `vision_steps` batches of
+    `Encoder.scene_batch` from `batches`. The scores, on the next batch: the precision and recall of those bits
+    at a logit threshold of 0, the loss, and `blind_loss`, that of the best predictor that ignores the pixels
+    (each bit at its rate in that batch): the tower reads the scenes where `loss` is below it.
+    """
+    from tqdm.auto import tqdm
+
+    tower = vision_tower(model)
+    width = model.config.text_config.hidden_size  # the merger's output: one decoder embedding per merged token
+    head: torch.nn.Linear | None = None
+
+    def logits_and_targets(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        nonlocal head
+        tokens = tower(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output
+        targets = inputs["targets"]
+        if tokens.shape[0] != targets.shape[0]:
+            raise WorldError(
+                f"the vision tower gives {tokens.shape[0]} merged tokens for {len(inputs['image_grid_thw'])} "
+                f"scenes, which have {targets.shape[0]} token targets: the tower's token grid is not the world's"
+            )
+        head = head or torch.nn.Linear(width, targets.shape[-1])
+        return head(tokens), targets
+
+    tower.train()
+    losses: list[float] = []
+    optimizer: torch.optim.Optimizer | None = None
+    bar = tqdm(total=config.vision_steps, desc="pretraining the vision tower", disable=not progress, dynamic_ncols=True)
+    for _ in range(config.vision_steps):
+        logits, targets = logits_and_targets(next(batches))
+        if optimizer is None:
+            parameters = [*tower.parameters(), *head.parameters()]
+            optimizer = torch.optim.AdamW(parameters, lr=config.vision_learning_rate, weight_decay=config.weight_decay)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        bar.update()
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+    tower.eval()
+    with torch.no_grad():
+        logits, targets = logits_and_targets(next(batches))
+    said, truth = logits > 0, targets > 0.5
+    hits = float((said & truth).sum())
+    # The best a tower blind to the pixels could do on this batch: each bit at its own rate in the batch.
+    rates = targets.mean(dim=0, keepdim=True).clamp(1e-6, 1 - 1e-6).expand_as(targets)
+    scores = {
+        "precision": hits / max(1.0, float(said.sum())),
+        "recall": hits / max(1.0, float(truth.sum())),
+        "loss": float(torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)),
+        "blind_loss": float(torch.nn.functional.binary_cross_entropy(rates, targets)),
+    }
+    return losses, scores
+
+
+def freeze_vision_tower(model: Any) -> list[str]:
+    """Fix the vision tower's parameters except the projector's; return the names of those fixed."""
+    from halp.models import adapter_class_for
+    from halp.models.base import get_submodule
+
+    projector = get_submodule(model, adapter_class_for(model.config.model_type).projector)
+    kept = {id(parameter) for parameter in projector.parameters()}
+    fixed = []
+    for name, parameter in vision_tower(model).named_parameters():
+        if id(parameter) not in kept:
+            parameter.requires_grad_(False)
+            fixed.append(name)
+    return fixed
+
+
 def heldout_set(config: WorldModelConfig, size: int) -> list[tuple[Any, Question, str]]:
     stream = examples(config.seed, HELDOUT_STREAM, config.difficulties)
     return [next(stream) for _ in range(size)]
@@ -238,7 +385,7 @@ def evaluate(model: Any, encoder: Encoder, items: list[tuple[Any, Question, str]
     correct = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        inputs = encoder([i for i, _, _ in chunk], [q.question for _, q, _ in chunk], [q.answer for _, q, _ in chunk])
+        inputs = encoder.batch(chunk)
         correct.append(answer_loss(model, inputs)[1].numpy())
     return np.concatenate(correct) if correct else np.zeros(0, dtype=bool)
 
@@ -249,14 +396,23 @@ def train(
     threads: int | None = None,
     progress: bool = True,
     say: Callable[[str], None] | None = None,
+    workers: int = 1,
 ) -> TrainingResult:
-    """Train (or reuse the cached) world model; return where its checkpoint is and how training went."""
+    """Train (or reuse the cached) world model; return where its checkpoint is and how training went.
+
+    `workers`: data-loading processes (0: draw and encode the batches in this process; 1, the default, overlaps
+    that with the model's steps; more would not keep the stream's order).
+    """
     say = say or (lambda message: None)
     unknown = [d for d in config.difficulties if d not in DIFFICULTIES]
     if unknown:
         raise WorldError(f"unknown difficulty {', '.join(unknown)}; choose from {', '.join(DIFFICULTIES)}")
     if not 0 <= config.grounded_share <= 1:
         raise ParameterError("grounded_share", f"is a share of the batch, between 0 and 1, not {config.grounded_share}")
+    if workers not in (0, 1):
+        raise ParameterError("workers", f"is 0 or 1 (one worker keeps the stream's order), not {workers}")
+    if config.vision_steps < 0:
+        raise ParameterError("vision_steps", f"is a number of steps, 0 or more, not {config.vision_steps}")
     if not 0 <= config.grounding_steps <= config.steps:
         steps, asked = config.steps, config.grounding_steps
         raise ParameterError("grounding_steps", f"must be between 0 and steps ({steps}), not {asked}")
@@ -277,10 +433,13 @@ def train(
             saved["heldout_by_type"],
             saved["threads"],
             saved["cpu_seconds"],
+            saved["vision_losses"],
+            saved["vision_scores"],
         )
     from tqdm.auto import tqdm
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from halp.models import adapter_for
     from halp.testing import build_checkpoint
 
     home.mkdir(parents=True, exist_ok=True)
@@ -307,26 +466,37 @@ def train(
         )
         processor = AutoProcessor.from_pretrained(staging)
         model = AutoModelForImageTextToText.from_pretrained(staging, dtype=torch.float32)
-        encoder = Encoder(model, processor)
+        adapter_for(model, processor)  # the modules and the image token resolve before any training
+        encoder = Encoder(processor, model.config.model_type)
+        loader = torch.utils.data.DataLoader(
+            TrainingStream(config, staging, model.config.model_type),
+            batch_size=None,
+            num_workers=workers,
+            multiprocessing_context="forkserver" if workers else None,
+            prefetch_factor=4 if workers else None,
+        )
+        batches = iter(loader)
         torch.manual_seed(config.seed)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+        vision_losses, vision_scores = (
+            pretrain_vision(model, batches, config, progress) if config.vision_steps else ([], {})
+        )
+        if config.freeze_vision:
+            freeze_vision_tower(model)
+        trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _schedule(step, config))
-        batches = training_batches(config)
         losses: list[float] = []
         accuracy: list[float] = []
         bar = tqdm(
             batches, total=config.steps, desc="training the world model", disable=not progress, dynamic_ncols=True
         )
         smooth_loss, smooth_acc = float("nan"), float("nan")
-        for step, batch in enumerate(bar):
+        for step, inputs in enumerate(bar):
             model.train()
-            inputs = encoder(
-                [i for i, _, _ in batch], [q.question for _, q, _ in batch], [q.answer for _, q, _ in batch]
-            )
             loss, hits = answer_loss(model, inputs)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             scheduler.step()
             losses.append(float(loss.detach()))
@@ -354,6 +524,8 @@ def train(
             {kind: float(np.mean(hits)) for kind, hits in sorted(by_type.items())},
             torch.get_num_threads(),
             time.process_time() - cpu_started,
+            vision_losses,
+            vision_scores,
         )
         shutil.rmtree(checkpoint, ignore_errors=True)
         os.replace(staging, checkpoint)

@@ -21,6 +21,11 @@ from PIL import Image, ImageDraw, ImageFilter
 
 #: The image side in pixels: 4x4 merged Qwen-VL tokens of 28 pixels.
 IMAGE_SIZE = 112
+#: The side of one merged vision token's square (2x2 patches of 14 pixels) and the tokens per image side.
+TOKEN_SIDE = 28
+TOKEN_GRID = IMAGE_SIZE // TOKEN_SIDE
+#: An object counts as visible in a token's square when at least this many of its visible pixels lie there.
+MIN_TOKEN_PIXELS = 8
 SHAPES = ("circle", "square", "triangle", "star")
 #: Colour names are basic colour terms (halp.label knows them as a closed class).
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -83,6 +88,35 @@ class Scene:
     masks: np.ndarray  # (n_objects, H, W) bool: each object's full (unoccluded) mask
     difficulty: str
     background: tuple[int, int, int]
+
+    def visible_masks(self) -> np.ndarray:
+        """(n_objects, H, W) bool: each object's pixels that no later (drawn on top) object covers."""
+        visible = self.masks.copy()
+        for index in range(len(visible) - 1):
+            visible[index] &= ~self.masks[index + 1 :].any(axis=0)
+        return visible
+
+    def token_targets(self) -> np.ndarray:
+        """(TOKEN_GRID**2, len(COLOURS) + len(SHAPES) + 1) float32: what each merged vision token's square shows.
+
+        Rows follow the merged tokens' order (row-major over the squares of TOKEN_SIDE pixels, as Qwen2-VL's
+        processor and merger order them); columns: which colours are visible there, which shapes, and whether
+        an object's centre lies there. Visible means at least MIN_TOKEN_PIXELS unoccluded pixels of an
+        object. The vision pretraining stage (`halp.world.model.pretrain_vision`) learns these.
+        """
+        colours, shapes = list(COLOURS), list(SHAPES)
+        targets = np.zeros((TOKEN_GRID * TOKEN_GRID, len(colours) + len(shapes) + 1), dtype=np.float32)
+        side = self.masks.shape[-1] // TOKEN_GRID
+        for item, visible in zip(self.objects, self.visible_masks(), strict=True):
+            # Pixels per square: (grid_rows, side, grid_cols, side) summed over each square's pixels.
+            counts = visible.reshape(TOKEN_GRID, side, TOKEN_GRID, side).sum(axis=(1, 3)).reshape(-1)
+            shown = counts >= MIN_TOKEN_PIXELS
+            targets[shown, colours.index(item.colour)] = 1
+            targets[shown, len(colours) + shapes.index(item.shape)] = 1
+            x, y = item.centre
+            row, column = min(int(y // side), TOKEN_GRID - 1), min(int(x // side), TOKEN_GRID - 1)
+            targets[row * TOKEN_GRID + column, -1] = 1
+        return targets
 
     def touching(self, a: int, b: int) -> bool:
         """Whether objects a and b touch or overlap: a's mask grown by one pixel meets b's."""
