@@ -47,6 +47,14 @@ def accuracy_lines(summary: dict) -> list[str]:
         f"Training: {training['seconds']:.0f} s wall, {training['cpu_seconds']:.0f} CPU-s, "
         f"{training['threads']} thread(s); config {training['config']}.",
     ]
+    if training.get("vision_scores"):
+        scores = training["vision_scores"]
+        lines += [
+            "",
+            f"Vision pretraining, on a fresh batch of scenes: token-bit precision {scores['precision']:.3f}, recall "
+            f"{scores['recall']:.3f}, loss {scores['loss']:.3f} against {scores['blind_loss']:.3f} for the best "
+            "pixel-blind predictor.",
+        ]
     return lines
 
 

@@ -23,6 +23,10 @@ def world(
         int | None,
         typer.Option(help="Of those, the first steps on one-object colour/shape questions (default: the recipe's)."),
     ] = None,
+    vision_steps: Annotated[
+        int | None,
+        typer.Option(help="Steps pretraining the vision tower on per-token scene labels first (0: none).", min=0),
+    ] = None,
     images: Annotated[int | None, typer.Option(help="Study-set images, two questions each.")] = None,
     probe: Annotated[str, typer.Option(help="logreg, mlp or both.")] = "both",
     folds: Annotated[int, typer.Option(help="Cross-validation folds of the probes.")] = 5,
@@ -50,6 +54,8 @@ def world(
         model.steps = steps
     if grounding_steps is not None:
         model.grounding_steps = grounding_steps
+    if vision_steps is not None:
+        model.vision_steps = vision_steps
     config = StudyConfig(
         out=out,
         model=model,

@@ -61,6 +61,8 @@ class WorldModelConfig:
     num_layers: int = 4
     vision_dim: int = 64
     vision_depth: int = 2
+    #: The decoder's RoPE base (see `halp.testing.builders.qwen_vl.build`).
+    rope_theta: float = 1_000_000.0
     #: The vision pretraining stage (`pretrain_vision`): steps, scenes per step, learning rate. 0 steps: none.
     vision_steps: int = 200
     vision_batch_size: int = 64
@@ -459,6 +461,7 @@ def train(
             num_layers=config.num_layers,
             vision_dim=config.vision_dim,
             vision_depth=config.vision_depth,
+            rope_theta=config.rope_theta,
             min_pixels=IMAGE_SIZE * IMAGE_SIZE,
             max_pixels=IMAGE_SIZE * IMAGE_SIZE,
             tokenizer_corpus=tokenizer_corpus(),

@@ -375,7 +375,7 @@ def run_study(config: StudyConfig, say: Callable[[str], None] | None = None) -> 
     seconds["groups + report"] = time.perf_counter() - start
 
     record = {
-        "training": training.as_dict() | {"losses": None, "train_accuracy": None},
+        "training": training.as_dict() | {"losses": None, "train_accuracy": None, "vision_losses": None},
         "study": {
             key: str(value) if isinstance(value, Path) else value
             for key, value in asdict(config).items()

@@ -57,7 +57,10 @@ def build(
     max_pixels: int = 28 * 28 * 16,
     tokenizer_corpus: Sequence[str] | None = None,
     vocab_size: int = 400,
+    rope_theta: float = 1_000_000.0,
 ) -> Path:
+    """`rope_theta`: the decoder's RoPE base (the real models' 1e6 by default). With a toy head_dim, M-RoPE's
+    height and width sections get its lowest frequencies, which barely turn over a few image rows at 1e6."""
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
@@ -78,6 +81,7 @@ def build(
         hidden_size,
         num_layers,
         rope_scaling={"type": "mrope", "mrope_section": mrope_section},
+        rope_theta=rope_theta,
         **common.chatml_token_ids(ids),
     )
     shared = {**vision_token_ids(ids), "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]}
