@@ -430,7 +430,7 @@ def test_cli_registers_world_and_the_demo_hook() -> None:
     runner = CliRunner()
     world_help = runner.invoke(app, ["world", "--help"])
     assert world_help.exit_code == 0
-    for option in ("--steps", "--vision-steps", "--images", "--probe", "--threads", "--cache-dir"):
+    for option in ("--steps", "--vision-steps", "--grounded-share", "--images", "--probe", "--threads", "--cache-dir"):
         assert option in world_help.output
     demo_help = runner.invoke(app, ["demo", "--help"])
     assert demo_help.exit_code == 0 and "--world" in demo_help.output

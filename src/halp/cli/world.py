@@ -27,6 +27,10 @@ def world(
         int | None,
         typer.Option(help="Steps pretraining the vision tower on per-token scene labels first (0: none).", min=0),
     ] = None,
+    grounded_share: Annotated[
+        float | None,
+        typer.Option(help="After the curriculum, the share of each batch on colour/shape/choice.", min=0, max=1),
+    ] = None,
     images: Annotated[int | None, typer.Option(help="Study-set images, two questions each.")] = None,
     probe: Annotated[str, typer.Option(help="logreg, mlp or both.")] = "both",
     folds: Annotated[int, typer.Option(help="Cross-validation folds of the probes.")] = 5,
@@ -56,6 +60,8 @@ def world(
         model.grounding_steps = grounding_steps
     if vision_steps is not None:
         model.vision_steps = vision_steps
+    if grounded_share is not None:
+        model.grounded_share = grounded_share
     config = StudyConfig(
         out=out,
         model=model,

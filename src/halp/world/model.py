@@ -2,14 +2,20 @@
 
 The architecture and the offline tokenizer/processor are those of `halp.testing`'s Qwen2-VL builder (a
 real `Qwen2VLForConditionalGeneration`, halp's BPE tokenizer, the real `Qwen2VLImageProcessor`, Qwen's chat
-template). Training draws fresh scenes and questions every step from a seeded stream (so there is no fixed
-training set to memorise). It starts with a grounding curriculum: for `grounding_steps` steps every example is
-an easy scene with a single object and a colour or shape question about it (`attribute_colour` /
-`attribute_shape`), whose answer cannot come from the words' prior; without it the model settles on each
-question type's answer prior at once. Then the full mix (docs/world.md: in the default budget, the one-object
-skill does not yet carry over to scenes of several objects). It feeds
-`prompt + answer + <|im_end|>` exactly as halp's adapter writes the prompt, and puts only the answer
-tokens (and the end token, so that greedy decoding stops) in the loss.
+template). Training draws fresh scenes and questions every step from seeded streams (so there is no fixed
+training set to memorise), in three stages:
+
+1. `pretrain_vision`: the vision tower alone learns what each merged token's square shows
+   (`Scene.token_targets`), as real VLMs start from a pretrained encoder; then its patch embedding and blocks
+   stay fixed (`freeze_vision`).
+2. A grounding curriculum: for `grounding_steps` steps every example is an easy scene with a single object
+   and a colour or shape question about it, whose answer cannot come from the words' prior; without it the
+   model settles on each question type's answer prior at once.
+3. The full mix, a `grounded_share` of every batch kept on the colour, shape and multiple-choice types.
+
+The batches are drawn and encoded in a DataLoader worker process (`TrainingStream`). The VLM stages feed
+`prompt + answer + <|im_end|>` exactly as halp's adapter writes the prompt, and put only the answer tokens (and
+the end token, so that greedy decoding stops) in the loss.
 
 The result is saved with `save_pretrained` into `~/.cache/halp/world/<config hash>/checkpoint` (written in a
 temporary directory, renamed when complete) and loaded back through `from_pretrained` like any checkpoint.
@@ -63,11 +69,13 @@ class WorldModelConfig:
     vision_depth: int = 2
     #: The decoder's RoPE base (see `halp.testing.builders.qwen_vl.build`).
     rope_theta: float = 1_000_000.0
-    #: The vision pretraining stage (`pretrain_vision`): steps, scenes per step, learning rate. 0 steps: none.
-    vision_steps: int = 200
+    #: The vision pretraining stage (`pretrain_vision`): steps, scenes per step, learning rate. 0 steps: none (the
+    #: default: the stage pays off only with ~1500 VLM steps or more, which do not fit `halp world`'s 15 minutes).
+    vision_steps: int = 0
     vision_batch_size: int = 64
     vision_learning_rate: float = 3e-3
-    #: Keep the tower's patch embedding and blocks fixed while the VLM trains (the merger and decoder learn).
+    #: After a vision stage, keep the tower's patch embedding and blocks fixed while the VLM trains (the merger and
+    #: the decoder learn). Without one, the whole model learns.
     freeze_vision: bool = True
     #: Training steps in all, the first `grounding_steps` of them on the grounding curriculum.
     steps: int = 700
@@ -483,7 +491,7 @@ def train(
         vision_losses, vision_scores = (
             pretrain_vision(model, batches, config, progress) if config.vision_steps else ([], {})
         )
-        if config.freeze_vision:
+        if config.freeze_vision and config.vision_steps:
             freeze_vision_tower(model)
         trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
