@@ -41,7 +41,7 @@ import torch
 from halp.errors import ParameterError, WorldError
 from halp.layout import write_text_atomic
 from halp.world.questions import ANSWERS, Question, ask
-from halp.world.scene import DIFFICULTIES, IMAGE_SIZE, Scene, make_scene
+from halp.world.scene import DIFFICULTIES, IMAGE_SIZE, TOKEN_TARGETS, Scene, make_scene
 
 #: Bumped whenever the world or the training recipe changes what a config hash stands for.
 WORLD_VERSION = 3
@@ -319,11 +319,12 @@ def pretrain_vision(
     from tqdm.auto import tqdm
 
     tower = vision_tower(model)
-    width = model.config.text_config.hidden_size  # the merger's output: one decoder embedding per merged token
-    head: torch.nn.Linear | None = None
+    # The merger's output is one decoder embedding per merged token.
+    head = torch.nn.Linear(model.config.text_config.hidden_size, TOKEN_TARGETS)
+    parameters = [*tower.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=config.vision_learning_rate, weight_decay=config.weight_decay)
 
     def logits_and_targets(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        nonlocal head
         tokens = tower(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output
         targets = inputs["targets"]
         if tokens.shape[0] != targets.shape[0]:
@@ -331,18 +332,13 @@ def pretrain_vision(
                 f"the vision tower gives {tokens.shape[0]} merged tokens for {len(inputs['image_grid_thw'])} "
                 f"scenes, which have {targets.shape[0]} token targets: the tower's token grid is not the world's"
             )
-        head = head or torch.nn.Linear(width, targets.shape[-1])
         return head(tokens), targets
 
     tower.train()
     losses: list[float] = []
-    optimizer: torch.optim.Optimizer | None = None
     bar = tqdm(total=config.vision_steps, desc="pretraining the vision tower", disable=not progress, dynamic_ncols=True)
     for _ in range(config.vision_steps):
         logits, targets = logits_and_targets(next(batches))
-        if optimizer is None:
-            parameters = [*tower.parameters(), *head.parameters()]
-            optimizer = torch.optim.AdamW(parameters, lr=config.vision_learning_rate, weight_decay=config.weight_decay)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

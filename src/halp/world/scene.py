@@ -36,6 +36,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (150, 60, 190),
     "white": (245, 245, 245),
 }
+#: Columns of `Scene.token_targets`: one per colour, one per shape, and the object-centre bit.
+TOKEN_TARGETS = len(COLOURS) + len(SHAPES) + 1
 #: Scene frequency of each colour and shape. Not uniform, so that POPE's "popular" negatives (frequent
 #: objects that are absent) differ from its "random" ones.
 COLOUR_WEIGHTS = np.array([0.26, 0.22, 0.18, 0.14, 0.11, 0.09])
@@ -105,7 +107,7 @@ class Scene:
         object. The vision pretraining stage (`halp.world.model.pretrain_vision`) learns these.
         """
         colours, shapes = list(COLOURS), list(SHAPES)
-        targets = np.zeros((TOKEN_GRID * TOKEN_GRID, len(colours) + len(shapes) + 1), dtype=np.float32)
+        targets = np.zeros((TOKEN_GRID * TOKEN_GRID, TOKEN_TARGETS), dtype=np.float32)
         side = self.masks.shape[-1] // TOKEN_GRID
         for item, visible in zip(self.objects, self.visible_masks(), strict=True):
             # Pixels per square: (grid_rows, side, grid_cols, side) summed over each square's pixels.
