@@ -53,7 +53,12 @@ def accuracy_lines(summary: dict) -> list[str]:
             "",
             f"Vision pretraining, on a fresh batch of scenes: token-bit precision {scores['precision']:.3f}, recall "
             f"{scores['recall']:.3f}, loss {scores['loss']:.3f} against {scores['blind_loss']:.3f} for the best "
-            "pixel-blind predictor.",
+            "pixel-blind predictor."
+            + "".join(
+                f" Average precision of its {name[3:]} bits: {value:.3f}."
+                for name, value in scores.items()
+                if name.startswith("ap_")
+            ),
         ]
     return lines
 

@@ -8,6 +8,7 @@ but is not yet reading the image well; what the full model learns is measured in
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from halp.world.scene import (
     MIN_TOKEN_PIXELS,
     RELATION_MARGIN,
     SHAPES,
+    TARGET_GROUPS,
     TOKEN_SIDE,
     Scene,
     SceneObject,
@@ -273,11 +275,27 @@ def test_vision_pretraining_reads_the_pixels_and_freezing_keeps_only_the_merger_
     # 0.271 against 0.306. Bits said are right far more often than the ~10% of bits that are set.
     assert scores["loss"] < scores["blind_loss"] - 0.02, scores
     assert scores["recall"] > 0 and scores["precision"] > 0.5, scores
+    # Colour is what a linear patch embedding sees first: its bits rank well above chance, an average precision
+    # equal to each bit's rate in the scored batch (the stream's next batch, drawn again here).
+    scored = next(itertools.islice(TrainingStream(config, tmp_path, "qwen2_vl"), 60, None))["targets"].numpy()
+    colour_rates = [rate for rate in scored[:, TARGET_GROUPS["colour"]].mean(axis=0) if rate > 0]
+    assert scores["ap_colour"] > 2 * np.mean(colour_rates), (scores, colour_rates)
+    assert {"ap_shape", "ap_centre"} <= set(scores)
     fixed = freeze_vision_tower(model)
     assert fixed and all(name.startswith(("patch_embed.", "blocks.")) for name in fixed)
     for name, parameter in vision_tower(model).named_parameters():
         assert parameter.requires_grad == name.startswith("merger."), name
     assert all(parameter.requires_grad for parameter in model.model.language_model.parameters())
+
+
+def test_mean_average_precision_of_target_groups_skips_columns_without_a_positive() -> None:
+    from halp.world.model import _mean_average_precision
+
+    targets = np.array([[1, 0, 0], [0, 0, 1], [1, 0, 0], [0, 0, 1]], dtype=np.float32)
+    # Column 0 ranked perfectly (AP 1); column 2's positives ranked 2nd and 4th of 4: AP (1/2 + 2/4) / 2 = 0.5.
+    logits = np.array([[3.0, 0.0, 0.3], [-1.0, 0.0, 0.5], [2.0, 0.0, 0.9], [-2.0, 0.0, 0.1]])
+    assert _mean_average_precision(targets, logits) == pytest.approx(0.75, abs=1e-12)
+    assert np.isnan(_mean_average_precision(targets[:, 1:2], logits[:, 1:2]))
 
 
 def test_a_data_worker_gives_the_same_training_as_none(tmp_path: Path) -> None:

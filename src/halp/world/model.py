@@ -41,7 +41,7 @@ import torch
 from halp.errors import ParameterError, WorldError
 from halp.layout import write_text_atomic
 from halp.world.questions import ANSWERS, Question, ask
-from halp.world.scene import DIFFICULTIES, IMAGE_SIZE, TOKEN_TARGETS, Scene, make_scene
+from halp.world.scene import DIFFICULTIES, IMAGE_SIZE, TARGET_GROUPS, TOKEN_TARGETS, Scene, make_scene
 
 #: Bumped whenever the world or the training recipe changes what a config hash stands for.
 WORLD_VERSION = 3
@@ -314,7 +314,9 @@ def pretrain_vision(
     linear head that is then thrown away: binary cross-entropy, AdamW, `vision_steps` batches of
     `Encoder.scene_batch` from `batches`. The scores, on the next batch: the precision and recall of those bits
     at a logit threshold of 0, the loss, and `blind_loss`, that of the best predictor that ignores the pixels
-    (each bit at its rate in that batch): the tower reads the scenes where `loss` is below it.
+    (each bit at its rate in that batch): the tower reads the scenes where `loss` is below it; and per group of
+    bits (`scene.TARGET_GROUPS`: colour, shape, centre), `ap_<group>`, the mean average precision of its bits
+    (chance: the bits' rates), which tells what the tower has learnt to see and what not yet.
     """
     from tqdm.auto import tqdm
 
@@ -361,7 +363,21 @@ def pretrain_vision(
         "loss": float(torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)),
         "blind_loss": float(torch.nn.functional.binary_cross_entropy(rates, targets)),
     }
+    for group, columns in TARGET_GROUPS.items():
+        scores[f"ap_{group}"] = _mean_average_precision(targets[:, columns].numpy(), logits[:, columns].numpy())
     return losses, scores
+
+
+def _mean_average_precision(targets: np.ndarray, logits: np.ndarray) -> float:
+    """The mean over columns with a positive of each column's average precision (NaN when none has one)."""
+    from sklearn.metrics import average_precision_score
+
+    values = [
+        average_precision_score(targets[:, column], logits[:, column])
+        for column in range(targets.shape[1])
+        if targets[:, column].any()
+    ]
+    return float(np.mean(values)) if values else float("nan")
 
 
 def freeze_vision_tower(model: Any) -> list[str]:

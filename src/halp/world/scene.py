@@ -38,6 +38,12 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 #: Columns of `Scene.token_targets`: one per colour, one per shape, and the object-centre bit.
 TOKEN_TARGETS = len(COLOURS) + len(SHAPES) + 1
+#: The columns of `Scene.token_targets` by what they say (`halp.world.model.pretrain_vision` scores each group).
+TARGET_GROUPS: dict[str, slice] = {
+    "colour": slice(0, len(COLOURS)),
+    "shape": slice(len(COLOURS), len(COLOURS) + len(SHAPES)),
+    "centre": slice(len(COLOURS) + len(SHAPES), TOKEN_TARGETS),
+}
 #: Scene frequency of each colour and shape. Not uniform, so that POPE's "popular" negatives (frequent
 #: objects that are absent) differ from its "random" ones.
 COLOUR_WEIGHTS = np.array([0.26, 0.22, 0.18, 0.14, 0.11, 0.09])
