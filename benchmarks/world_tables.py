@@ -44,7 +44,8 @@ def accuracy_lines(summary: dict) -> list[str]:
         "",
         "Stage times (s): " + ", ".join(f"{stage} {seconds:.0f}" for stage, seconds in summary["seconds"].items()),
         "",
-        f"Training: {training['seconds']:.0f} s wall, {training['cpu_seconds']:.0f} CPU-s, "
+        ("The weights shipped with halp; their training: " if training.get("shipped") else "Training: ")
+        + f"{training['seconds']:.0f} s wall, {training['cpu_seconds']:.0f} CPU-s, "
         f"{training['threads']} thread(s); config {training['config']}.",
     ]
     if training.get("vision_scores"):

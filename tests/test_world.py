@@ -46,6 +46,7 @@ def tiny_model_config(**overrides):
         vision_depth=1,
         steps=TINY_STEPS,
         grounding_steps=100,
+        grounded_share=0.0,
         vision_steps=30,
         vision_batch_size=16,
         batch_size=16,
@@ -440,6 +441,67 @@ def test_same_seed_gives_the_same_world_and_labels(tiny_training, tmp_path: Path
     assert labels[0].equals(labels[1])
 
 
+def test_a_shipped_model_is_used_verified_and_refused_when_damaged(
+    tiny_training, world_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ship` copies a trained model with its manifest; `train` then uses it without training or touching the
+    cache, and refuses (never loads) a copy whose files differ from the manifest."""
+    from halp.errors import WorldError
+    from halp.world import shipped
+    from halp.world.model import CHECKPOINT_DIR, train
+
+    config = tiny_model_config()
+    home = shipped.ship(world_cache / config.digest(), tmp_path / "shipped", note="test")
+    monkeypatch.setattr(shipped, "SHIPPED_DIR", tmp_path / "shipped")
+    empty_cache = tmp_path / "cache"
+    used = train(config, cache_dir=empty_cache, threads=1, progress=False)
+    assert used.shipped and used.cached and used.checkpoint == home / CHECKPOINT_DIR
+    assert used.heldout_accuracy == tiny_training.heldout_accuracy and used.losses == tiny_training.losses
+    assert not empty_cache.exists()
+    own = train(config, cache_dir=world_cache, threads=1, progress=False, shipped=False)
+    assert not own.shipped and own.checkpoint == tiny_training.checkpoint
+    # The same bytes, evaluated twice in this process: the same answers, no weight differs.
+    compared = shipped.compare_models(used.checkpoint, own.checkpoint, config)
+    assert compared["answers_agree"] == 1.0 and compared["max_weight_difference"] == 0.0
+    assert compared["heldout_accuracy"][0] == pytest.approx(tiny_training.heldout_accuracy, abs=1 / config.heldout)
+
+    weights = home / CHECKPOINT_DIR / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(WorldError, match="SHA-256"):
+        train(config, cache_dir=empty_cache, threads=1, progress=False)
+    (home / CHECKPOINT_DIR / "extra.bin").write_bytes(b"x")
+    with pytest.raises(WorldError, match="not listed"):
+        train(config, cache_dir=empty_cache, threads=1, progress=False)
+    assert not empty_cache.exists()
+
+
+def test_the_shipped_world_model_is_the_default_recipe_and_scores_its_record() -> None:
+    """The weights in the package: exactly the default config's, intact, loadable by halp, and their held-out
+    accuracy recomputed here equals the one their training recorded (to 3 of 384 questions: other CPUs and
+    library versions may flip a near-tie of the greedy argmax)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from halp.models import adapter_for
+    from halp.world.model import CHECKPOINT_DIR, WorldModelConfig
+    from halp.world.shipped import SHIPPED_DIR, compare_models, shipped_home, shipped_record
+
+    config = WorldModelConfig()
+    assert sorted(path.name for path in SHIPPED_DIR.iterdir() if path.is_dir()) == [config.digest()]
+    home = shipped_home(config)
+    assert home is not None
+    record = shipped_record(home)
+    assert record["config_hash"] == config.digest() and record["config"]["steps"] == config.steps
+    # The issue's band for the world model: wrong often enough to study, right often enough to be a model.
+    assert 0.6 <= record["heldout_accuracy"] <= 0.85
+    checkpoint = home / CHECKPOINT_DIR
+    adapter_for(AutoModelForImageTextToText.from_pretrained(checkpoint), AutoProcessor.from_pretrained(checkpoint))
+    compared = compare_models(checkpoint, checkpoint, config)
+    assert compared["heldout"] == config.heldout == 384
+    assert compared["heldout_accuracy"][0] == pytest.approx(record["heldout_accuracy"], abs=3 / 384)
+
+
 def test_cli_registers_world_and_the_demo_hook() -> None:
     from typer.testing import CliRunner
 
@@ -448,7 +510,8 @@ def test_cli_registers_world_and_the_demo_hook() -> None:
     runner = CliRunner()
     world_help = runner.invoke(app, ["world", "--help"])
     assert world_help.exit_code == 0
-    for option in ("--steps", "--vision-steps", "--grounded-share", "--images", "--probe", "--threads", "--cache-dir"):
+    options = ("--steps", "--vision-steps", "--vision-dim", "--vision-depth", "--grounded-share", "--images")
+    for option in (*options, "--probe", "--threads", "--cache-dir", "--no-shipped"):
         assert option in world_help.output
     demo_help = runner.invoke(app, ["demo", "--help"])
     assert demo_help.exit_code == 0 and "--world" in demo_help.output

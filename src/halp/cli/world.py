@@ -27,6 +27,12 @@ def world(
         int | None,
         typer.Option(help="Steps pretraining the vision tower on per-token scene labels first (0: none).", min=0),
     ] = None,
+    vision_dim: Annotated[
+        int | None, typer.Option(help="Width of the vision tower (default: the recipe's).", min=8)
+    ] = None,
+    vision_depth: Annotated[
+        int | None, typer.Option(help="Blocks of the vision tower (default: the recipe's).", min=1)
+    ] = None,
     grounded_share: Annotated[
         float | None,
         typer.Option(help="After the curriculum, the share of each batch on colour/shape/choice.", min=0, max=1),
@@ -47,6 +53,13 @@ def world(
         Path | None,
         typer.Option(help="Where trained models are kept (default $HALP_CACHE/world or ~/.cache/halp/world)."),
     ] = None,
+    shipped: Annotated[
+        bool,
+        typer.Option(
+            help="Use the weights halp ships for the default recipe; --no-shipped trains them on this machine "
+            "(about an hour on 2 cores, then cached). Any other setting always trains its own."
+        ),
+    ] = True,
 ) -> None:
     """Real hallucinations offline: a tiny VLM trained on a synthetic world, probed on its own wrong answers."""
     from halp.world.model import WorldModelConfig
@@ -62,6 +75,10 @@ def world(
         model.vision_steps = vision_steps
     if grounded_share is not None:
         model.grounded_share = grounded_share
+    if vision_dim is not None:
+        model.vision_dim = vision_dim
+    if vision_depth is not None:
+        model.vision_depth = vision_depth
     config = StudyConfig(
         out=out,
         model=model,
@@ -72,6 +89,7 @@ def world(
         cache_dir=cache_dir,
         threads=threads,
         probe_jobs=jobs,
+        shipped=shipped,
     )
     if images is not None:
         config.n_images = images
@@ -88,9 +106,10 @@ def print_world(console: Any, result: StudyResult) -> None:
 
     training = result.training
     console.rule(Text("the world model"))
+    origin = "shipped with halp" if training.shipped else "cached" if training.cached else "trained"
     console.print(
         Text(
-            f"{training.checkpoint} ({'cached' if training.cached else 'trained'}; training took "
+            f"{training.checkpoint} ({origin}; training took "
             f"{training.seconds:.0f}s on {training.threads} thread(s)); held-out accuracy "
             f"{training.heldout_accuracy:.3f}; greedy accuracy on the study set {result.accuracy['overall']:.3f}"
         ),

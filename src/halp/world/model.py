@@ -19,7 +19,9 @@ the end token, so that greedy decoding stops) in the loss.
 
 The result is saved with `save_pretrained` into `~/.cache/halp/world/<config hash>/checkpoint` (written in a
 temporary directory, renamed when complete) and loaded back through `from_pretrained` like any checkpoint.
-The config hash covers every setting that changes the weights, and halp's world version.
+The config hash covers every setting that changes the weights, and halp's world version. The default recipe's
+weights ship with halp (`halp.world.shipped`) and are used, checked against their manifest, instead of an hour
+of training.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from halp.errors import ParameterError, WorldError
 from halp.layout import write_text_atomic
 from halp.world.questions import ANSWERS, Question, ask
 from halp.world.scene import DIFFICULTIES, IMAGE_SIZE, TARGET_GROUPS, TOKEN_TARGETS, Scene, make_scene
+from halp.world.shipped import shipped_home, shipped_record
 
 #: Bumped whenever the world or the training recipe changes what a config hash stands for.
 WORLD_VERSION = 3
@@ -61,27 +64,31 @@ VOCAB_SIZE = 600
 
 @dataclass
 class WorldModelConfig:
-    """Everything that decides the trained weights."""
+    """Everything that decides the trained weights. The defaults are the recipe whose weights halp ships.
+
+    That recipe takes about an hour on 2 CPU cores (docs/world.md), so `train` uses the shipped weights for it
+    (`halp.world.shipped`); any other config trains from scratch, once, into the cache.
+    """
 
     hidden_size: int = 128
     num_layers: int = 4
-    vision_dim: int = 64
-    vision_depth: int = 2
+    vision_dim: int = 128
+    vision_depth: int = 3
     #: The decoder's RoPE base (see `halp.testing.builders.qwen_vl.build`).
     rope_theta: float = 1_000_000.0
-    #: The vision pretraining stage (`pretrain_vision`): steps, scenes per step, learning rate. 0 steps: none (the
-    #: default: the stage pays off only with ~1500 VLM steps or more, which do not fit `halp world`'s 15 minutes).
-    vision_steps: int = 0
+    #: The vision pretraining stage (`pretrain_vision`): steps, scenes per step, learning rate. 0 steps: none.
+    #: A tower that has not learnt to see shapes caps the VLM near 0.4 held-out accuracy (docs/world.md).
+    vision_steps: int = 1500
     vision_batch_size: int = 64
     vision_learning_rate: float = 3e-3
     #: After a vision stage, keep the tower's patch embedding and blocks fixed while the VLM trains (the merger and
     #: the decoder learn). Without one, the whole model learns.
     freeze_vision: bool = True
     #: Training steps in all, the first `grounding_steps` of them on the grounding curriculum.
-    steps: int = 700
-    grounding_steps: int = 250
+    steps: int = 2500
+    grounding_steps: int = 100
     #: After the curriculum, this share of every batch asks a question of GROUNDED_TYPES, the rest the uniform mix.
-    grounded_share: float = 0.0
+    grounded_share: float = 0.3
     batch_size: int = 48
     learning_rate: float = 2e-3
     warmup_steps: int = 50
@@ -109,6 +116,27 @@ class TrainingResult:
     cpu_seconds: float = float("nan")
     vision_losses: list[float] = field(default_factory=list)
     vision_scores: dict[str, float] = field(default_factory=dict)
+    #: The weights came with halp (`halp.world.shipped`); `seconds`, `threads` are those of their training.
+    shipped: bool = False
+
+    @classmethod
+    def from_record(cls, checkpoint: Path, config: WorldModelConfig, saved: dict[str, Any], shipped: bool = False):
+        """A model trained before, from the `training.json` its training wrote."""
+        return cls(
+            checkpoint,
+            config,
+            True,
+            saved["seconds"],
+            saved["losses"],
+            saved["train_accuracy"],
+            saved["heldout_accuracy"],
+            saved["heldout_by_type"],
+            saved["threads"],
+            saved["cpu_seconds"],
+            saved["vision_losses"],
+            saved["vision_scores"],
+            shipped,
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -124,6 +152,7 @@ class TrainingResult:
             "heldout_by_type": self.heldout_by_type,
             "vision_losses": self.vision_losses,
             "vision_scores": self.vision_scores,
+            "shipped": self.shipped,
         }
 
 
@@ -419,9 +448,12 @@ def train(
     progress: bool = True,
     say: Callable[[str], None] | None = None,
     workers: int = 1,
+    shipped: bool = True,
 ) -> TrainingResult:
     """Train (or reuse the cached) world model; return where its checkpoint is and how training went.
 
+    `shipped`: use the weights halp ships for this exact config when there are some (`halp.world.shipped`), before
+    the cache; False trains (or reuses) a model of this machine's own.
     `workers`: data-loading processes (0: draw and encode the batches in this process; 1, the default, overlaps
     that with the model's steps; more would not keep the stream's order).
     """
@@ -441,23 +473,19 @@ def train(
     home = (cache_dir or default_cache_dir()) / config.digest()
     checkpoint = home / CHECKPOINT_DIR
     record = home / TRAINING_FILE
+    packaged = shipped_home(config) if shipped else None
+    if packaged is not None:
+        say(f"using the world model shipped with halp {packaged / CHECKPOINT_DIR} (config {config.digest()})")
+        return TrainingResult.from_record(packaged / CHECKPOINT_DIR, config, shipped_record(packaged), shipped=True)
     if checkpoint.is_dir() and record.is_file():
-        saved = json.loads(record.read_text())
         say(f"using the cached world model {checkpoint}")
-        return TrainingResult(
-            checkpoint,
-            config,
-            True,
-            saved["seconds"],
-            saved["losses"],
-            saved["train_accuracy"],
-            saved["heldout_accuracy"],
-            saved["heldout_by_type"],
-            saved["threads"],
-            saved["cpu_seconds"],
-            saved["vision_losses"],
-            saved["vision_scores"],
-        )
+        return TrainingResult.from_record(checkpoint, config, json.loads(record.read_text()))
+    say(
+        f"training the world model {config.digest()} from scratch (halp ships no weights for this config; "
+        "the default recipe takes about an hour on 2 CPU cores)"
+        if shipped
+        else f"training the world model {config.digest()} from scratch"
+    )
     from tqdm.auto import tqdm
     from transformers import AutoModelForImageTextToText, AutoProcessor
 

@@ -57,6 +57,8 @@ class StudyConfig:
     progress: bool = True
     #: Probe constructor overrides per type (tests shorten the MLP), as `halp.probe.train_probes` takes them.
     probe_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Use the weights halp ships for the model's config when there are some (see `halp.world.model.train`).
+    shipped: bool = True
 
 
 @dataclass
@@ -299,8 +301,9 @@ def run_study(config: StudyConfig, say: Callable[[str], None] | None = None) -> 
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    training = train(config.model, config.cache_dir, config.threads, config.progress, say)
-    seconds["train" if not training.cached else "load cached model"] = time.perf_counter() - start
+    training = train(config.model, config.cache_dir, config.threads, config.progress, say, shipped=config.shipped)
+    origin = "shipped model" if training.shipped else "cached model" if training.cached else "train"
+    seconds[origin] = time.perf_counter() - start
 
     start = time.perf_counter()
     table, images = make_study_set(out / "data", config.n_images, config.questions_per_image, config.seed)
