@@ -1,6 +1,6 @@
 """Reproduce the world model halp ships: train its recipe from scratch and compare the two.
 
-Trains `WorldModelConfig()` (the default recipe; about an hour on 2 CPU cores, one torch thread) with
+Trains `WorldModelConfig()` (the default recipe; 20 minutes on 2 quiet CPU cores, one torch thread) with
 `train(config, shipped=False)` into the cache (`--cache-dir`, default halp's), or reuses a model trained there
 before, then prints the held-out accuracy of it and of the shipped model, how often their right/wrong answers
 agree on the held-out questions, and the largest weight difference. `--ship` then writes the trained model into

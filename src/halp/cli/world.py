@@ -57,7 +57,7 @@ def world(
         bool,
         typer.Option(
             help="Use the weights halp ships for the default recipe; --no-shipped trains them on this machine "
-            "(about an hour on 2 cores, then cached). Any other setting always trains its own."
+            "(20 minutes on 2 quiet cores, then cached). Any other setting always trains its own."
         ),
     ] = True,
 ) -> None:

@@ -20,7 +20,7 @@ the end token, so that greedy decoding stops) in the loss.
 The result is saved with `save_pretrained` into `~/.cache/halp/world/<config hash>/checkpoint` (written in a
 temporary directory, renamed when complete) and loaded back through `from_pretrained` like any checkpoint.
 The config hash covers every setting that changes the weights, and halp's world version. The default recipe's
-weights ship with halp (`halp.world.shipped`) and are used, checked against their manifest, instead of an hour
+weights ship with halp (`halp.world.shipped`) and are used, checked against their manifest, instead of 20-60 minutes
 of training.
 """
 
@@ -66,8 +66,8 @@ VOCAB_SIZE = 600
 class WorldModelConfig:
     """Everything that decides the trained weights. The defaults are the recipe whose weights halp ships.
 
-    That recipe takes about an hour on 2 CPU cores (docs/world.md), so `train` uses the shipped weights for it
-    (`halp.world.shipped`); any other config trains from scratch, once, into the cache.
+    That recipe takes 20 minutes on 2 quiet CPU cores, an hour under load (docs/benchmarks.md), so `train` uses
+    the shipped weights for it (`halp.world.shipped`); any other config trains from scratch, once, into the cache.
     """
 
     hidden_size: int = 128
@@ -482,7 +482,7 @@ def train(
         return TrainingResult.from_record(checkpoint, config, json.loads(record.read_text()))
     say(
         f"training the world model {config.digest()} from scratch (halp ships no weights for this config; "
-        "the default recipe takes about an hour on 2 CPU cores)"
+        "the default recipe takes 20 minutes on 2 quiet CPU cores, an hour under load)"
         if shipped
         else f"training the world model {config.digest()} from scratch"
     )

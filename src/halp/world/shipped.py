@@ -1,16 +1,17 @@
 """The world model's trained weights that ship with halp, and how they were made.
 
-Training the default recipe (`WorldModelConfig()`) from scratch takes about an hour on 2 CPU cores, four times
-`halp world`'s budget, so halp ships its result: `shipped/<config hash>/` holds the `save_pretrained` checkpoint
-(safetensors, tokenizer, processor), the training record (`training.json`, as `train` writes it) and
-`manifest.json` (the config, the SHA-256 of every file, and the versions it was trained with). It is loaded
-through `from_pretrained` like any checkpoint. A config hash covers every setting that changes the weights and
+Training the default recipe (`WorldModelConfig()`) from scratch takes 20 minutes on 2 quiet CPU cores and an
+hour under load, over `halp world`'s 15-minute budget, so halp ships its result: `shipped/<config hash>/` holds
+the `save_pretrained` checkpoint (safetensors, tokenizer, processor), the training record (`training.json`, as
+`train` writes it) and `manifest.json` (the config, the SHA-256 of every file, and the versions it was trained
+with). It is loaded through `from_pretrained` like any checkpoint. A config hash covers every setting that changes the weights and
 halp's world version, so weights are only ever used for the exact recipe that made them.
 
 `benchmarks/world_reproduce.py` is the code that reproduces them: it trains the same config from scratch with
 `train(config, shipped=False)`, compares the result with the shipped model, and with `--ship` writes a model
-trained that way here (`ship`). Training is seeded, but float round-off differs between CPUs and library
-versions, so a retrained model matches the shipped one in its held-out accuracy, not bit for bit.
+trained that way here (`ship`). Training is seeded and repeats exactly on one machine and torch build, but float
+round-off differs between CPUs and library versions and grows over 4000 steps: a model retrained elsewhere is
+another draw of the recipe (two runs ended at 0.646 and 0.727 held-out, docs/world.md), not these bits.
 """
 
 from __future__ import annotations
