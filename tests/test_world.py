@@ -511,7 +511,7 @@ def test_cli_registers_world_and_the_demo_hook() -> None:
     world_help = runner.invoke(app, ["world", "--help"])
     assert world_help.exit_code == 0
     options = ("--steps", "--vision-steps", "--vision-dim", "--vision-depth", "--grounded-share", "--images")
-    for option in (*options, "--probe", "--threads", "--cache-dir", "--no-shipped"):
+    for option in (*options, "--probe", "--threads", "--cache-dir", "--no-shipped", "--seed", "--model-seed"):
         assert option in world_help.output
     demo_help = runner.invoke(app, ["demo", "--help"])
     assert demo_help.exit_code == 0 and "--world" in demo_help.output

@@ -41,7 +41,11 @@ def world(
     probe: Annotated[str, typer.Option(help="logreg, mlp or both.")] = "both",
     folds: Annotated[int, typer.Option(help="Cross-validation folds of the probes.")] = 5,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of every interval.")] = 1000,
-    seed: Annotated[int, typer.Option(help="Seed of the model (weights, training stream) and the study set.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the study set and of the probes' folds and bootstrap.")] = 0,
+    model_seed: Annotated[
+        int,
+        typer.Option(help="Seed of the model's weights and training stream (the shipped weights are seed 0's)."),
+    ] = 0,
     threads: Annotated[
         int, typer.Option(help="torch CPU threads (1 is fastest on a shared machine: idle threads spin).")
     ] = 1,
@@ -66,7 +70,7 @@ def world(
     from halp.world.study import StudyConfig, run_study
 
     setup_logging()
-    model = WorldModelConfig(seed=seed)
+    model = WorldModelConfig(seed=model_seed)
     if steps is not None:
         model.steps = steps
     if grounding_steps is not None:

@@ -4,8 +4,8 @@ Training the default recipe (`WorldModelConfig()`) from scratch takes 20 minutes
 hour under load, over `halp world`'s 15-minute budget, so halp ships its result: `shipped/<config hash>/` holds
 the `save_pretrained` checkpoint (safetensors, tokenizer, processor), the training record (`training.json`, as
 `train` writes it) and `manifest.json` (the config, the SHA-256 of every file, and the versions it was trained
-with). It is loaded through `from_pretrained` like any checkpoint. A config hash covers every setting that changes the weights and
-halp's world version, so weights are only ever used for the exact recipe that made them.
+with). It is loaded through `from_pretrained` like any checkpoint. A config hash covers every setting that
+changes the weights and halp's world version, so weights are only ever used for the exact recipe that made them.
 
 `benchmarks/world_reproduce.py` is the code that reproduces them: it trains the same config from scratch with
 `train(config, shipped=False)`, compares the result with the shipped model, and with `--ship` writes a model
