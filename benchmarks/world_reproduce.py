@@ -17,8 +17,8 @@ from pathlib import Path
 
 
 def main() -> None:
-    from halp.world.model import CHECKPOINT_DIR, WorldModelConfig, default_cache_dir, train
-    from halp.world.shipped import SHIPPED_DIR, compare_models, ship, shipped_home
+    from halp.world.model import CHECKPOINT_DIR, WorldModelConfig, train
+    from halp.world.shipped import compare_models, ship, shipped_home
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache-dir", type=Path, default=None)
@@ -44,7 +44,7 @@ def main() -> None:
         figures["against_shipped"] = compare_models(packaged / CHECKPOINT_DIR, trained.checkpoint, config)
     print(json.dumps(figures, indent=2))
     if args.ship:
-        home = ship((args.cache_dir or default_cache_dir()) / config.digest(), SHIPPED_DIR, note=args.note)
+        home = ship(trained.checkpoint.parent, note=args.note)
         print(f"shipped {home}")
 
 

@@ -16,7 +16,6 @@ another draw of the recipe (two runs ended at 0.646 and 0.727 held-out, docs/wor
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import shutil
@@ -24,6 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from halp.data import file_sha256
 from halp.errors import WorldError
 from halp.layout import write_text_atomic
 
@@ -33,14 +33,6 @@ if TYPE_CHECKING:
 #: Where the package keeps shipped models, one folder per config hash.
 SHIPPED_DIR = Path(__file__).parent / "shipped"
 MANIFEST_FILE = "manifest.json"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def shipped_home(config: WorldModelConfig, root: Path | None = None) -> Path | None:
@@ -72,7 +64,7 @@ def shipped_home(config: WorldModelConfig, root: Path | None = None) -> Path | N
             "with `halp world --no-shipped`"
         )
     for name, expected in manifest["files"].items():
-        actual = _sha256(home / name)
+        actual = file_sha256(home / name)
         if actual != expected:
             raise WorldError(
                 f"the shipped world model file {home / name} has SHA-256 {actual}, its manifest says {expected}; "
@@ -108,10 +100,10 @@ def ship(trained_home: Path, root: Path | None = None, note: str = "") -> Path:
     staging = root / f".{config_hash}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(trained_home / CHECKPOINT_DIR, staging / CHECKPOINT_DIR)
-    record["checkpoint"] = f"{CHECKPOINT_DIR}"  # relative: the cache path of the training machine means nothing here
+    record["checkpoint"] = CHECKPOINT_DIR  # relative: the cache path of the training machine means nothing here
     write_text_atomic(staging / TRAINING_FILE, json.dumps(record, indent=2))
     files = {
-        path.relative_to(staging).as_posix(): _sha256(path) for path in sorted(staging.rglob("*")) if path.is_file()
+        path.relative_to(staging).as_posix(): file_sha256(path) for path in sorted(staging.rglob("*")) if path.is_file()
     }
     manifest = {
         "config_hash": config_hash,
