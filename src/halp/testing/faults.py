@@ -107,6 +107,35 @@ def crash_decoder_on_marker() -> None:
 
 
 
+#: The first bytes of an image file on which `hang_decoder_on_marker`'s decoder never returns.
+HANG_MARKER = b"HALP-HANG-DECODER"
+
+
+def release_path(image: str | Path) -> Path:
+    """The file whose creation lets a decoder hung by `hang_decoder_on_marker` on `image` return (tests that must
+    not leave a process behind when the deadline they check is missing)."""
+    image = Path(image)
+    return image.with_name(image.name + ".release")
+
+
+def hang_decoder_on_marker() -> None:
+    """Input-worker fault injection: the worker's image reading never returns on a file starting with HANG_MARKER
+    (as a decoder stuck in a loop, or a read from a hung network file system) until `release_path` appears."""
+    from halp import data
+    from halp.data import resolve_image_path
+
+    real_read = data.read_image
+
+    def read(images_dir: str | Path, image_id: str, *args: Any, **kwargs: Any) -> Any:
+        path = resolve_image_path(images_dir, image_id)
+        if path.is_file() and path.read_bytes()[: len(HANG_MARKER)] == HANG_MARKER:
+            while not release_path(path).exists():
+                time.sleep(0.05)
+        return real_read(images_dir, image_id, *args, **kwargs)
+
+    data.read_image = read
+
+
 def hang_in_worker() -> None:
     """Input-worker fault injection: the worker never becomes ready and ignores SIGTERM (as a worker stuck in
     native code that answers no signal would). Tests see the ignored SIGTERM in /proc/PID/status (SigIgn)."""
