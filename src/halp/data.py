@@ -395,7 +395,8 @@ class ImageSource:
 
     def size(self, sample: Sample) -> tuple[int, int] | None:
         """(height, width) of a row's image, for planning batches by token count; None when it cannot be read (the
-        loader records why). Embedded images are decoded here; files are read from their header only."""
+        loader records why). Read from the image's header: planning never decodes pixels (a decoder that never
+        returns is held to the input workers' per-row deadline, not met here)."""
         (item,) = self.read([sample], exif_orientation=False)
         return None if isinstance(item, ImageError) else (item[0].height, item[0].width)
 
@@ -426,6 +427,17 @@ class FolderImages(ImageSource):
                 return image.height, image.width  # from the header: the pixels are not decoded
         except (OSError, ValueError, SyntaxError, ImageError, Image.DecompressionBombError):
             return None  # the loader records the real error
+
+
+def header_size(data: bytes | None) -> tuple[int, int] | None:
+    """(height, width) from an encoded image's header, without decoding its pixels; None if it is no image."""
+    if not data:
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.height, image.width
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
 
 
 def decode_image_bytes(data: bytes | None, what: str, exif_orientation: bool = True) -> tuple[Image.Image, str]:
@@ -540,6 +552,12 @@ class ParquetImages(ImageSource):
                 out.append(err)
         return out
 
+    def size(self, sample: Sample) -> tuple[int, int] | None:
+        try:
+            return header_size(self._bytes(sample))
+        except ImageError:
+            return None  # the loader records why
+
     def digests(self, samples: Sequence[Sample]) -> list[str]:
         # In table order, so each row group is read once however the samples are ordered.
         order = sorted(range(len(samples)), key=lambda i: samples[i].image_row or 0)
@@ -580,6 +598,13 @@ class DatasetImages(ImageSource):
             except ImageError as err:
                 out.append(err)
         return out
+
+    def size(self, sample: Sample) -> tuple[int, int] | None:
+        try:
+            (cell,) = self._cells([sample])
+        except (ArrowException, OSError, ValueError):
+            return None  # the loader records why
+        return header_size(_cell_bytes(cell))
 
     def digests(self, samples: Sequence[Sample]) -> list[str]:
         found: list[str] = []
@@ -626,6 +651,13 @@ class JsonlImages(ImageSource):
                 except ImageError as err:
                     out.append(err)
         return out
+
+    def size(self, sample: Sample) -> tuple[int, int] | None:
+        try:
+            with self._open() as handle:
+                return header_size(self._data(handle, sample, sample.question_id))
+        except ImageError:
+            return None  # the loader records why
 
     def digests(self, samples: Sequence[Sample]) -> list[str]:
         found: list[str] = []
