@@ -96,6 +96,7 @@ def read_frame(path: str | Path) -> pd.DataFrame:
     with open_table_file(path) as handle:
         try:
             if suffix in {".csv", ".tsv"}:
+                check_csv_end(handle, path, "\t" if suffix == ".tsv" else ",", TableError)
                 return pd.read_csv(handle, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
             if suffix in {".jsonl", ".ndjson"}:
                 return pd.read_json(handle, lines=True, dtype=False)
@@ -106,6 +107,35 @@ def read_frame(path: str | Path) -> pd.DataFrame:
             raise TableError(f"{path} is not valid UTF-8 text ({err}); re-encode it as UTF-8") from err
         except (ValueError, OSError, ArrowException) as err:  # pandas' ParserError, pyarrow's errors, a read error
             raise damaged_table(path, suffix[1:], err) from err
+
+
+def check_csv_end(handle: BinaryIO, path: Path, sep: str, error: type[HalpError]) -> None:
+    """Refuse a CSV cut short at a field boundary: pandas reads it without a word, filling the last row's missing
+    fields with empty strings (a cut inside a quoted field is pandas' own ParserError). Only a file that does not
+    end with a newline is parsed here (every CSV writer ends its rows with one); the handle is rewound."""
+    import csv
+
+    handle.seek(0, os.SEEK_END)
+    if handle.tell() == 0:
+        return
+    handle.seek(-1, os.SEEK_END)
+    if handle.read(1) in (b"\n", b"\r"):
+        handle.seek(0)
+        return
+    handle.seek(0)
+    text = io.TextIOWrapper(handle, encoding="utf-8", newline="")
+    try:
+        widths = [len(row) for row in csv.reader(text, delimiter=sep) if row]
+    except (UnicodeDecodeError, csv.Error):
+        widths = []  # pandas names the problem
+    finally:
+        text.detach()
+        handle.seek(0)
+    if len(widths) > 1 and widths[-1] < widths[0]:
+        raise error(
+            f"{path} ends in the middle of a row (its last row has {widths[-1]} of {widths[0]} fields and no newline): "
+            "it was cut short; write or copy it again"
+        )
 
 
 def open_table_file(path: Path) -> BinaryIO:
