@@ -219,6 +219,8 @@ def test_a_jsonl_table_finds_its_image_field_on_any_line_and_ids_rows_without_on
 
 runner = CliRunner()
 DAMAGE = ("cut", "empty", "garbage")
+#: A FIFO put in a file's place: opening it for reading would wait for a writer for ever.
+NOT_REGULAR = "fifo"
 
 
 def _one_line_error(output: str) -> str:
@@ -240,6 +242,9 @@ def _damage(path: Path, kind: str) -> None:
         path.write_bytes(data[:cut])
     elif kind == "empty":
         path.write_bytes(b"")
+    elif kind == NOT_REGULAR:
+        path.unlink()
+        os.mkfifo(path)
     else:  # bytes that are no format (not UTF-8 either), the file's own length
         path.write_bytes(bytes(random.Random(len(data)).getrandbits(8) for _ in range(max(len(data), 64))))
 
@@ -337,6 +342,7 @@ def _inputs(world: dict[str, Path]) -> list[Input]:
     for table in ("labels.csv", "export.json"):
         found.append(Input(f"label --labels {table}", "labels", table, lambda d, f, t: [
             "label", str(world["run"]), "--labels", str(f)]))
+    found.append(Input("label RUN (its features.h5)", "run", "features.h5", lambda d, f, t: ["label", str(d)]))
     found.append(Input("probe --labels labels.csv", "labels", "labels.csv", lambda d, f, t: [
         "probe", str(world["run"]), "--labels", str(f), "--bootstrap", "10"]))
     found.append(Input("embed IMAGE", "image", "one.png", lambda d, f, t: [
@@ -373,18 +379,18 @@ def _inputs(world: dict[str, Path]) -> list[Input]:
 
 
 def test_every_command_names_a_damaged_input_file_in_one_line(tmp_path, world):
-    """Each input file of each command, cut short, emptied or replaced by bytes of no format: exit status 2 before
-    any work, one line naming the file, no traceback."""
+    """Each input file of each command, cut short, emptied, replaced by bytes of no format or by a FIFO: exit status
+    2 before any work, one line naming the file, no traceback, no wait."""
     failures = []
     for item in _inputs(world):
-        for kind in DAMAGE:
+        for kind in (*DAMAGE, NOT_REGULAR):
             case = tmp_path / f"{len(failures)}-{item.name.replace(' ', '_').replace('/', '_')}-{kind}"
             copy = case / "in"
             shutil.copytree(world["root"] / item.folder, copy)
             target = copy / item.file
             assert target.is_file(), f"{item.name}: the world has no {item.file}"
             _damage(target, kind)
-            result = runner.invoke(app, item.args(copy, target, case))
+            result = _within(lambda: runner.invoke(app, item.args(copy, target, case)), [target])
             try:
                 assert result.exit_code == 2, f"exit {result.exit_code}"
                 line = _one_line_error(result.output)

@@ -485,7 +485,7 @@ def embed(
     from halp.embed import Embedder, write_embeddings
 
     setup_logging()
-    missing = [str(path) for path in images if not path.is_file()]
+    missing = [str(path) for path in images if not path.exists()]  # a FIFO or folder is named when it is read
     if missing:
         _fail(f"no such image file: {', '.join(missing)}")
     embedder = Embedder(

@@ -243,11 +243,18 @@ def file_bytes(images_dir: Path | None, name: str, what: str) -> Callable[[], by
     return read
 
 
+def is_present(path: Path) -> bool:
+    """Whether something other than a folder is at `path`: a layout's file, whatever its kind. The readers open it
+    through `halp.userfiles`, which names a FIFO, a socket or a device instead of reading it, so a layout with one
+    in a file's place is refused naming that file, never taken for another layout or silently skipped."""
+    return path.exists() and not path.is_dir()
+
+
 def parquet_files(root: Path, split: str | None) -> tuple[list[Path], list[str]]:
     """The Parquet shards of a hub dataset snapshot (or one file), for `split` if given; and the splits found.
 
     Hub layouts name shards `<split>-00000-of-0000N*.parquet` or put them in a `<split>/` folder."""
-    if root.is_file():
+    if is_present(root):
         files = [root] if root.suffix.lower() in {".parquet", ".pq"} else []
     else:
         files = sorted(root.rglob("*.parquet"))

@@ -19,7 +19,7 @@ import pandas as pd
 
 from halp.data import check_csv_end
 from halp.errors import SourceError
-from halp.sources.common import REFETCH, ConvertSummary, Row, file_bytes, unknown_layout, write_table
+from halp.sources.common import REFETCH, ConvertSummary, Row, file_bytes, is_present, unknown_layout, write_table
 from halp.userfiles import open_user_file
 
 NAME = "haloquest"
@@ -28,7 +28,7 @@ EXPECTED = "haloquest-eval.csv / haloquest-train.csv (image_name, hallucination 
 
 
 def convert(path: Path, out: Path, images: Path | None = None, split: str | None = None) -> ConvertSummary:
-    files = [path] if path.is_file() and path.suffix == ".csv" else sorted(path.glob("haloquest-*.csv")) if (
+    files = [path] if is_present(path) and path.suffix == ".csv" else sorted(path.glob("haloquest-*.csv")) if (
         path.is_dir()) else []
     if not files:
         raise unknown_layout(NAME, path, EXPECTED)

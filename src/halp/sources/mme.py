@@ -22,6 +22,7 @@ from halp.sources.common import (
     ConvertSummary,
     Row,
     embedded_bytes,
+    is_present,
     parquet_columns,
     parquet_files,
     parquet_rows,
@@ -83,7 +84,7 @@ def _folder_rows(root: Path) -> Iterator[Row]:
         text_dir = answers_dir if answers_dir.is_dir() else subtask
         for text in sorted(text_dir.glob("*.txt")):
             image = next((image_dir / f"{text.stem}{suffix}" for suffix in IMAGE_SUFFIXES
-                          if (image_dir / f"{text.stem}{suffix}").is_file()), None)
+                          if is_present(image_dir / f"{text.stem}{suffix}")), None)
             lines = [line for line in source_text(text).splitlines() if line.strip()]
             for number, line in enumerate(lines, start=1):
                 question, _, answer = line.rpartition("\t")
