@@ -390,7 +390,8 @@ def test_every_command_names_a_damaged_input_file_in_one_line(tmp_path, world):
             target = copy / item.file
             assert target.is_file(), f"{item.name}: the world has no {item.file}"
             _damage(target, kind)
-            result = _within(lambda: runner.invoke(app, item.args(copy, target, case)), [target])
+            args = item.args(copy, target, case)
+            result = _within(lambda args=args: runner.invoke(app, args), [target])
             try:
                 assert result.exit_code == 2, f"exit {result.exit_code}"
                 line = _one_line_error(result.output)

@@ -425,8 +425,9 @@ class ImageSource:
 
     def size(self, sample: Sample) -> tuple[int, int] | None:
         """(height, width) of a row's image, for planning batches by token count; None when it cannot be read (the
-        loader records why). Read from the image's header: planning never decodes pixels (a decoder that never
-        returns is held to the input workers' per-row deadline, not met here)."""
+        loader records why). halp's sources read it from the image's header (`header_size`), so planning never
+        decodes pixels: a decoder that never returns meets the input workers' per-row deadline, not the planner.
+        This default, for other sources, decodes."""
         (item,) = self.read([sample], exif_orientation=False)
         return None if isinstance(item, ImageError) else (item[0].height, item[0].width)
 
