@@ -201,3 +201,25 @@ def test_jsonl_that_is_not_utf8_names_the_line(tmp_path):
                      + '{"question_id": "b", "question": "caf\u00e9?", "image_id": "b.png"}\n'.encode("latin-1"))
     with pytest.raises(TableError, match="line 2 is not valid UTF-8"):
         open_table(path)
+
+
+def test_planning_sizes_come_from_the_embedded_images_headers(tmp_path):
+    """Token-count planning reads each embedded image's size from its header, never decoding the pixels: a row
+    whose bytes stop after the header has its size, and fails only when the worker decodes it."""
+    parquet = tmp_path / "vqa.parquet"
+    _dataset(3).to_parquet(str(parquet))
+    saved = tmp_path / "saved"
+    _dataset(3).save_to_disk(str(saved))
+    jsonl = tmp_path / "vqa.jsonl"
+    cut = image_bytes(2, size=(40, 24))[:60]  # the PNG header (IHDR) is whole, the pixel data is not
+    lines = [{"question_id": "a", "question": "Q?", "image": {"bytes": base64.b64encode(image_bytes(1)).decode()}},
+             {"question_id": "b", "question": "Q?", "image": {"bytes": base64.b64encode(cut).decode()}}]
+    jsonl.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    for data in (parquet, saved, jsonl):
+        table = open_table(data)
+        for sample, image in zip(table.samples, table.images.load(table.samples), strict=True):
+            if isinstance(image, Image.Image):
+                assert table.images.size(sample) == (image.height, image.width), (data, sample.question_id)
+    table = open_table(jsonl)
+    assert table.images.size(table.samples[1]) == (24, 40)
+    assert isinstance(table.images.load([table.samples[1]])[0], ImageError)

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -36,7 +38,7 @@ from halp.pipeline import (
 )
 from halp.store import RunStore
 from halp.testing import make_vqa_set
-from halp.testing.faults import CRASH_MARKER
+from halp.testing.faults import CRASH_MARKER, HANG_MARKER, release_path
 from halp.testing.runs import cli_args, cpu_extract_config, read_run
 
 
@@ -137,18 +139,66 @@ def test_a_crashing_worker_costs_only_its_rows_and_is_replaced(tmp_path, checkpo
     )
     summary = run_extraction(config)
     failed = {entry["question_id"]: entry for entry in summary.failed}
-    # The victim's batch (2 rows) is lost with the worker; a replacement finishes every other batch.
-    assert victim.question_id in failed and len(failed) == 2
-    assert all(entry["stage"] == "worker" and entry["error"] == "InputWorkerDied" for entry in failed.values())
-    assert summary.processed == 8
+    # Only the victim is lost with the worker (it was reading that row); its batch's other row is handed to the
+    # replacement, which finishes every other batch.
+    assert set(failed) == {victim.question_id}
+    assert failed[victim.question_id]["stage"] == "worker" and failed[victim.question_id]["error"] == "InputWorkerDied"
+    assert summary.processed == 9
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
     assert {entry["question_id"] for entry in errors} == set(failed)
     assert (out / "extract.log").read_text().count("input worker pid") == 2  # the first one and its replacement
 
     (images / victim.image_id).write_bytes(good)
     rerun = run_extraction(config)
-    assert rerun.finished and rerun.processed == 2 and rerun.already_done == 8
+    assert rerun.finished and rerun.processed == 1 and rerun.already_done == 9
     _assert_same_run(read_run(out / "features.h5"), read_run(serial_run / "features.h5"), rtol=1e-4)
+
+
+#: The per-row deadline of the hung-decoder test: far above what reading one of its small PNGs takes under load.
+HUNG_ROW_TIMEOUT = 20.0
+
+
+def test_a_decoder_that_never_returns_costs_its_row_and_the_worker_is_replaced(
+    tmp_path, checkpoint_dir, data10, serial_run
+):
+    """Before the deadline existed the run waited for the hung worker forever; the test then releases the worker
+    (release_path) and fails instead of hanging."""
+    table, images_src = data10
+    images = tmp_path / "images"
+    shutil.copytree(images_src, images)
+    samples = read_samples(table)
+    victim = samples[6]
+    (images / victim.image_id).write_bytes(HANG_MARKER + b"\0" * 64)
+    out = tmp_path / "run"
+    config = cpu_extract_config(
+        checkpoint_dir("qwen2_vl"),
+        table,
+        images,
+        out,
+        workers=1,
+        worker_init="halp.testing.faults:hang_decoder_on_marker",
+        row_timeout=HUNG_ROW_TIMEOUT,
+    )
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(summary=run_extraction(config)), daemon=True)
+    thread.start()
+    thread.join(HUNG_ROW_TIMEOUT + 240)
+    if thread.is_alive():
+        release_path(images / victim.image_id).touch()  # let the hung worker go: no process is left behind
+        thread.join(120)
+        pytest.fail("the run waited for a decoder that never returns instead of failing its row")
+    summary = outcome["summary"]
+    failed = {entry["question_id"]: entry for entry in summary.failed}
+    assert set(failed) == {victim.question_id} and summary.processed == 9
+    assert failed[victim.question_id]["error"] == "InputRowTimeout"
+    assert f"more than {HUNG_ROW_TIMEOUT:g} s" in failed[victim.question_id]["message"]
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert [entry["question_id"] for entry in errors] == [victim.question_id]
+    log = (out / "extract.log").read_text()
+    pids = [int(line.rsplit("pid ", 1)[1].split()[0]) for line in log.splitlines() if "input worker pid" in line]
+    assert len(pids) == 2 and not any(_alive(pid) for pid in pids)  # the hung worker was ended and replaced
+    with h5py.File(out / "features.h5") as handle:
+        assert victim.question_id not in {value.decode() for value in handle["question_id"][()]}
 
 
 def _alive(pid: int) -> bool:

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from urllib.error import HTTPError
 from urllib.parse import parse_qs, urlsplit
-from urllib.request import urlopen
+from urllib.request import Request, urlopen
 
 import h5py
 import numpy as np
@@ -663,3 +663,132 @@ def test_review_needs_images_and_a_known_export_format(tmp_path):
     assert result.exit_code == 2 and "queue 'later': choose one of unknown, all, rules, disagree" in result.output
     result = CliRunner().invoke(app, ["review", str(run), "--images", str(images), "--only", "colour=red"])
     assert result.exit_code == 2 and "cannot filter by 'colour'" in result.output
+
+
+# ----- review writes only what it accepts (issue 23) ------------------------------------------------------------
+def test_a_refused_decision_writes_nothing(tmp_path):
+    """Every field is checked before the decision is recorded: before the fix an unknown queue or filter column was
+    refused only after the decision had been appended to reviews.jsonl, and a queue given as a list was a 500."""
+    run, images = make_run(tmp_path)
+    client = _client(ReviewSession(run, images, "ana"))
+    good = {"index": 3, "label": "hallucinated", "queue": "unknown", "order": "table"}
+    refused = {
+        "unknown queue": {**good, "queue": "later"},
+        "unknown filter column": {**good, "where": "colour=red"},
+        "queue as a list": {**good, "queue": ["unknown"]},
+        "where as an object": {**good, "where": {"category": "cat0"}},
+        "order unknown": {**good, "order": "random"},
+        "reviewer as a number": {**good, "reviewer": 7},
+        "bad reviewer name": {**good, "reviewer": "a b\nc"},
+        "label unknown": {**good, "label": "nope"},
+        "label as a list": {**good, "label": ["correct"]},
+        "index as a bool": {**good, "index": True},
+        "index as text": {**good, "index": "3"},
+        "index out of range": {**good, "index": 99},
+    }
+    for name, body in refused.items():
+        response = client.post("/api/decide", json=body)
+        assert response.status_code == 400, (name, response.status_code, response.text)
+        assert not (run / "reviews.jsonl").exists(), f"{name}: a refused request was recorded"
+    made = client.post("/api/decide", json=good).json()
+    for name, body in {"unknown queue": {"queue": "later"}, "decision id as a list": {"decision_id": [1]},
+                       "filter column": {"where": "colour=red"}}.items():
+        response = client.post("/api/undo", json={"decision_id": made["decision"]["id"], **body})
+        assert response.status_code == 400, (name, response.text)
+    assert len((run / "reviews.jsonl").read_text().splitlines()) == 1  # the one accepted decision, no undo
+
+
+def test_request_bodies_are_bounded_in_size_and_depth(tmp_path):
+    from halp.review.app import MAX_BODY_BYTES, MAX_JSON_DEPTH
+
+    run, images = make_run(tmp_path)
+    client = _client(ReviewSession(run, images, "ana"))
+    headers = {"Content-Type": "application/json"}
+    nested = '{"index": 3, "label": "correct", "x": ' + "[" * 100_000 + "]" * 100_000 + "}"  # a RecursionError once
+    response = client.post("/api/decide", content=nested[:MAX_BODY_BYTES], headers=headers)
+    assert response.status_code == 400 and "deeper" in response.json()["error"]
+    deep = '{"index": 3, "label": "correct", "x": ' + "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH + "}"
+    assert client.post("/api/decide", content=deep, headers=headers).status_code == 400
+    shallow = '{"index": 3, "label": "correct", "x": "[[[[[[[[[[[[[[[[[[[[[[", "y": [[1]]}'  # brackets in a string
+    assert client.post("/api/decide", content=shallow, headers=headers).status_code == 200
+    big = json.dumps({"index": 4, "label": "correct", "pad": "x" * MAX_BODY_BYTES})
+    assert client.post("/api/decide", content=big, headers=headers).status_code == 413
+
+    def chunks():  # no Content-Length: the body is counted as it arrives
+        for _ in range(MAX_BODY_BYTES // 1024 + 2):
+            yield b" " * 1024
+
+    assert client.post("/api/decide", content=chunks(), headers=headers).status_code == 413
+    assert len((run / "reviews.jsonl").read_text().splitlines()) == 1  # only the shallow one
+
+
+def test_an_image_swapped_for_a_fifo_is_refused_not_waited_for(tmp_path, monkeypatch):
+    """The image route reads through halp.userfiles: a FIFO put where the checked image was (after the session's
+    check) is refused from its descriptor instead of blocking a server thread on open()."""
+    run, images = make_run(tmp_path)
+    session = ReviewSession(run, images, "ana")
+    fifo = images / "swapped.png"
+    os.mkfifo(fifo)
+    monkeypatch.setattr(session, "image", lambda index: (fifo, "ok", str(fifo)))  # as if swapped after the check
+    client = _client(session)
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(response=client.get("/image/0")), daemon=True)
+    thread.start()
+    thread.join(120)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # release the blocked reader
+        thread.join(30)
+        pytest.fail("the image route waited for a writer on a FIFO")
+    response = outcome["response"]
+    assert response.status_code == 404 and "FIFO" in response.json()["error"]
+
+
+def _start_review(run: Path, images: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(halp.__file__).parents[1]), *sys.path])}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "halp", "review", str(run), "--images", str(images), "--port", "0", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    return server, server.stdout.readline().strip()
+
+
+def test_loopback_needs_the_token_too_and_keeps_it_in_a_cookie_of_its_port(tmp_path):
+    require_web_stack()
+    run, images = make_run(tmp_path)
+    server, url = _start_review(run, images)
+    try:
+        parts = urlsplit(url)
+        assert parts.hostname == "127.0.0.1"
+        token = parse_qs(parts.query)["token"][0]
+        assert len(token) >= 32
+        local = f"http://127.0.0.1:{parts.port}"
+        for path in ("/", "/api/config", "/api/queue", "/image/0"):
+            with pytest.raises(HTTPError) as refused:
+                urlopen(f"{local}{path}", timeout=30)
+            assert refused.value.code == 403, path
+        with urlopen(url, timeout=30) as response:
+            cookie = response.headers["set-cookie"]
+        assert cookie.startswith(f"halp_review_token_{parts.port}={token}") and "httponly" in cookie.lower()
+        request = Request(f"{local}/api/config", headers={"Cookie": cookie.split(";")[0]})
+        with urlopen(request, timeout=30) as response:
+            assert json.loads(response.read())["rows"] == 6
+    finally:
+        server.terminate()
+        _, err = server.communicate(timeout=30)
+    assert "needs the token in this URL" in err
+
+
+def test_no_token_serves_loopback_as_before_with_a_warning(tmp_path):
+    require_web_stack()
+    run, images = make_run(tmp_path)
+    server, url = _start_review(run, images, "--no-token")
+    try:
+        assert "token" not in url
+        with urlopen(f"http://127.0.0.1:{urlsplit(url).port}/api/config", timeout=30) as response:
+            assert json.loads(response.read())["rows"] == 6
+    finally:
+        server.terminate()
+        _, err = server.communicate(timeout=30)
+    assert "warning: --no-token" in err and "any user or process on this machine" in err
+    result = CliRunner().invoke(app, ["review", str(run), "--images", str(images), "--host", "0.0.0.0", "--no-token"])
+    assert result.exit_code == 2 and "--no-token is for loopback only" in result.output

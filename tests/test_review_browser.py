@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pandas as pd
 import pytest
@@ -59,8 +59,22 @@ class Server:
             raise AssertionError(f"halp review printed no URL; stderr: {log.read_text()}") from None
         assert self.url.startswith("http://127.0.0.1:"), f"{self.url!r}; stderr: {log.read_text()}"
         self.port = urlsplit(self.url).port
-        assert parse_qs(urlsplit(self.url).query) == {"queue": ["unknown"], "order": ["table"]}
+        query = parse_qs(urlsplit(self.url).query)
+        # The token is required on loopback too; each start makes a new one.
+        self.token = query.pop("token")[0]
+        assert query == {"queue": ["unknown"], "order": ["table"]} and len(self.token) >= 32
         self.base = f"http://127.0.0.1:{self.port}/"
+
+    def page(self, query: str = "", fragment: str = "") -> str:
+        """A page URL with this server's token (a new browser context has no cookie yet)."""
+        return f"{self.base}?{urlencode({'token': self.token})}{'&' + query if query else ''}{fragment}"
+
+    def reopen(self, url: str) -> str:
+        """`url` (a page of an earlier server on this port) with this server's token: a restart makes a new one."""
+        parts = urlsplit(url)
+        query = {key: values[0] for key, values in parse_qs(parts.query).items()}
+        return self.page(urlencode({key: value for key, value in query.items() if key != "token"}),
+                         f"#{parts.fragment}" if parts.fragment else "")
 
     def kill(self) -> None:
         self.process.send_signal(signal.SIGKILL)
@@ -132,7 +146,7 @@ def test_keyboard_review_survives_reload_and_a_killed_server_then_trains_a_probe
     dialogs: list[str] = []
     page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
     try:
-        _open(page, server.base + "?queue=all")
+        _open(page, server.page("queue=all"))
         assert _text(page, "#count") == "12"
         decided: dict[str, str] = {}
         for key in "hcu":
@@ -174,7 +188,9 @@ def test_keyboard_review_survives_reload_and_a_killed_server_then_trains_a_probe
         assert "does not answer" in _text(page, "#toast")
         assert _text(page, "#qid") == qid  # no advance past an unsaved decision
         server = Server(run, images, server_log, port=server.port)
-        page.reload()
+        # The restarted server has a new token: the page's cookie (the old one) is refused.
+        assert page.request.get(server.base + "api/config").status == 403
+        _open(page, server.reopen(page.url))  # the URL it printed, with the row the page was on
         _wait_text(page, "#qid", qid)
         assert _text(page, "#done") == "5"
         for key in "ccchu":  # 4 hallucinated and 5 correct in all: enough for 2-fold CV with C chosen inside
@@ -245,7 +261,7 @@ def test_user_strings_are_text_and_a_missing_image_shows_its_path(browser, tmp_p
 
         # A second tab, as another reviewer: both tabs' decisions are kept, and each sees the other's.
         other = browser.new_page(viewport={"width": 1280, "height": 800})
-        _open(other, server.base + "?reviewer=bob#row=4")
+        _open(other, server.page("reviewer=bob", "#row=4"))
         assert _text(other, "#reviewer") == "bob" and _text(other, "#qid") == "q4"
         _decide(other, "c")
         _decide(page, "u")

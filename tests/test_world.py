@@ -8,7 +8,13 @@ but is not yet reading the image well; what the full model learns is measured in
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -310,6 +316,65 @@ def test_a_data_worker_gives_the_same_training_as_none(tmp_path: Path) -> None:
         assert len(first) == len(second) > 0
         np.testing.assert_allclose(first, second, rtol=1e-5, atol=1e-6, err_msg=name)
     assert runs[0].heldout_accuracy == pytest.approx(runs[1].heldout_accuracy, abs=1 / 16)
+
+
+def _descendants(pid: int) -> dict[int, int]:
+    """pid -> parent pid of every live process below `pid` (Linux /proc)."""
+    found: dict[int, int] = {}
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = (task / "children").read_text().split()
+            except OSError:
+                continue
+            for child in map(int, children):
+                found[child] = parent
+                todo.append(child)
+    return found
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie has ended
+    except OSError:
+        return True
+
+
+@pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists(), reason="needs Linux /proc")
+def test_sigterm_during_training_leaves_no_process_behind(tmp_path: Path) -> None:
+    """The batches come from a DataLoader worker forked by a forkserver: before the fix, a SIGTERM to `halp world`
+    left the worker, the fork server and its resource tracker running for ever (the worker's parent is the server,
+    which waits for the worker)."""
+    command = [sys.executable, "-m", "halp", "world", "--out", str(tmp_path / "out"), "--cache-dir",
+               str(tmp_path / "cache"), "--steps", "1000000", "--grounding-steps", "1", "--vision-steps", "0",
+               "--vision-dim", "16", "--vision-depth", "1", "--threads", "1"]
+    with (tmp_path / "stderr.txt").open("w") as log:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+    seen: dict[int, int] = {}
+    try:
+        deadline = time.monotonic() + 300
+        # The data worker is the grandchild: forked by the fork server, a child of the training process.
+        while process.poll() is None and time.monotonic() < deadline:
+            seen.update(_descendants(process.pid))
+            if any(parent != process.pid for parent in seen.values()):
+                break
+            time.sleep(0.1)
+        assert process.poll() is None, (tmp_path / "stderr.txt").read_text()[-3000:]
+        assert any(parent != process.pid for parent in seen.values()), "no data worker started within 300 s"
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not all(_gone(pid) for pid in seen):
+            time.sleep(0.2)
+        assert all(_gone(pid) for pid in seen), f"still running after SIGTERM: {[p for p in seen if not _gone(p)]}"
+    finally:
+        for pid in [process.pid, *seen]:  # leave nothing behind, whatever failed
+            if not _gone(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        process.wait()
 
 
 # ----- the reduced model and the study ---------------------------------------------------------

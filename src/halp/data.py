@@ -15,20 +15,24 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import io
 import json
 import math
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
+from pyarrow import ArrowException
 
-from halp.errors import ImageError, ParameterError, TableError
+from halp.errors import HalpError, ImageError, ParameterError, TableError, UserFileError
+from halp.userfiles import READ_LIMIT, check_user_file, open_user_file, read_user_file
 
 COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
     "question_id": ("question_id",),
@@ -81,25 +85,75 @@ def _plain(value: Any) -> Any:
 
 
 def read_frame(path: str | Path) -> pd.DataFrame:
-    """A whole table as text (CSV, TSV, JSON, JSONL, Parquet); tables with embedded images go through `open_table`."""
+    """A whole table as text (CSV, TSV, JSON, JSONL, Parquet); tables with embedded images go through `open_table`.
+
+    The file is opened by `halp.userfiles` (a regular file only); a damaged one (cut, empty, not the format its name
+    says) is a TableError naming it."""
     path = Path(path)
-    if not path.is_file():
-        raise TableError(f"input table {path} does not exist")
     suffix = path.suffix.lower()
+    if suffix not in {".csv", ".tsv", ".jsonl", ".ndjson", ".json", ".parquet", ".pq"}:
+        raise TableError(f"{path}: unsupported table format {suffix!r}; use .csv, .tsv, .jsonl, .json or .parquet")
+    with open_table_file(path) as handle:
+        try:
+            if suffix in {".csv", ".tsv"}:
+                check_csv_end(handle, path, "\t" if suffix == ".tsv" else ",", TableError)
+                return pd.read_csv(handle, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
+            if suffix in {".jsonl", ".ndjson"}:
+                return pd.read_json(handle, lines=True, dtype=False)
+            if suffix == ".json":
+                return pd.read_json(handle, dtype=False)
+            return pd.read_parquet(handle)
+        except UnicodeDecodeError as err:
+            raise TableError(f"{path} is not valid UTF-8 text ({err}); re-encode it as UTF-8") from err
+        except (ValueError, OSError, ArrowException) as err:  # pandas' ParserError, pyarrow's errors, a read error
+            raise damaged_table(path, suffix[1:], err) from err
+
+
+def check_csv_end(handle: BinaryIO, path: Path, sep: str, error: type[HalpError]) -> None:
+    """Refuse a CSV cut short at a field boundary: pandas reads it without a word, filling the last row's missing
+    fields with empty strings (a cut inside a quoted field is pandas' own ParserError). Only a file that does not
+    end with a newline is parsed here (every CSV writer ends its rows with one); the handle is rewound."""
+    import csv
+
+    handle.seek(0, os.SEEK_END)
+    if handle.tell() == 0:
+        return
+    handle.seek(-1, os.SEEK_END)
+    if handle.read(1) in (b"\n", b"\r"):
+        handle.seek(0)
+        return
+    handle.seek(0)
+    text = io.TextIOWrapper(handle, encoding="utf-8", newline="")
     try:
-        if suffix in {".csv", ".tsv"}:
-            return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
-        if suffix in {".jsonl", ".ndjson"}:
-            return pd.read_json(path, lines=True, dtype=False)
-        if suffix == ".json":
-            return pd.read_json(path, dtype=False)
-        if suffix in {".parquet", ".pq"}:
-            return pd.read_parquet(path)
-    except UnicodeDecodeError as err:
-        raise TableError(f"{path} is not valid UTF-8 text ({err}); re-encode it as UTF-8") from err
-    except ValueError as err:
-        raise TableError(f"{path} could not be parsed as {suffix[1:]}: {err}") from err
-    raise TableError(f"{path}: unsupported table format {suffix!r}; use .csv, .tsv, .jsonl, .json or .parquet")
+        widths = [len(row) for row in csv.reader(text, delimiter=sep) if row]
+    except (UnicodeDecodeError, csv.Error):
+        widths = []  # pandas names the problem
+    finally:
+        text.detach()
+        handle.seek(0)
+    if len(widths) > 1 and widths[-1] < widths[0]:
+        raise error(
+            f"{path} ends in the middle of a row (its last row has {widths[-1]} of {widths[0]} fields and no newline): "
+            "it was cut short; write or copy it again"
+        )
+
+
+def open_table_file(path: Path) -> BinaryIO:
+    """A local table file opened for reading (`halp.userfiles`: a regular file only); an empty one is refused."""
+    handle = open_user_file(path, "input table", error=TableError)
+    if os.fstat(handle.fileno()).st_size == 0:
+        handle.close()
+        raise TableError(f"input table {path} is empty (0 bytes); it was cut or never written: write it again")
+    return handle
+
+
+def damaged_table(source: str | Path, kind: str, err: BaseException) -> TableError:
+    """The one message for a table file that cannot be read as its format: which file, why, what to do."""
+    reason = _first_line(err)
+    return TableError(
+        f"{source} could not be read as {kind}: it is damaged (cut short, corrupt) or not {kind} ({reason}); "
+        "re-create or re-download it"
+    )
 
 
 def resolve_columns(columns: list[str], embedded: bool = False) -> dict[str, str]:
@@ -255,7 +309,10 @@ def rows_from_chunks(
     an empty one becomes `row-N`)."""
     import pyarrow as pa
 
-    resolved = resolve_columns(columns, embedded=embedded)
+    try:
+        resolved = resolve_columns(columns, embedded=embedded)
+    except TableError as err:
+        raise TableError(f"{source}: {err}") from err
     used = set(resolved.values())
     meta_columns = [column for column in columns if column not in used]
     unnamed = [repr(column) for column in meta_columns if not column.strip() or "\x00" in column]
@@ -368,7 +425,9 @@ class ImageSource:
 
     def size(self, sample: Sample) -> tuple[int, int] | None:
         """(height, width) of a row's image, for planning batches by token count; None when it cannot be read (the
-        loader records why). Embedded images are decoded here; files are read from their header only."""
+        loader records why). halp's sources read it from the image's header (`header_size`), so planning never
+        decodes pixels: a decoder that never returns meets the input workers' per-row deadline, not the planner.
+        This default, for other sources, decodes."""
         (item,) = self.read([sample], exif_orientation=False)
         return None if isinstance(item, ImageError) else (item[0].height, item[0].width)
 
@@ -395,10 +454,21 @@ class FolderImages(ImageSource):
 
     def size(self, sample: Sample) -> tuple[int, int] | None:
         try:
-            with Image.open(resolve_image_path(self.root, sample.image_id)) as image:
-                return image.height, image.width
+            with open_image_file(self.root, sample.image_id) as handle, Image.open(handle) as image:
+                return image.height, image.width  # from the header: the pixels are not decoded
         except (OSError, ValueError, SyntaxError, ImageError, Image.DecompressionBombError):
             return None  # the loader records the real error
+
+
+def header_size(data: bytes | None) -> tuple[int, int] | None:
+    """(height, width) from an encoded image's header, without decoding its pixels; None if it is no image."""
+    if not data:
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.height, image.width
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
 
 
 def decode_image_bytes(data: bytes | None, what: str, exif_orientation: bool = True) -> tuple[Image.Image, str]:
@@ -425,6 +495,13 @@ def _decode(data: bytes, exif_orientation: bool) -> Image.Image:
         return to_rgb(image)
 
 
+def _first_line(err: BaseException) -> str:
+    """An error's first line, printable (pyarrow quotes the bytes of a corrupt page)."""
+    text = str(err).strip()
+    line = text.splitlines()[0] if text else type(err).__name__
+    return "".join(char if char.isprintable() else f"\\x{ord(char):02x}" for char in line)
+
+
 def _bytes_digest(data: bytes | None) -> str:
     return hashlib.sha256(data).hexdigest() if data else ""
 
@@ -448,7 +525,8 @@ class ParquetImages(ImageSource):
         self.label = label
         self._file: Any = handle  # an open pyarrow ParquetFile of `source` to reuse, or None
         self._starts: np.ndarray | None = None
-        self._cached: tuple[int, list[Any]] | None = None
+        #: The row group in use: its image cells, or the ImageError that reading its image column gave.
+        self._cached: tuple[int, list[Any] | ImageError] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_file": None, "_starts": None, "_cached": None}
@@ -464,14 +542,30 @@ class ParquetImages(ImageSource):
         return self._file
 
     def _cell(self, row: int) -> Any:
-        handle = self._open()
+        """A row's image cell; an ImageError for every row of a row group whose image column cannot be read (a
+        corrupt page): the other row groups' rows are read as usual."""
+        try:
+            handle = self._open()
+        except (ArrowException, OSError, ValueError) as err:  # the file changed since the table was opened
+            reason = str(err) if isinstance(err, HalpError) else f"not readable as Parquet now: {_first_line(err)}"
+            raise ImageError(f"{self.label} row {row}: {reason}") from err
         assert self._starts is not None
         group = int(np.searchsorted(self._starts, row, side="right") - 1)
         if self._cached is None or self._cached[0] != group:
             self._cached = None  # drop the previous group before reading the next one
-            values = handle.read_row_group(group, columns=[self.column], use_threads=False).column(0).to_pylist()
+            try:
+                table = handle.read_row_group(group, columns=[self.column], use_threads=False)
+                values: list[Any] | str = table.column(0).to_pylist()
+            except (ArrowException, OSError, ValueError) as err:
+                values = _first_line(err)
             self._cached = (group, values)
-        return self._cached[1][row - int(self._starts[group])]
+        values = self._cached[1]
+        if isinstance(values, str):
+            raise ImageError(
+                f"{self.label} row {row}: the image column of its row group ({group}) cannot be read, the file is "
+                f"damaged ({values}); the other row groups' rows are read. Re-create or re-download the table"
+            )
+        return values[row - int(self._starts[group])]
 
     def _bytes(self, sample: Sample) -> bytes | None:
         assert sample.image_row is not None
@@ -489,12 +583,19 @@ class ParquetImages(ImageSource):
                 out.append(err)
         return out
 
+    def size(self, sample: Sample) -> tuple[int, int] | None:
+        try:
+            return header_size(self._bytes(sample))
+        except ImageError:
+            return None  # the loader records why
+
     def digests(self, samples: Sequence[Sample]) -> list[str]:
         # In table order, so each row group is read once however the samples are ordered.
         order = sorted(range(len(samples)), key=lambda i: samples[i].image_row or 0)
         found = [""] * len(samples)
         for index in order:
-            found[index] = _bytes_digest(self._bytes(samples[index]))
+            with contextlib.suppress(ImageError):  # "": the row fails when it is loaded, with this error
+                found[index] = _bytes_digest(self._bytes(samples[index]))
         return found
 
 
@@ -517,13 +618,24 @@ class DatasetImages(ImageSource):
         self, samples: Sequence[Sample], exif_orientation: bool = True
     ) -> list[tuple[Image.Image, str] | ImageError]:
         out: list[tuple[Image.Image, str] | ImageError] = []
-        for sample, cell in zip(samples, self._cells(samples), strict=True):
+        try:
+            cells = self._cells(samples)
+        except (ArrowException, OSError, ValueError) as err:  # a damaged Arrow file: these rows fail, not the run
+            return [ImageError(f"{self.label}: the image column cannot be read ({_first_line(err)})")] * len(samples)
+        for sample, cell in zip(samples, cells, strict=True):
             what = f"{self.label} row {sample.image_row} ({sample.question_id})"
             try:
                 out.append(decode_image_bytes(_cell_bytes(cell), what, exif_orientation))
             except ImageError as err:
                 out.append(err)
         return out
+
+    def size(self, sample: Sample) -> tuple[int, int] | None:
+        try:
+            (cell,) = self._cells([sample])
+        except (ArrowException, OSError, ValueError):
+            return None  # the loader records why
+        return header_size(_cell_bytes(cell))
 
     def digests(self, samples: Sequence[Sample]) -> list[str]:
         found: list[str] = []
@@ -545,13 +657,24 @@ class JsonlImages(ImageSource):
     def _data(self, handle: Any, sample: Sample, what: str) -> bytes:
         assert sample.image_row is not None
         handle.seek(self.offsets[sample.image_row])
-        return decode_embedded_text(json.loads(handle.readline()).get(self.column), what)
+        try:
+            line = json.loads(handle.readline())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:  # the file changed since it was opened
+            raise ImageError(f"{what}: the line is no longer valid JSON ({err}); was the table rewritten?") from err
+        return decode_embedded_text(line.get(self.column) if isinstance(line, dict) else None, what)
+
+    def _open(self) -> BinaryIO:
+        return open_user_file(self.path, "input table", error=ImageError)
 
     def read(
         self, samples: Sequence[Sample], exif_orientation: bool = True
     ) -> list[tuple[Image.Image, str] | ImageError]:
         out: list[tuple[Image.Image, str] | ImageError] = []
-        with self.path.open("rb") as handle:
+        try:
+            opened = self._open()
+        except ImageError as err:
+            return [err] * len(samples)
+        with opened as handle:
             for sample in samples:
                 what = f"{self.path.name} line {(sample.image_row or 0) + 1} ({sample.question_id})"
                 try:
@@ -560,9 +683,20 @@ class JsonlImages(ImageSource):
                     out.append(err)
         return out
 
+    def size(self, sample: Sample) -> tuple[int, int] | None:
+        try:
+            with self._open() as handle:
+                return header_size(self._data(handle, sample, sample.question_id))
+        except ImageError:
+            return None  # the loader records why
+
     def digests(self, samples: Sequence[Sample]) -> list[str]:
         found: list[str] = []
-        with self.path.open("rb") as handle:
+        try:
+            opened = self._open()
+        except ImageError:
+            return [""] * len(samples)  # the rows fail when they are loaded, saying why
+        with opened as handle:
             for sample in samples:
                 try:
                     found.append(_bytes_digest(self._data(handle, sample, sample.question_id)))
@@ -626,12 +760,13 @@ class Table:
         return FolderImages(images_dir)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def file_sha256(path: Path, what: str = "file", error: type[HalpError] = UserFileError) -> str:
+    """SHA-256 of a regular file's bytes (opened by `halp.userfiles`); `error` when it cannot be read."""
+    with open_user_file(path, what, error=error) as handle:
+        try:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+        except OSError as err:
+            raise error(f"{what} {path} cannot be read: {err.strerror or err}") from err
 
 
 def _embedded_column(names: Sequence[str], kinds: dict[str, str]) -> str | None:
@@ -658,13 +793,20 @@ def _arrow_kind(arrow_type: Any) -> str:
 def _open_parquet(source: str | Path, label: str, digest: str) -> Table:
     import pyarrow.parquet as pq
 
-    opener = _opener(source)[0]
+    opened = _opener(source)[0]()
     try:
         # One handle (its footer parsed once: a file of many small row groups has a large one) for the text, the
         # image paths and the first batches' images.
-        handle = pq.ParquetFile(opener(), pre_buffer=isinstance(source, str) and "://" in source)
-    except Exception as err:  # pyarrow raises ArrowInvalid/OSError for a file that is not Parquet
-        raise TableError(f"{label} could not be read as Parquet: {err}") from err
+        handle = pq.ParquetFile(opened, pre_buffer=isinstance(source, str) and "://" in source)
+        return _parquet_table(handle, source, label, digest)
+    except (ArrowException, OSError, ValueError) as err:  # a file that is not Parquet, or a damaged page
+        if isinstance(err, HalpError):
+            raise
+        raise damaged_table(label, "Parquet", err) from err
+
+
+def _parquet_table(handle: Any, source: str | Path, label: str, digest: str) -> Table:
+    """The Table of an open Parquet file: its text read now (a damaged text page raises here), images per batch."""
     schema = handle.schema_arrow
     kinds = {name: _arrow_kind(schema.field(name).type) for name in schema.names}
     column = _embedded_column(schema.names, kinds)
@@ -773,7 +915,7 @@ def _opener(source: str | Path) -> tuple[Any, Any, str]:
 
         filesystem, path = fsspec.core.url_to_fs(source)
         return (lambda: filesystem.open(path, "rb")), filesystem, path
-    return (lambda: str(source)), None, str(source)
+    return (lambda: open_table_file(Path(source))), None, str(source)
 
 
 def _open_dataset(dataset: Any, label: str, identity: dict[str, str]) -> Table:
@@ -820,12 +962,15 @@ def _dataset_paths(dataset: Any, column: str) -> Any:
 
 
 def _open_jsonl(path: Path) -> Table:
-    """JSONL, line by line: embedded image fields are located and dropped; each line's offset is kept."""
+    """JSONL, line by line: embedded image fields are located and dropped; each line's offset is kept.
+
+    The image field is the one the first line with an embedded image uses (lines before it may have none: a null
+    image); it is dropped from every row, so it never becomes the rows' image_id (they get `row-N`)."""
     rows: list[dict[str, Any]] = []
     offsets: list[int] = []
     column: str | None = None
     position = 0
-    with path.open("rb") as handle:
+    with open_table_file(path) as handle:
         for number, raw in enumerate(handle, start=1):
             start, position = position, position + len(raw)
             if not raw.strip():
@@ -840,11 +985,16 @@ def _open_jsonl(path: Path) -> Table:
                 raise TableError(f"{path} line {number} is a JSON {type(row).__name__}, expected an object")
             if column is None:
                 column = _jsonl_image_column(row)
+                if column is not None:
+                    for earlier in rows:  # lines before the first image: their (null) image field goes too
+                        earlier.pop(column, None)
             if column is not None:
                 row.pop(column, None)
             rows.append(row)
             offsets.append(start)
-    digest = file_sha256(path)
+    if not rows:
+        raise TableError(f"input table {path} holds no JSON lines (only blank ones): nothing to extract")
+    digest = file_sha256(path, "input table", TableError)
     frame = pd.DataFrame(rows)
     count = len(rows)
     del rows  # the frame holds the text now; the rows keep it in Arrow
@@ -893,47 +1043,70 @@ def open_table(
     path = Path(data)
     if path.is_dir():
         return _open_saved_dataset(path)
-    if not path.is_file():
+    if not path.exists():
         raise TableError(f"input table {path} does not exist")
     suffix = path.suffix.lower()
     if suffix in {".parquet", ".pq"}:
-        return _open_parquet(path, str(path), file_sha256(path))
+        return _open_parquet(path, str(path), file_sha256(path, "input table", TableError))
     if suffix == ".arrow":
         import datasets
 
+        open_table_file(path).close()  # a regular, non-empty file: `datasets` memory-maps it by name
         try:
             dataset = datasets.Dataset.from_file(str(path))
-        except Exception as err:  # pyarrow raises ArrowInvalid for a file that is not an Arrow stream
-            raise TableError(f"{path} could not be read as a `datasets` Arrow file: {err}") from err
-        return _open_dataset(dataset, str(path), {"data": str(path), "table_sha256": file_sha256(path)})
+            return _open_dataset(
+                dataset, str(path), {"data": str(path), "table_sha256": file_sha256(path, "input table", TableError)}
+            )
+        except (ArrowException, OSError, ValueError) as err:  # not an Arrow stream, or a damaged one
+            if isinstance(err, HalpError):
+                raise
+            raise damaged_table(path, "a `datasets` Arrow file", err) from err
     if suffix in {".jsonl", ".ndjson"}:
         return _open_jsonl(path)
     frame = read_frame(path)
     rows = samples_from_frame(frame, str(path))
     del frame  # the rows keep their text in Arrow
-    return Table(rows, None, {"data": str(path), "table_sha256": file_sha256(path)})
+    return Table(rows, None, {"data": str(path), "table_sha256": file_sha256(path, "input table", TableError)})
 
 
 def _open_saved_dataset(path: Path) -> Table:
     import datasets
 
-    if (path / "dataset_dict.json").is_file():
-        splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8")).get("splits", [])
+    if (path / "dataset_dict.json").exists():
+        splits = _saved_json(path / "dataset_dict.json").get("splits", [])
         raise TableError(
-            f"{path} holds a DatasetDict with splits {', '.join(splits)}; pass the split's own directory "
-            f"(e.g. {path / splits[0] if splits else path})"
+            f"{path} holds a DatasetDict with splits {', '.join(map(str, splits))}; pass the split's own directory "
+            f"(e.g. {path / str(splits[0]) if splits else path})"
         )
-    if not (path / "state.json").is_file():
+    if not (path / "state.json").exists():
         found = ", ".join(sorted(child.name for child in path.iterdir())[:10]) or "nothing"
         raise TableError(
             f"{path} is a directory but not one written by datasets.Dataset.save_to_disk (expected state.json and "
             f"data-*.arrow; found {found})"
         )
+    # `datasets` opens these by name (the Arrow files memory-mapped): each must be a regular file first.
+    files = _saved_json(path / "state.json").get("_data_files") or []
+    for name in ["dataset_info.json", *(str(entry.get("filename", "")) for entry in files if isinstance(entry, dict))]:
+        if (path / name).exists() or (path / name).is_symlink():
+            check_user_file(path / name, "dataset file", TableError)
     try:
         dataset = datasets.load_from_disk(str(path))
-    except (FileNotFoundError, ValueError) as err:
-        raise TableError(f"{path} could not be loaded with datasets.load_from_disk: {err}") from err
-    return _open_dataset(dataset, str(path), {"data": str(path), "table_sha256": dataset._fingerprint})
+        return _open_dataset(dataset, str(path), {"data": str(path), "table_sha256": dataset._fingerprint})
+    except (ArrowException, OSError, ValueError) as err:  # a missing, cut or corrupt file of the folder
+        if isinstance(err, HalpError):
+            raise
+        raise damaged_table(path, "a datasets.save_to_disk folder", err) from err
+
+
+def _saved_json(path: Path) -> dict[str, Any]:
+    """A JSON object of a save_to_disk folder (state.json, dataset_dict.json); a damaged one names the file."""
+    try:
+        value = json.loads(read_user_file(path, "dataset file", error=TableError).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise damaged_table(path, "JSON", err) from err
+    if not isinstance(value, dict):
+        raise damaged_table(path, "a JSON object", ValueError(f"a JSON {type(value).__name__}"))
+    return value
 
 
 def open_hub_dataset(name: str, config: str | None, split: str | None) -> Table:
@@ -984,21 +1157,25 @@ def load_image(images_dir: str | Path, image_id: str, exif_orientation: bool = T
     return read_image(images_dir, image_id, exif_orientation)[0]
 
 
-def _image_file(images_dir: str | Path, image_id: str) -> Path:
+def _image_path(images_dir: str | Path, image_id: str) -> Path:
     try:
-        path = resolve_image_path(images_dir, image_id)
-        exists = path.is_file()
+        return resolve_image_path(images_dir, image_id)
     except (OSError, ValueError) as err:  # a name longer than NAME_MAX, a NUL byte, ...
+        if isinstance(err, ImageError):
+            raise
         raise ImageError(f"image id {image_id!r} is not a usable file name under {images_dir}: {err}") from err
-    if not exists:
-        raise ImageError(f"image file {path} does not exist")
-    return path
+
+
+def open_image_file(images_dir: str | Path, image_id: str) -> BinaryIO:
+    """The image file of an image_id, confined to images_dir, opened by `halp.userfiles` (a regular file of at most
+    READ_LIMIT bytes: a FIFO, a device or a directory is this row's ImageError, and never blocks)."""
+    return open_user_file(_image_path(images_dir, image_id), "image file", READ_LIMIT, ImageError)
 
 
 def image_file_sha256(images_dir: str | Path, image_id: str) -> str:
     """SHA-256 of the image file's bytes; "" when there is no readable file (the row will fail when loaded)."""
     try:
-        with _image_file(images_dir, image_id).open("rb") as handle:
+        with open_image_file(images_dir, image_id) as handle:
             return hashlib.file_digest(handle, "sha256").hexdigest()
     except (ImageError, OSError):
         return ""
@@ -1006,11 +1183,8 @@ def image_file_sha256(images_dir: str | Path, image_id: str) -> str:
 
 def read_image(images_dir: str | Path, image_id: str, exif_orientation: bool = True) -> tuple[Image.Image, str]:
     """`load_image`, and the SHA-256 of the very bytes decoded (the row's content identity, see halp.store)."""
-    path = _image_file(images_dir, image_id)
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise ImageError(f"image {path} cannot be read: {err}") from err
+    path = _image_path(images_dir, image_id)
+    data = read_user_file(path, "image file", READ_LIMIT, ImageError)
     digest = hashlib.sha256(data).hexdigest()
     try:
         with Image.open(io.BytesIO(data)) as image:

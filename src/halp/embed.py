@@ -322,11 +322,12 @@ def unique_stems(paths: Sequence[str | Path]) -> list[str]:
 def list_images(source: str | Path) -> list[Path]:
     """An image file, or a directory's image files (not recursive), sorted by name."""
     source = Path(source)
-    if source.is_file():
+    if source.exists() and not source.is_dir():  # a file of any kind: reading it names one that is not regular
         return [source]
     if not source.is_dir():
         raise ParameterError("images", f"{source} is neither an image file nor a directory")
-    found = sorted(path for path in source.iterdir() if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
+    # Every entry named like an image but a folder: one that is not a regular file (a FIFO) fails naming itself.
+    found = sorted(path for path in source.iterdir() if not path.is_dir() and path.suffix.lower() in IMAGE_SUFFIXES)
     if not found:
         raise ParameterError("images", f": no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {source}")
     return found

@@ -45,6 +45,11 @@ class TableError(HalpError, ValueError):
     """The input table cannot be used; raised before any model is loaded."""
 
 
+class UserFileError(HalpError, OSError):
+    """A user's file cannot be read as asked: missing, not a regular file (a FIFO, device, socket or directory),
+    unreadable or too large (halp.userfiles); names it and says what it is."""
+
+
 class ImageError(HalpError, ValueError):
     """One row's image cannot be used; the row fails, the run goes on."""
 

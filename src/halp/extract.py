@@ -40,6 +40,7 @@ from halp.pipeline import (
     AUTO_BATCH_CPU,
     AUTO_BATCH_START,
     BUCKET_BATCHES,
+    ROW_TIMEOUT,
     InputPipeline,
     OrderedWriter,
     Prepared,
@@ -102,6 +103,9 @@ class ExtractConfig:
     processor_device: str = "auto"
     #: Attention kernel: sdpa, flash_attention_2 or eager.
     attn_implementation: str = "sdpa"
+    #: Seconds an input worker may spend reading one row's image (and, per row, processing a batch) before the
+    #: worker is ended and the row recorded as failed (halp.pipeline.ROW_TIMEOUT); not with workers=0.
+    row_timeout: float = ROW_TIMEOUT
     #: Fault injection for tests: "module:function" run first in every input worker (halp.testing.faults).
     worker_init: str | None = None
     #: (model, processor) already in memory, used instead of loading `model` (benchmarks on random-weight
@@ -215,6 +219,8 @@ def validate_options(config: ExtractConfig) -> None:
         raise ParameterError("batch_size", "must be at least 1, or auto")
     if config.workers is not None and config.workers < 0:
         raise ParameterError("workers", "must be 0 (all stages in series) or more")
+    if not config.row_timeout > 0:
+        raise ParameterError("row_timeout", f"must be a positive number of seconds, not {config.row_timeout}")
     if config.processor_device not in PROCESSOR_DEVICES:
         raise ParameterError("processor_device", f"{config.processor_device!r}: choose {', '.join(PROCESSOR_DEVICES)}")
     check_attn_implementation(config.attn_implementation, resolve_device(config.device))
@@ -489,7 +495,9 @@ def _extract_all(
     start = time.perf_counter()
     with (
         tqdm(total=len(todo), unit="sample", disable=not config.progress, desc=desc) as bar,
-        InputPipeline(plan, spec, workers, finish, timing, encoder=extractor.adapter) as inputs,
+        InputPipeline(
+            plan, spec, workers, finish, timing, encoder=extractor.adapter, row_timeout=config.row_timeout
+        ) as inputs,
         OrderedWriter(timing, background=workers > 0) as writer,
     ):
         try:

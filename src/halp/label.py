@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
 import pandas as pd
 
 from halp.errors import LabelError
 from halp.layout import LABELS_FILE, atomic_write
+from halp.rows import open_run_file
 from halp.store import read_strings
 
 LABEL_COLUMNS = ("question_id", "label", "method", "reason", "answer_type")
@@ -493,7 +493,7 @@ class LabelSummary:
 def _run_rows(run_dir: Path) -> dict[str, list[str]]:
     from halp.layout import features_file
 
-    with h5py.File(features_file(run_dir), "r") as handle:
+    with open_run_file(features_file(run_dir)) as handle:  # a damaged file is named, with what to do
         return {name: read_strings(handle[name]) for name in ("question_id", "question", "ground_truth", "answer")}
 
 

@@ -66,6 +66,7 @@ def committed_part_files(run_dir: str | Path) -> list[Path]:
 def features_file(run: str | Path) -> Path:
     """The features.h5 of a finished run, given its directory or the file itself; a clear error otherwise."""
     from halp.errors import RunNotFoundError
+    from halp.userfiles import check_user_file
 
     path = Path(run)
     if path.is_file():
@@ -74,6 +75,9 @@ def features_file(run: str | Path) -> Path:
         return features_path(path)
     if not path.exists():
         raise RunNotFoundError(f"{path} does not exist (expected a run directory holding {FEATURES_FILE})")
+    for candidate in (path, features_path(path)):
+        if candidate.exists() and not candidate.is_dir():  # not a regular file: a FIFO, socket or device
+            check_user_file(candidate, "run file", RunNotFoundError)
     parts = committed_part_files(path)
     if parts:
         raise RunNotFoundError(

@@ -26,6 +26,7 @@ masks and reported with the stage times (`StageTimes`).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import importlib
@@ -188,11 +189,19 @@ class RowRules:
     specials: frozenset[str] = frozenset()
 
 
+#: Called by an input worker as it starts each step of a batch: ("row", position in the batch) before a row's image
+#: is read, ("processing", rows) before the processor runs. The main process holds each step to a deadline.
+Progress = Callable[[str, int], None]
+
+
 def load_rows(
-    samples: Sequence[Sample], rules: RowRules
+    samples: Sequence[Sample], rules: RowRules, progress: Progress | None = None
 ) -> tuple[list[Sample], list[Image.Image], list[RowFailure]]:
     """The rows that can be given to the processor, with their images (and content digests); the others as
-    failures. The rules are the serial loop's own (halp.extract.load_batch, special_token_message)."""
+    failures. The rules are the serial loop's own (halp.extract.load_batch, special_token_message).
+
+    With `progress`, the rows are read one at a time, each announced first, so a row whose decoder never returns
+    is known by its position."""
     from halp.extract import FailureList, load_batch, special_token_message
 
     class Collected(FailureList):
@@ -204,7 +213,15 @@ def load_rows(
             self.rows.append((sample, stage, error, message))
 
     collected = Collected()
-    loaded, loaded_images = load_batch(samples, rules.images, collected, rules.exif_orientation)
+    if progress is None:
+        loaded, loaded_images = load_batch(samples, rules.images, collected, rules.exif_orientation)
+    else:
+        loaded, loaded_images = [], []
+        for position, sample in enumerate(samples):
+            progress("row", position)
+            one, one_image = load_batch([sample], rules.images, collected, rules.exif_orientation)
+            loaded += one
+            loaded_images += one_image
     ready, images = [], []
     for sample, image in zip(loaded, loaded_images, strict=True):
         message = special_token_message(sample.question, rules.specials)
@@ -247,13 +264,17 @@ def encode_rows(
     return kept, encoder.encode(kept_images, [s.question for s in kept]), failures
 
 
-def prepare(index: int, samples: list[Sample], rules: RowRules, encoder: Any | None) -> Prepared:
+def prepare(
+    index: int, samples: list[Sample], rules: RowRules, encoder: Any | None, progress: Progress | None = None
+) -> Prepared:
     """Load (and, given an encoder, process) one batch; `encoder` is an Adapter (only `encode` is used)."""
     start = time.perf_counter()
-    ready, images, failures = load_rows(samples, rules)
+    ready, images, failures = load_rows(samples, rules, progress)
     loaded = time.perf_counter()
     prepared = Prepared(index, ready, failures, images=images, loading_seconds=loaded - start)
     if encoder is not None:
+        if progress is not None and ready:
+            progress("processing", len(ready))
         try:
             ready, inputs, more = encode_rows(encoder, ready, images)
         except Exception as err:  # a lone row the processor cannot take
@@ -312,7 +333,11 @@ def _worker_main(conn: Any, spec: WorkerSpec) -> None:
         if task is None:
             return
         index, samples = task
-        prepared = prepare(index, samples, spec.rules, encoder)
+
+        def progress(step: str, value: int, index: int = index) -> None:
+            conn.send(("progress", index, step, value))
+
+        prepared = prepare(index, samples, spec.rules, encoder, progress)
         if prepared.inputs is not None:
             # Through the pipe as numpy arrays (a copy), not torch's shared-memory files: those fail where
             # /dev/shm is small (64 MiB in a default Docker container) or a file-size limit applies.
@@ -329,6 +354,24 @@ class _Worker:
         self.task: tuple[int, list[Sample]] | None = None
         self.ready = False
         self.closed = False
+        #: The step of its task the worker last announced ("sent": none yet; "row": reading the row at `position`;
+        #: "processing": `position` rows in the processor), and when (time.monotonic).
+        self.step = "sent"
+        self.position = 0
+        self.since = 0.0
+
+    def give(self, task: tuple[int, list[Sample]]) -> None:
+        self.task = task
+        self.step, self.position, self.since = "sent", 0, time.monotonic()
+        self.conn.send(task)
+
+    def overdue(self, row_timeout: float, now: float) -> bool:
+        """Whether the step in progress has run past its deadline: `row_timeout` for a row (or for starting the
+        task), `row_timeout` per row for the processor."""
+        if self.task is None:
+            return False
+        allowed = row_timeout * max(1, self.position) if self.step == "processing" else row_timeout
+        return now - self.since > allowed
 
     def ask_to_stop(self) -> None:
         """The worker ends after its current batch (a task message is small: this never blocks)."""
@@ -351,6 +394,9 @@ class _Worker:
 
 
 _END = object()
+#: Seconds an input worker may spend on one row's image (and, per row, on a batch in the processor) before it is
+#: ended and that row recorded as failed (`--row-timeout`).
+ROW_TIMEOUT = 120.0
 #: Seconds a stopping worker gets to finish its batch, and then to end after SIGTERM (and after SIGKILL).
 _WORKER_STOP_WAIT = 5.0
 _WORKER_SIGNAL_WAIT = 2.0
@@ -383,6 +429,7 @@ class InputPipeline:
         timing: StageTimes,
         encoder: Any | None = None,
         prefetch: int | None = None,
+        row_timeout: float = ROW_TIMEOUT,
     ) -> None:
         self.plan = enumerate(plan)
         self.spec = spec
@@ -397,6 +444,11 @@ class InputPipeline:
         self._pool: list[_Worker] = []
         self._pool_lock = threading.Lock()
         self.replaced = 0
+        self.row_timeout = row_timeout
+        #: Rows of a batch whose worker died or ran out of time on one row: handed out again before new batches.
+        self._retry: collections.deque[tuple[int, list[Sample]]] = collections.deque()
+        #: Failures of a batch's guilty rows, joined to the batch's result when its retried rows come back.
+        self._carried: dict[int, list[RowFailure]] = {}
 
     # -- the consumer side (the model's thread)
     def __enter__(self) -> InputPipeline:
@@ -489,9 +541,13 @@ class InputPipeline:
         next_index = 0
         exhausted = False
         while not self._stop.is_set():
-            # Hand out tasks while fewer than `prefetch` batches are on their way or waiting for the model.
+            # Hand out tasks while fewer than `prefetch` batches are on their way or waiting for the model; the
+            # rows of a batch that lost its worker first (its index is the one the model waits for).
             outstanding = sum(w.task is not None for w in self._pool) + len(ready) + self._out.qsize()
             for worker in self._pool:
+                if worker.ready and worker.task is None and self._retry:
+                    worker.give(self._retry.popleft())
+                    continue
                 if exhausted or outstanding >= self.prefetch:
                     break
                 if worker.ready and worker.task is None:
@@ -499,23 +555,24 @@ class InputPipeline:
                     if item is None:
                         exhausted = True
                         break
-                    worker.task = (item[0], item[1])
-                    worker.conn.send(worker.task)
+                    worker.give((item[0], item[1]))
                     outstanding += 1
             while next_index in ready:
                 self._deliver(ready.pop(next_index))
                 next_index += 1
-            if exhausted and not ready and all(w.task is None for w in self._pool):
+            if exhausted and not ready and not self._retry and all(w.task is None for w in self._pool):
                 return
             waitables = [w.conn for w in self._pool] + [w.process.sentinel for w in self._pool]
             wait(waitables, timeout=0.2)
+            now = time.monotonic()
             for worker in list(self._pool):
                 while (message := self._receive(worker)) is not None:
                     ready[message.index] = message
-                if worker.closed or not worker.process.is_alive():
+                overdue = worker.overdue(self.row_timeout, now)
+                if overdue or worker.closed or not worker.process.is_alive():
                     while (message := self._receive(worker)) is not None:  # what it sent before it ended
                         ready[message.index] = message
-                    lost = self._replace(worker)
+                    lost = self._replace(worker, overdue and worker.task is not None)
                     if lost is not None:
                         ready[lost.index] = lost
 
@@ -535,7 +592,11 @@ class InputPipeline:
                 worker.ready = True
                 log.info("input worker pid %d ready", message[1])
                 continue
+            if isinstance(message, tuple) and message and message[0] == "progress":
+                worker.step, worker.position, worker.since = message[2], message[3], time.monotonic()
+                continue
             worker.task = None
+            message.failures = self._carried.pop(message.index, []) + message.failures
             if message.inputs is not None:
                 message.inputs = {
                     k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in message.inputs.items()
@@ -544,9 +605,13 @@ class InputPipeline:
             return message
         return None
 
-    def _replace(self, worker: _Worker) -> Prepared | None:
-        """A worker died: its batch's rows fail (a rerun retries them) and a new worker takes its place."""
-        worker.end(time.monotonic() + _WORKER_STOP_WAIT)  # a live worker whose pipe is gone is no use any more
+    def _replace(self, worker: _Worker, timed_out: bool = False) -> Prepared | None:
+        """A worker died, or ran past the deadline of one step (`timed_out`: it is ended now), and a new worker takes
+        its place. The row it was reading fails (a rerun retries it) and the batch's other rows are handed out again;
+        a worker lost while processing (no one row to blame) costs its batch's rows."""
+        pid = worker.process.pid
+        # A live worker whose pipe is gone, or that is stuck, is no use any more.
+        worker.end(time.monotonic() + (0.0 if timed_out else _WORKER_STOP_WAIT))
         code = worker.process.exitcode
         if not worker.ready:
             raise InputWorkerError(f"an input worker exited with code {code} before it was ready")
@@ -555,15 +620,33 @@ class InputPipeline:
         self._start_worker()
         self.replaced += 1
         if worker.task is None:
-            log.warning("input worker %s exited with code %s between batches; replaced", worker.process.pid, code)
+            log.warning("input worker %s exited with code %s between batches; replaced", pid, code)
             return None
         index, samples = worker.task
-        message = (
-            f"the input worker (pid {worker.process.pid}) died with exit code {code} while loading or processing "
-            "this row's batch (a decoder crash on a malformed image, or the worker was killed); a rerun retries it"
-        )
-        log.warning("input worker %s died (exit code %s) with batch %d; replaced", worker.process.pid, code, index)
-        return Prepared(index, [], [(sample, "worker", "InputWorkerDied", message) for sample in samples])
+        if timed_out:
+            error = "InputRowTimeout"
+            what = (f"took more than {self.row_timeout:g} s" + (" per row" if worker.step == "processing" else "")
+                    + f" in the input worker (pid {pid}), which was ended")
+        else:
+            error = "InputWorkerDied"
+            what = (f"ended the input worker (pid {pid}, exit code {code}): a decoder crash on a malformed image, or "
+                    "the worker was killed")
+        if worker.step == "row" and 0 <= worker.position < len(samples):
+            guilty = samples[worker.position]
+            rest = samples[: worker.position] + samples[worker.position + 1 :]
+            failure = (guilty, "worker", error, f"reading this row's image {what}; a rerun retries it")
+            log.warning("input worker %s: row %s %s; its batch's other rows are retried", pid, guilty.question_id,
+                        "timed out" if timed_out else f"died (exit code {code})")
+            if rest:
+                self._carried.setdefault(index, []).append(failure)
+                self._retry.append((index, rest))
+                return None
+            return Prepared(index, [], [*self._carried.pop(index, []), failure])
+        stage = "processing" if worker.step == "processing" else "starting"
+        message = f"{stage} this row's batch {what}; a rerun retries it"
+        log.warning("input worker %s %s with batch %d; replaced", pid,
+                    "timed out" if timed_out else f"died (exit code {code})", index)
+        return Prepared(index, [], self._carried.pop(index, []) + [(s, "worker", error, message) for s in samples])
 
     def _deliver(self, prepared: Prepared) -> None:
         self._out.put(self.finish(prepared))

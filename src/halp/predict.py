@@ -25,6 +25,7 @@ from halp.data import ImageError, Sample, load_image, open_table, to_rgb
 from halp.errors import ParameterError, ScorerError
 from halp.features import PRE_LM_REPRESENTATIONS, REPRESENTATIONS, split_feature
 from halp.layout import RESULTS_FILE, atomic_write, features_path, probe_file, probes_dir, run_file
+from halp.rows import open_run_file
 
 
 def choose_probe(run_dir: str | Path, feature: str | None = None, probe: str | None = None) -> tuple[str, str]:
@@ -53,12 +54,10 @@ def choose_probe(run_dir: str | Path, feature: str | None = None, probe: str | N
 
 def run_attributes(run_dir: str | Path) -> dict[str, Any]:
     """Root attributes of RUN_DIR/features.h5, plus `model_ref`: the model as `halp extract` resolved it."""
-    import h5py
-
     from halp.layout import features_file
 
     run_dir = Path(run_dir)
-    with h5py.File(features_file(run_dir), "r") as handle:
+    with open_run_file(features_file(run_dir)) as handle:  # a damaged file is named, with what to do
         raw = dict(handle.attrs.items())
     attrs = {key: (value.tolist() if isinstance(value, np.ndarray) else value) for key, value in raw.items()}
     # run.json holds the model as an absolute path for local checkpoints (attrs keep what was typed,

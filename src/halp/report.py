@@ -42,6 +42,7 @@ from halp.layout import (
     probes_dir,
     report_dir,
 )
+from halp.rows import open_run_file
 
 #: Representations in pipeline order: before the LM, then inside it.
 #: The heatmap column of the representations that have no decoder layer.
@@ -118,9 +119,7 @@ def _run_attrs(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "features.h5"
     if not path.is_file():
         return {}
-    import h5py
-
-    with h5py.File(path, "r") as handle:
+    with open_run_file(path) as handle:  # a damaged file is named, with what to do
         attrs = dict(handle.attrs.items())
     return {key: (value.tolist() if isinstance(value, np.ndarray) else value) for key, value in attrs.items()}
 

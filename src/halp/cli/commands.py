@@ -95,6 +95,9 @@ def extract(
     attn_implementation: Annotated[
         str, typer.Option(help="Attention kernel: sdpa, flash_attention_2 (flash-attn package) or eager.")
     ] = "sdpa",
+    row_timeout: Annotated[
+        float, typer.Option(help="Seconds an input worker may take to read one row's image before the row fails.")
+    ] = 120.0,
 ) -> None:
     """Extract HALP features (vision-only, vision token, query token) in one prefill pass per batch.
 
@@ -127,6 +130,7 @@ def extract(
         workers=workers,
         processor_device=processor_device,
         attn_implementation=attn_implementation,
+        row_timeout=row_timeout,
         hf_dataset=hf_dataset,
         hf_config=hf_config,
         split=split,
@@ -481,7 +485,7 @@ def embed(
     from halp.embed import Embedder, write_embeddings
 
     setup_logging()
-    missing = [str(path) for path in images if not path.is_file()]
+    missing = [str(path) for path in images if not path.exists()]  # a FIFO or folder is named when it is read
     if missing:
         _fail(f"no such image file: {', '.join(missing)}")
     embedder = Embedder(

@@ -23,9 +23,12 @@ def review(
     images: Annotated[
         Path | None, typer.Option(help="Directory the run's image ids are relative to (halp extract's --images).")
     ] = None,
-    host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback requires a token.")] = (
+    host: Annotated[str, typer.Option(help="Address to listen on (the page needs the printed token on any).")] = (
         "127.0.0.1"
     ),
+    no_token: Annotated[
+        bool, typer.Option("--no-token", help="Loopback only: serve without a token (any local user can then decide).")
+    ] = False,
     port: Annotated[int, typer.Option(help="Port (0: any free one).")] = 8765,
     reviewer: Annotated[
         str | None, typer.Option(help="Your name in reviews.jsonl (default: login name; the URL's ?reviewer= wins).")
@@ -67,14 +70,18 @@ def review(
             markup=False,
             highlight=False,
         )
-        if not is_loopback(host):
-            err_console.print(
-                f"listening on {host}: the page needs the token in this URL; share it only with reviewers.",
-                markup=False,
-                highlight=False,
+        if no_token:
+            warning = (
+                "warning: --no-token: any user or process on this machine can open the page, read the run's rows "
+                "and images, and record decisions under any reviewer name."
             )
+        elif is_loopback(host):
+            warning = "the page needs the token in this URL: other users of this machine cannot open it without."
+        else:
+            warning = f"listening on {host}: the page needs the token in this URL; share it only with reviewers."
+        err_console.print(warning, markup=False, highlight=False, soft_wrap=True)
 
-    serve(session, host, port, on_ready=ready)
+    serve(session, host, port, on_ready=ready, token=not no_token)
 
 
 def _export(run_dir: Path, fmt: str, out: Path | None, image_url_prefix: str) -> None:

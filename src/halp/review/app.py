@@ -1,17 +1,21 @@
 """The review web app (Starlette) and its server (uvicorn): `halp review RUN`.
 
-Safety: the server binds 127.0.0.1 unless told otherwise and then requires a random token (in the
-printed URL; the page keeps it in an HttpOnly cookie). On loopback it answers only requests addressed
-to a loopback host name (no DNS rebinding). A POST must be JSON from the page's own origin (no
-cross-site form can record a decision). Images are served by row number, never by a path from the
-request, and only from inside the images directory (`halp.data.resolve_image_path`: no `..`, no symlink
-out). The page inserts every user string with textContent, and a Content-Security-Policy forbids
-inline scripts.
+Safety: the server binds 127.0.0.1 unless told otherwise and requires a random token there too (research
+GPU machines are shared: any local user could otherwise read the run and record decisions), as Jupyter
+does: it is in the printed URL, and the page keeps it in an HttpOnly cookie named after the port (`--no-token`
+serves without one, with a warning). On loopback it answers only requests addressed to a loopback host name
+(no DNS rebinding). A POST must be JSON from the page's own origin (no cross-site form can record a decision),
+of at most MAX_BODY_BYTES and MAX_JSON_DEPTH levels, and every field is checked before anything is recorded:
+a refused request writes nothing. Images are served by row number, never by a path from the request, only
+from inside the images directory (`halp.data.resolve_image_path`: no `..`, no symlink out) and only regular
+files (`halp.userfiles`). The page inserts every user string with textContent, and a Content-Security-Policy
+forbids inline scripts.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import mimetypes
 import secrets
 import socket
@@ -20,9 +24,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from halp.errors import ReviewError, ReviewServerError
-from halp.review.decisions import VERDICTS
+from halp.errors import ImageError, ReviewError, ReviewServerError
+from halp.review.decisions import VERDICTS, check_reviewer
 from halp.review.session import ORDERS, QUEUES, ReviewSession
+from halp.userfiles import READ_LIMIT, read_user_file
 
 STATIC_DIR = Path(__file__).parent / "static"
 TOKEN_COOKIE = "halp_review_token"
@@ -33,6 +38,49 @@ PAGE_POLICY = (
 # An image is shown by an <img>; opened on its own (an SVG with a script, say) it may do nothing.
 IMAGE_POLICY = "default-src 'none'; style-src 'unsafe-inline'; sandbox"
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+#: A decision or undo is a few hundred bytes of JSON; anything larger or deeper is refused unread.
+MAX_BODY_BYTES = 64 * 1024
+MAX_JSON_DEPTH = 8
+#: The request fields the server reads, each a string (or absent/null); `index` is an integer.
+TEXT_FIELDS = ("queue", "where", "order", "reviewer", "label", "decision_id")
+
+
+def json_depth_exceeds(text: str, limit: int) -> bool:
+    """Whether a JSON text nests arrays/objects deeper than `limit` (checked before parsing: the parser recurses)."""
+    depth, in_string, escaped = 0, False, False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False
+
+
+def check_fields(data: dict[str, Any], index: bool = False) -> None:
+    """Refuse a request body whose fields have the wrong JSON type (a queue given as a list, say)."""
+    for name in TEXT_FIELDS:
+        value = data.get(name)
+        if value is not None and not isinstance(value, str):
+            raise ReviewError(f"{name} must be a string, not a JSON {type(value).__name__}")
+    if index and (not isinstance(data.get("index"), int) or isinstance(data.get("index"), bool)):
+        raise ReviewError("decide needs the row's index (an integer)")
+
+
+def token_cookie(port: int | None) -> str:
+    """The token's cookie, one per port: cookies are not kept apart by port, and two review servers on one host
+    must not overwrite each other's (Jupyter names its cookies by port too)."""
+    return f"{TOKEN_COOKIE}_{port or 80}"
 
 
 def is_loopback(host: str) -> bool:
@@ -42,6 +90,10 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+class _BodyTooLarge(ReviewError):
+    """A request body over MAX_BODY_BYTES (HTTP 413)."""
 
 
 def _require_web_stack() -> None:
@@ -58,6 +110,7 @@ def create_app(session: ReviewSession, token: str | None = None, loopback: bool 
     """The Starlette app serving `session`; `token` (if any) is required on every request."""
     _require_web_stack()
     from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
     from starlette.middleware import Middleware
     from starlette.middleware.base import BaseHTTPMiddleware
     from starlette.requests import Request
@@ -112,32 +165,52 @@ def create_app(session: ReviewSession, token: str | None = None, loopback: bool 
         return JSONResponse(session.item(int(request.path_params["index"]), reviewer))
 
     async def body(request: Request) -> dict[str, Any]:
+        """The request's JSON object, refused unread when it is larger than MAX_BODY_BYTES, and unparsed when it
+        nests deeper than MAX_JSON_DEPTH."""
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
             raise ReviewError("decisions are posted as application/json")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise _BodyTooLarge(f"the request body is larger than {MAX_BODY_BYTES} bytes")
+        raw = bytearray()
+        async for chunk in request.stream():  # also a body sent without a length (chunked)
+            raw += chunk
+            if len(raw) > MAX_BODY_BYTES:
+                raise _BodyTooLarge(f"the request body is larger than {MAX_BODY_BYTES} bytes")
         try:
-            data = await request.json()
-        except ValueError as err:
+            text = raw.decode("utf-8")
+            if json_depth_exceeds(text, MAX_JSON_DEPTH):
+                raise ReviewError(f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
+            data = json.loads(text)
+        except (UnicodeDecodeError, ValueError, RecursionError) as err:
+            if isinstance(err, ReviewError):
+                raise
             raise ReviewError(f"the request body is not JSON: {err}") from err
         if not isinstance(data, dict):
             raise ReviewError("the request body is not a JSON object")
         return data
 
     async def decide(request: Request) -> Response:
+        # Every field is checked (types, row, label, reviewer, queue and filter) before the decision is recorded.
         data = await body(request)
-        reviewer = reviewer_of(data.get("reviewer"))
-        if not isinstance(data.get("index"), int):
-            raise ReviewError("decide needs the row's index")
+        check_fields(data, index=True)
+        reviewer = check_reviewer(reviewer_of(data.get("reviewer")))
+        indices = queue_of(data)
+        session.row(data["index"])
+        if data.get("label") is not None and data["label"] not in VERDICTS:
+            raise ReviewError(f"label {data['label']!r} is not one of {', '.join(VERDICTS)}")
         decision = session.decide(data["index"], data.get("label"), reviewer)
-        return JSONResponse({"decision": asdict(decision), "progress": session.progress(queue_of(data), reviewer)})
+        return JSONResponse({"decision": asdict(decision), "progress": session.progress(indices, reviewer)})
 
     async def undo(request: Request) -> Response:
         data = await body(request)
-        reviewer = reviewer_of(data.get("reviewer"))
-        decision = session.undo(str(data.get("decision_id", "")), reviewer)
+        check_fields(data)
+        reviewer = check_reviewer(reviewer_of(data.get("reviewer")))
+        indices = queue_of(data)
+        decision = session.undo(data.get("decision_id") or "", reviewer)
         index = session.index_of.get(decision.question_id)
-        return JSONResponse(
-            {"decision": asdict(decision), "index": index, "progress": session.progress(queue_of(data), reviewer)}
-        )
+        progress = session.progress(indices, reviewer)
+        return JSONResponse({"decision": asdict(decision), "index": index, "progress": progress})
 
     async def image(request: Request) -> Response:
         path, status, shown = session.image(int(request.path_params["index"]))
@@ -146,10 +219,17 @@ def create_app(session: ReviewSession, token: str | None = None, loopback: bool 
         media_type, _ = mimetypes.guess_type(path.name)
         if media_type is None or not media_type.startswith("image/"):
             return error(f"{path.name} is not served: not an image type", 415)
-        return FileResponse(path, media_type=media_type, headers={"Content-Security-Policy": IMAGE_POLICY})
+        try:  # a regular file only, read from the descriptor that was checked (never a FIFO that blocks)
+            data = await run_in_threadpool(read_user_file, path, "image file", READ_LIMIT, ImageError)
+        except ImageError as err:
+            return error(str(err), 404)
+        headers = {"Content-Security-Policy": IMAGE_POLICY, "Cache-Control": "no-store"}
+        return Response(data, media_type=media_type, headers=headers)
 
     async def review_error(request: Request, exc: Exception) -> Response:
         message = str(exc)
+        if isinstance(exc, _BodyTooLarge):
+            return error(message, 413)
         return error(message, 409 if "changed since" in message else 400)
 
     class Guard(BaseHTTPMiddleware):
@@ -163,9 +243,10 @@ def create_app(session: ReviewSession, token: str | None = None, loopback: bool 
             if token is not None:
                 offered = request.query_params.get("token")
                 header = request.headers.get("authorization", "")
+                cookie = request.cookies.get(token_cookie(request.url.port))
                 ok = any(
                     value is not None and secrets.compare_digest(value.encode(), token.encode())  # bytes: any text
-                    for value in (offered, request.cookies.get(TOKEN_COOKIE), header.removeprefix("token ") or None)
+                    for value in (offered, cookie, header.removeprefix("token ") or None)
                 )
                 if not ok:
                     return PlainTextResponse(
@@ -183,7 +264,7 @@ def create_app(session: ReviewSession, token: str | None = None, loopback: bool 
             response.headers["Referrer-Policy"] = "no-referrer"
             response.headers["X-Frame-Options"] = "DENY"
             if set_cookie:
-                response.set_cookie(TOKEN_COOKIE, token or "", httponly=True, samesite="strict")
+                response.set_cookie(token_cookie(request.url.port), token or "", httponly=True, samesite="strict")
             return response
 
     middleware = [Middleware(Guard)]
@@ -231,17 +312,24 @@ def review_url(host: str, port: int, token: str | None) -> str:
 
 
 def serve(
-    session: ReviewSession, host: str = "127.0.0.1", port: int = 8765, on_ready: Callable[[str], None] | None = None
+    session: ReviewSession,
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    on_ready: Callable[[str], None] | None = None,
+    token: bool = True,
 ) -> None:
-    """Serve the review page until interrupted; `on_ready` gets the URL once the port is bound."""
+    """Serve the review page until interrupted; `on_ready` gets the URL once the port is bound. `token=False`
+    (`--no-token`, loopback only) serves without a token: any local user or process can then read and decide."""
     _require_web_stack()
     import uvicorn
 
     loopback = is_loopback(host)
-    token = None if loopback else secrets.token_urlsafe(24)
-    app = create_app(session, token, loopback)
+    if not token and not loopback:
+        raise ReviewServerError(f"--no-token is for loopback only: on {host} every reviewer needs the token")
+    secret = secrets.token_urlsafe(24) if token else None
+    app = create_app(session, secret, loopback)
     sock = bind(host, port)
-    url = review_url(host, sock.getsockname()[1], token)
+    url = review_url(host, sock.getsockname()[1], secret)
     if on_ready is not None:
         on_ready(url)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))

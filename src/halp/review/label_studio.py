@@ -23,6 +23,7 @@ from urllib.parse import quote
 from halp.errors import LabelError
 from halp.layout import atomic_write
 from halp.review.decisions import VERDICT_LABELS, Decision
+from halp.userfiles import read_user_file
 
 #: Where Label Studio serves files of its local-files storage; image ids are appended, URL-quoted.
 DEFAULT_IMAGE_URL_PREFIX = "/data/local-files/?d="
@@ -95,10 +96,10 @@ def write_tasks(
 
 # ----- import ----------------------------------------------------------------------------------------------------
 def _load(path: str | Path) -> Any:
+    data = read_user_file(path, "Label Studio export", error=LabelError)
     try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, UnicodeDecodeError, ValueError) as err:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
         raise LabelError(f"{path} cannot be read as a Label Studio JSON export: {err}") from err
 
 

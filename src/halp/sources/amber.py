@@ -19,7 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from halp.errors import SourceError
-from halp.sources.common import ConvertSummary, Row, file_bytes, read_json, unknown_layout, write_table, yes_no_text
+from halp.sources.common import (
+    ConvertSummary,
+    Row,
+    file_bytes,
+    is_present,
+    read_json,
+    unknown_layout,
+    write_table,
+    yes_no_text,
+)
 
 NAME = "amber"
 EXPECTED = "the AMBER repository (data/query/query_*.json and data/annotations.json), its data/ folder, or a query file"
@@ -29,15 +38,15 @@ SPLITS = ("all", "generative", "discriminative", "discriminative-existence", "di
 
 def _locate(path: Path) -> tuple[Path | None, Path | None]:
     """(query file, annotations.json) from the repository root, its data/ folder or a query file."""
-    if path.is_file():
+    if is_present(path):
         for parent in (path.parent, path.parent.parent):
-            if (parent / "annotations.json").is_file():
+            if is_present(parent / "annotations.json"):
                 return path, parent / "annotations.json"
         return path, None
     for data in (path / "data", path):
-        if (data / "annotations.json").is_file():
+        if is_present(data / "annotations.json"):
             query_dir = data / "query"
-            return (query_dir / "query_all.json" if (query_dir / "query_all.json").is_file() else None,
+            return (query_dir / "query_all.json" if is_present(query_dir / "query_all.json") else None,
                     data / "annotations.json")
     return None, None
 
@@ -49,7 +58,7 @@ def convert(path: Path, out: Path, images: Path | None = None, split: str | None
             raise SourceError(f"{path}: no AMBER query set {split!r}; the sets are {', '.join(SPLITS)}")
         if query_file is not None:
             query_file = query_file.parent / f"query_{split}.json"
-            if not query_file.is_file():
+            if not is_present(query_file):
                 raise SourceError(f"{path}: no query file {query_file.name} for split {split!r}")
     if query_file is None or annotation_file is None or not query_file.name.startswith("query_"):
         raise unknown_layout(NAME, path, EXPECTED)

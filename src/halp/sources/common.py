@@ -15,8 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from halp.errors import SourceError
+from pyarrow import ArrowException
+
+from halp.errors import HalpError, SourceError
 from halp.layout import atomic_path, write_text_atomic
+from halp.userfiles import READ_LIMIT, open_user_file, read_user_file
 
 #: Columns of a converted table, in order (`image` is the embedded image).
 COLUMNS = (
@@ -173,29 +176,49 @@ def _groups(rows: Iterable[Row], size: int) -> Iterator[list[Row]]:
 
 
 # ----- reading the published forms ---------------------------------------------------------------------------
-def read_json(path: Path) -> Any:
-    """A JSON file, with the error naming the file for bad encoding or syntax."""
+#: What to do about a damaged file of a published benchmark.
+REFETCH = "download it again (or restore it) and rerun"
+
+
+def source_bytes(path: Path) -> bytes:
+    """A benchmark file's bytes (`halp.userfiles`: a regular file, bounded); an empty one is refused."""
+    data = read_user_file(path, "benchmark file", error=SourceError)
+    if not data:
+        raise SourceError(f"benchmark file {path} is empty (0 bytes): it was cut or never written; {REFETCH}")
+    return data
+
+
+def source_text(path: Path) -> str:
+    """A benchmark text file (UTF-8), with the error naming the file."""
     try:
-        return json.loads(path.read_bytes().decode("utf-8"))
+        return source_bytes(path).decode("utf-8")
     except UnicodeDecodeError as err:
-        raise SourceError(f"{path} is not valid UTF-8 ({err}); re-encode it as UTF-8") from err
+        raise SourceError(f"{path} is not valid UTF-8 ({err}): it is damaged or was saved in another encoding; "
+                          f"re-encode it as UTF-8 or {REFETCH}") from err
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file, with the error naming the file for bad encoding, syntax or a cut end."""
+    try:
+        return json.loads(source_text(path))
     except json.JSONDecodeError as err:
-        raise SourceError(f"{path} is not valid JSON: {err}") from err
+        raise SourceError(f"{path} is not valid JSON ({err}): it is cut short or damaged; {REFETCH}") from err
 
 
 def read_json_lines(path: Path) -> list[dict[str, Any]]:
     """JSON Lines (POPE publishes its question files as one JSON object per line, named .json)."""
     rows = []
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise SourceError(f"{path} is not valid UTF-8 ({err}); re-encode it as UTF-8") from err
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(source_text(path).splitlines(), start=1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise SourceError(f"{path} line {number} is not valid JSON: {err}") from err
+                raise SourceError(
+                    f"{path} line {number} is not valid JSON ({err}): it is cut short or damaged; {REFETCH}"
+                ) from err
+            if not isinstance(row, dict):
+                raise SourceError(f"{path} line {number} is a JSON {type(row).__name__}, expected an object")
+            rows.append(row)
     return rows
 
 
@@ -206,21 +229,32 @@ def file_bytes(images_dir: Path | None, name: str, what: str) -> Callable[[], by
         if images_dir is None:
             raise SourceError(f"{what}: no image folder given (--images)")
         root = images_dir.resolve()
-        path = (root / name).resolve()
+        try:
+            path = (root / name).resolve()
+        except (OSError, ValueError) as err:  # a NUL byte, a symlink loop
+            raise SourceError(f"{what}: image name {name!r} is not a usable file name ({err})") from err
         if not path.is_relative_to(root):
             raise SourceError(f"{what}: image path {name!r} points outside {root}")
-        if not path.is_file():
-            raise SourceError(f"{what}: image file {path} does not exist")
-        return path.read_bytes()
+        try:
+            return read_user_file(path, "image file", READ_LIMIT, SourceError)
+        except SourceError as err:  # the row's skip reason
+            raise SourceError(f"{what}: {err}") from err
 
     return read
+
+
+def is_present(path: Path) -> bool:
+    """Whether something other than a folder is at `path`: a layout's file, whatever its kind. The readers open it
+    through `halp.userfiles`, which names a FIFO, a socket or a device instead of reading it, so a layout with one
+    in a file's place is refused naming that file, never taken for another layout or silently skipped."""
+    return path.exists() and not path.is_dir()
 
 
 def parquet_files(root: Path, split: str | None) -> tuple[list[Path], list[str]]:
     """The Parquet shards of a hub dataset snapshot (or one file), for `split` if given; and the splits found.
 
     Hub layouts name shards `<split>-00000-of-0000N*.parquet` or put them in a `<split>/` folder."""
-    if root.is_file():
+    if is_present(root):
         files = [root] if root.suffix.lower() in {".parquet", ".pq"} else []
     else:
         files = sorted(root.rglob("*.parquet"))
@@ -244,21 +278,45 @@ def require_split(origin: Path, files: Sequence[Path], split: str | None, splits
         raise SourceError(f"{origin}: no split {split!r}; the splits found are {', '.join(splits) or 'none'}")
 
 
-def parquet_rows(files: Sequence[Path], batch_size: int = ROW_GROUP) -> Iterator[tuple[Path, dict[str, Any]]]:
-    """Rows of Parquet files a batch at a time (images included: one batch of them in memory)."""
+def open_parquet(path: Path, what: str = "benchmark file", error: type[HalpError] = SourceError) -> Any:
+    """A pyarrow ParquetFile over a regular file (`halp.userfiles`); a file that is not Parquet, or cut, is `error`
+    naming it."""
     import pyarrow.parquet as pq
 
+    handle = open_user_file(path, what, error=error)
+    try:
+        return pq.ParquetFile(handle)
+    except (ArrowException, OSError, ValueError) as err:
+        handle.close()
+        raise damaged_parquet(path, err, error) from err
+
+
+def damaged_parquet(path: Path, err: BaseException, error: type[HalpError] = SourceError) -> HalpError:
+    """The one message for a Parquet file that cannot be read: which, why, what to do."""
+    reason = " ".join(str(err).split())[:200] or type(err).__name__
+    reason = "".join(char if char.isprintable() else f"\\x{ord(char):02x}" for char in reason)
+    return error(f"{path} could not be read as Parquet: it is cut short or damaged ({reason}); {REFETCH}")
+
+
+def parquet_rows(files: Sequence[Path], batch_size: int = ROW_GROUP) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Rows of Parquet files a batch at a time (images included: one batch of them in memory); a damaged page is a
+    SourceError naming the file."""
     for path in files:
-        handle = pq.ParquetFile(path)
-        for batch in handle.iter_batches(batch_size=batch_size):
+        handle = open_parquet(path)
+        batches = handle.iter_batches(batch_size=batch_size)
+        while True:
+            try:
+                batch = next(batches, None)
+            except (ArrowException, OSError, ValueError) as err:
+                raise damaged_parquet(path, err) from err
+            if batch is None:
+                break
             for row in batch.to_pylist():
                 yield path, row
 
 
 def parquet_columns(path: Path) -> list[str]:
-    import pyarrow.parquet as pq
-
-    return list(pq.read_schema(path).names)
+    return list(open_parquet(path).schema_arrow.names)
 
 
 def embedded_bytes(cell: Any, what: str) -> Callable[[], bytes]:

@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pyarrow import ArrowException
 
-from halp.errors import SourceError
+from halp.errors import HalpError, SourceError
 from halp.layout import atomic_path, write_text_atomic
-from halp.sources.common import MANIFEST, ROW_GROUP, features
+from halp.sources.common import MANIFEST, ROW_GROUP, features, open_parquet
+from halp.userfiles import open_user_file, read_user_file
 
 #: The HALP set's composition (10,000 questions; DATASET_SUMMARY of the study's extraction scripts).
 STUDY_COUNTS = {
@@ -66,10 +68,10 @@ def read_proportions(spec: str, sources: list[str]) -> dict[str, float]:
     if spec == "equal":
         return {source: 1.0 for source in sources}
     path = Path(spec)
-    if not path.is_file():
+    if not path.exists():
         raise SourceError(f"--proportions {spec!r}: not study, equal or a JSON file")
     try:
-        weights = json.loads(path.read_text(encoding="utf-8"))
+        weights = json.loads(read_user_file(path, "proportions file", error=SourceError).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise SourceError(f"{path} is not a UTF-8 JSON object {{source: weight}}: {err}") from err
     if not isinstance(weights, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in weights.values()):
@@ -84,18 +86,39 @@ def read_proportions(spec: str, sources: list[str]) -> dict[str, float]:
     return {source: float(weights[source]) for source in sources}
 
 
+#: What to do about a damaged `halp data convert` output.
+RECONVERT = "run `halp data convert` into it again"
+
+
 def _converted(directory: Path) -> tuple[str, Path]:
+    """The source and table a `halp data convert` folder holds, from its manifest; a missing, cut or incomplete
+    manifest, or a missing table, is a SourceError naming the file."""
     manifest = directory / MANIFEST
-    if not manifest.is_file():
+    if not manifest.exists() and not manifest.is_symlink():
         raise SourceError(f"{directory} is not a `halp data convert` output (no {MANIFEST})")
-    info = json.loads(manifest.read_text(encoding="utf-8"))
-    return str(info["source"]), directory / str(info["table"])
+    try:
+        info = json.loads(read_user_file(manifest, "convert manifest", error=SourceError).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SourceError(f"{manifest} is not valid JSON ({err}): it is cut short or damaged; {RECONVERT}") from err
+    missing = [key for key in ("source", "table") if not isinstance(info, dict) or not isinstance(info.get(key), str)]
+    if missing:
+        raise SourceError(f"{manifest} is incomplete (no {' or '.join(missing)}); {RECONVERT}")
+    table = directory / info["table"]
+    if Path(info["table"]).name != info["table"] or not (table.exists() or table.is_symlink()):
+        raise SourceError(f"{manifest} names the table {info['table']!r}, which is not in {directory}; {RECONVERT}")
+    return info["source"], table
+
+
+def _damaged_table(table: Path, err: BaseException) -> SourceError:
+    reason = " ".join(str(err).split())[:200] or type(err).__name__
+    reason = "".join(char if char.isprintable() else f"\\x{ord(char):02x}" for char in reason)
+    return SourceError(f"{table} could not be read as a converted table: it is cut short or damaged ({reason}); "
+                       f"{RECONVERT.replace('into it', 'into ' + str(table.parent))}")
 
 
 def compose(
     dirs: list[str | Path], out: str | Path, total: int, seed: int, proportions: str = "study"
 ) -> ComposeSummary:
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     if total < 1:
@@ -117,7 +140,13 @@ def compose(
     report: dict[str, Any] = {}
     all_ids: set[str] = set()
     for source, table in tables.items():  # in the order given; each source draws from the one generator
-        text = pq.read_table(table, columns=["question_id", "category"]).to_pydict()
+        try:
+            with open_user_file(table, "converted table", error=SourceError) as handle:
+                text = pq.read_table(handle, columns=["question_id", "category"]).to_pydict()
+        except (ArrowException, OSError, ValueError) as err:  # cut, corrupt, or without the columns
+            if isinstance(err, HalpError):
+                raise
+            raise _damaged_table(table, err) from err
         ids, categories = text["question_id"], text["category"]
         clash = all_ids.intersection(ids)
         if clash:
@@ -155,15 +184,12 @@ def compose(
     schema = features().arrow_schema
     with atomic_path(table_path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for source, rows in chosen.items():
-            handle = pq.ParquetFile(tables[source])
-            wanted = set(rows)
-            start = 0
-            for batch in handle.iter_batches(batch_size=ROW_GROUP):
-                keep = [i for i in range(batch.num_rows) if start + i in wanted]
-                start += batch.num_rows
-                if keep:
-                    part = pa.Table.from_batches([batch.take(pa.array(keep))])
-                    writer.write_table(part.select(schema.names).cast(schema))
+            try:
+                _copy_rows(open_parquet(tables[source], "converted table"), set(rows), writer, schema)
+            except (ArrowException, OSError, ValueError) as err:  # a damaged image page, say
+                if isinstance(err, HalpError):
+                    raise
+                raise _damaged_table(tables[source], err) from err
     manifest = {
         "total": total,
         "seed": seed,
@@ -174,3 +200,16 @@ def compose(
     manifest_path = out / COMPOSE_MANIFEST
     write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
     return ComposeSummary(table_path, manifest_path, total, {source: quotas[source] for source in tables})
+
+
+def _copy_rows(handle: Any, wanted: set[int], writer: Any, schema: Any) -> None:
+    """The rows at `wanted` positions of a converted table, appended to the composite a batch at a time."""
+    import pyarrow as pa
+
+    start = 0
+    for batch in handle.iter_batches(batch_size=ROW_GROUP):
+        keep = [i for i in range(batch.num_rows) if start + i in wanted]
+        start += batch.num_rows
+        if keep:
+            part = pa.Table.from_batches([batch.take(pa.array(keep))])
+            writer.write_table(part.select(schema.names).cast(schema))

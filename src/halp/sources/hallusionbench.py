@@ -24,6 +24,7 @@ from halp.sources.common import (
     Row,
     embedded_bytes,
     file_bytes,
+    is_present,
     parquet_columns,
     parquet_files,
     parquet_rows,
@@ -52,8 +53,8 @@ def convert(path: Path, out: Path, images: Path | None = None, split: str | None
             raise unknown_layout(NAME, path, EXPECTED)
         return write_table(NAME, _rows(((split_of(f, path), r, None) for f, r in parquet_rows(files))), out,
                            "hub parquet", str(path))
-    annotation = path if path.is_file() else path / "HallusionBench.json"
-    if not annotation.is_file() or annotation.suffix != ".json":
+    annotation = path if is_present(path) else path / "HallusionBench.json"
+    if not is_present(annotation) or annotation.suffix != ".json":
         raise unknown_layout(NAME, path, EXPECTED)
     items = read_json(annotation)
     if not isinstance(items, list) or (items and not set(KEYS) <= set(items[0])):

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from halp.data import check_csv_end
 from halp.errors import SourceError
-from halp.sources.common import ConvertSummary, Row, file_bytes, unknown_layout, write_table
+from halp.sources.common import REFETCH, ConvertSummary, Row, file_bytes, is_present, unknown_layout, write_table
+from halp.userfiles import open_user_file
 
 NAME = "haloquest"
 COLUMNS = ("image_name", "hallucination type", "question", "groundtruth responses")
@@ -26,7 +28,7 @@ EXPECTED = "haloquest-eval.csv / haloquest-train.csv (image_name, hallucination 
 
 
 def convert(path: Path, out: Path, images: Path | None = None, split: str | None = None) -> ConvertSummary:
-    files = [path] if path.is_file() and path.suffix == ".csv" else sorted(path.glob("haloquest-*.csv")) if (
+    files = [path] if is_present(path) and path.suffix == ".csv" else sorted(path.glob("haloquest-*.csv")) if (
         path.is_dir()) else []
     if not files:
         raise unknown_layout(NAME, path, EXPECTED)
@@ -44,10 +46,16 @@ def references(text: str) -> list[str]:
 
 def _rows(files: list[Path], images: Path | None) -> Iterator[Row]:
     for file in files:
-        try:
-            frame = pd.read_csv(file, dtype=str, keep_default_na=False, encoding="utf-8")
-        except UnicodeDecodeError as err:
-            raise SourceError(f"{file} is not valid UTF-8 ({err}); re-encode it as UTF-8") from err
+        with open_user_file(file, "benchmark file", error=SourceError) as handle:
+            check_csv_end(handle, file, ",", SourceError)
+            try:
+                frame = pd.read_csv(handle, dtype=str, keep_default_na=False, encoding="utf-8")
+            except UnicodeDecodeError as err:
+                raise SourceError(f"{file} is not valid UTF-8 ({err}); re-encode it as UTF-8 or {REFETCH}") from err
+            except ValueError as err:  # pandas' ParserError (a quoted field cut by the end of the file), no columns
+                reason = " ".join(str(err).split())
+                raise SourceError(f"{file} could not be read as CSV: it is cut short or damaged ({reason}); {REFETCH}"
+                                  ) from err
         missing = [column for column in COLUMNS if column not in frame.columns]
         if missing:
             raise SourceError(

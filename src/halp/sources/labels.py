@@ -125,12 +125,10 @@ def source_rules(run_dir: str | Path) -> Callable[[int, str, str, str], Label | 
 
     The returned function takes (row index, question, ground truth, answer) and returns a Label, or None where
     the generic rules apply."""
-    import h5py
-
     from halp.layout import features_file
-    from halp.rows import meta_columns, read_strings
+    from halp.rows import meta_columns, open_run_file, read_strings
 
-    with h5py.File(features_file(Path(run_dir)), "r") as handle:
+    with open_run_file(features_file(Path(run_dir))) as handle:  # a damaged file is named, with what to do
         meta = meta_columns(handle)
         if "dataset" not in meta:
             return None

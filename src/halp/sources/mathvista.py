@@ -25,6 +25,7 @@ from halp.sources.common import (
     Row,
     embedded_bytes,
     file_bytes,
+    is_present,
     parquet_columns,
     parquet_files,
     parquet_rows,
@@ -52,7 +53,9 @@ def convert(path: Path, out: Path, images: Path | None = None, split: str | None
             raise unknown_layout(NAME, path, EXPECTED)
         rows = ((split_of(file, path), row, None) for file, row in parquet_rows(files))
         return write_table(NAME, _rows(rows), out, "hub parquet", str(path))
-    candidates = [path] if path.is_file() else sorted(p for p in path.glob("*.json") if p.stem in {"testmini", "test"})
+    candidates = [path] if is_present(path) else sorted(
+        p for p in path.glob("*.json") if p.stem in {"testmini", "test"}
+    )
     if not candidates or candidates[0].suffix != ".json":
         raise unknown_layout(NAME, path, EXPECTED)
     if split is not None:

@@ -22,14 +22,17 @@ from halp.sources.common import (
     ConvertSummary,
     Row,
     embedded_bytes,
+    is_present,
     parquet_columns,
     parquet_files,
     parquet_rows,
     require_split,
+    source_text,
     unknown_layout,
     write_table,
     yes_no_text,
 )
+from halp.userfiles import READ_LIMIT, read_user_file
 
 NAME = "mme"
 IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg")
@@ -81,15 +84,15 @@ def _folder_rows(root: Path) -> Iterator[Row]:
         text_dir = answers_dir if answers_dir.is_dir() else subtask
         for text in sorted(text_dir.glob("*.txt")):
             image = next((image_dir / f"{text.stem}{suffix}" for suffix in IMAGE_SUFFIXES
-                          if (image_dir / f"{text.stem}{suffix}").is_file()), None)
-            try:
-                lines = [line for line in text.read_bytes().decode("utf-8").splitlines() if line.strip()]
-            except UnicodeDecodeError as err:
-                raise SourceError(f"{text} is not valid UTF-8 ({err})") from err
+                          if is_present(image_dir / f"{text.stem}{suffix}")), None)
+            lines = [line for line in source_text(text).splitlines() if line.strip()]
             for number, line in enumerate(lines, start=1):
                 question, _, answer = line.rpartition("\t")
-                if not question:
-                    raise SourceError(f"{text} line {number}: expected question<TAB>answer, found {line[:80]!r}")
+                if not question or not yes_no_text(answer):  # a line cut short, or not MME's format
+                    raise SourceError(
+                        f"{text} line {number}: expected question<TAB>Yes or No, found {line[-80:]!r}; if the file "
+                        "was cut short, download it again"
+                    )
                 image_key = f"{subtask.name}/{text.stem}"
                 source_id = f"{image_key}_{number}"
                 image_name = image.name if image else f"{text.stem}.jpg"
@@ -110,6 +113,9 @@ def _reader(image: Path | None, what: str):
     def read() -> bytes:
         if image is None:
             raise SourceError(f"{what}: no image file beside the question file ({', '.join(IMAGE_SUFFIXES)})")
-        return image.read_bytes()
+        try:
+            return read_user_file(image, "image file", READ_LIMIT, SourceError)
+        except SourceError as err:  # the row's skip reason
+            raise SourceError(f"{what}: {err}") from err
 
     return read

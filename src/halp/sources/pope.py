@@ -19,6 +19,7 @@ from halp.sources.common import (
     Row,
     embedded_bytes,
     file_bytes,
+    is_present,
     parquet_columns,
     parquet_files,
     read_json_lines,
@@ -44,7 +45,7 @@ def convert(path: Path, out: Path, images: Path | None = None, split: str | None
         if not {"question", "answer", "image"} <= set(parquet_columns(files[0])):
             raise unknown_layout(NAME, path, EXPECTED)
         return write_table(NAME, _hub_rows(files, path), out, "hub parquet", str(path))
-    question_files = [path] if path.is_file() and path.name.startswith("coco_pope_") else (
+    question_files = [path] if is_present(path) and path.name.startswith("coco_pope_") else (
         sorted(path.glob("*pope_*.json")) if path.is_dir() else []
     )
     if not question_files:

@@ -107,6 +107,35 @@ def crash_decoder_on_marker() -> None:
 
 
 
+#: The first bytes of an image file on which `hang_decoder_on_marker`'s decoder never returns.
+HANG_MARKER = b"HALP-HANG-DECODER"
+
+
+def release_path(image: str | Path) -> Path:
+    """The file whose creation lets a decoder hung by `hang_decoder_on_marker` on `image` return (tests that must
+    not leave a process behind when the deadline they check is missing)."""
+    image = Path(image)
+    return image.with_name(image.name + ".release")
+
+
+def hang_decoder_on_marker() -> None:
+    """Input-worker fault injection: the worker's image reading never returns on a file starting with HANG_MARKER
+    (as a decoder stuck in a loop, or a read from a hung network file system) until `release_path` appears."""
+    from halp import data
+    from halp.data import resolve_image_path
+
+    real_read = data.read_image
+
+    def read(images_dir: str | Path, image_id: str, *args: Any, **kwargs: Any) -> Any:
+        path = resolve_image_path(images_dir, image_id)
+        if path.is_file() and path.read_bytes()[: len(HANG_MARKER)] == HANG_MARKER:
+            while not release_path(path).exists():
+                time.sleep(0.05)
+        return real_read(images_dir, image_id, *args, **kwargs)
+
+    data.read_image = read
+
+
 def hang_in_worker() -> None:
     """Input-worker fault injection: the worker never becomes ready and ignores SIGTERM (as a worker stuck in
     native code that answers no signal would). Tests see the ignored SIGTERM in /proc/PID/status (SigIgn)."""
@@ -115,3 +144,37 @@ def hang_in_worker() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     while True:
         time.sleep(1)
+
+
+def corrupt_parquet_column(path: str | Path, column: str, row_group: int) -> None:
+    """Overwrite one column chunk of a Parquet file (its pages, dictionary page included) with 0xFF bytes, in place:
+    the page header no longer deserializes, as on a disk or a download that damaged those bytes. The footer and the
+    other column chunks stay intact, so the file opens and the other columns read."""
+    import pyarrow.parquet as pq
+
+    metadata = pq.ParquetFile(path).metadata
+    group = metadata.row_group(row_group)
+    chunk = next(group.column(i) for i in range(group.num_columns) if group.column(i).path_in_schema == column)
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    with open(path, "r+b") as handle:
+        handle.seek(start)
+        handle.write(b"\xff" * chunk.total_compressed_size)
+
+
+def damaged_copies(path: str | Path, out_dir: str | Path) -> dict[str, Path]:
+    """Three damaged versions of a file, under its own name in out_dir/<kind>/: `cut` (its first half, as a copy
+    or a download that stopped), `empty` (0 bytes) and `garbage` (the same number of bytes that are no format)."""
+    path, out_dir = Path(path), Path(out_dir)
+    data = path.read_bytes()
+    contents = {
+        "cut": data[: len(data) // 2],
+        "empty": b"",
+        "garbage": bytes(random.Random(len(data)).getrandbits(8) for _ in range(max(len(data), 64))),
+    }
+    copies = {}
+    for kind, content in contents.items():
+        target = out_dir / kind / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content)
+        copies[kind] = target
+    return copies

@@ -30,7 +30,9 @@ import hashlib
 import json
 import math
 import os
+import select
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -289,6 +291,36 @@ class TrainingStream(torch.utils.data.IterableDataset):
             yield encoder.batch(batch)
 
 
+class EndWithTrainer:
+    """The DataLoader's `worker_init_fn`: the worker ends as soon as the training process does, however it ends
+    (SIGTERM, SIGKILL, a crash). A forkserver worker's parent is the fork server, not the trainer, so torch's own
+    check of the parent never fires: without this the worker, and the fork server and resource tracker that wait
+    for it, outlive a killed training. The trainer is watched through a pidfd (Linux), else polled."""
+
+    def __init__(self, trainer: int) -> None:
+        self.trainer = trainer
+
+    def __call__(self, worker_id: int) -> None:
+        threading.Thread(target=self._watch, name="halp-trainer-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        try:
+            handle = os.pidfd_open(self.trainer)
+        except ProcessLookupError:  # already gone
+            os._exit(0)
+        except (AttributeError, OSError):  # no pidfd here: poll
+            while True:
+                try:
+                    os.kill(self.trainer, 0)
+                except ProcessLookupError:
+                    os._exit(0)
+                except PermissionError:
+                    pass
+                time.sleep(0.5)
+        select.select([handle], [], [])  # readable once the trainer has exited
+        os._exit(0)
+
+
 def vision_tower(model: Any) -> torch.nn.Module:
     """The vision tower: the module that holds the projector (Qwen2-VL: `model.visual`, the merger inside)."""
     from halp.models import adapter_class_for
@@ -525,6 +557,7 @@ def train(
             num_workers=workers,
             multiprocessing_context="forkserver" if workers else None,
             prefetch_factor=4 if workers else None,
+            worker_init_fn=EndWithTrainer(os.getpid()) if workers else None,
         )
         batches = iter(loader)
         torch.manual_seed(config.seed)
