@@ -9,8 +9,11 @@ JPEG images on disk, then runs the real `run_extraction` on the same rows:
    call. The delay is a sleep: it stands for device time during which the host is free (a GPU prefill), and
    makes the model the slowest stage. Overlapped, the wall time should be close to
    (slowest stage per batch) x batches, not the sum of the stages; the model's input-stall fraction is printed.
-2. overlapped without delay, with `--max-new-tokens`, against the seeds' method (bench_extract.seeds_method:
-   per sample generate, a vision pass and a full forward, images loaded from disk) on the same rows.
+2. without delay, with `--max-new-tokens`, each of `--compare-workers` (default: halp's own default and
+   `--workers 0`, alternated `--repeats` times) against the seeds' method (bench_extract.seeds_method: per sample
+   generate, a vision pass and a full forward, images loaded from disk) on the same rows.
+
+    python benchmarks/bench_pipeline.py --preset tiny --samples 96 --batch-size 8 --max-new-tokens 16 --skip-overlap
 
 Rates count the extraction loop only (model loading excluded). Figures on a shared machine vary: rerun.
 """
@@ -102,13 +105,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=1, help="part 1: the overlapped run's workers")
+    parser.add_argument(
+        "--compare-workers",
+        default="default,0",
+        help="part 2: comma-separated --workers settings to time against the seeds' method ('default': halp's own)",
+    )
     parser.add_argument("--model-delay", type=float, default=0.5, help="seconds added to every model call")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--seeds-samples", type=int, default=None, help="rows for the seeds' method (default: all)")
     parser.add_argument("--preset", choices=["small", "tiny"], default="small", help="the model (see checkpoint_for)")
     parser.add_argument("--repeats", type=int, default=1, help="part 1: alternate in series / overlapped this often")
     parser.add_argument("--skip-seeds", action="store_true", help="part 1 only")
+    parser.add_argument("--skip-overlap", action="store_true", help="part 2 only")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}")
@@ -128,27 +137,36 @@ def main() -> None:
             dtype="float32",
             progress=False,
         )
-        undo = with_model_delay(args.model_delay)
-        try:
-            print(f"\n1. model made slower than the input: +{args.model_delay}s per batch, 2 answer tokens")
-            for repeat in range(args.repeats):  # alternated: a shared machine's load drifts between runs
-                serial = run_extraction(replace(base, out=root / f"serial{repeat}", workers=0))
-                describe("   in series (--workers 0)", serial)
-                overlapped = run_extraction(replace(base, out=root / f"overlapped{repeat}", workers=args.workers))
-                describe(f"   overlapped (--workers {args.workers})", overlapped)
-                print(
-                    f"   overlapped / in series: {serial.stages.wall / overlapped.stages.wall:.2f}x faster; stall "
-                    f"{overlapped.stages.stall_fraction:.1%}, after the first batch "
-                    f"{overlapped.stages.steady_stall_fraction:.1%} (goal < 10%)"
-                )
-        finally:
-            undo()
+        if not args.skip_overlap:
+            undo = with_model_delay(args.model_delay)
+            try:
+                print(f"\n1. model made slower than the input: +{args.model_delay}s per batch, 2 answer tokens")
+                for repeat in range(args.repeats):  # alternated: a shared machine's load drifts between runs
+                    serial = run_extraction(replace(base, out=root / f"serial{repeat}", workers=0))
+                    describe("   in series (--workers 0)", serial)
+                    overlapped = run_extraction(replace(base, out=root / f"overlapped{repeat}", workers=args.workers))
+                    describe(f"   overlapped (--workers {args.workers})", overlapped)
+                    print(
+                        f"   overlapped / in series: {serial.stages.wall / overlapped.stages.wall:.2f}x faster; stall "
+                        f"{overlapped.stages.stall_fraction:.1%}, after the first batch "
+                        f"{overlapped.stages.steady_stall_fraction:.1%} (goal < 10%)"
+                    )
+            finally:
+                undo()
 
         if args.skip_seeds:
             return
         print(f"\n2. against the seeds' method, {args.max_new_tokens} answer tokens, no delay")
-        config = replace(base, out=root / "halp", workers=args.workers, max_new_tokens=args.max_new_tokens)
-        halp_rate = describe(f"   halp (--workers {args.workers})", run_extraction(config))
+        settings = [None if item == "default" else int(item) for item in args.compare_workers.split(",")]
+        rates: dict[int | None, list[float]] = {setting: [] for setting in settings}
+        for repeat in range(args.repeats):  # alternated: a shared machine's load drifts between runs
+            for setting in settings:
+                config = replace(
+                    base, out=root / f"halp-{setting}-{repeat}", workers=setting, max_new_tokens=args.max_new_tokens
+                )
+                summary = run_extraction(config)
+                label = f"default: {summary.stages.workers}" if setting is None else str(setting)
+                rates[setting].append(describe(f"   halp (--workers {label})", summary))
         model, processor = load_model(str(checkpoint), "cpu", "float32")
         adapter = adapter_for(model, processor)
         layers = parse_layers("halp", adapter.num_layers)
@@ -159,7 +177,12 @@ def main() -> None:
         seeds_method(model, processor, adapter, loaded, [row["question"] for row in rows], layers, args.max_new_tokens)
         seeds_rate = len(rows) / (time.perf_counter() - start)
         print(f"   seeds' method: {seeds_rate:.2f} samples/s on {len(rows)} rows")
-        print(f"   ratio halp / seeds: {halp_rate / seeds_rate:.2f}x")
+        for setting, measured in rates.items():
+            each = ", ".join(f"{rate:.2f}" for rate in measured)
+            print(
+                f"   ratio halp (--workers {'default' if setting is None else setting}) / seeds: "
+                f"{max(measured) / seeds_rate:.2f}x (best of {len(measured)}: {each} samples/s)"
+            )
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 

@@ -358,3 +358,36 @@ def test_processor_on_the_gpu_needs_the_model_there(loaded):
     assert resolve_processor_device("auto", extractor, "cpu") == "cpu"
     with pytest.raises(ParameterError, match="CUDA"):
         resolve_processor_device("cuda", extractor, "cpu")
+
+
+@pytest.mark.parametrize(
+    ("device", "cores", "torch_threads", "expected"),
+    [
+        ("cuda", 2, 2, 1),  # beside a GPU model one core is the model's, the other decodes
+        ("cuda:1", 16, 16, 4),  # at most 4
+        ("cuda", 1, 1, 1),  # at least one: the host is free while the device computes
+        ("cpu", 2, 2, 0),  # the model's threads use both cores: a worker would compete with them
+        ("cpu", 16, 16, 0),
+        ("cpu", 8, 4, 4),  # torch left four cores free
+        ("cpu", 8, 6, 2),
+    ],
+)
+def test_default_workers_are_those_that_can_help_on_the_device(monkeypatch, device, cores, torch_threads, expected):
+    import halp.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "usable_cores", lambda: cores)
+    monkeypatch.setattr(pipeline.torch, "get_num_threads", lambda: torch_threads)
+    assert pipeline.default_workers(device) == expected
+
+
+def test_a_default_cpu_run_on_two_cores_runs_in_series(tmp_path, checkpoint_dir, data10, monkeypatch):
+    import halp.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "usable_cores", lambda: 2)
+    monkeypatch.setattr(pipeline.torch, "get_num_threads", lambda: 2)
+    config = cpu_extract_config(checkpoint_dir("qwen2_vl"), *data10, tmp_path / "run")
+    assert config.workers is None
+    summary = run_extraction(config)
+    assert summary.finished and summary.stages.workers == 0
+    with h5py.File(tmp_path / "run" / "features.h5", "r") as handle:
+        assert int(handle.attrs["workers"]) == 0

@@ -97,7 +97,7 @@ class ExtractConfig:
     hf_dataset: str | None = None
     hf_config: str | None = None
     split: str | None = None
-    #: Input worker processes (decode + processor); None: one per spare core, at most 4; 0: all in series.
+    #: Input worker processes (decode + processor); None: as many as help on the device (pipeline.default_workers).
     workers: int | None = None
     #: Where the image processor runs: auto (the GPU when the model is on one and the processor can), cpu, cuda.
     processor_device: str = "auto"
@@ -366,7 +366,7 @@ def _run(run: ExtractPass, store: RunStore, samples: list[Sample]) -> ExtractSum
         summary.finished = True
         return summary
 
-    warm_up(resolve_workers(config))
+    warm_up(resolve_workers(config, run.device))
     extractor, attrs = prepare_extractor(run)
     recheck_model_after_loading(store.read_identity() or {}, store, config.model)
     if store.features_path.exists():
@@ -456,7 +456,7 @@ def _extract_all(
     batch_size = resolve_batch_size(config, extractor, todo, counter, rules, max_new_tokens, device)
     attrs["batch_size"] = summary.batch_size = batch_size
     attrs["batch_size_auto"] = config.batch_size == "auto"
-    workers = resolve_workers(config)
+    workers = resolve_workers(config, run.device)
     processor_device = resolve_processor_device(config.processor_device, extractor, device)
     attrs["workers"] = workers
     attrs["processor_device"] = processor_device
@@ -541,8 +541,9 @@ def _extract_all(
 _DEVICE_PROCESSOR_LOCK = threading.Lock()
 
 
-def resolve_workers(config: ExtractConfig) -> int:
-    return default_workers() if config.workers is None else config.workers
+def resolve_workers(config: ExtractConfig, device: str) -> int:
+    """--workers, or by default as many input workers as can help on `device` (halp.pipeline.default_workers)."""
+    return default_workers(device) if config.workers is None else config.workers
 
 
 def _device_encoder(extractor: FeatureExtractor, device: str) -> Any:
@@ -799,7 +800,7 @@ def _shard_pass(
     )
     failures = FailureLog(store.writer_dir / ERRORS_FILE, summary)
     if todo:
-        warm_up(resolve_workers(config))
+        warm_up(resolve_workers(config, run.device))
         extractor, attrs = prepare_extractor(run)
         recheck_model_after_loading(store.read_identity() or {}, store, config.model)
         attrs["num_shards"] = shard.count

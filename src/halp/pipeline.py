@@ -66,9 +66,23 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def default_workers() -> int:
-    """One input worker per spare CPU core, at most 4 (past that the processor rarely is the bottleneck)."""
-    return max(1, min(4, usable_cores() - 1))
+#: More input workers than this rarely help: past it the processor is not the bottleneck.
+MAX_DEFAULT_WORKERS = 4
+
+
+def default_workers(device: str) -> int:
+    """Input workers only where they can help.
+
+    With the model on a GPU the host is free while the device computes, so decoding and processing ahead of it
+    pays: one worker per core beyond the model's thread, at most `MAX_DEFAULT_WORKERS`, at least one. With the
+    model on the CPU its torch threads already use the cores, and a worker would compete with them (on 2 cores,
+    measured: the model stage 1.5x slower, the run 1.7x slower); the input stage is a few percent of a batch
+    there (docs/benchmarks.md), so workers start only on cores the model's torch threads leave free.
+    """
+    cores = usable_cores()
+    if device.startswith("cuda"):
+        return max(1, min(MAX_DEFAULT_WORKERS, cores - 1))
+    return max(0, min(MAX_DEFAULT_WORKERS, cores - torch.get_num_threads()))
 
 
 def _context() -> Any:

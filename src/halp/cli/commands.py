@@ -87,7 +87,10 @@ def extract(
     ] = None,
     workers: Annotated[
         int | None,
-        typer.Option(help="Input worker processes decoding and processing ahead of the model (0: in series)."),
+        typer.Option(
+            help="Input worker processes decoding and processing ahead of the model (0: in series). Default: "
+            "spare cores beside a GPU model, at most 4; on CPU only cores the model's threads leave free."
+        ),
     ] = None,
     processor_device: Annotated[
         str, typer.Option(help="Where the image processor runs: auto (the GPU if the model is on one), cpu, cuda.")
