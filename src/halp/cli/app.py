@@ -53,7 +53,7 @@ err_console = Console(stderr=True)
 def fail(message: str, code: int = 2) -> NoReturn:
     from rich.markup import escape
 
-    # Messages name things like `halp[latentlens]` that rich would otherwise read as markup tags.
+    # Messages name things like `halp-vlm[latentlens]` that rich would otherwise read as markup tags.
     # soft_wrap: the message stays one line however narrow the terminal (scripts grep it).
     err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(code)

@@ -20,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from halp.errors import ReviewError, ReviewServerError
+from halp.errors import ReviewError, ReviewServerError, install_hint
 from halp.review.decisions import VERDICTS
 from halp.review.session import ORDERS, QUEUES, ReviewSession
 
@@ -50,7 +50,7 @@ def _require_web_stack() -> None:
         import uvicorn  # noqa: F401
     except ImportError as err:
         raise ReviewServerError(
-            f"halp review needs the web extra ({err.name} is missing): pip install 'halp[review]'"
+            f"halp review needs the review extra ({err.name} is missing): {install_hint('review')}"
         ) from err
 
 
