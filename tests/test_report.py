@@ -6,6 +6,7 @@ label, the others are noise, so what the report must single out is known in adva
 
 from __future__ import annotations
 
+import html
 import re
 import shutil
 import subprocess
@@ -208,3 +209,32 @@ def test_report_leaves_matplotlib_global_state_alone(probed_run: Path, tmp_path:
     )
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr
+
+
+def test_report_says_what_the_run_found_within_its_grouping_column(probed_run: Path) -> None:
+    """The "what this says" box: the planted feature against vision_only (noise), and both within each source."""
+    report = build_report(probed_run)
+    assert report.finding is not None
+    sentences = report.finding.sentences
+    assert sentences[0].startswith(f"{SIGNAL} (logreg) predicts the model's wrong answers better than vision_only")
+    assert sentences[1].startswith(f"{SIGNAL} (logreg) stays above chance within every source")
+    assert sentences[2].startswith("vision_only (logreg) is at chance within every source")
+    assert sentences[2].endswith("and pooled too (AUROC " + f"{report.finding.within[1].pooled.auroc:.3f}).")
+    page = report.html_path.read_text(encoding="utf-8")
+    box = re.search(r"<div class='finding'>(.*?)</div>", page, re.S)
+    assert box is not None and "What this says" in box.group(1)
+    assert [html.unescape(item) for item in re.findall(r"<li>(.*?)</li>", box.group(1))] == sentences
+
+
+def test_report_finding_without_a_grouping_column_states_the_comparison_alone(probed_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(probed_run, run)
+    (run / "probes" / "groups.csv").unlink()
+    settings = (run / "probes" / "results.json").read_text().replace('"group_by": "source"', '"group_by": null')
+    (run / "probes" / "results.json").write_text(settings)
+    finding = build_report(run).finding
+    assert finding is not None and len(finding.sentences) == 1
+    assert finding.sentences[0].startswith(f"{SIGNAL} (logreg) predicts")
+    result = CliRunner().invoke(app, ["report", str(run)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "what this says" in result.output and "predicts the model's wrong answers better" in result.output

@@ -28,12 +28,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import pandas as pd
 
 from halp.errors import ReportError
 from halp.features import REPRESENTATIONS, is_vision_feature, representation_rank, split_feature  # noqa: F401
+from halp.findings import Finding, state_finding
 from halp.layout import (
+    FEATURES_FILE,
     GROUPS_FILE,
     LABELS_FILE,
     PREDICTIONS_FILE,
@@ -42,6 +45,7 @@ from halp.layout import (
     probes_dir,
     report_dir,
 )
+from halp.rows import meta_columns, read_strings
 
 #: Representations in pipeline order: before the LM, then inside it.
 #: The heatmap column of the representations that have no decoder layer.
@@ -115,11 +119,9 @@ def read_probe_results(run_dir: str | Path) -> ProbeResults:
 
 
 def _run_attrs(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "features.h5"
+    path = run_dir / FEATURES_FILE
     if not path.is_file():
         return {}
-    import h5py
-
     with h5py.File(path, "r") as handle:
         attrs = dict(handle.attrs.items())
     return {key: (value.tolist() if isinstance(value, np.ndarray) else value) for key, value in attrs.items()}
@@ -537,6 +539,8 @@ tr.best { background: #fff3cd; font-weight: 600; }
 .muted { color: #666; font-size: 0.9em; } img { max-width: 100%; } .scroll { overflow-x: auto; }
 dl { display: grid; grid-template-columns: max-content auto; gap: 0.2em 1em; font-size: 0.9em; }
 dt { font-weight: 600; }
+.finding { background: #f6fbf0; border-left: 4px solid #2ca02c; padding: 0.2em 1em 0.4em; margin-top: 1em; }
+.finding h2 { border: none; margin-top: 0.6em; } .finding li { margin: 0.3em 0; }
 """
 
 
@@ -577,6 +581,52 @@ def _groups_section(data: ProbeResults) -> str:
     return intro + table + "<details><summary>all features</summary>" + _table(pivot) + "</details>"
 
 
+def group_table(run_dir: Path, columns: Sequence[str], data: ProbeResults) -> pd.DataFrame | None:
+    """question_id and each of `columns` that the run carries as metadata (features.h5) or its labels.csv has."""
+    path = run_dir / FEATURES_FILE
+    found: dict[str, list[str]] = {}
+    if path.is_file():
+        with h5py.File(path, "r") as handle:
+            stored = meta_columns(handle)
+            wanted = [column for column in columns if column in stored]
+            if wanted:
+                found["question_id"] = read_strings(handle["question_id"])
+                found.update({column: read_strings(stored[column]) for column in wanted})
+    frame = pd.DataFrame(found) if found else None
+    others = [column for column in columns if frame is None or column not in frame.columns]
+    if data.labels is not None and any(column in data.labels.columns for column in others):
+        from_labels = data.labels[["question_id", *[c for c in others if c in data.labels.columns]]]
+        frame = from_labels if frame is None else frame.merge(from_labels, on="question_id", how="left")
+    return frame
+
+
+def finding_for(data: ProbeResults, run_dir: Path, columns: Sequence[str] | None = None) -> Finding | None:
+    """"What this says" for a run: its best feature vs vision_only, within each grouping column (default: the
+    probes' --group-by), with the probes' bootstrap resamples and seed."""
+    if columns is None:
+        columns = [data.settings["group_by"]] if data.settings.get("group_by") else []
+    groups = group_table(run_dir, columns, data) if columns else None
+    return state_finding(
+        data.results,
+        data.predictions,
+        groups,
+        columns,
+        int(data.settings.get("bootstrap", 1000)),
+        int(data.settings.get("seed", 42)),
+    )
+
+
+def _finding_section(finding: Finding | None) -> str:
+    if finding is None or not finding.sentences:
+        return ""
+    items = "".join(f"<li>{_e(sentence)}</li>" for sentence in finding.sentences)
+    return (
+        f"<div class='finding'><h2>What this says</h2><ul>{items}</ul><p class='muted'>Computed from the pooled "
+        "out-of-fold scores of probes/predictions.csv; intervals are 95% bootstrap intervals (paired for the "
+        "difference).</p></div>"
+    )
+
+
 def _run_section(data: ProbeResults, run_dir: Path) -> str:
     attrs = data.run_attrs
     items: list[tuple[str, Any]] = [("run directory", run_dir.resolve())]
@@ -594,6 +644,7 @@ class Report:
     pngs: dict[str, Path]
     best: pd.Series
     results: pd.DataFrame
+    finding: Finding | None = None
 
 
 def _review_section(run_dir: Path) -> str:
@@ -617,10 +668,22 @@ def _review_section(run_dir: Path) -> str:
     return f"<h2>Manual review</h2>{text}{table}"
 
 
-def build_report(run_dir: str | Path, out_dir: str | Path | None = None, title: str | None = None) -> Report:
-    """Write the PNGs and report.html for a run whose probes are trained; return where they are."""
+def build_report(
+    run_dir: str | Path,
+    out_dir: str | Path | None = None,
+    title: str | None = None,
+    group_columns: Sequence[str] | None = None,
+    finding: Finding | None = None,
+) -> Report:
+    """Write the PNGs and report.html for a run whose probes are trained; return where they are.
+
+    "What this says" is stated within each of `group_columns` (default: the probes' --group-by column); `finding`
+    passes one already computed (`halp world`).
+    """
     run_dir = Path(run_dir)
     data = read_probe_results(run_dir)
+    if finding is None:
+        finding = finding_for(data, run_dir, group_columns)
     out = Path(out_dir) if out_dir is not None else report_dir(run_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -655,6 +718,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, title: 
 <body>
 <h1>{_e(title)}</h1>
 {_headline(data)}
+{_finding_section(finding)}
 <h2>Which representation and layer predicts hallucination</h2>
 {_img(pngs["auroc_heatmap"], "AUROC heatmap")}
 <p class="muted">Rows: where the state is read (vision_only: projector input, vision_projected: projector output,
@@ -679,4 +743,4 @@ vision_token / vision_token_mean: last / mean image token, query_token: last pro
 """
     html_path = out / "report.html"
     html_path.write_text(page, encoding="utf-8")
-    return Report(html_path, paths, best, data.results)
+    return Report(html_path, paths, best, data.results, finding)
