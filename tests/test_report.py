@@ -26,6 +26,7 @@ from halp.report import (
     auroc_grids,
     build_report,
     label_balance,
+    probe_settings,
     read_probe_results,
     roc_curve_rows,
     split_feature,
@@ -238,3 +239,15 @@ def test_report_finding_without_a_grouping_column_states_the_comparison_alone(pr
     result = CliRunner().invoke(app, ["report", str(run)], terminal_width=200)
     assert result.exit_code == 0, result.output
     assert "what this says" in result.output and "predicts the model's wrong answers better" in result.output
+
+
+def test_the_run_section_names_the_validation_scheme_and_no_empty_setting(probed_run: Path) -> None:
+    page = build_report(probed_run).html_path.read_text(encoding="utf-8")
+    run = re.search(r"<dl>(.*?)</dl>", page, re.S)
+    assert run is not None
+    shown = dict(re.findall(r"<dt>(.*?)</dt><dd>(.*?)</dd>", run.group(1)))
+    assert shown["validation"] == "3-fold stratified CV, grouped by image"
+    assert shown["bootstrap"] == "50 resamples over out-of-fold predictions pooled across folds"
+    assert "None" not in shown.values() and "split" not in " ".join(shown)
+    older = dict(probe_settings({"split": 0.2, "folds": None}))  # results.json without the scheme's words
+    assert older["validation"] == "one stratified split, test fraction 0.2"

@@ -219,7 +219,7 @@ def test_conflicts_stay_unknown_and_are_reported_unless_resolved_by_the_latest()
     merged, summary = merge_decisions(IDS, AUTO, state, resolve="latest")
     assert (merged[3].label, merged[3].method) == (0, "manual:bob")
     assert summary.conflicts == [] and len(summary.resolved) == 1
-    with pytest.raises(ReviewError, match="--resolve"):
+    with pytest.raises(ReviewError, match="resolve='vote'"):
         merge_decisions(IDS, AUTO, state, resolve="vote")
 
 

@@ -34,6 +34,13 @@ def install_hint(extra: str) -> str:
     return f"pip install '{DISTRIBUTION}[{extra}]'"
 
 
+#: How a message names a parameter the user can set, so that the CLI can show it as the flag of the command being
+#: run: `name=` followed by a value or by nothing ("pass a label table as labels="), or `name=True` / `name=False`
+#: for a switch ("rerun with overwrite=True"). Python users read the call they would make; the CLI (`halp.cli.app.
+#: describe`) shows `--labels`, `--overwrite`, `--no-exif-orientation`.
+PARAMETER_MENTION = r"(?<![\w.-])(?P<name>[a-z][a-z0-9_]*)=(?:(?P<switch>True|False)\b|(?P<value>[^\s,;:)]+))?"
+
+
 class HalpError(Exception):
     """A user-facing error: the message says what is wrong and what to do."""
 

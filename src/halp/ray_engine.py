@@ -174,7 +174,7 @@ def run_ray_extraction(
         raise ParameterError("num_workers", "must be at least 1")
     if resolve_shard(config.num_shards, config.shard_index).is_sharded:
         raise ShardError(
-            "--engine ray spreads the rows over its workers itself: drop --num-shards/--shard-index "
+            "--engine ray spreads the rows over its workers itself: drop num_shards= and shard_index= "
             "and do not start it under torchrun/accelerate"
         )
     samples = read_table(config)  # table problems surface before the cluster is touched

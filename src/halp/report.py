@@ -318,16 +318,20 @@ class RiskCoverage:
     base: float
     oracle: float
 
+    def last_reaching(self, target: float) -> int | None:
+        """Index of the largest coverage whose kept accuracy reaches `target` (None when none does)."""
+        reaching = np.flatnonzero(self.accuracy >= target)
+        return int(reaching[-1]) if len(reaching) else None
+
     def threshold_for(self, target: float) -> tuple[float, float, float] | None:
         """(threshold, coverage, accuracy) of the largest coverage whose kept accuracy reaches `target`.
 
         Withholding every answer with risk >= threshold (what `halp predict --threshold` flags) keeps exactly
         that set. None when no coverage reaches the target.
         """
-        reaching = np.flatnonzero(self.accuracy >= target)
-        if len(reaching) == 0:
+        index = self.last_reaching(target)
+        if index is None:
             return None
-        index = int(reaching[-1])
         # The first withheld risk: flagging risk >= it withholds exactly the answers past this point.
         threshold = float(self.risk[index + 1]) if index + 1 < len(self.risk) else float("inf")
         return threshold, float(self.coverage[index]), float(self.accuracy[index])
@@ -403,7 +407,22 @@ def deployment_png(curve: RiskCoverage, calibration: Reliability, name: str) -> 
     return _png(figure)
 
 
+def threshold_text(kept: float, withheld: float) -> str:
+    """The shortest decimal T with kept < T <= withheld: flagging risk >= T (what `halp predict --threshold T`
+    does) withholds exactly the answers from `withheld` up, as the table's coverage says. Three decimals when they
+    suffice; more only where two risks are closer than that ("1.000" could stand for 0.9996 and for 0.99997)."""
+    if math.isinf(withheld):
+        return "inf"
+    for digits in range(3, 18):
+        text = f"{math.floor(withheld * 10**digits) / 10**digits:.{digits}f}"
+        if kept < float(text) <= withheld:
+            return text
+    return repr(withheld)  # the float itself round-trips exactly
+
+
 def threshold_table(curve: RiskCoverage, targets: Sequence[float] = TARGET_ACCURACIES) -> pd.DataFrame:
+    """Per target accuracy: the threshold to pass to `halp predict --threshold` (as text, with the digits that
+    reproduce the coverage), the coverage and the accuracy of the answers kept."""
     rows = []
     for target in targets:
         found = curve.threshold_for(target)
@@ -412,8 +431,9 @@ def threshold_table(curve: RiskCoverage, targets: Sequence[float] = TARGET_ACCUR
                          "accuracy": np.nan})  # fmt: skip
         else:
             threshold, coverage, accuracy = found
-            rows.append({"target accuracy": target, "withhold risk >=": threshold, "coverage": coverage,
-                         "accuracy": accuracy})  # fmt: skip
+            kept = float(curve.risk[curve.last_reaching(target)])  # the highest risk still answered
+            rows.append({"target accuracy": target, "withhold risk >=": threshold_text(kept, threshold),
+                         "coverage": coverage, "accuracy": accuracy})  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -627,14 +647,45 @@ def _finding_section(finding: Finding | None) -> str:
     )
 
 
+def probe_settings(settings: dict[str, Any]) -> list[tuple[str, Any]]:
+    """How the probes were trained, in words: the validation scheme as `halp probe` describes it (not its raw
+    folds/split fields, one of which is always empty), the labels, grouping, seed and resamples."""
+    items: list[tuple[str, Any]] = []
+    if settings.get("labels"):
+        column = f" (column {settings['label_column']})" if settings.get("label_column") else ""
+        items.append(("labels", f"{settings['labels']}{column}"))
+    if "n" in settings:
+        rows = f"{settings['n']} labelled rows"
+        if "n_positive" in settings:
+            rows += f", {settings['n_positive']} hallucinated"
+        if "n_rows" in settings:
+            rows += f", of {settings['n_rows']} in the run"
+        items.append(("rows", rows))
+    if settings.get("validation"):
+        items.append(("validation", settings["validation"]))
+    elif settings.get("split") is not None:
+        items.append(("validation", f"one stratified split, test fraction {settings['split']}"))
+    elif settings.get("folds") is not None:
+        items.append(("validation", f"{settings['folds']}-fold stratified CV"))
+    if settings.get("group_by"):
+        items.append(("per-group results by", settings["group_by"]))
+    if settings.get("seed") is not None:
+        items.append(("seed", settings["seed"]))
+    if settings.get("bootstrap") is not None:
+        over = f" over {settings['bootstrap_over']}" if settings.get("bootstrap_over") else ""
+        items.append(("bootstrap", f"{settings['bootstrap']} resamples{over}"))
+    if settings.get("threshold") is not None:
+        items.append(("probe threshold", settings["threshold"]))
+    return items
+
+
 def _run_section(data: ProbeResults, run_dir: Path) -> str:
     attrs = data.run_attrs
     items: list[tuple[str, Any]] = [("run directory", run_dir.resolve())]
     for key in ("model_id", "architecture", "num_layers", "layers", "dtype", "num_samples", "generated"):
         if key in attrs:
             items.append((key, attrs[key]))
-    for key, value in data.settings.items():
-        items.append((f"probe {key}", value))
+    items += probe_settings(data.settings)
     return "<dl>" + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in items) + "</dl>"
 
 

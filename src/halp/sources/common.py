@@ -204,7 +204,7 @@ def file_bytes(images_dir: Path | None, name: str, what: str) -> Callable[[], by
 
     def read() -> bytes:
         if images_dir is None:
-            raise SourceError(f"{what}: no image folder given (--images)")
+            raise SourceError(f"{what}: no image folder given (images=)")
         root = images_dir.resolve()
         path = (root / name).resolve()
         if not path.is_relative_to(root):
