@@ -91,6 +91,7 @@ def create_app(session: ReviewSession, token: str | None = None, loopback: bool 
                 "verdicts": list(VERDICTS),
                 "filters": session.filter_values(),
                 "risk_sources": session.risk_sources,
+                "labels_file": session.labels_source,
                 "reviews_file": str(session.log.path),
             }
         )
