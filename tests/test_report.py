@@ -184,7 +184,11 @@ def test_missing_results_say_which_command_makes_them(tmp_path: Path) -> None:
         build_report(tmp_path / "run")
     result = CliRunner().invoke(app, ["report", str(tmp_path / "run")])
     assert result.exit_code == 2
-    assert "halp probe" in result.output
+    assert f"train probes first (`halp probe {tmp_path / 'run'}`)" in " ".join(result.output.split())
+    # Following it (on one feature, without resamples: the test stays short) makes the report.
+    quick = ["--features", SIGNAL, "--folds", "3", "--bootstrap", "0"]
+    assert CliRunner().invoke(app, ["probe", str(tmp_path / "run"), *quick]).exit_code == 0
+    assert CliRunner().invoke(app, ["report", str(tmp_path / "run")]).exit_code == 0
 
 
 def test_cli_report_prints_grid_best_and_path(probed_run: Path, tmp_path: Path) -> None:
