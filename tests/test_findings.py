@@ -74,14 +74,33 @@ def test_within_sentence_when_the_pooled_signal_is_the_group_itself() -> None:
     sentence = describe_within(item, {"easy": 0.278, "hard": 0.468, "medium": 0.354})
     assert sentence.startswith(f"{VISION} is at chance within every difficulty (AUROC 0.510-0.550")
     assert "every 95% interval includes 0.5" in sentence
-    assert "although it reaches 0.608 pooled (95% interval 0.562 to 0.619)" in sentence
+    assert "although it reaches 0.608 pooled (95% interval 0.562 to 0.619, above every group's AUROC)" in sentence
     assert "its pooled signal is the difficulty itself (wrong answers: easy 28%, hard 47%, medium 35%)" in sentence
+
+
+def test_within_sentence_when_the_groups_are_too_small_to_tell() -> None:
+    """Not above chance in any group by its interval, yet one group's AUROC reaches the pooled interval: no claim
+    that the signal is gone within the groups, only that they cannot tell."""
+    item = within(
+        QUERY,
+        (0.736, 0.677, 0.785),
+        {"colour": (0.295, 0.149, 0.459), "spatial": (0.700, 0.430, 0.880), "counting": (0.590, 0.462, 0.764)},
+    )
+    sentence = describe_within(item, {"colour": 0.08, "spatial": 0.2, "counting": 0.52})
+    assert sentence.startswith(f"{QUERY} is at or below chance within every difficulty (AUROC 0.295-0.700")
+    assert "no 95% interval above 0.5" in sentence
+    assert sentence.endswith(
+        "although it reaches 0.736 pooled (95% interval 0.677 to 0.785); the groups are too small to tell whether "
+        "that signal holds within them (up to 0.700)."
+    )
+    assert "signal is the" not in sentence
 
 
 def test_within_sentence_when_chance_pooled_too() -> None:
     item = within(VISION, (0.52, 0.48, 0.56), {"easy": (0.51, 0.45, 0.57), "hard": (0.53, 0.47, 0.59)})
     sentence = describe_within(item)
-    assert "at chance within every difficulty" in sentence and "and pooled too (AUROC 0.520)" in sentence
+    assert "at chance within every difficulty" in sentence
+    assert sentence.endswith("and on all rows pooled too (AUROC 0.520, 95% interval 0.480 to 0.560).")
     assert "signal" not in sentence
 
 

@@ -224,7 +224,10 @@ def test_report_says_what_the_run_found_within_its_grouping_column(probed_run: P
     assert sentences[0].startswith(f"{SIGNAL} (logreg) predicts the model's wrong answers better than vision_only")
     assert sentences[1].startswith(f"{SIGNAL} (logreg) stays above chance within every source")
     assert sentences[2].startswith("vision_only (logreg) is at chance within every source")
-    assert sentences[2].endswith("and pooled too (AUROC " + f"{report.finding.within[1].pooled.auroc:.3f}).")
+    pooled = report.finding.within[1].pooled
+    assert sentences[2].endswith(
+        f"and on all rows pooled too (AUROC {pooled.auroc:.3f}, 95% interval {pooled.low:.3f} to {pooled.high:.3f})."
+    )
     page = report.html_path.read_text(encoding="utf-8")
     box = re.search(r"<div class='finding'>(.*?)</div>", page, re.S)
     assert box is not None and "What this says" in box.group(1)

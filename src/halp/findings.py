@@ -268,18 +268,21 @@ def describe_paired(paired: Paired) -> str:
         )
     if paired.low > 0:
         return (
-            f"{a} predicts the model's wrong answers better than {b}: AUROC {_f(paired.first_auroc)} against "
-            f"{_f(paired.second_auroc)} {on}, a paired difference of {paired.difference:+.3f} "
+            f"{a} predicts the model's wrong answers better than {b}: pooled out-of-fold AUROC "
+            f"{_f(paired.first_auroc)} against {_f(paired.second_auroc)} {on}, a paired difference of "
+            f"{paired.difference:+.3f} "
             f"({_interval(paired.low, paired.high, signed=True)})."
         )
     if paired.high < 0:
         return (
-            f"{b} predicts the model's wrong answers better than {a}: AUROC {_f(paired.second_auroc)} against "
-            f"{_f(paired.first_auroc)} {on}, a paired difference of {-paired.difference:+.3f} "
+            f"{b} predicts the model's wrong answers better than {a}: pooled out-of-fold AUROC "
+            f"{_f(paired.second_auroc)} against {_f(paired.first_auroc)} {on}, a paired difference of "
+            f"{-paired.difference:+.3f} "
             f"({_interval(-paired.high, -paired.low, signed=True)})."
         )
     return (
-        f"{a} and {b} cannot be told apart {on}: AUROC {_f(paired.first_auroc)} against {_f(paired.second_auroc)}, "
+        f"{a} and {b} cannot be told apart {on}: pooled out-of-fold AUROC {_f(paired.first_auroc)} against "
+        f"{_f(paired.second_auroc)}, "
         f"a paired difference of {paired.difference:+.3f} whose {_interval(paired.low, paired.high, signed=True)} "
         "includes 0."
     )
@@ -319,17 +322,25 @@ def describe_within(within: Within, error_rates: dict[str, float] | None = None)
         state = "at chance" if all_at else "at or below chance"
         intervals = "every 95% interval includes 0.5" if all_at else "no 95% interval above 0.5"
         sentence = f"{name} is {state} within every {column} ({_range(list(defined.values()))}, {intervals}){tail}"
-        if within.pooled.versus_chance == "above":
-            rates = ""
-            if error_rates:
-                rates = " (wrong answers: " + ", ".join(
-                    f"{value} {share:.0%}" for value, share in error_rates.items()) + ")"  # fmt: skip
+        pooled = within.pooled
+        if pooled.versus_chance != "above":
+            interval = _interval(pooled.low, pooled.high)
+            return f"{sentence}, and on all rows pooled too (AUROC {_f(pooled.auroc)}, {interval})."
+        highest = max(item.auroc for item in defined.values())
+        if highest >= pooled.low:
+            # A group's own AUROC reaches the pooled interval: its rows are too few to say the signal is gone there.
             return (
-                f"{sentence}, although it reaches {_f(within.pooled.auroc)} pooled "
-                f"({_interval(within.pooled.low, within.pooled.high)}): its pooled signal is the {column} "
-                f"itself{rates}."
+                f"{sentence}, although it reaches {_f(pooled.auroc)} pooled ({_interval(pooled.low, pooled.high)}); "
+                f"the groups are too small to tell whether that signal holds within them (up to {_f(highest)})."
             )
-        return f"{sentence}, and pooled too (AUROC {_f(within.pooled.auroc)})."
+        rates = ""
+        if error_rates:
+            shares = ", ".join(f"{value} {share:.0%}" for value, share in error_rates.items())
+            rates = f" (wrong answers: {shares})"
+        return (
+            f"{sentence}, although it reaches {_f(pooled.auroc)} pooled ({_interval(pooled.low, pooled.high)}, above "
+            f"every group's AUROC): its pooled signal is the {column} itself{rates}."
+        )
     shown = [f"{value} {_f(defined[value].auroc)}" for value in above]
     return (
         f"{name} is above chance within {len(above)} of {len(defined)} {column} values ({_listed(shown)}) and not "
