@@ -32,7 +32,7 @@ def paired(difference: float, low: float, high: float) -> Paired:
 
 def test_paired_sentence_when_the_best_feature_is_better() -> None:
     sentence = describe_paired(paired(0.168, 0.135, 0.202))
-    assert sentence.startswith(f"{QUERY} predicts the model's wrong answers better than {VISION}")
+    assert sentence.startswith(f"{QUERY} predicts hallucinations better than {VISION}")
     assert "AUROC 0.768 against 0.600 on the same 1500 rows" in sentence
     assert "+0.168 (95% interval +0.135 to +0.202)" in sentence
 
@@ -40,7 +40,7 @@ def test_paired_sentence_when_the_best_feature_is_better() -> None:
 def test_paired_sentence_when_the_interval_says_the_other_way() -> None:
     sentence = describe_paired(paired(-0.05, -0.08, -0.02))
     # Said from the better one's side, with the interval flipped to match.
-    assert sentence.startswith(f"{VISION} predicts the model's wrong answers better than {QUERY}")
+    assert sentence.startswith(f"{VISION} predicts hallucinations better than {QUERY}")
     assert "AUROC 0.600 against 0.550" in sentence and "+0.050 (95% interval +0.020 to +0.080)" in sentence
 
 
@@ -172,7 +172,7 @@ def test_state_finding_on_scores_whose_truth_is_known() -> None:
     finding = state_finding(results, predictions, groups, ["difficulty"], resamples=200, seed=1)
     assert finding is not None
     first, query_sentence, vision_sentence = finding.sentences
-    assert first.startswith("query_token/layer_3 (logreg) predicts the model's wrong answers better than vision_only")
+    assert first.startswith("query_token/layer_3 (logreg) predicts hallucinations better than vision_only")
     assert query_sentence.startswith("query_token/layer_3 (logreg) stays above chance within every difficulty")
     assert vision_sentence.startswith("vision_only (logreg) is at chance within every difficulty")
     assert "its pooled signal is the difficulty itself" in vision_sentence

@@ -221,7 +221,7 @@ def test_report_says_what_the_run_found_within_its_grouping_column(probed_run: P
     report = build_report(probed_run)
     assert report.finding is not None
     sentences = report.finding.sentences
-    assert sentences[0].startswith(f"{SIGNAL} (logreg) predicts the model's wrong answers better than vision_only")
+    assert sentences[0].startswith(f"{SIGNAL} (logreg) predicts hallucinations better than vision_only")
     assert sentences[1].startswith(f"{SIGNAL} (logreg) stays above chance within every source")
     assert sentences[2].startswith("vision_only (logreg) is at chance within every source")
     pooled = report.finding.within[1].pooled
@@ -245,7 +245,7 @@ def test_report_finding_without_a_grouping_column_states_the_comparison_alone(pr
     assert finding.sentences[0].startswith(f"{SIGNAL} (logreg) predicts")
     result = CliRunner().invoke(app, ["report", str(run)], terminal_width=200)
     assert result.exit_code == 0, result.output
-    assert "what this says" in result.output and "predicts the model's wrong answers better" in result.output
+    assert "what this says" in result.output and "predicts hallucinations better" in result.output
 
 
 def test_the_run_section_names_the_validation_scheme_and_no_empty_setting(probed_run: Path) -> None:

@@ -240,10 +240,14 @@ def _f(value: float) -> str:
     return f"{value:.3f}"
 
 
+def _signed(value: float) -> str:
+    return f"{round(value, 3) + 0.0:+.3f}"  # + 0.0: a rounded -0.0 shows as +0.000
+
+
 def _interval(low: float, high: float, signed: bool = False) -> str:
     if math.isnan(low) or math.isnan(high):
         return "no bootstrap interval"
-    return f"95% interval {low:+.3f} to {high:+.3f}" if signed else f"95% interval {low:.3f} to {high:.3f}"
+    return f"95% interval {_signed(low)} to {_signed(high)}" if signed else f"95% interval {low:.3f} to {high:.3f}"
 
 
 def _listed(items: Sequence[str]) -> str:
@@ -258,32 +262,32 @@ def _range(scores: Sequence[Score]) -> str:
 
 
 def describe_paired(paired: Paired) -> str:
-    """One sentence: which of the two predicts the model's wrong answers better, as the paired interval says."""
+    """One sentence: which of the two predicts hallucinations better, as the paired interval says."""
     a, b = paired.first, paired.second
     on = f"on the same {paired.n} rows"
     if math.isnan(paired.low) or math.isnan(paired.high):
         return (
             f"{a} scores AUROC {_f(paired.first_auroc)} and {b} {_f(paired.second_auroc)} {on}, a difference of "
-            f"{paired.difference:+.3f} with no bootstrap interval to say whether it is more than chance."
+            f"{_signed(paired.difference)} with no bootstrap interval to say whether it is more than chance."
         )
     if paired.low > 0:
         return (
-            f"{a} predicts the model's wrong answers better than {b}: pooled out-of-fold AUROC "
+            f"{a} predicts hallucinations better than {b}: pooled out-of-fold AUROC "
             f"{_f(paired.first_auroc)} against {_f(paired.second_auroc)} {on}, a paired difference of "
-            f"{paired.difference:+.3f} "
+            f"{_signed(paired.difference)} "
             f"({_interval(paired.low, paired.high, signed=True)})."
         )
     if paired.high < 0:
         return (
-            f"{b} predicts the model's wrong answers better than {a}: pooled out-of-fold AUROC "
+            f"{b} predicts hallucinations better than {a}: pooled out-of-fold AUROC "
             f"{_f(paired.second_auroc)} against {_f(paired.first_auroc)} {on}, a paired difference of "
-            f"{-paired.difference:+.3f} "
+            f"{_signed(-paired.difference)} "
             f"({_interval(-paired.high, -paired.low, signed=True)})."
         )
     return (
         f"{a} and {b} cannot be told apart {on}: pooled out-of-fold AUROC {_f(paired.first_auroc)} against "
         f"{_f(paired.second_auroc)}, "
-        f"a paired difference of {paired.difference:+.3f} whose {_interval(paired.low, paired.high, signed=True)} "
+        f"a paired difference of {_signed(paired.difference)} whose {_interval(paired.low, paired.high, signed=True)} "
         "includes 0."
     )
 
@@ -298,7 +302,7 @@ def describe_chance(name: str, pooled: Score) -> str | None:
     where = "below" if verdict == "below" else "not distinguishable from"
     return (
         f"{name} is {where} chance on the pooled rows (AUROC {_f(pooled.auroc)}, "
-        f"{_interval(pooled.low, pooled.high)}): these features do not predict the model's wrong answers here."
+        f"{_interval(pooled.low, pooled.high)}): these features do not predict hallucinations here."
     )
 
 
