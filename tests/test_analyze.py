@@ -191,7 +191,7 @@ def test_contextual_lens_without_latentlens_says_how_to_install(loaded, monkeypa
 
 def test_contextual_lens_finds_the_context_a_state_came_from(loaded):
     """A text token's own hidden state (layer k = hidden_states[k+1]) is its own nearest contextual neighbour."""
-    pytest.importorskip("latentlens", reason="optional extra: pip install 'halp[latentlens]'")
+    pytest.importorskip("latentlens", reason="optional extra: pip install -e '.[latentlens]'")
     model, processor = loaded("qwen2_5_vl")
     adapter = Embedder(model, processor, layers="1").adapter
     corpus = ["Is there a cat in the image? Yes, there is a cat on the sofa.", "The car is red.", "Two dogs."]

@@ -141,3 +141,24 @@ def test_models_lists_families_and_resolves_a_checkpoint(checkpoint_dir):
     resolved = runner.invoke(app, ["models", "--model", str(checkpoint_dir("qwen2_vl"))])
     assert resolved.exit_code == 0, resolved.output
     assert "model.visual.merger" in resolved.output and "<|image_pad|>" in resolved.output
+
+
+def test_lines_written_to_a_file_are_not_wrapped_and_a_terminal_still_wraps_them(tmp_path):
+    """`halp ... 2> run.log`: each progress line stays one line (rich would wrap it at 80 columns otherwise)."""
+    import io
+    import subprocess
+    import sys
+
+    from halp.cli.app import LineConsole
+
+    line = "extracted " + " ".join(f"{value:.9f}" for value in np.linspace(0, 1, 30)) + " rows in /a/long/path"
+    log = tmp_path / "run.log"
+    with open(log, "w") as handle:
+        subprocess.run(
+            [sys.executable, "-c", f"from halp.cli.app import say; say({line!r})"],
+            stderr=handle, check=True, timeout=120, env={"COLUMNS": "80", "PATH": ""},
+        )  # fmt: skip
+    assert log.read_text() == line + "\n"
+    terminal = io.StringIO()
+    LineConsole(file=terminal, width=80, force_terminal=True).print(line, markup=False)
+    assert terminal.getvalue().count("\n") > 1  # a terminal wraps at its width, between words

@@ -35,7 +35,7 @@ def test_jsonl_and_parquet(tmp_path):
     ("content", "message"),
     [
         ("id,image_id,question\n1,a,b\n", "question_id"),
-        ("question_id,question\n1,b\n", "image_id: one of image_id, image_name, image, image_path"),
+        ("question_id,question\n1,b\n", r"no image_id \(or image_name, image, image_path\) column"),
         ("question_id,image_id,question\n1,a,b\n1,c,d\n", "duplicate question_id"),
     ],
 )

@@ -107,7 +107,7 @@ def test_hub_dataset_through_load_dataset_and_missing_split(tmp_path):
     assert np.array_equal(_pixels(table.images.load([table.samples[1]])[0]), _expected(1))
     with pytest.raises(TableError, match="validation"):
         open_table(None, hf_dataset=str(repo), split="validation")
-    with pytest.raises(TableError, match="--split"):
+    with pytest.raises(TableError, match="name the split with split="):  # --split on the command line
         open_table(None, hf_dataset=str(repo))
 
 
@@ -163,7 +163,7 @@ def test_csv_without_images_folder_says_so(tmp_path):
     path.write_text("question_id,image_id,question\n1,a.png,Q?\n")
     table = open_table(path)
     assert not table.embedded
-    with pytest.raises(TableError, match="--images"):
+    with pytest.raises(TableError, match="give their folder as images="):  # --images on the command line
         table.image_source(None)
 
 

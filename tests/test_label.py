@@ -194,7 +194,7 @@ def test_manual_labels_import_the_halp_review_csv_as_is(tmp_path):
     with pytest.raises(ValueError, match="conflicting"):
         label_run(run_dir, labels=tmp_path / "bad.csv")
     pd.DataFrame({"question_id": ["q0"], "verdict": ["1"]}).to_csv(tmp_path / "nocol.csv", index=False)
-    with pytest.raises(ValueError, match="--label-column"):
+    with pytest.raises(ValueError, match="name one with label_column="):  # the CLI shows it as --label-column
         label_run(run_dir, labels=tmp_path / "nocol.csv")
 
 

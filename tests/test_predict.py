@@ -217,3 +217,83 @@ def test_bad_rows_get_an_error_and_the_others_a_risk(trained: dict[str, Path], t
     assert "aspect ratio" in written.loc["sliver", "error"]
     assert "<|image_pad|>" in written.loc["placeholder", "error"]
     assert "not a usable file name" in written.loc["long_name", "error"]
+
+
+# ----- messages that lead somewhere: each hint is followed here and works --------------------------------------------
+def _one_line(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1, output
+    return lines[0]
+
+
+def test_predict_on_a_run_without_probes_says_to_train_them_and_that_works(trained: dict[str, Path], tmp_path) -> None:
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("features.h5", "run.json", "labels.csv"):
+        shutil.copy2(trained["run"] / name, bare / name)
+    table = pd.read_csv(trained["table"], dtype=str).head(4)
+    data = tmp_path / "new.csv"
+    table.to_csv(data, index=False)
+    predict = ["predict", "--run", str(bare), "--data", str(data), "--images", str(trained["images"]),
+               "--device", "cpu"]  # fmt: skip
+    refused = CliRunner().invoke(app, predict)
+    line = _one_line(refused.output)
+    assert refused.exit_code == 2 and line.endswith(f"run `halp probe {bare}` first"), line
+    assert "name both" not in line
+    # The step the message names (on one feature, without resamples, in 3 folds: the test stays short).
+    quick = ["--features", "query_token/layer_3", "--bootstrap", "0", "--folds", "3"]
+    followed = CliRunner().invoke(app, ["probe", str(bare), *quick])
+    assert followed.exit_code == 0, followed.output
+    scored = CliRunner().invoke(app, predict)
+    assert scored.exit_code == 0, scored.output
+    assert pd.read_csv(bare / "risk" / "new.csv")["risk"].notna().all()
+
+
+def test_a_probe_that_was_not_trained_names_the_trained_ones_and_how_to_train_it(trained: dict[str, Path], tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    for path in (run / "probes" / "models").glob("query_token__layer_3__mlp.*"):
+        path.unlink()
+    table = pd.read_csv(trained["table"], dtype=str).head(4)
+    data = tmp_path / "new.csv"
+    table.to_csv(data, index=False)
+    predict = ["predict", "--run", str(run), "--data", str(data), "--images", str(trained["images"]), "--device", "cpu"]
+    with pytest.raises(ScorerError, match="choose one of its trained probes with feature= and probe="):
+        RiskScorer.from_run(run, "query_token/layer_3", "mlp", "cpu")
+    refused = CliRunner().invoke(app, [*predict, "--feature", "query_token/layer_3", "--probe", "mlp"])
+    line = _one_line(refused.output)
+    assert refused.exit_code == 2 and "choose one of its trained probes with --feature and --probe (" in line, line
+    results = pd.read_csv(run / "probes" / "results.csv").sort_values("auroc_mean", ascending=False, kind="stable")
+    asked = ("query_token/layer_3", "mlp")
+    best_saved = next(row for _, row in results.iterrows() if (row["feature"], row["probe"]) != asked)
+    assert f"({best_saved['feature']} ({best_saved['probe']}), " in line and "query_token/layer_3 (mlp)" not in line
+    train = f"`halp probe {run} --features query_token/layer_3 --probe mlp`"
+    assert line.endswith(f"or train this one with {train}")
+    # Both ways out work: a listed probe, or training the asked one with the command shown.
+    listed = CliRunner().invoke(app, [*predict, "--feature", "query_token/layer_3", "--probe", "logreg"])
+    assert listed.exit_code == 0, listed.output
+    assert CliRunner().invoke(app, [*train.strip("`").split()[1:], "--bootstrap", "0", "--folds", "3"]).exit_code == 0
+    trained_now = CliRunner().invoke(app, [*predict, "--feature", "query_token/layer_3", "--probe", "mlp"])
+    assert trained_now.exit_code == 0, trained_now.output
+
+
+def test_a_probe_without_a_saved_threshold_asks_for_one_and_taking_it_works(trained: dict[str, Path], tmp_path):
+    import json
+
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    stem = probe_stem(run, "vision_only", "logreg")
+    saved = stem.with_name(stem.name + ".json")
+    config = json.loads(saved.read_text())
+    config["meta"].pop("threshold")  # a probe saved without one (written by another tool, say)
+    saved.write_text(json.dumps(config))
+    table = pd.read_csv(trained["table"], dtype=str).head(4)
+    data = tmp_path / "new.csv"
+    table.to_csv(data, index=False)
+    predict = ["predict", "--run", str(run), "--data", str(data), "--images", str(trained["images"]), "--device", "cpu",
+               "--feature", "vision_only", "--probe", "logreg"]  # fmt: skip
+    with pytest.raises(ScorerError, match=r"pass one as threshold=$"):
+        RiskScorer.from_run(run, "vision_only", "logreg", "cpu")
+    refused = CliRunner().invoke(app, predict)
+    assert refused.exit_code == 2 and _one_line(refused.output).endswith("pass one as --threshold")
+    assert CliRunner().invoke(app, [*predict, "--threshold", "0.5"]).exit_code == 0

@@ -16,8 +16,8 @@ from halp.store import RunStore, read_strings
 from halp.testing.runs import COMPARED_ROWS as N
 from halp.testing.runs import assert_run_equals, cli_args, compared_run_config
 
-ray = pytest.importorskip("ray", reason="the Ray engine is the optional extra halp[ray]: pip install 'halp[ray]'")
-pytest.importorskip("ray.data", reason="the Ray engine needs Ray Data: pip install 'halp[ray]'")
+ray = pytest.importorskip("ray", reason="the Ray engine is the optional extra ray: pip install -e '.[ray]'")
+pytest.importorskip("ray.data", reason="the Ray engine needs Ray Data: pip install -e '.[ray]'")
 
 from halp.ray_engine import ExtractWorker, run_ray_extraction  # noqa: E402 - only once ray is known to import
 

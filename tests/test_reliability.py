@@ -254,3 +254,71 @@ def test_inspect_prints_user_strings_literally(tmp_path, checkpoint_dir):
     assert run_extraction(_config(checkpoint_dir("qwen2_vl"), table, images, out)).finished
     shown = runner.invoke(app, ["inspect", str(out), "--detailed"])
     assert "[red]Is it red?[/red]" in shown.output and "q[bold]1[/bold]" in shown.output
+
+
+# ----- a mistyped --model: checked before anything is written into --out ---------------------------------------------
+def _one_line_error(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1, output
+    return lines[0]
+
+
+def test_a_mistyped_hub_model_offline_fails_at_once_and_the_corrected_rerun_runs(tmp_path, checkpoint_dir, monkeypatch):
+    """Offline, a hub id that is not cached is one line before --out exists (no download retries); the rerun with
+    the right model then starts afresh in the same --out, without --overwrite (nothing there was "created with other
+    settings")."""
+    import huggingface_hub.constants
+
+    from halp.errors import ModelLoadError
+    from halp.loading import check_model_source
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    table, images = make_vqa_set(tmp_path / "data", n=3, seed=2)
+    out = tmp_path / "run"
+    args = ["extract", "--data", str(table), "--images", str(images), "--out", str(out), "--device", "cpu",
+            "--max-new-tokens", "2"]  # fmt: skip
+    mistyped = runner.invoke(app, [*args, "--model", "halp-test/no-such-model"])
+    line = _one_line_error(mistyped.output)
+    assert mistyped.exit_code == 2, mistyped.output
+    assert line == (
+        "error: --model halp-test/no-such-model: no such directory, and not in the local hub cache (the hub is "
+        "offline: HF_HUB_OFFLINE is set)"
+    )
+    assert not out.exists()  # no run.json, no lock file, no log: nothing was written into --out
+    with pytest.raises(ModelLoadError, match=r"^model=halp-test/no-such-model: no such directory"):
+        check_model_source("halp-test/no-such-model", trust_remote_code=False)  # Python names the parameter
+    corrected = runner.invoke(app, [*args, "--model", str(checkpoint_dir("qwen2_vl"))])
+    assert corrected.exit_code == 0, corrected.output
+    assert (out / "run.json").is_file() and len(_ids(out)) == 3
+
+
+def test_a_hub_model_the_hub_does_not_know_or_cannot_be_asked_about_is_one_line(tmp_path, monkeypatch):
+    """Online, one request asks the hub (no retries); its answer, or why it could not be asked, is the message.
+    The hub is stood in for by its client's answer, so the test does not depend on the network."""
+    from huggingface_hub import HfApi
+
+    table, images = make_vqa_set(tmp_path / "data", n=2, seed=3)
+    out = tmp_path / "run"
+    args = ["extract", "--model", "halp-test/no-such-model", "--data", str(table), "--images", str(images),
+            "--out", str(out)]  # fmt: skip
+    asked: list[str] = []
+
+    def no_such_repository(self, repo_id, **kwargs):
+        asked.append(repo_id)
+        return False
+
+    monkeypatch.setattr(HfApi, "repo_exists", no_such_repository)
+    unknown = runner.invoke(app, args)
+    assert unknown.exit_code == 2 and asked == ["halp-test/no-such-model"]
+    assert "--model halp-test/no-such-model: no such directory or hub id" in _one_line_error(unknown.output)
+
+    def unreachable(self, repo_id, **kwargs):
+        raise ConnectionError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(HfApi, "repo_exists", unreachable)
+    offline = runner.invoke(app, args)
+    assert offline.exit_code == 2
+    assert _one_line_error(offline.output).endswith(
+        "not in the local hub cache, and the hub cannot be reached ([Errno -2] Name or service not known)"
+    )
+    assert not out.exists()

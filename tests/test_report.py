@@ -6,6 +6,7 @@ label, the others are noise, so what the report must single out is known in adva
 
 from __future__ import annotations
 
+import html
 import re
 import shutil
 import subprocess
@@ -25,6 +26,7 @@ from halp.report import (
     auroc_grids,
     build_report,
     label_balance,
+    probe_settings,
     read_probe_results,
     roc_curve_rows,
     split_feature,
@@ -182,7 +184,11 @@ def test_missing_results_say_which_command_makes_them(tmp_path: Path) -> None:
         build_report(tmp_path / "run")
     result = CliRunner().invoke(app, ["report", str(tmp_path / "run")])
     assert result.exit_code == 2
-    assert "halp probe" in result.output
+    assert f"train probes first (`halp probe {tmp_path / 'run'}`)" in " ".join(result.output.split())
+    # Following it (on one feature, without resamples: the test stays short) makes the report.
+    quick = ["--features", SIGNAL, "--folds", "3", "--bootstrap", "0"]
+    assert CliRunner().invoke(app, ["probe", str(tmp_path / "run"), *quick]).exit_code == 0
+    assert CliRunner().invoke(app, ["report", str(tmp_path / "run")]).exit_code == 0
 
 
 def test_cli_report_prints_grid_best_and_path(probed_run: Path, tmp_path: Path) -> None:
@@ -208,3 +214,47 @@ def test_report_leaves_matplotlib_global_state_alone(probed_run: Path, tmp_path:
     )
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr
+
+
+def test_report_says_what_the_run_found_within_its_grouping_column(probed_run: Path) -> None:
+    """The "what this says" box: the planted feature against vision_only (noise), and both within each source."""
+    report = build_report(probed_run)
+    assert report.finding is not None
+    sentences = report.finding.sentences
+    assert sentences[0].startswith(f"{SIGNAL} (logreg) predicts hallucinations better than vision_only")
+    assert sentences[1].startswith(f"{SIGNAL} (logreg) stays above chance within every source")
+    assert sentences[2].startswith("vision_only (logreg) is at chance within every source")
+    pooled = report.finding.within[1].pooled
+    assert sentences[2].endswith(
+        f"and on all rows pooled too (AUROC {pooled.auroc:.3f}, 95% interval {pooled.low:.3f} to {pooled.high:.3f})."
+    )
+    page = report.html_path.read_text(encoding="utf-8")
+    box = re.search(r"<div class='finding'>(.*?)</div>", page, re.S)
+    assert box is not None and "What this says" in box.group(1)
+    assert [html.unescape(item) for item in re.findall(r"<li>(.*?)</li>", box.group(1))] == sentences
+
+
+def test_report_finding_without_a_grouping_column_states_the_comparison_alone(probed_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(probed_run, run)
+    (run / "probes" / "groups.csv").unlink()
+    settings = (run / "probes" / "results.json").read_text().replace('"group_by": "source"', '"group_by": null')
+    (run / "probes" / "results.json").write_text(settings)
+    finding = build_report(run).finding
+    assert finding is not None and len(finding.sentences) == 1
+    assert finding.sentences[0].startswith(f"{SIGNAL} (logreg) predicts")
+    result = CliRunner().invoke(app, ["report", str(run)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "what this says" in result.output and "predicts hallucinations better" in result.output
+
+
+def test_the_run_section_names_the_validation_scheme_and_no_empty_setting(probed_run: Path) -> None:
+    page = build_report(probed_run).html_path.read_text(encoding="utf-8")
+    run = re.search(r"<dl>(.*?)</dl>", page, re.S)
+    assert run is not None
+    shown = dict(re.findall(r"<dt>(.*?)</dt><dd>(.*?)</dd>", run.group(1)))
+    assert shown["validation"] == "3-fold stratified CV, grouped by image"
+    assert shown["bootstrap"] == "50 resamples over out-of-fold predictions pooled across folds"
+    assert "None" not in shown.values() and "split" not in " ".join(shown)
+    older = dict(probe_settings({"split": 0.2, "folds": None}))  # results.json without the scheme's words
+    assert older["validation"] == "one stratified split, test fraction 0.2"

@@ -219,7 +219,7 @@ def test_conflicts_stay_unknown_and_are_reported_unless_resolved_by_the_latest()
     merged, summary = merge_decisions(IDS, AUTO, state, resolve="latest")
     assert (merged[3].label, merged[3].method) == (0, "manual:bob")
     assert summary.conflicts == [] and len(summary.resolved) == 1
-    with pytest.raises(ReviewError, match="--resolve"):
+    with pytest.raises(ReviewError, match="resolve='vote'"):
         merge_decisions(IDS, AUTO, state, resolve="vote")
 
 
@@ -660,7 +660,8 @@ def test_review_needs_images_and_a_known_export_format(tmp_path):
     assert result.exit_code == 2 and "choose one of label-studio" in result.output
     images = tmp_path / "data" / "images"
     result = CliRunner().invoke(app, ["review", str(run), "--images", str(images), "--queue", "later"])
-    assert result.exit_code == 2 and "queue 'later': choose one of unknown, all, rules, disagree" in result.output
+    assert result.exit_code == 2
+    assert "queue 'later': choose one of unknown, all, rules, disagree, doubtful" in result.output
     result = CliRunner().invoke(app, ["review", str(run), "--images", str(images), "--only", "colour=red"])
     assert result.exit_code == 2 and "cannot filter by 'colour'" in result.output
 
@@ -792,3 +793,65 @@ def test_no_token_serves_loopback_as_before_with_a_warning(tmp_path):
     assert "warning: --no-token" in err and "any user or process on this machine" in err
     result = CliRunner().invoke(app, ["review", str(run), "--images", str(images), "--host", "0.0.0.0", "--no-token"])
     assert result.exit_code == 2 and "--no-token is for loopback only" in result.output
+
+
+# ----- a labelled run: the label each row has, where it came from, and the rows where it is in doubt -----------------
+def make_labelled_run(root: Path) -> tuple[Path, Path]:
+    """ROWS with labels imported from a table (q0 against the rules, q5 not in it) and halp predict's risk (q2, q3
+    against their labels)."""
+    run, images = make_run(root)
+    table = root / "verdicts.csv"
+    pd.DataFrame({"question_id": ["q0", "q1", "q2", "q3", "q4"], "label": ["1", "1", "0", "1", "0"]}).to_csv(
+        table, index=False
+    )
+    label_run(run, labels=table)
+    (run / "risk").mkdir()
+    (run / "risk" / "vqa.csv").write_text("question_id,risk,flagged,error\nq2,0.9,1,\nq3,0.2,0,\nq4,0.1,0,\n")
+    return run, images
+
+
+def test_a_labelled_run_shows_each_label_and_its_origin_and_queues_the_doubtful(tmp_path):
+    run, images = make_labelled_run(tmp_path)
+    session = ReviewSession(run, images, "ana")
+    assert session.labels_source == str(run / "labels.csv")
+    # Rows the labels leave unknown, not those the rules do (q3 and q4 are labelled by the table).
+    assert session.queue("unknown") == [5]
+    assert session.queue("doubtful") == [0, 2, 3]
+    first = session.item(0, "ana")
+    assert first["label"] == {
+        "label": "hallucinated", "method": "manual", "origin": "imported from verdicts.csv (column label)",
+        "reason": "from verdicts.csv:label",
+    }  # fmt: skip
+    assert first["rule"]["label"] == "correct"
+    (doubt,) = first["doubts"]
+    assert doubt.startswith("the rules say correct (answer says yes, ground truth yes)")
+    assert session.item(2, "ana")["doubts"] == ["the probe's risk is 0.90 (>= 0.5)"]
+    assert session.item(3, "ana")["doubts"] == ["the probe's risk is 0.20 (< 0.5)"]  # the rules leave q3 unknown
+    assert session.item(4, "ana")["doubts"] == [] and session.item(1, "ana")["doubts"] == []
+    missing = session.item(5, "ana")
+    assert missing["label"]["label"] == "unknown" and missing["doubts"] == []
+    assert missing["label"]["origin"] == "not in verdicts.csv (column label)"
+    client = _client(session)
+    config = client.get("/api/config").json()
+    assert "doubtful" in config["queues"] and config["labels_file"] == str(run / "labels.csv")
+    assert client.get("/api/queue?queue=doubtful").json()["indices"] == [0, 2, 3]
+    assert client.get("/api/item/0").json()["label"]["origin"] == "imported from verdicts.csv (column label)"
+
+
+def test_labels_from_rules_and_reviews_say_so_and_a_run_without_labels_has_none(tmp_path):
+    from halp.review.session import label_origin
+
+    run, images = make_run(tmp_path)
+    assert ReviewSession(run, images, "ana").item(0, "ana")["label"] is None  # no labels.csv yet
+    ReviewLog.of_run(run).decide("q3", "hallucinated", "ana")
+    label_run(run)
+    session = ReviewSession(run, images, "ana")
+    assert session.item(0, "ana")["label"]["origin"] == "rule (yesno)"
+    assert session.item(3, "ana")["label"] == {
+        "label": "hallucinated", "method": "manual:ana", "origin": "review by ana",
+        "reason": session.rows[3].label.reason,
+    }  # fmt: skip
+    assert session.queue("unknown") == [4, 5]
+    assert label_origin(Label(None, "manual:conflict", "", "short")) == "reviewers disagree"
+    assert label_origin(Label(1, "judge:tiny-judge", "", "open")) == "judge tiny-judge"
+    assert label_origin(Label(0, "manual:ana+bob", "", "short")) == "review by ana, bob"

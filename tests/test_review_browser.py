@@ -276,3 +276,30 @@ def test_user_strings_are_text_and_a_missing_image_shows_its_path(browser, tmp_p
         server.stop()
         page.close()
     assert dialogs == []
+
+
+def test_a_labelled_run_shows_each_label_its_origin_and_the_doubtful_queue(browser, tmp_path):
+    from test_review import make_labelled_run  # labels imported from a table, risk from halp predict
+
+    run, images = make_labelled_run(tmp_path)
+    server = Server(run, images, tmp_path / "server.log")
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    try:
+        _open(page, server.page("queue=doubtful"))
+        assert _text(page, "#count") == "3" and _text(page, "#qid") == "q0"
+        assert _text(page, "#label-badge") == "hallucinated"
+        assert _text(page, "#label-origin") == "imported from verdicts.csv (column label)"
+        assert _text(page, "#rule-badge") == "correct"
+        assert _text(page, "#doubts").startswith("In doubt: the rules say correct")
+        page.keyboard.press("ArrowRight")
+        _wait_text(page, "#qid", "q2")
+        assert _text(page, "#label-badge") == "correct"
+        assert _text(page, "#doubts") == "In doubt: the probe's risk is 0.90 (>= 0.5)"
+        # The queue picker offers it, with what it holds; a row without a label says so and shows no doubt.
+        assert "doubtful" in page.eval_on_selector("#queue", "s => [...s.options].map(o => o.value)")
+        _open(page, server.page("queue=unknown"))
+        assert _text(page, "#qid") == "q5" and _text(page, "#label-badge") == "unknown"
+        assert _text(page, "#label-origin") == "not in verdicts.csv (column label)" and page.is_hidden("#doubts")
+    finally:
+        server.stop()
+        page.close()

@@ -197,7 +197,7 @@ def test_shards_of_different_tables_are_not_assembled(tmp_path, run_checkpoint, 
     table, images = run_data
     out = tmp_path / "run"
     run_extraction(compared_run_config(run_checkpoint, table, images, out, num_shards=2, shard_index=0, limit=8))
-    with pytest.raises(RunMismatchError, match="different tables or --limit"):
+    with pytest.raises(RunMismatchError, match="different tables or limit= values"):
         run_extraction(compared_run_config(run_checkpoint, table, images, out, num_shards=2, shard_index=1))
     assert not (out / "features.h5").exists()
 

@@ -230,7 +230,7 @@ def test_compose_proportions_file_and_bad_quota(tmp_path, converted):
     # Stratified: POPE's 3 categories of 4 rows give 2, 1, 1 of its 4.
     pope = json.loads(summary.manifest.read_text())["sources"]["pope"]["categories"]
     assert sorted(pope.values()) == [1, 1, 2]
-    with pytest.raises(SourceError, match="amber has 6 rows but its share of --total 60 is 10"):
+    with pytest.raises(SourceError, match="amber has 6 rows but its share of total=60 is 10"):
         compose(converted, tmp_path / "g", total=60, seed=1, proportions="equal")
     weights.write_text(json.dumps({"amber": 1}))
     with pytest.raises(SourceError, match="missing haloquest"):

@@ -481,6 +481,37 @@ def test_study_end_to_end_on_the_model_s_own_answers(tiny_study) -> None:
     assert 0 < result.accuracy["overall"] < 1
 
 
+def test_the_study_says_what_it_found_from_its_own_numbers(tiny_study) -> None:
+    """"What this says": the best feature against vision_only with the paired interval, then both within each
+    question type and difficulty, the same sentences in the terminal, world.json and the report."""
+    import json
+
+    from rich.console import Console
+
+    from halp.cli.world import print_world
+
+    finding = tiny_study.finding
+    assert finding is not None and finding.paired is not None
+    best = tiny_study.results.dropna(subset=["auroc_mean"]).sort_values("auroc_mean", ascending=False).iloc[0]
+    assert finding.best == f"{best['feature']} ({best['probe']})"
+    assert finding.paired.first == finding.best and finding.paired.n == 240
+    assert f"{finding.paired.difference:+.3f}" in finding.sentences[0]
+    # One sentence per grouping column for each of the two features, after the comparison (and a chance sentence).
+    columns = [item.column for item in finding.within]
+    assert columns == ["question_type", "question_type", "difficulty", "difficulty"]
+    for item in finding.within:
+        assert set(item.groups) == set(tiny_study.groups[tiny_study.groups["by"] == item.column]["group"].astype(str))
+    assert json.loads((tiny_study.out / "world.json").read_text())["finding"] == finding.sentences
+    page = tiny_study.report.read_text(encoding="utf-8")
+    assert "What this says" in page and "within" in page
+    console = Console(record=True, width=1000)  # wide: each sentence stays on one line of the box
+    print_world(console, tiny_study)
+    text = console.export_text()
+    assert "what this says" in text
+    for sentence in finding.sentences:
+        assert f"• {sentence}" in text
+
+
 def test_shuffled_label_control_stays_near_chance(tiny_study) -> None:
     """The probes' control (the same CV on labels shuffled once): its mean over features within 0.5 +- 0.1.
 

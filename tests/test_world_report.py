@@ -64,8 +64,36 @@ def test_threshold_for_a_target_withholds_exactly_what_predict_flags() -> None:
                 assert acc < target
     assert curve.threshold_for(1.01) is None
     table = threshold_table(curve, (0.8, 1.01))
-    assert table.iloc[0]["withhold risk >="] == curve.threshold_for(0.8)[0]
+    assert float(table.iloc[0]["withhold risk >="]) == pytest.approx(curve.threshold_for(0.8)[0], abs=1e-3)
     assert table.iloc[1]["withhold risk >="] == "unreachable"
+
+
+def test_a_threshold_copied_from_the_table_into_predict_reproduces_its_coverage() -> None:
+    """Risks crowded near 1 (an over-confident probe): at three decimals every threshold would read 1.000; the
+    table shows the digits each needs, and `halp predict --threshold <that text>` withholds exactly those rows."""
+    from halp.predict import RiskScorer
+
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 2, 400)
+    risk = np.where(labels == 1, 1 - rng.uniform(0, 3e-4, 400), 1 - rng.uniform(1e-4, 1e-3, 400))
+    risk[:40] = rng.uniform(0.1, 0.6, 40)  # a few confident right answers
+    labels[:40] = 0
+    curve = risk_coverage(labels, risk)
+    targets = (0.6, 0.7, 0.8, 0.9, 0.95)
+    table = threshold_table(curve, targets)
+    shown = [text for text in table["withhold risk >="] if text != "unreachable"]
+    assert len(shown) >= 3 and len(set(shown)) == len(shown)  # distinct thresholds read distinctly
+    assert any(len(text.split(".")[1]) > 3 for text in shown)  # which three decimals could not tell apart
+    for _, row in table.iterrows():
+        if row["withhold risk >="] == "unreachable":
+            continue
+        # What the CLI does with the text (click's FLOAT is float()), then predict's own flagging rule.
+        scorer = RiskScorer(extractor=None, probe=None, feature="f", probe_name="logreg",
+                            threshold=float(row["withhold risk >="]))  # fmt: skip
+        kept = ~scorer.flagged(risk)
+        assert kept.mean() == pytest.approx(row["coverage"], abs=1e-12)
+        assert (labels[kept] == 0).mean() == pytest.approx(row["accuracy"], abs=1e-12)
+        assert len(row["withhold risk >="].split(".")[1]) >= 3
 
 
 def test_reliability_bins_and_ece_by_hand() -> None:

@@ -28,7 +28,7 @@ from torch import nn
 
 from halp.capture import parse_layers
 from halp.embed import DEFAULT_PROMPT, Embedder, Embedding, list_images, save_embedding, unique_stems
-from halp.errors import MissingDependencyError, ParameterError
+from halp.errors import MissingDependencyError, ParameterError, install_hint
 from halp.layout import atomic_write, write_text_atomic
 from halp.models import Adapter, ExtractionPointError
 
@@ -275,7 +275,7 @@ class ContextualLens:
             import latentlens
         except ImportError as err:
             raise MissingDependencyError(
-                "the contextual lens needs the optional `latentlens` package: pip install 'halp[latentlens]'"
+                f"the contextual lens needs the optional `latentlens` package: {install_hint('latentlens')}"
             ) from err
         tokenizer = adapter.tokenizer()
         # latentlens reads positions 2..length from the left of each padded row: right padding only.

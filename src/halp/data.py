@@ -168,8 +168,16 @@ def resolve_columns(columns: list[str], embedded: bool = False) -> dict[str, str
     required = [name for name in REQUIRED if not (embedded and name == "image_id")]
     missing = [name for name in required if name not in resolved]
     if missing:
-        details = "; ".join(f"{name}: one of {', '.join(COLUMN_ALIASES[name])}" for name in missing)
-        raise TableError(f"missing required column(s) — {details}. Columns present: {', '.join(columns)}")
+        # "question", or "image_id (or image_name, image, image_path)" where other names are accepted.
+        wanted = [
+            name if len(COLUMN_ALIASES[name]) == 1 else f"{name} (or {', '.join(COLUMN_ALIASES[name][1:])})"
+            for name in missing
+        ]
+        raise TableError(
+            f"the table has no {' and no '.join(wanted)} column; its columns are {', '.join(columns) or 'none'}. "
+            f"Rename the column{'s' if len(missing) > 1 else ''} that hold{'' if len(missing) > 1 else 's'} "
+            f"{'them' if len(missing) > 1 else 'it'}."
+        )
     return resolved
 
 
@@ -753,7 +761,8 @@ class Table:
             return self.images
         if images_dir is None:
             raise TableError(
-                f"{self.identity.get('data', 'the table')} names image files but embeds no images: give --images DIR"
+                f"{self.identity.get('data', 'the table')} names image files but embeds no images: give their folder "
+                "as images="
             )
         if not Path(images_dir).is_dir():
             raise ParameterError("images", f"{images_dir} is not a directory")
@@ -1027,10 +1036,10 @@ def open_table(
     """Open a table (or a hub dataset) as samples plus an image source; table problems raise TableError."""
     if hf_dataset is not None:
         if data is not None:
-            raise TableError("give --data or --hf-dataset, not both")
+            raise TableError("give data= or hf_dataset=, not both")
         return open_hub_dataset(hf_dataset, config, split)
     if data is None:
-        raise TableError("no input: give --data TABLE or --hf-dataset NAME --split SPLIT")
+        raise TableError("no input: give a table as data=, or a hub dataset as hf_dataset= with split=")
     if isinstance(data, str) and "://" in data:
         if not data.lower().endswith((".parquet", ".pq")):
             raise TableError(f"{data}: remote tables are read as Parquet; name a .parquet file")
@@ -1114,18 +1123,18 @@ def open_hub_dataset(name: str, config: str | None, split: str | None) -> Table:
     import datasets
 
     if not split:
-        raise TableError(f"--hf-dataset {name}: name the split with --split (e.g. test, validation)")
+        raise TableError(f"hf_dataset={name}: name the split with split= (e.g. test, validation)")
     label = f"{name}{f'[{config}]' if config else ''}:{split}"
     try:
         dataset = datasets.load_dataset(name, config, split=split)
     except ValueError as err:
         # datasets says 'Unknown split "x". Should be one of [...]' for a split the dataset does not have.
-        raise TableError(f"--hf-dataset {label}: {err}") from err
+        raise TableError(f"hf_dataset={label}: {err}") from err
     except FileNotFoundError as err:
-        raise TableError(f"--hf-dataset {name}: not found ({err})") from err
+        raise TableError(f"hf_dataset={name}: not found ({err})") from err
     except OSError as err:  # ConnectionError: offline, or the hub unreachable
         raise TableError(
-            f"--hf-dataset {name}: could not be loaded ({err}); download it once (or point at a local copy) and retry"
+            f"hf_dataset={name}: could not be loaded ({err}); download it once (or point at a local copy) and retry"
         ) from err
     identity = {
         "hf_dataset": name,

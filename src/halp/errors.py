@@ -6,6 +6,40 @@ Each class keeps the built-in base it had before the root existed, so `except Va
 
 from __future__ import annotations
 
+import shlex
+from pathlib import Path
+
+#: The distribution halp is installed as (`pip install halp-vlm`): `halp` on the package index is an unrelated
+#: project. The import name and the command stay `halp`.
+DISTRIBUTION = "halp-vlm"
+
+
+def source_checkout() -> Path | None:
+    """The source checkout halp runs from (an editable install, as the README sets up), else None."""
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "src" / "halp").is_dir():
+        return checkout
+    return None
+
+
+def install_hint(extra: str) -> str:
+    """The pip command that installs one of halp's optional extras into this installation.
+
+    From a source checkout the command names the checkout, which works whether or not the distribution is on the
+    package index; otherwise it names the distribution.
+    """
+    checkout = source_checkout()
+    if checkout is not None:
+        return f"pip install -e {shlex.quote(f'{checkout}[{extra}]')}"
+    return f"pip install '{DISTRIBUTION}[{extra}]'"
+
+
+#: How a message names a parameter the user can set, so that the CLI can show it as the flag of the command being
+#: run: `name=` followed by a value or by nothing ("pass a label table as labels="), or `name=True` / `name=False`
+#: for a switch ("rerun with overwrite=True"). Python users read the call they would make; the CLI (`halp.cli.app.
+#: describe`) shows `--labels`, `--overwrite`, `--no-exif-orientation`.
+PARAMETER_MENTION = r"(?<![\w.-])(?P<name>[a-z][a-z0-9_]*)=(?:(?P<switch>True|False)\b|(?P<value>[^\s,;:)]+))?"
+
 
 class HalpError(Exception):
     """A user-facing error: the message says what is wrong and what to do."""

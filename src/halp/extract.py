@@ -195,7 +195,8 @@ def run_extraction(config: ExtractConfig) -> ExtractSummary:
         raise ParameterError(
             "overwrite",
             "cannot be combined with several shards: one shard would delete what another has just "
-            f"committed. Delete {config.out} first (or run once with overwrite and one shard), then start the shards.",
+            f"committed. Delete {config.out} first (or run once with overwrite=True and one shard), then start the "
+            "shards.",
         )
     samples = read_table(config)  # table problems surface before the model loads
     image_source(config)  # as do missing images: no --images for a table without embedded images
@@ -935,7 +936,7 @@ def _commit_finite_rows(
         finite &= np.isfinite(values).all(axis=1)
     for index in np.flatnonzero(~finite):
         bad = [name for name, values in result.features.items() if not np.isfinite(values[index]).all()]
-        advice = " Use --dtype bfloat16 or float32." if dtype == "float16" else " Check the model and input."
+        advice = " Use dtype=bfloat16 or float32." if dtype == "float16" else " Check the model and input."
         failures.record(
             samples[index],
             "features",

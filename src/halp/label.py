@@ -414,7 +414,7 @@ def resolve_label_column(columns: Sequence[str], requested: str | None, source: 
             return candidate
     raise LabelError(
         f"{source} has none of the label columns {', '.join(DEFAULT_LABEL_COLUMNS)}; name one with "
-        f"--label-column (columns: {', '.join(columns)})"
+        f"label_column= (columns: {', '.join(columns)})"
     )
 
 
@@ -521,6 +521,7 @@ def label_run(
     """
     from halp.review import decisions, label_studio
 
+    decisions.check_resolve(resolve)
     run_dir = Path(run_dir)
     rows = _run_rows(run_dir)
     ids = rows["question_id"]

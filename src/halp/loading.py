@@ -78,28 +78,68 @@ def refuse_remote_code(model_id: str, config: dict[str, Any]) -> None:
     if auto_map and model_type not in CONFIG_MAPPING:
         raise ModelLoadError(
             f"{model_id} needs its own Python code (auto_map: {', '.join(sorted(auto_map))}; model_type "
-            f"{model_type!r} is not built into transformers); halp runs it only with --trust-remote-code"
+            f"{model_type!r} is not built into transformers); halp runs it only with trust_remote_code=True"
         )
 
 
 def check_model_source(model_id: str, trust_remote_code: bool) -> None:
     """Before transformers sees `model_id`: it exists, and it needs no code the user did not allow."""
     path = Path(model_id).expanduser()
-    if not path.exists() and _looks_like_path(model_id):
-        raise ModelLoadError(f"--model {model_id}: no such directory or hub id")
+    if not path.exists():
+        if _looks_like_path(model_id):
+            raise ModelLoadError(f"model={model_id}: no such directory or hub id")
+        check_hub_model(model_id)
     config = _local_config(model_id)
     if config is not None and not trust_remote_code:
         refuse_remote_code(model_id, config)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def check_hub_model(model_id: str) -> None:
+    """A hub id (no such local directory) is in the local hub cache, or the hub knows it; else one line, at once.
+
+    huggingface_hub's own cache look-up decides "cached"; offline (HF_HUB_OFFLINE=1) an id that is not cached fails
+    there, and online one request asks the hub whether the repository exists, so a mistyped id never reaches
+    transformers' download, whose retries print a screen of noise over half a minute before failing.
+    """
+    from huggingface_hub import HfApi, is_offline_mode, try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(model_id, "config.json")
+    except ValueError as err:  # HFValidationError: not a repository id at all
+        raise ModelLoadError(f"model={model_id}: no such directory, and not a hub id ({_first_line(err)})") from err
+    if isinstance(cached, str):
+        return
+    if is_offline_mode():
+        raise ModelLoadError(
+            f"model={model_id}: no such directory, and not in the local hub cache (the hub is offline: HF_HUB_OFFLINE "
+            "is set)"
+        )
+    try:
+        exists = HfApi().repo_exists(model_id)
+    except Exception as err:  # whatever stops the request (DNS, proxy, TLS, timeout) is said, not retried
+        raise ModelLoadError(
+            f"model={model_id}: no such directory, not in the local hub cache, and the hub cannot be reached "
+            f"({_first_line(err)})"
+        ) from err
+    if not exists:
+        raise ModelLoadError(
+            f"model={model_id}: no such directory or hub id (a private repository needs `hf auth login` first)"
+        )
 
 
 def _load_error(model_id: str, err: Exception) -> ModelLoadError:
     """One line for a checkpoint transformers cannot load: missing, malformed id, or refused custom code."""
     text = str(err)
     if _CUSTOM_CODE_REFUSAL in text:
-        return ModelLoadError(f"{model_id} needs its own Python code; halp runs it only with --trust-remote-code")
+        return ModelLoadError(f"{model_id} needs its own Python code; halp runs it only with trust_remote_code=True")
     if not Path(model_id).expanduser().exists():
         return ModelLoadError(
-            f"--model {model_id}: no such directory or hub id (or the hub cannot be reached and it is not cached)"
+            f"model={model_id}: no such directory or hub id (or the hub cannot be reached and it is not cached)"
         )
     first_line = text.strip().splitlines()[0] if text.strip() else type(err).__name__
     return ModelLoadError(f"{model_id} cannot be loaded: {first_line}")
@@ -108,15 +148,15 @@ def _load_error(model_id: str, err: Exception) -> ModelLoadError:
 def check_attn_implementation(attn_implementation: str, device: str) -> None:
     """Refuse an unknown kernel, or one whose package is missing, before anything loads."""
     if attn_implementation not in ATTN_IMPLEMENTATIONS:
-        raise ModelLoadError(f"--attn-implementation {attn_implementation!r}: choose {', '.join(ATTN_IMPLEMENTATIONS)}")
+        raise ModelLoadError(f"attn_implementation={attn_implementation!r}: choose {', '.join(ATTN_IMPLEMENTATIONS)}")
     package = ATTN_IMPLEMENTATIONS[attn_implementation]
     if package is not None and importlib.util.find_spec(package) is None:
         raise ModelLoadError(
-            f"--attn-implementation {attn_implementation} needs the {package} package, which is not installed "
+            f"attn_implementation={attn_implementation} needs the {package} package, which is not installed "
             f"(pip install flash-attn --no-build-isolation, on a CUDA machine); or use sdpa (the default)"
         )
     if attn_implementation.startswith("flash_attention") and not device.startswith("cuda"):
-        raise ModelLoadError(f"--attn-implementation {attn_implementation} runs on CUDA only; the device is {device}")
+        raise ModelLoadError(f"attn_implementation={attn_implementation} runs on CUDA only; the device is {device}")
 
 
 def load_processor(model_id: str, trust_remote_code: bool = False) -> Any:
@@ -168,7 +208,7 @@ def load_model(
         if attn_implementation is None or not any(word in str(err).lower() for word in ("attn", "attention")):
             raise
         raise ModelLoadError(
-            f"{model_id} cannot load with --attn-implementation {attn_implementation}: {err}. "
+            f"{model_id} cannot load with attn_implementation={attn_implementation}: {err}. "
             "Choose another (eager works for every architecture)."
         ) from err
     if device != "cuda":

@@ -36,8 +36,7 @@ def choose_probe(run_dir: str | Path, feature: str | None = None, probe: str | N
     results_path = probe_file(run_dir, RESULTS_FILE)
     if not results_path.is_file():
         raise ScorerError(
-            f"{results_path} does not exist; train probes first (`halp probe {run_dir}`) or name both the "
-            "feature and the probe"
+            f"{run_dir} has no trained probes ({results_path} does not exist): run `halp probe {run_dir}` first"
         )
     results = pd.read_csv(results_path, dtype={"feature": str, "probe": str})
     if feature is not None:
@@ -47,9 +46,28 @@ def choose_probe(run_dir: str | Path, feature: str | None = None, probe: str | N
     results = results.dropna(subset=["auroc_mean"])
     if results.empty:
         wanted = ", ".join(f"{k}={v!r}" for k, v in (("feature", feature), ("probe", probe)) if v is not None)
-        raise ScorerError(f"{results_path} has no scored probe{' with ' + wanted if wanted else ''}")
+        raise ScorerError(
+            f"{results_path} has no scored probe{' with ' + wanted if wanted else ''}; {_trained_probes(run_dir)}"
+        )
     best = results.loc[results["auroc_mean"].idxmax()]
     return str(best["feature"]), str(best["probe"])
+
+
+def _trained_probes(run_dir: Path) -> str:
+    """"choose one of the trained probes (...) with feature= and probe=", from results.csv and the saved models."""
+    from halp.probe import probe_stem
+
+    results_path = probe_file(run_dir, RESULTS_FILE)
+    if not results_path.is_file():
+        return f"the run has no trained probes (run `halp probe {run_dir}`)"
+    results = pd.read_csv(results_path, dtype={"feature": str, "probe": str}).dropna(subset=["auroc_mean"])
+    results = results.sort_values("auroc_mean", ascending=False, kind="stable")  # the best first
+    stems = {(f, p): probe_stem(run_dir, f, p) for f, p in zip(results["feature"], results["probe"], strict=True)}
+    saved = [key for key, stem in stems.items() if stem.with_name(stem.name + ".safetensors").is_file()]
+    if not saved:
+        return "it has no other saved probe either"
+    shown = ", ".join(f"{feature} ({probe})" for feature, probe in saved[:6]) + (" ..." if len(saved) > 6 else "")
+    return f"choose one of its trained probes with feature= and probe= ({shown})"
 
 
 def run_attributes(run_dir: str | Path) -> dict[str, Any]:
@@ -121,11 +139,15 @@ class RiskScorer:
         layers = _layers_for(feature, attrs)
         stem = probe_stem(run_dir, feature, probe)
         if not stem.with_name(stem.name + ".safetensors").is_file():
-            raise ScorerError(f"no saved probe {stem}.safetensors for feature {feature!r}, probe {probe!r}")
+            raise ScorerError(
+                f"{run_dir} has no trained {probe} probe on {feature} (no saved probe {stem}.safetensors); "
+                f"{_trained_probes(run_dir)}, or train this one with `halp probe {run_dir} --features {feature} "
+                f"--probe {probe}`"
+            )
         fitted, meta = load_probe(stem)
         chosen_threshold = threshold if threshold is not None else meta.get("threshold")
         if chosen_threshold is None:
-            raise ScorerError(f"{stem}.json has no threshold; pass one (--threshold)")
+            raise ScorerError(f"{stem}.json has no threshold; pass one as threshold=")
 
         run_dtype = str(attrs.get("dtype", "float32"))
         loaded, processor = load_model(

@@ -396,7 +396,7 @@ def make_splits(
     if minority < folds:
         raise ProbeError(
             f"{folds}-fold stratified CV needs at least {folds} examples of each class; the minority class has "
-            f"{minority}. Use fewer --folds or label more data."
+            f"{minority}. Use a smaller folds= or label more data."
         )
     if groups is None:
         return list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(indices, y))
@@ -509,11 +509,12 @@ def _load_labels(run_dir: Path, labels: str | Path | pd.DataFrame | None, label_
         path = labels_file(run_dir)
         if not path.is_file():
             raise MissingInputError(
-                f"label table {path} does not exist (run `halp label RUN_DIR` first, or pass labels=)"
+                f"the run has no labels ({path} does not exist): label it first with `halp label {run_dir}` (rules, or "
+                "--labels TABLE to import your own), or pass a label table as labels="
             )
         labels = path
     elif not isinstance(labels, pd.DataFrame) and not Path(labels).is_file():
-        raise MissingInputError(f"label table {labels} does not exist")
+        raise MissingInputError(f"labels={labels}: no such file")
     return read_labels(labels, label_column)
 
 

@@ -1,4 +1,4 @@
-"""`halp extract --engine ray`: the same extraction core in a pool of Ray actors (optional extra `halp[ray]`).
+"""`halp extract --engine ray`: the same extraction core in a pool of Ray actors (the optional `ray` extra).
 
 The driver (the `halp extract` process) validates the table, holds the run lock for its whole life like a
 single-process run, and lists what is already committed. The rows still to do become a Ray Dataset,
@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from halp.data import Sample
-from halp.errors import MissingDependencyError, ParameterError, RayWorkerError, ShardError
+from halp.errors import MissingDependencyError, ParameterError, RayWorkerError, ShardError, install_hint
 from halp.extract import (
     ExtractConfig,
     ExtractPass,
@@ -79,7 +79,7 @@ def _import_ray() -> Any:
         import ray.data  # Ray Data comes with the ray[data] extra, not plain ray
     except ImportError as err:
         raise MissingDependencyError(
-            f"--engine ray needs Ray Data ({err}); install it with: pip install 'halp[ray]'"
+            f"--engine ray needs Ray Data ({err}); install it with: {install_hint('ray')}"
         ) from err
     return ray
 
@@ -174,7 +174,7 @@ def run_ray_extraction(
         raise ParameterError("num_workers", "must be at least 1")
     if resolve_shard(config.num_shards, config.shard_index).is_sharded:
         raise ShardError(
-            "--engine ray spreads the rows over its workers itself: drop --num-shards/--shard-index "
+            "--engine ray spreads the rows over its workers itself: drop num_shards= and shard_index= "
             "and do not start it under torchrun/accelerate"
         )
     samples = read_table(config)  # table problems surface before the cluster is touched

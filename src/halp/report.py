@@ -33,7 +33,9 @@ import pandas as pd
 
 from halp.errors import ReportError
 from halp.features import REPRESENTATIONS, is_vision_feature, representation_rank, split_feature  # noqa: F401
+from halp.findings import Finding, state_finding
 from halp.layout import (
+    FEATURES_FILE,
     GROUPS_FILE,
     LABELS_FILE,
     PREDICTIONS_FILE,
@@ -42,7 +44,7 @@ from halp.layout import (
     probes_dir,
     report_dir,
 )
-from halp.rows import open_run_file
+from halp.rows import meta_columns, open_run_file, read_strings
 
 #: Representations in pipeline order: before the LM, then inside it.
 #: The heatmap column of the representations that have no decoder layer.
@@ -116,7 +118,7 @@ def read_probe_results(run_dir: str | Path) -> ProbeResults:
 
 
 def _run_attrs(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "features.h5"
+    path = run_dir / FEATURES_FILE
     if not path.is_file():
         return {}
     with open_run_file(path) as handle:  # a damaged file is named, with what to do
@@ -315,16 +317,20 @@ class RiskCoverage:
     base: float
     oracle: float
 
+    def last_reaching(self, target: float) -> int | None:
+        """Index of the largest coverage whose kept accuracy reaches `target` (None when none does)."""
+        reaching = np.flatnonzero(self.accuracy >= target)
+        return int(reaching[-1]) if len(reaching) else None
+
     def threshold_for(self, target: float) -> tuple[float, float, float] | None:
         """(threshold, coverage, accuracy) of the largest coverage whose kept accuracy reaches `target`.
 
         Withholding every answer with risk >= threshold (what `halp predict --threshold` flags) keeps exactly
         that set. None when no coverage reaches the target.
         """
-        reaching = np.flatnonzero(self.accuracy >= target)
-        if len(reaching) == 0:
+        index = self.last_reaching(target)
+        if index is None:
             return None
-        index = int(reaching[-1])
         # The first withheld risk: flagging risk >= it withholds exactly the answers past this point.
         threshold = float(self.risk[index + 1]) if index + 1 < len(self.risk) else float("inf")
         return threshold, float(self.coverage[index]), float(self.accuracy[index])
@@ -400,7 +406,22 @@ def deployment_png(curve: RiskCoverage, calibration: Reliability, name: str) -> 
     return _png(figure)
 
 
+def threshold_text(kept: float, withheld: float) -> str:
+    """The shortest decimal T with kept < T <= withheld: flagging risk >= T (what `halp predict --threshold T`
+    does) withholds exactly the answers from `withheld` up, as the table's coverage says. Three decimals when they
+    suffice; more only where two risks are closer than that ("1.000" could stand for 0.9996 and for 0.99997)."""
+    if math.isinf(withheld):
+        return "inf"
+    for digits in range(3, 18):
+        text = f"{math.floor(withheld * 10**digits) / 10**digits:.{digits}f}"
+        if kept < float(text) <= withheld:
+            return text
+    return repr(withheld)  # the float itself round-trips exactly
+
+
 def threshold_table(curve: RiskCoverage, targets: Sequence[float] = TARGET_ACCURACIES) -> pd.DataFrame:
+    """Per target accuracy: the threshold to pass to `halp predict --threshold` (as text, with the digits that
+    reproduce the coverage), the coverage and the accuracy of the answers kept."""
     rows = []
     for target in targets:
         found = curve.threshold_for(target)
@@ -409,8 +430,9 @@ def threshold_table(curve: RiskCoverage, targets: Sequence[float] = TARGET_ACCUR
                          "accuracy": np.nan})  # fmt: skip
         else:
             threshold, coverage, accuracy = found
-            rows.append({"target accuracy": target, "withhold risk >=": threshold, "coverage": coverage,
-                         "accuracy": accuracy})  # fmt: skip
+            kept = float(curve.risk[curve.last_reaching(target)])  # the highest risk still answered
+            rows.append({"target accuracy": target, "withhold risk >=": threshold_text(kept, threshold),
+                         "coverage": coverage, "accuracy": accuracy})  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -536,6 +558,8 @@ tr.best { background: #fff3cd; font-weight: 600; }
 .muted { color: #666; font-size: 0.9em; } img { max-width: 100%; } .scroll { overflow-x: auto; }
 dl { display: grid; grid-template-columns: max-content auto; gap: 0.2em 1em; font-size: 0.9em; }
 dt { font-weight: 600; }
+.finding { background: #f6fbf0; border-left: 4px solid #2ca02c; padding: 0.2em 1em 0.4em; margin-top: 1em; }
+.finding h2 { border: none; margin-top: 0.6em; } .finding li { margin: 0.3em 0; }
 """
 
 
@@ -576,14 +600,91 @@ def _groups_section(data: ProbeResults) -> str:
     return intro + table + "<details><summary>all features</summary>" + _table(pivot) + "</details>"
 
 
+def group_table(run_dir: Path, columns: Sequence[str], data: ProbeResults) -> pd.DataFrame | None:
+    """question_id and each of `columns` that the run carries as metadata (features.h5) or its labels.csv has."""
+    path = run_dir / FEATURES_FILE
+    found: dict[str, list[str]] = {}
+    if path.is_file():
+        with open_run_file(path) as handle:
+            stored = meta_columns(handle)
+            wanted = [column for column in columns if column in stored]
+            if wanted:
+                found["question_id"] = read_strings(handle["question_id"])
+                found.update({column: read_strings(stored[column]) for column in wanted})
+    frame = pd.DataFrame(found) if found else None
+    others = [column for column in columns if frame is None or column not in frame.columns]
+    if data.labels is not None and any(column in data.labels.columns for column in others):
+        from_labels = data.labels[["question_id", *[c for c in others if c in data.labels.columns]]]
+        frame = from_labels if frame is None else frame.merge(from_labels, on="question_id", how="left")
+    return frame
+
+
+def finding_for(data: ProbeResults, run_dir: Path, columns: Sequence[str] | None = None) -> Finding | None:
+    """"What this says" for a run: its best feature vs vision_only, within each grouping column (default: the
+    probes' --group-by), with the probes' bootstrap resamples and seed."""
+    if columns is None:
+        columns = [data.settings["group_by"]] if data.settings.get("group_by") else []
+    groups = group_table(run_dir, columns, data) if columns else None
+    return state_finding(
+        data.results,
+        data.predictions,
+        groups,
+        columns,
+        int(data.settings.get("bootstrap", 1000)),
+        int(data.settings.get("seed", 42)),
+    )
+
+
+def _finding_section(finding: Finding | None) -> str:
+    if finding is None or not finding.sentences:
+        return ""
+    items = "".join(f"<li>{_e(sentence)}</li>" for sentence in finding.sentences)
+    return (
+        f"<div class='finding'><h2>What this says</h2><ul>{items}</ul><p class='muted'>Computed from the pooled "
+        "out-of-fold scores of probes/predictions.csv; intervals are 95% bootstrap intervals (paired for the "
+        "difference).</p></div>"
+    )
+
+
+def probe_settings(settings: dict[str, Any]) -> list[tuple[str, Any]]:
+    """How the probes were trained, in words: the validation scheme as `halp probe` describes it (not its raw
+    folds/split fields, one of which is always empty), the labels, grouping, seed and resamples."""
+    items: list[tuple[str, Any]] = []
+    if settings.get("labels"):
+        column = f" (column {settings['label_column']})" if settings.get("label_column") else ""
+        items.append(("labels", f"{settings['labels']}{column}"))
+    if "n" in settings:
+        rows = f"{settings['n']} labelled rows"
+        if "n_positive" in settings:
+            rows += f", {settings['n_positive']} hallucinated"
+        if "n_rows" in settings:
+            rows += f", of {settings['n_rows']} in the run"
+        items.append(("rows", rows))
+    if settings.get("validation"):
+        items.append(("validation", settings["validation"]))
+    elif settings.get("split") is not None:
+        items.append(("validation", f"one stratified split, test fraction {settings['split']}"))
+    elif settings.get("folds") is not None:
+        items.append(("validation", f"{settings['folds']}-fold stratified CV"))
+    if settings.get("group_by"):
+        items.append(("per-group results by", settings["group_by"]))
+    if settings.get("seed") is not None:
+        items.append(("seed", settings["seed"]))
+    if settings.get("bootstrap") is not None:
+        over = f" over {settings['bootstrap_over']}" if settings.get("bootstrap_over") else ""
+        items.append(("bootstrap", f"{settings['bootstrap']} resamples{over}"))
+    if settings.get("threshold") is not None:
+        items.append(("probe threshold", settings["threshold"]))
+    return items
+
+
 def _run_section(data: ProbeResults, run_dir: Path) -> str:
     attrs = data.run_attrs
     items: list[tuple[str, Any]] = [("run directory", run_dir.resolve())]
     for key in ("model_id", "architecture", "num_layers", "layers", "dtype", "num_samples", "generated"):
         if key in attrs:
             items.append((key, attrs[key]))
-    for key, value in data.settings.items():
-        items.append((f"probe {key}", value))
+    items += probe_settings(data.settings)
     return "<dl>" + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in items) + "</dl>"
 
 
@@ -593,6 +694,7 @@ class Report:
     pngs: dict[str, Path]
     best: pd.Series
     results: pd.DataFrame
+    finding: Finding | None = None
 
 
 def _review_section(run_dir: Path) -> str:
@@ -616,10 +718,22 @@ def _review_section(run_dir: Path) -> str:
     return f"<h2>Manual review</h2>{text}{table}"
 
 
-def build_report(run_dir: str | Path, out_dir: str | Path | None = None, title: str | None = None) -> Report:
-    """Write the PNGs and report.html for a run whose probes are trained; return where they are."""
+def build_report(
+    run_dir: str | Path,
+    out_dir: str | Path | None = None,
+    title: str | None = None,
+    group_columns: Sequence[str] | None = None,
+    finding: Finding | None = None,
+) -> Report:
+    """Write the PNGs and report.html for a run whose probes are trained; return where they are.
+
+    "What this says" is stated within each of `group_columns` (default: the probes' --group-by column); `finding`
+    passes one already computed (`halp world`).
+    """
     run_dir = Path(run_dir)
     data = read_probe_results(run_dir)
+    if finding is None:
+        finding = finding_for(data, run_dir, group_columns)
     out = Path(out_dir) if out_dir is not None else report_dir(run_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -654,6 +768,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, title: 
 <body>
 <h1>{_e(title)}</h1>
 {_headline(data)}
+{_finding_section(finding)}
 <h2>Which representation and layer predicts hallucination</h2>
 {_img(pngs["auroc_heatmap"], "AUROC heatmap")}
 <p class="muted">Rows: where the state is read (vision_only: projector input, vision_projected: projector output,
@@ -678,4 +793,4 @@ vision_token / vision_token_mean: last / mean image token, query_token: last pro
 """
     html_path = out / "report.html"
     html_path.write_text(page, encoding="utf-8")
-    return Report(html_path, paths, best, data.results)
+    return Report(html_path, paths, best, data.results, finding)

@@ -94,10 +94,10 @@ def resolve_shard(
 
     if num_shards is not None or shard_index is not None:
         if num_shards is None or shard_index is None:
-            raise ShardError("num_shards and shard_index go together: give both, or neither")
+            raise ShardError("num_shards= and shard_index= go together: give both, or neither")
         if launched:
             raise ShardError(
-                f"--num-shards/--shard-index were given inside a launcher that started {world_size} processes "
+                f"num_shards= and shard_index= were given inside a launcher that started {world_size} processes "
                 "(WORLD_SIZE is set): every process would get the same flags. Use one or the other: drop the flags "
                 "under torchrun/accelerate, or start independent processes with the flags."
             )

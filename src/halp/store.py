@@ -159,7 +159,7 @@ class RunStore(RunLocks):
         runs (finish an 8-GPU run on one GPU) once no writer of the old layout is alive; committed rows are kept.
         """
         if overwrite and self.root.exists():
-            self._require_no_live_writers("--overwrite would delete the files of other writers")
+            self._require_no_live_writers("overwrite=True would delete the files of other writers")
             for name in (FEATURES_FILE, RUN_FILE, PARTS_DIR, ERRORS_FILE, SHARDS_DIR, RAY_DIR):
                 target = self.root / name
                 if target.is_dir():
@@ -172,7 +172,7 @@ class RunStore(RunLocks):
         if existing is None:
             if self.features_path.exists() or self.all_part_paths():
                 raise RunMismatchError(
-                    f"{self.root} holds extraction data but no {RUN_FILE}; use --overwrite to start afresh"
+                    f"{self.root} holds extraction data but no {RUN_FILE}; use overwrite=True to start afresh"
                 )
             self._write_identity(identity)
             return
@@ -188,7 +188,7 @@ class RunStore(RunLocks):
         if differences:
             raise RunMismatchError(
                 f"{self.root} was created with other settings ({'; '.join(differences)}). "
-                "Use another --out, or --overwrite to discard it."
+                "Use another out=, or overwrite=True to discard it."
             )
         self.check_model(identity.get("model_sha256"), identity.get("model_files"))
         before, now = int(existing.get("num_shards", 1)), int(identity.get("num_shards", 1))
@@ -212,7 +212,7 @@ class RunStore(RunLocks):
                 f"{self.root} was extracted from other model content than {existing.get('model')} has now "
                 f"(model_sha256 {str(recorded)[:12]}…, now {fingerprint[:12]}…"
                 f"{'; changed: ' + ', '.join(changed[:5]) if changed else ''}). "
-                "Use another --out for the new checkpoint, or --overwrite to discard this run."
+                "Use another out= for the new checkpoint, or overwrite=True to discard this run."
             )
         if recorded != fingerprint or (files and existing.get("model_files") != files):
             self._write_identity({**existing, "model_sha256": fingerprint, "model_files": files or {}})
@@ -348,8 +348,8 @@ class RunStore(RunLocks):
         if len(digests) != 1:
             seen = ", ".join(f"{name}: {marker['table_rows']} rows" for name, marker in markers.items())
             raise RunMismatchError(
-                f"{self.root}: the shards read different tables or --limit values ({seen}); "
-                "rerun every shard with the same --data and --limit"
+                f"{self.root}: the shards read different tables or limit= values ({seen}); "
+                "rerun every shard with the same data= and limit="
             )
         table_rows = next(iter(digests))[0]
         row_digests: dict[str, str] | None = {}
@@ -429,7 +429,7 @@ class RunStore(RunLocks):
                 else:
                     raise RunDamagedError(
                         f"{self.root}: question_id {qid!r} is committed twice with the same content; the run is "
-                        "inconsistent. Rerun with --overwrite to extract it afresh."
+                        "inconsistent. Rerun with overwrite=True to extract it afresh."
                     )
         if repeated:
             log.info("%s: %d row(s) committed twice by retried Ray tasks; keeping one copy", self.root, repeated)

@@ -3,21 +3,65 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated, NoReturn
+import re
+from typing import Annotated, Any, NoReturn
 
 import click
 import typer
 from rich.console import Console
+from rich.text import Text
 from typer.core import TyperGroup
 
-from halp.errors import HalpError, ParameterError
+from halp.errors import PARAMETER_MENTION, HalpError, ParameterError
 
 
-def describe(error: HalpError) -> str:
-    """One line for a user: a parameter error names the flag, not the Python parameter."""
+def command_options(group: click.Group, ctx: click.Context) -> dict[str, Any]:
+    """Python parameter name -> option of the command being run (of every command of a sub-group: `halp data ...`).
+
+    Options are recognised by their attributes: typer builds its commands on its own copy of click's classes.
+    """
+    name = ctx.invoked_subcommand
+    command = group.get_command(ctx, name) if name else None
+    found: dict[str, Any] = {}
+    pending = [command] if command is not None else []
+    while pending:
+        current = pending.pop()
+        if hasattr(current, "list_commands"):  # a sub-group
+            pending += [current.get_command(ctx, sub) for sub in current.list_commands(ctx)]
+            continue
+        for param in current.params:
+            if getattr(param, "param_type_name", None) == "option" and param.name:
+                found[param.name] = param
+    return found
+
+
+def _flag(option: Any, value: str | None) -> str:
+    if value == "False":
+        return option.secondary_opts[0] if option.secondary_opts else f"no {option.opts[0]}"
+    return option.opts[0]
+
+
+def describe(error: HalpError, options: dict[str, Any] | None = None) -> str:
+    """One line for a user: the library's message with each parameter it names shown as the command's flag.
+
+    A `ParameterError` starts with its parameter; any message may mention one as `name=` (a value follows) or
+    `name=True` / `name=False` (a switch) (`halp.errors.PARAMETER_MENTION`): `labels=` becomes `--labels`,
+    `overwrite=True` `--overwrite`, `exif_orientation=False` `--no-exif-orientation`.
+    """
+    options = options or {}
+    text = str(error)
     if isinstance(error, ParameterError):
-        return str(error).replace(error.parameter, error.flag, 1)
-    return str(error)
+        flag = options[error.parameter].opts[0] if error.parameter in options else error.flag
+        text = text.replace(error.parameter, flag, 1)
+
+    def as_flag(match: re.Match) -> str:
+        option = options.get(match.group("name"))
+        if option is None:
+            return match.group(0)
+        flag = _flag(option, match.group("switch"))
+        return flag + (" " if match.group("value") else "") + (match.group("value") or "")
+
+    return re.sub(PARAMETER_MENTION, as_flag, text)
 
 
 class HalpGroup(TyperGroup):
@@ -28,7 +72,7 @@ class HalpGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except HalpError as error:
-            fail(describe(error))
+            fail(describe(error, command_options(self, ctx)))
         except KeyboardInterrupt:
             err_console.print("interrupted; rerun the same command to resume", markup=False, highlight=False)
             raise typer.Exit(130) from None
@@ -46,14 +90,25 @@ DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 DtypeOption = Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.")]
 TrustRemoteCodeOption = Annotated[bool, typer.Option(help="Allow the checkpoint's own Python code to run.")]
 
-console = Console()
-err_console = Console(stderr=True)
+class LineConsole(Console):
+    """A rich console whose lines of text are not wrapped when it writes to a file or a pipe (`2> run.log`, CI
+    logs): a terminal wraps them at its width, a log keeps each line whole (no break in the middle of a number or a
+    path). Tables and boxes are laid out at the console's width either way."""
+
+    def print(self, *objects: Any, soft_wrap: bool | None = None, **kwargs: Any) -> None:  # type: ignore[override]
+        if soft_wrap is None and not self.is_terminal and all(isinstance(item, (str, Text)) for item in objects):
+            soft_wrap = True
+        super().print(*objects, soft_wrap=soft_wrap, **kwargs)
+
+
+console = LineConsole()
+err_console = LineConsole(stderr=True)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
     from rich.markup import escape
 
-    # Messages name things like `halp[latentlens]` that rich would otherwise read as markup tags.
+    # Messages name things like `halp-vlm[latentlens]` that rich would otherwise read as markup tags.
     # soft_wrap: the message stays one line however narrow the terminal (scripts grep it).
     err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(code)

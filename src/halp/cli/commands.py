@@ -78,7 +78,7 @@ def extract(
         int | None, typer.Option(help="Split the table into K shards, one per process (e.g. a SLURM job array).")
     ] = None,
     shard_index: Annotated[int | None, typer.Option(help="This process's shard, 0..K-1.")] = None,
-    engine: Annotated[str, typer.Option(help="local (this process, or torchrun ranks) or ray (halp[ray] extra).")] = (
+    engine: Annotated[str, typer.Option(help="local (this process, or torchrun ranks) or ray (the ray extra).")] = (
         "local"
     ),
     num_workers: Annotated[int, typer.Option(help="--engine ray: actors, one model each.")] = 1,

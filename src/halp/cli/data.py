@@ -16,7 +16,8 @@ app.add_typer(data_app, name="data")
 @data_app.command("convert")
 def convert(
     source: Annotated[str, typer.Argument(help="amber, haloquest, pope, mme, hallusionbench or mathvista.")],
-    from_path: Annotated[
+    # Named `path` like halp.sources.convert's parameter, so its messages (path=...) show as --from.
+    path: Annotated[
         Path, typer.Option("--from", help="The benchmark's files: hub Parquet, annotation file or folder.")
     ],
     out: Annotated[Path, typer.Option(help="Output folder: <source>.parquet (images embedded), convert.json.")],
@@ -28,7 +29,7 @@ def convert(
     """Convert one benchmark to halp's table (see docs/data.md for the layouts each source accepts)."""
     from halp.sources import convert as run_convert
 
-    summary = run_convert(source, from_path, out, images, split)
+    summary = run_convert(source, path, out, images, split)
     console.print(
         f"{summary.source}: {summary.rows} rows from {summary.layout} -> {summary.table}", markup=False, soft_wrap=True
     )
@@ -48,7 +49,7 @@ def convert(
 
 @data_app.command("compose")
 def compose(
-    from_dirs: Annotated[list[Path], typer.Option("--from", help="A `halp data convert` output folder (repeat).")],
+    dirs: Annotated[list[Path], typer.Option("--from", help="A `halp data convert` output folder (repeat).")],
     out: Annotated[Path, typer.Option(help="Output folder: composite.parquet and manifest.json.")],
     total: Annotated[int, typer.Option(help="Rows in the composite.")],
     seed: Annotated[int, typer.Option(help="Random seed: the same seed and inputs draw the same rows.")] = 0,
@@ -59,7 +60,7 @@ def compose(
     """Sample a composite: per-source counts in proportion, stratified by category within each source."""
     from halp.sources.compose import compose as run_compose
 
-    summary = run_compose(list(from_dirs), out, total, seed, proportions)
+    summary = run_compose(list(dirs), out, total, seed, proportions)
     drawn = ", ".join(f"{source} {count}" for source, count in summary.drawn.items())
     console.print(f"{summary.total} rows ({drawn}) -> {summary.table}", markup=False, soft_wrap=True)
     console.print(f"manifest: {summary.manifest}", markup=False, soft_wrap=True)

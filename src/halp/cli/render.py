@@ -21,6 +21,7 @@ from halp.layout import probes_dir
 
 if TYPE_CHECKING:
     from halp.demo import DemoResult
+    from halp.findings import Finding
     from halp.label import LabelSummary
     from halp.report import Report
     from halp.summary import RunSummary
@@ -177,7 +178,18 @@ def report_summary(console: Console, report: Report, title: str = "AUROC") -> No
     if "auroc_ci_low" in best and "auroc_ci_high" in best:
         line += f" [{fmt(best['auroc_ci_low'])}, {fmt(best['auroc_ci_high'])}]"
     _line(console, line)
+    finding(console, report.finding)
     _line(console, f"report: {report.html_path}")
+
+
+def finding(console: Console, stated: Finding | None) -> None:
+    """"What this says": the finding's sentences (`halp.findings`), one bullet each, in a box."""
+    from rich.panel import Panel
+
+    if stated is None or not stated.sentences:
+        return
+    body = Text("\n").join(Text(f"• {sentence}") for sentence in stated.sentences)
+    console.print(Panel(body, title="what this says", title_align="left", box=box.ROUNDED))
 
 
 def demo_result(console: Console, result: DemoResult) -> None:

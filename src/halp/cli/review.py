@@ -33,7 +33,7 @@ def review(
     reviewer: Annotated[
         str | None, typer.Option(help="Your name in reviews.jsonl (default: login name; the URL's ?reviewer= wins).")
     ] = None,
-    queue: Annotated[str, typer.Option(help="Rows to start with: unknown, all, rules (audit) or disagree.")] = (
+    queue: Annotated[str, typer.Option(help="Rows to start: unknown, all, rules (audit), disagree or doubtful.")] = (
         "unknown"
     ),
     only: Annotated[str | None, typer.Option(help="Narrow the queue to column=value (category=animals).")] = None,

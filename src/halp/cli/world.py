@@ -106,6 +106,7 @@ def print_world(console: Any, result: StudyResult) -> None:
     from rich.table import Table
     from rich.text import Text
 
+    from halp.cli import render
     from halp.cli.render import auroc_grid_tables
 
     training = result.training
@@ -163,5 +164,6 @@ def print_world(console: Any, result: StudyResult) -> None:
             f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}]",
         )
     console.print(table)
+    render.finding(console, result.finding)
     timing = ", ".join(f"{name} {value:.0f}s" for name, value in result.seconds.items())
     console.print(Text(f"time: {timing}; report: {result.report}"), soft_wrap=True)

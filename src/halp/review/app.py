@@ -24,7 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from halp.errors import ImageError, ReviewError, ReviewServerError
+from halp.errors import ImageError, ReviewError, ReviewServerError, install_hint
 from halp.review.decisions import VERDICTS, check_reviewer
 from halp.review.session import ORDERS, QUEUES, ReviewSession
 from halp.userfiles import READ_LIMIT, read_user_file
@@ -102,7 +102,7 @@ def _require_web_stack() -> None:
         import uvicorn  # noqa: F401
     except ImportError as err:
         raise ReviewServerError(
-            f"halp review needs the web extra ({err.name} is missing): pip install 'halp[review]'"
+            f"halp review needs the review extra ({err.name} is missing): {install_hint('review')}"
         ) from err
 
 
@@ -144,6 +144,7 @@ def create_app(session: ReviewSession, token: str | None = None, loopback: bool 
                 "verdicts": list(VERDICTS),
                 "filters": session.filter_values(),
                 "risk_sources": session.risk_sources,
+                "labels_file": session.labels_source,
                 "reviews_file": str(session.log.path),
             }
         )

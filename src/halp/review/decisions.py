@@ -57,6 +57,13 @@ def default_reviewer() -> str:
 RESOLVE_CHOICES = ("none", "latest")
 
 
+def check_resolve(resolve: str) -> str:
+    """How reviewers' conflicts are settled: one of RESOLVE_CHOICES (checked even when there are no reviews yet)."""
+    if resolve not in RESOLVE_CHOICES:
+        raise ReviewError(f"resolve={resolve!r}: choose one of {', '.join(RESOLVE_CHOICES)}")
+    return resolve
+
+
 def check_reviewer(name: str) -> str:
     if not REVIEWER_PATTERN.match(name):
         raise ReviewError(
@@ -289,8 +296,7 @@ def _said(items: Sequence[tuple[int, Decision]]) -> str:
 
 def combine(items: Sequence[tuple[int, Decision]], resolve: str = "none") -> RowVerdict:
     """One row's verdict from its reviewers' current verdicts (in log order, none withdrawn)."""
-    if resolve not in RESOLVE_CHOICES:
-        raise ReviewError(f"--resolve {resolve!r}: choose one of {', '.join(RESOLVE_CHOICES)}")
+    check_resolve(resolve)
     if not items:
         raise ValueError("combine needs at least one verdict")
     verdicts = {decision.label for _, decision in items}
@@ -383,8 +389,7 @@ def merge_decisions(
     """
     from halp.label import Label
 
-    if resolve not in RESOLVE_CHOICES:
-        raise ReviewError(f"--resolve {resolve!r}: choose one of {', '.join(RESOLVE_CHOICES)}")
+    check_resolve(resolve)
     rows = state.by_row()
     in_run = set(question_ids)
     summary = ReviewSummary(list(sources), {}, resolve=resolve)

@@ -21,15 +21,16 @@ import pandas as pd
 
 from halp.errors import ImageError, ReviewError
 from halp.label import Label, label_answer
-from halp.layout import PREDICTIONS_FILE, RESULTS_JSON_FILE, RISK_DIR, probe_file
+from halp.layout import PREDICTIONS_FILE, RESULTS_JSON_FILE, RISK_DIR, labels_file, probe_file
 from halp.review.decisions import LABEL_WORDS, VERDICTS, Decision, ReviewLog, check_reviewer
 from halp.store import STRING_FIELDS, read_strings
 
 QUEUES: dict[str, str] = {
-    "unknown": "rows the rules leave unknown",
+    "unknown": "rows without a label (in labels.csv; without it, those the rules leave unknown)",
     "all": "every row",
     "rules": "rows the rules label (audit them)",
     "disagree": "rows where reviewers disagree",
+    "doubtful": "rows whose label (labels.csv) the rules or the probe contradict",
 }
 ORDERS: dict[str, str] = {"table": "the run's order", "risk": "highest risk first"}
 #: A pause longer than this between two decisions counts as this long (a coffee break is not review time).
@@ -50,6 +51,69 @@ class Row:
     rule: Label
     risk: float | None = None
     risk_source: str | None = None
+    #: The row's label in RUN_DIR/labels.csv (what `halp probe` trains on), None when the run has no labels.csv
+    #: or the row is not in it.
+    label: Label | None = None
+
+    @property
+    def current(self) -> int | None:
+        """The label the row has now: labels.csv's, else the rules'."""
+        return self.label.label if self.label is not None else self.rule.label
+
+    def doubts(self) -> list[str]:
+        """Why the row's labels.csv label is in doubt: the rules decide otherwise, or the probe's out-of-fold risk
+        (or `halp predict`'s) falls on the other side of the probes' threshold."""
+        from halp.probe import THRESHOLD
+
+        if self.label is None or self.label.label is None:
+            return []
+        found = []
+        if self.rule.label is not None and self.rule.label != self.label.label:
+            found.append(f"the rules say {LABEL_WORDS[self.rule.label]} ({self.rule.reason})")
+        if self.risk is not None and int(self.risk >= THRESHOLD) != self.label.label:
+            found.append(f"the probe's risk is {self.risk:.2f} ({'>=' if self.risk >= THRESHOLD else '<'} {THRESHOLD})")
+        return found
+
+
+def label_origin(label: Label) -> str:
+    """Where a labels.csv label came from, in words (its `method` and `reason` columns, as `halp label` writes them)."""
+    kind, _, detail = label.method.partition(":")
+    if label.method == "manual":  # an imported table: reason "from|not in|empty in <file>:<column>"
+        for lead, said in (("from ", "imported from"), ("not in ", "not in"), ("empty in ", "empty in")):
+            if label.reason.startswith(lead):
+                table, _, column = label.reason.removeprefix(lead).rpartition(":")
+                return f"{said} {table} (column {column})" if table else f"{said} {label.reason}"
+        return f"imported ({label.reason})"
+    if kind == "manual":
+        if detail == "conflict":
+            return "reviewers disagree"
+        return "review by " + ", ".join(detail.split("+"))
+    if kind == "rule":
+        return f"rule ({detail})"
+    if kind == "judge":
+        return f"judge {detail}"
+    return label.method or "unknown origin"
+
+
+def attach_labels(run_dir: str | Path, rows: Sequence[Row]) -> str | None:
+    """Give rows their labels.csv label (halp.label.read_labels, the one reader of label tables); returns the file
+    read, or None without one."""
+    from halp.label import read_labels
+
+    path = labels_file(run_dir)
+    if not path.is_file():
+        return None
+    table = read_labels(path)
+    details = table.frame.set_index("question_id")
+    for row in rows:
+        if row.question_id not in table.labels:
+            continue
+        entry = details.loc[row.question_id]
+        row.label = Label(
+            table.labels[row.question_id], str(entry.get("method", "")), str(entry.get("reason", "")),
+            str(entry.get("answer_type", "") or row.rule.answer_type),
+        )  # fmt: skip
+    return str(path)
 
 
 def read_rows(run_dir: str | Path) -> list[Row]:
@@ -199,9 +263,10 @@ class ReviewSession:
         self.run_dir = Path(run_dir)
         self.images_dir = Path(images_dir)
         if not self.images_dir.is_dir():
-            raise ReviewError(f"--images {self.images_dir} is not a directory")
+            raise ReviewError(f"images={self.images_dir} is not a directory")
         self.reviewer = check_reviewer(reviewer)
         self.rows = read_rows(self.run_dir)
+        self.labels_source = attach_labels(self.run_dir, self.rows)
         self.risk_sources = attach_risk(self.run_dir, self.rows)
         self.index_of = {row.question_id: row.index for row in self.rows}
         self.log = ReviewLog.of_run(self.run_dir)
@@ -247,11 +312,13 @@ class ReviewSession:
         for row in self.rows:
             if any(self._value(row, column) != value for column, value in filters.items()):
                 continue
-            if name == "unknown" and row.rule.label is not None:
+            if name == "unknown" and row.current is not None:
                 continue
             if name == "rules" and row.rule.label is None:
                 continue
             if name == "disagree" and row.question_id not in split:
+                continue
+            if name == "doubtful" and not row.doubts():
                 continue
             chosen.append(row.index)
         if order == "risk":
@@ -327,6 +394,13 @@ class ReviewSession:
                 "reason": row.rule.reason,
                 "answer_type": row.rule.answer_type,
             },
+            "label": None if row.label is None else {
+                "label": LABEL_WORDS[row.label.label],
+                "method": row.label.method,
+                "origin": label_origin(row.label),
+                "reason": row.label.reason,
+            },
+            "doubts": row.doubts(),
             "risk": row.risk,
             "risk_source": row.risk_source,
             "mine": mine,

@@ -29,9 +29,9 @@ def convert(source: str, path: str | Path, out: str | Path, images: str | Path |
         raise SourceError(f"unknown source {source!r}; halp converts {', '.join(SOURCES)}")
     path = Path(path)
     if not path.exists():
-        raise SourceError(f"--from {path} does not exist")
+        raise SourceError(f"path={path} does not exist")
     if images is not None and not Path(images).is_dir():
-        raise SourceError(f"--images {images} is not a directory")
+        raise SourceError(f"images={images} is not a directory")
     return SOURCES[name](path, Path(out), Path(images) if images is not None else None, split)
 
 

@@ -227,7 +227,7 @@ def file_bytes(images_dir: Path | None, name: str, what: str) -> Callable[[], by
 
     def read() -> bytes:
         if images_dir is None:
-            raise SourceError(f"{what}: no image folder given (--images)")
+            raise SourceError(f"{what}: no image folder given (images=)")
         root = images_dir.resolve()
         try:
             path = (root / name).resolve()

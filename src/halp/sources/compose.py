@@ -63,13 +63,13 @@ def read_proportions(spec: str, sources: list[str]) -> dict[str, float]:
     if spec == "study":
         unknown = [source for source in sources if source not in STUDY_COUNTS]
         if unknown:
-            raise SourceError(f"--proportions study has no share for {', '.join(unknown)}; use equal or a file")
+            raise SourceError(f"proportions=study has no share for {', '.join(unknown)}; use equal or a file")
         return {source: float(STUDY_COUNTS[source]) for source in sources}
     if spec == "equal":
         return {source: 1.0 for source in sources}
     path = Path(spec)
     if not path.exists():
-        raise SourceError(f"--proportions {spec!r}: not study, equal or a JSON file")
+        raise SourceError(f"proportions={spec!r}: not study, equal or a JSON file")
     try:
         weights = json.loads(read_user_file(path, "proportions file", error=SourceError).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -122,7 +122,7 @@ def compose(
     import pyarrow.parquet as pq
 
     if total < 1:
-        raise SourceError("--total must be at least 1")
+        raise SourceError("total= must be at least 1")
     tables: dict[str, Path] = {}
     for directory in map(Path, dirs):
         source, table = _converted(directory)
@@ -155,8 +155,8 @@ def compose(
         quota = quotas[source]
         if quota > len(ids):
             raise SourceError(
-                f"{source} has {len(ids)} rows but its share of --total {total} is {quota}; lower --total or "
-                "change --proportions"
+                f"{source} has {len(ids)} rows but its share of total={total} is {quota}; lower total= or "
+                "change proportions="
             )
         by_category: dict[str, list[int]] = defaultdict(list)
         for index, category in enumerate(categories):

@@ -60,15 +60,15 @@ def shipped_home(config: WorldModelConfig, root: Path | None = None) -> Path | N
         missing, extra = sorted(listed - present), sorted(present - listed)
         raise WorldError(
             f"the shipped world model {home} does not hold the files of its manifest "
-            f"(missing: {missing or 'none'}; not listed: {extra or 'none'}); reinstall halp or train it yourself "
-            "with `halp world --no-shipped`"
+            f"(missing: {missing or 'none'}; not listed: {extra or 'none'}); reinstall halp (the halp-vlm "
+            "distribution) or train it yourself with `halp world --no-shipped`"
         )
     for name, expected in manifest["files"].items():
         actual = file_sha256(home / name)
         if actual != expected:
             raise WorldError(
                 f"the shipped world model file {home / name} has SHA-256 {actual}, its manifest says {expected}; "
-                "reinstall halp or train it yourself with `halp world --no-shipped`"
+                "reinstall halp (the halp-vlm distribution) or train it yourself with `halp world --no-shipped`"
             )
     return home
 

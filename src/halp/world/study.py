@@ -8,7 +8,8 @@ an independent cross-check (wherever a rule decides, it must agree; `RuleCheck`)
 Besides the per-question-type groups of `halp probe` (`--group-by question_type`), the study computes, from
 the probes' pooled out-of-fold scores, the AUROC with a bootstrap interval of every feature x probe within
 every question type and every difficulty, and a paired bootstrap of the AUROC difference between the best
-query-token state and the vision-only state (the study's main claim).
+query-token state and the vision-only state (the study's main claim), all with `halp.findings`, which also says
+in words what the numbers show (`StudyResult.finding`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from halp.errors import WorldError
+from halp.findings import Finding, group_aurocs, paired_difference, state_finding
 from halp.layout import PREDICTIONS_FILE, atomic_write, features_file, probe_file, write_text_atomic
 from halp.world.model import STUDY_STREAM, TrainingResult, WorldModelConfig, train
 from halp.world.questions import QUESTION_TYPES, ask, is_wrong
@@ -86,6 +88,8 @@ class StudyResult:
     claim: list[dict[str, Any]]
     report: Path
     seconds: dict[str, float]
+    #: "What this says": the best feature vs vision_only, and both within each difficulty and question type.
+    finding: Finding | None = None
 
 
 # ----- the study set -------------------------------------------------------------------------
@@ -197,69 +201,6 @@ def accuracy_table(rows: pd.DataFrame, labels: pd.DataFrame) -> dict[str, Any]:
 # ----- group AUROCs and the claim ------------------------------------------------------------
 
 
-def group_aurocs(predictions: pd.DataFrame, meta: pd.DataFrame, resamples: int, seed: int) -> pd.DataFrame:
-    """AUROC with a bootstrap interval of every feature x probe within each value of each group column."""
-    from halp.probe import bootstrap_intervals, metric_values
-
-    merged = predictions.merge(meta, on="question_id", how="left", validate="many_to_one")
-    rows = []
-    for (feature, probe), frame in merged.groupby(["feature", "probe"], sort=False):
-        for column in GROUP_COLUMNS:
-            for value, group in frame.groupby(column, sort=True):
-                y, score = group["label"].to_numpy(dtype=np.int64), group["score"].to_numpy(dtype=float)
-                auroc = metric_values(y, score)["auroc"]
-                low, high = (
-                    bootstrap_intervals(y, score, resamples, seed)["auroc"] if len(set(y)) == 2 else (np.nan, np.nan)
-                )
-                rows.append(
-                    {
-                        "feature": feature,
-                        "probe": probe,
-                        "by": column,
-                        "group": value,
-                        "n": len(y),
-                        "n_positive": int(y.sum()),
-                        "auroc": auroc,
-                        "ci_low": low,
-                        "ci_high": high,
-                    }
-                )
-    return pd.DataFrame(rows)
-
-
-def paired_difference(
-    predictions: pd.DataFrame, first: tuple[str, str], second: tuple[str, str], resamples: int, seed: int
-) -> dict[str, Any]:
-    """AUROC(first) - AUROC(second) on the same rows, with a paired bootstrap 95% interval."""
-    from halp.probe import ranking_metrics
-
-    def scores(key: tuple[str, str]) -> pd.Series:
-        frame = predictions[(predictions["feature"] == key[0]) & (predictions["probe"] == key[1])]
-        return frame.set_index("question_id")[["label", "score"]]
-
-    a, b = scores(first), scores(second)
-    joined = a.merge(b, left_index=True, right_index=True, suffixes=("_a", "_b"))
-    y = joined["label_a"].to_numpy(dtype=np.int64)
-    score_a, score_b = joined["score_a"].to_numpy(), joined["score_b"].to_numpy()
-    observed = ranking_metrics(y, score_a)[0] - ranking_metrics(y, score_b)[0]
-    rng = np.random.default_rng(seed)
-    deltas = []
-    for _ in range(resamples):
-        pick = rng.integers(0, len(y), len(y))
-        if len(set(y[pick])) < 2:
-            continue
-        deltas.append(ranking_metrics(y[pick], score_a[pick])[0] - ranking_metrics(y[pick], score_b[pick])[0])
-    low, high = np.percentile(deltas, [2.5, 97.5]) if deltas else (np.nan, np.nan)
-    return {
-        "first": f"{first[0]} ({first[1]})",
-        "second": f"{second[0]} ({second[1]})",
-        "n": len(y),
-        "difference": float(observed),
-        "ci_low": float(low),
-        "ci_high": float(high),
-    }
-
-
 def claim_rows(results: pd.DataFrame, predictions: pd.DataFrame, resamples: int, seed: int) -> list[dict[str, Any]]:
     """Per probe type: best query-token state vs vision_only, and vs the best vision-derived state."""
     from halp.report import is_vision_feature, split_feature
@@ -275,12 +216,8 @@ def claim_rows(results: pd.DataFrame, predictions: pd.DataFrame, resamples: int,
         best_vision = vision.loc[vision["auroc_mean"].idxmax(), "feature"]
         for other in dict.fromkeys(["vision_only", best_vision]):
             if other in set(frame["feature"]):
-                out.append(
-                    {
-                        "probe": probe,
-                        **paired_difference(predictions, (best_query, probe), (other, probe), resamples, seed),
-                    }
-                )
+                paired = paired_difference(predictions, (best_query, probe), (other, probe), resamples, seed)
+                out.append({"probe": probe, **paired.as_dict()})
     return out
 
 
@@ -370,11 +307,14 @@ def run_study(config: StudyConfig, say: Callable[[str], None] | None = None) -> 
     start = time.perf_counter()
     predictions = pd.read_csv(probe_file(run_dir, PREDICTIONS_FILE), dtype={"question_id": str})
     meta = rows[["question_id", *GROUP_COLUMNS]]
-    groups = group_aurocs(predictions, meta, config.bootstrap, config.seed)
+    groups = group_aurocs(predictions, meta, GROUP_COLUMNS, config.bootstrap, config.seed)
     with atomic_write(out / GROUPS_FILE, newline="") as handle:
         groups.to_csv(handle, index=False)
     claim = claim_rows(results, predictions, config.bootstrap, config.seed)
-    report = build_report(run_dir, title="halp world: a trained tiny Qwen2-VL's own mistakes").html_path
+    finding = state_finding(results, predictions, meta, GROUP_COLUMNS, config.bootstrap, config.seed)
+    report = build_report(
+        run_dir, title="halp world: a trained tiny Qwen2-VL's own mistakes", finding=finding
+    ).html_path
     seconds["groups + report"] = time.perf_counter() - start
 
     record = {
@@ -387,8 +327,9 @@ def run_study(config: StudyConfig, say: Callable[[str], None] | None = None) -> 
         "accuracy": accuracy,
         "rules": asdict(rules),
         "claim": claim,
+        "finding": finding.sentences if finding is not None else [],
         "seconds": seconds,
         "report": str(report),
     }
     write_text_atomic(out / SUMMARY_FILE, json.dumps(record, indent=2, default=str))
-    return StudyResult(out, run_dir, training, accuracy, rules, results, groups, claim, report, seconds)
+    return StudyResult(out, run_dir, training, accuracy, rules, results, groups, claim, report, seconds, finding)

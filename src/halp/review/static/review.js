@@ -135,6 +135,17 @@ function render(item) {
   setText("question", item.question);
   setText("answer", item.answer || "(empty answer)");
   setText("truth", item.ground_truth || "(no ground truth)");
+  if (item.label) {
+    badge($("label-badge"), item.label.label);
+    setText("label-origin", item.label.origin);
+    $("label-origin").title = item.label.reason;
+  } else {
+    badge($("label-badge"), "unknown");
+    setText("label-origin", state.config.labels_file ? "(not in labels.csv)" : "(no labels.csv yet: halp label RUN)");
+    $("label-origin").title = "";
+  }
+  $("doubts").hidden = !item.doubts.length;
+  setText("doubts", item.doubts.length ? "In doubt: " + item.doubts.join("; ") : "");
   badge($("rule-badge"), item.rule.label);
   setText("rule-reason", item.rule.method + " · " + item.rule.reason);
   const risk = $("risk");
