@@ -44,7 +44,7 @@ from halp.serve.policy import Policy, threshold_for_coverage
 from halp.serve.protocol import parse_chat
 from halp.serve.settings import DEFAULT_REFUSAL, Limits, ServeSettings
 from halp.testing import available_fixtures
-from halp.testing.serving import make_world_run
+from halp.testing.serving import SERVED_FEATURES
 from halp.world.study import read_answers
 
 pytest.importorskip("starlette", reason="halp serve needs the serve extra: pip install 'halp[serve]'")
@@ -56,7 +56,7 @@ from halp.serve.app import Service, create_app
 from halp.serve.batcher import Batcher
 
 RISK_ABS = 1e-4
-FEATURE = "query_token/layer_2"
+FEATURE = SERVED_FEATURES[0]  # query_token/layer_2
 ANSWER_TOKENS = 4  # the run's answer length: what `halp extract` decoded
 LOOPBACK = "http://127.0.0.1"
 #: A wait no test reaches: batches form by count, never by the clock.
@@ -67,8 +67,8 @@ FOREVER_MS = 600_000.0
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory):
-    return make_world_run(tmp_path_factory.mktemp("served"), n_images=16, features=(FEATURE, "vision_only"))
+def world(served_world):
+    return served_world
 
 
 @pytest.fixture(scope="module")
