@@ -145,6 +145,14 @@ class Engine:
         self.specials = frozenset(special_tokens_of(self.extractor))
         eos = self.model.generation_config.eos_token_id
         self.eos = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        self._static = {
+            "run": run_dir.name,
+            "feature": scorer.feature,
+            "probe": scorer.probe_name,
+            "adapter": type(self.adapter).__name__,
+            "device": str(self.extractor.input_device()),
+            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+        }
 
     @classmethod
     def load(cls, settings: ServeSettings) -> Engine:
@@ -177,16 +185,12 @@ class Engine:
         return engine
 
     def describe(self) -> dict[str, Any]:
+        """What is served: run, probe, threshold and policy, where the model runs."""
         return {
-            "run": self.run_dir.name,
-            "feature": self.scorer.feature,
-            "probe": self.scorer.probe_name,
+            **self._static,
             "threshold": self.policy.threshold,
             "threshold_source": self.choice.source,
             "policy": self.policy.mode,
-            "adapter": type(self.adapter).__name__,
-            "device": str(self.extractor.input_device()),
-            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
             "default_max_tokens": self.default_max_tokens,
         }
 
@@ -349,10 +353,10 @@ def decode_rows(
     carried = model._update_model_kwargs_for_generation({}, carried, is_encoder_decoder=False)
     kept = list(range(batch))
     if len(rows) < batch and adapter.resumes_row_subsets:
-        index = torch.tensor(rows, device=sequences.device)
+        index = torch.tensor(rows)  # on the host: it indexes tensors on any device (a model split over GPUs too)
         cache.batch_select_indices(index)
         adapter.select_rows(index)
-        carried = {name: value[index.to(value.device)] for name, value in carried.items()}
+        carried = {name: value[index] for name, value in carried.items()}
         sequences = sequences[index]
         kept = list(rows)
     row_limit = dict(zip(rows, limits, strict=True))
