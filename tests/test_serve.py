@@ -560,6 +560,19 @@ def test_target_coverage_threshold_against_an_independent_count(world):
         assert choice.rows == len(rows)
 
 
+def test_coverage_thresholds_keep_whole_ties():
+    from halp.report import risk_coverage
+
+    risk = np.array([0.1, 0.1, 0.2, 0.3, 0.3, 0.3, 0.9])
+    labels = np.array([0, 1, 0, 0, 1, 1, 1])
+    curve = risk_coverage(labels, risk)
+    # Tie groups end at coverages 2/7, 3/7, 6/7 and 7/7: at most 1/2 keeps the first three answers.
+    assert curve.threshold_at_coverage(0.5) == (0.3, pytest.approx(3 / 7), pytest.approx(2 / 3))
+    assert curve.threshold_at_coverage(6 / 7)[0] == 0.9
+    assert curve.threshold_at_coverage(1.0)[0] == float("inf")  # keep everything: nothing is at or above it
+    assert curve.threshold_at_coverage(0.2) is None  # the lowest tie alone is already 2/7
+
+
 def test_the_protocol_refuses_what_it_cannot_honour():
     limits = Limits()
     image = "data:image/png;base64,AAAA"
