@@ -361,6 +361,34 @@ def test_a_failing_request_fails_alone(world, scorer, samples, answers):
     assert service.metrics.value("halp_serve_rows_total", {"decision": "failed"}) == 1
 
 
+def test_a_failure_while_decoding_keeps_what_the_prefill_finished(world, scorer, samples, predicted, answers,
+                                                                  median_risk, monkeypatch):  # fmt: skip
+    """Decoding fails once (out of memory, say) after the prefill: rows the prefill finished (abstained, risk-only)
+    keep their outcome; the others are run again alone and answered."""
+    import halp.serve.engine as engine_module
+
+    real, calls = engine_module.decode_rows, []
+
+    def fails_first(*args, **kwargs):
+        calls.append(len(args[3]))
+        if len(calls) == 1:
+            raise RuntimeError("decoding failed once")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "decode_rows", fails_first)
+    engine = make_engine(scorer, world, "abstain", median_risk)
+    rows = sorted(samples[:8], key=lambda s: predicted[s.question_id])
+    low, high, scored = rows[0], rows[-1], rows[1]
+    jobs = [Job(load_image(world.images, s.image_id), s.question, n) for s, n in
+            [(low, ANSWER_TOKENS), (high, ANSWER_TOKENS), (scored, 0)]]  # fmt: skip
+    stats = engine.run_batch(jobs)
+    assert [job.error for job in jobs] == [None, None, None]
+    assert jobs[0].outcome.answer == answers[low.question_id] and jobs[0].outcome.decision == "answered"
+    assert jobs[1].outcome.decision == "abstained" and jobs[2].outcome.decision == "scored"
+    assert [item.rows for item in stats] == [1], "only the answered row ran again"
+    assert len(calls) == 2
+
+
 def _events(response) -> list:
     events = []
     for line in response.iter_lines():

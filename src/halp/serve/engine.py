@@ -220,11 +220,13 @@ class Engine:
                         type(err).__name__, err)  # fmt: skip
             stats = []
             for job in jobs:
-                job.outcome = None
+                if job.error is None and job.outcome is not None and job.outcome.decision in ("abstained", "scored"):
+                    continue  # finished at the prefill, before the failure
                 if job.emitted:  # its client has its score already: it cannot be run again
-                    job.error = _row_error(err)
-                else:
-                    stats += self.run_batch([job])
+                    job.outcome, job.error = None, _row_error(err)
+                    continue
+                job.outcome = job.error = None
+                stats += self.run_batch([job])
             return stats
 
     @torch.inference_mode()
