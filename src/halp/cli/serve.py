@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -106,26 +107,25 @@ def serve(
     from halp.serve.app import serve as serve_locally
 
     def ready(url: str, loaded: Engine, key: str | None) -> None:
-        _announce(loaded, settings.model_name, url)
+        _announce(loaded, settings.model_name, run_dir, url)
         if key is not None and key != api_key:
             _say(f"API key (generated; send Authorization: Bearer KEY, OpenAI clients: api_key=KEY): {key}")
         typer.echo(url)
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C once the requests in flight finished
         serve_locally(settings, host, port, api_key, on_ready=ready)
-    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once the requests in flight have finished
-        _say("halp serve: stopped")
+    _say("halp serve: stopped")
 
 
 def _say(text: str) -> None:
     err_console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
-def _announce(engine: Engine, model_name: str, url: str) -> None:
+def _announce(engine: Engine, model_name: str, run_dir: Path, url: str) -> None:
     info = engine.describe()
     choice = engine.choice
     _say(
-        f"halp serve: model {model_name!r} (run {info['run']}, {info['adapter']} on {info['device']}, "
+        f"halp serve: model {model_name!r} from {run_dir} ({info['adapter']} on {info['device']}, "
         f"{info['dtype']}); risk from {info['feature']} ({info['probe']}); threshold {info['threshold']:.4g} "
         f"({choice.source}); policy {info['policy']}; default max_tokens {info['default_max_tokens']}"
     )
