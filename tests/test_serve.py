@@ -39,7 +39,7 @@ from halp.cli import app as cli
 from halp.data import load_image, read_samples
 from halp.errors import ServeRequestError
 from halp.predict import RiskScorer
-from halp.serve.engine import Engine, Job, decode_rows, run_prefill
+from halp.serve.engine import Engine, Job, decode_rows, prefill_and_decode, run_prefill
 from halp.serve.policy import Policy, threshold_for_coverage
 from halp.serve.protocol import parse_chat
 from halp.serve.settings import DEFAULT_REFUSAL, Limits, ServeSettings
@@ -234,9 +234,9 @@ def test_annotate_answers_every_row_and_flags_at_the_threshold(world, scorer, sa
 @pytest.mark.slow
 @pytest.mark.parametrize("family", available_fixtures())
 def test_decoding_a_subset_of_rows_equals_plain_greedy_generate(family, checkpoint_dir, vqa_set):
-    """For every family with a tiny fixture: the prefill with hooks, then decoding rows 1 and 3 of 4 from its
-    cache (the others dropped; kept but finished for the generic adapter, which is not verified to drop rows), gives
-    plain `generate`'s tokens for those rows, exactly."""
+    """For every family with a tiny fixture, the engine's prefill-and-decode gives plain greedy `generate`'s tokens:
+    when rows 0 and 2 of 4 stop after the prefill (they leave the cache and the others go on from it; the generic
+    adapter, not verified to drop rows, keeps them finished), and when none does (one call)."""
     from halp.capture import FeatureExtractor, parse_layers
     from halp.loading import load_model
     from halp.models import adapter_for
@@ -251,18 +251,20 @@ def test_decoding_a_subset_of_rows_equals_plain_greedy_generate(family, checkpoi
     questions = [s.question if i != 1 else s.question + " Answer with several words, please." for i, s in
                  enumerate(rows)]  # fmt: skip  (rows of different lengths: left padding differs)
     inputs = adapter.encode([load_image(images, s.image_id) for s in rows], questions)
-    steps = 6
+    steps, eos = 6, eos_of(model)
     with torch.inference_mode():
         plain = model.generate(**extractor.device_inputs(inputs), max_new_tokens=steps, **extractor.greedy_settings())
-        plain = plain[:, inputs["input_ids"].shape[1] :].tolist()
-        device_inputs = extractor.device_inputs(inputs)
-        prefill, features = run_prefill(extractor, device_inputs, extractor.locate(inputs), keep_cache=True)
-        tracker = decode_rows(extractor, prefill, device_inputs, [1, 3], [steps - 1, steps - 1], eos_of(model))
-    assert set(features) == set(extractor.names)
-    first = prefill.sequences[:, -1].tolist()
-    for position, row in enumerate([1, 3]):
-        ours = [first[row], *tracker.tokens[position]]
-        assert until_eos(ours, eos_of(model)) == until_eos(plain[row], eos_of(model)), (family, row, ours, plain[row])
+        plain = [until_eos(row, eos) for row in plain[:, inputs["input_ids"].shape[1] :].tolist()]
+        for leaving in ({0, 2}, set()):
+            decoded = prefill_and_decode(
+                extractor, extractor.device_inputs(inputs), extractor.locate(inputs), [steps] * 4, eos,
+                lambda features, first, leaving=leaving: leaving,
+            )  # fmt: skip
+            assert decoded.split == bool(leaving and adapter.resumes_row_subsets)
+            assert set(decoded.features) == set(extractor.names)
+            for row in range(4):
+                expected = [] if row in leaving else plain[row]
+                assert decoded.tokens[row] == expected, (family, leaving, row, decoded.tokens[row], plain[row])
 
 
 def eos_of(model) -> frozenset[int]:
@@ -277,9 +279,10 @@ def until_eos(tokens: list[int], eos: frozenset[int]) -> list[int]:
 
 
 def test_rows_stay_in_the_batch_where_a_family_is_not_verified(checkpoint_dir, vqa_set):
-    """An adapter that does not resume row subsets keeps every row in the cache (finished rows padded): the same
-    tokens, the decode of the others not saved."""
+    """An adapter that does not resume row subsets keeps every row in the batch (stopped rows finished, padded): the
+    same tokens for the others, the decode of the stopped rows not saved; decoding a subset alone is refused."""
     from halp.capture import FeatureExtractor
+    from halp.errors import ServeError
     from halp.loading import load_model
     from halp.models import adapter_for
 
@@ -290,19 +293,22 @@ def test_rows_stay_in_the_batch_where_a_family_is_not_verified(checkpoint_dir, v
     table, images = vqa_set
     rows = read_samples(table)[:3]
     inputs = adapter.encode([load_image(images, s.image_id) for s in rows], [s.question for s in rows])
+    eos = eos_of(model)
     forward_rows: list[int] = []
     with torch.inference_mode():
         plain = model.generate(**extractor.device_inputs(inputs), max_new_tokens=5, **extractor.greedy_settings())
         hook = model.register_forward_pre_hook(
             lambda module, args, kwargs: forward_rows.append(int(kwargs["input_ids"].shape[0])), with_kwargs=True
         )
-        device_inputs = extractor.device_inputs(inputs)
-        prefill, _ = run_prefill(extractor, device_inputs, extractor.locate(inputs), keep_cache=True)
-        tracker = decode_rows(extractor, prefill, device_inputs, [2], [4], eos_of(model))
+        decoded = prefill_and_decode(extractor, extractor.device_inputs(inputs), extractor.locate(inputs), [5, 5, 5],
+                                     eos, lambda features, first: {0, 1})  # fmt: skip
         hook.remove()
-    assert set(forward_rows) == {3}
-    ours = [prefill.sequences[2, -1].item(), *tracker.tokens[0]]
-    assert until_eos(ours, eos_of(model)) == until_eos(plain[2, inputs["input_ids"].shape[1] :].tolist(), eos_of(model))
+        prefill, _ = run_prefill(extractor, extractor.device_inputs(inputs), extractor.locate(inputs), True)
+        with pytest.raises(ServeError, match="not verified"):
+            decode_rows(extractor, prefill, extractor.device_inputs(inputs), [2], [4], eos)
+    assert not decoded.split and set(forward_rows) == {3}
+    assert decoded.tokens[:2] == [[], []]
+    assert decoded.tokens[2] == until_eos(plain[2, inputs["input_ids"].shape[1] :].tolist(), eos)
 
 
 # ----- HTTP: batching, streaming, the risk endpoint -------------------------------------------------------------
@@ -386,7 +392,7 @@ def test_a_failure_while_decoding_keeps_what_the_prefill_finished(world, scorer,
     assert jobs[0].outcome.answer == answers[low.question_id] and jobs[0].outcome.decision == "answered"
     assert jobs[1].outcome.decision == "abstained" and jobs[2].outcome.decision == "scored"
     assert [item.rows for item in stats] == [1], "only the answered row ran again"
-    assert len(calls) == 2
+    assert calls == [1], "the failed split; alone, the row decoded in one call"
 
 
 def _events(response) -> list:

@@ -1,13 +1,15 @@
 """The one place `halp serve` runs the model: a batch of requests -> one prefill with halp's hooks -> risk from the
 probe -> greedy decoding from the same KV cache, only for the rows that need it.
 
-The prefill is `generate` with one new token and the capture armed (halp.capture: the same hooks and positions as
-`halp extract`); its features give each row's risk through the run's probe (halp.predict.RiskScorer), so the risk
-of a request is `halp predict`'s. Rows that decode no further (abstained by the policy, /v1/risk items, an end of
-turn or a max_tokens of 1 at the first token, a failed row) are dropped from the KV cache
-(`Cache.batch_select_indices`) and from what the model keeps of the batch (`Adapter.select_rows`), and a second
-`generate` goes on greedily for the rest from that cache: the answers are plain greedy `generate`'s (tested for
-every family with a tiny fixture). Each row stops at its own max_tokens or end of turn (`RowDecoding`).
+`prefill_and_decode` is `halp extract`'s call: one `generate` with the capture armed for its prefill (halp.capture:
+the same hooks and positions), greedy. A stopping criterion (`RowDecoding`) is called once the prefill has produced
+every row's first token: there the features give each row's risk through the run's probe (halp.predict.RiskScorer,
+so a request's risk is `halp predict`'s) and the policy decides which rows decode no further (abstained, /v1/risk
+items, a failed row). When none does, decoding goes on in the same call, each row stopping at its own max_tokens or
+end of turn: plain greedy `generate` with hooks. When some do, the call ends there and the others go on from its
+KV cache in a second `generate` (`decode_rows`), the leaving rows dropped from the cache
+(`Cache.batch_select_indices`) and from what the model keeps of the batch (`Adapter.select_rows`): their decoding
+never runs. Both paths give plain greedy `generate`'s answers (tested for every family with a tiny fixture).
 
 Per-row input rules are halp.extract's (special tokens in a question); failures are isolated as in `halp extract`:
 if a batch fails, its rows are retried one by one, so only the guilty request fails.
@@ -94,39 +96,83 @@ class BatchStats:
     rows: int
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
-    #: Rows decoded past the first token, and the decoding steps run for them.
+    #: Rows in the batch of the decoding steps after the prefill, and the steps run.
     decoded_rows: int = 0
     decode_steps: int = 0
 
 
-class RowDecoding(StoppingCriteria):
-    """Per-row bookkeeping while `generate` goes on (a transformers stopping criterion, so it sees every new token):
-    each row's tokens, its own max_tokens and end of turn, and its streaming. A finished row is padded by generate
-    from then on, and its later tokens are not its answer."""
+#: After the prefill, given each row's first token: the rows that decode no further.
+Decide = Callable[[list[int]], set[int]]
 
-    def __init__(self, limits: Sequence[int], eos: frozenset[int], on_tokens: Sequence[Callable | None]) -> None:
+
+class RowDecoding(StoppingCriteria):
+    """Per-row bookkeeping while `generate` runs (a transformers stopping criterion, called after every new token):
+    each row's tokens, its own limit and end of turn, its streaming. A finished row is padded by generate from then
+    on, and its later tokens are not its answer.
+
+    With `decide`, its first call (the prefill has just produced each row's first token) asks which rows decode no
+    further; with `split`, the call then ends for every row, so that the others go on without them (`decode_rows`);
+    without it they are marked finished and the others go on in the same call."""
+
+    def __init__(
+        self,
+        limits: Sequence[int],
+        eos: frozenset[int],
+        on_tokens: Sequence[Callable | None] | None = None,
+        decide: Decide | None = None,
+        split: bool = False,
+    ) -> None:
         self.limits = list(limits)
         self.eos = eos
-        self.on_tokens = list(on_tokens)
+        self.on_tokens = list(on_tokens or [None] * len(self.limits))
+        self.decide = decide
+        self.split = split
         self.tokens: list[list[int]] = [[] for _ in self.limits]
         self.finished = [limit == 0 for limit in self.limits]
-        self.ended_by_eos = [False] * len(self.limits)
+        self.leaving: set[int] = set()
+        self.first_tokens: list[int] = []
+        #: When the first call came (the end of the prefill), and how many calls there were.
+        self.prefill_done = 0.0
         self.steps = 0
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
         self.steps += 1
-        for row, token in enumerate(input_ids[:, -1].tolist()):
+        tokens = input_ids[:, -1].tolist()
+        if self.steps == 1:
+            self.prefill_done = time.perf_counter()
+            self.first_tokens = tokens
+            if self.decide is not None:
+                self.leaving = self.decide(tokens)
+                if self.leaving and self.split:
+                    return torch.ones(len(tokens), dtype=torch.bool, device=input_ids.device)
+                for row in self.leaving:
+                    self.finished[row] = True
+        for row, token in enumerate(tokens):
             if self.finished[row]:
                 continue
             self.tokens[row].append(token)
-            if token in self.eos:
-                self.finished[row] = self.ended_by_eos[row] = True
-            elif len(self.tokens[row]) >= self.limits[row]:
+            if token in self.eos or len(self.tokens[row]) >= self.limits[row]:
                 self.finished[row] = True
             callback = self.on_tokens[row]
             if callback is not None:
                 callback(self.tokens[row])
         return torch.tensor(self.finished, dtype=torch.bool, device=input_ids.device)
+
+
+@dataclass
+class Decoded:
+    """What `prefill_and_decode` gives: each row's answer tokens (its first token and its end of turn included; none
+    for a row that decoded nothing), the prefill's features, and where the time went."""
+
+    tokens: list[list[int]]
+    features: dict[str, np.ndarray]
+    #: Rows left after the prefill and a second `generate` went on for the others from its cache.
+    split: bool = False
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    #: Rows in the batch of the decoding steps after the prefill (finished rows padded there included), and steps.
+    decoded_rows: int = 0
+    decode_steps: int = 0
 
 
 class Engine:
@@ -231,69 +277,68 @@ class Engine:
 
     @torch.inference_mode()
     def _run(self, jobs: list[Job]) -> BatchStats:
-        stats = BatchStats(rows=len(jobs))
         inputs = self._encode(jobs)
         positions = self.extractor.locate(inputs)
-        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
-        answering = any(job.max_tokens > 0 for job in jobs)
+        prompt_tokens = [int(count) for count in inputs["attention_mask"].sum(dim=1).tolist()]
         inputs = self.extractor.device_inputs(inputs)
-        start = time.perf_counter()
-        prefill, features = run_prefill(self.extractor, inputs, positions, keep_cache=answering)
-        stats.prefill_seconds = time.perf_counter() - start
+        scored: dict[str, Any] = {}
 
+        def score(features: dict[str, np.ndarray], first_tokens: list[int]) -> set[int]:
+            """Risks and decisions, before any decoding step: the rows that decode no further."""
+            scored["leaving"] = leaving = self._score(jobs, features, prompt_tokens, first_tokens)
+            return leaving
+
+        callbacks = [self._token_callback(job) for job in jobs]
+        decoded = prefill_and_decode(self.extractor, inputs, positions, [job.max_tokens for job in jobs], self.eos,
+                                     score, callbacks)  # fmt: skip
+        for row, job in enumerate(jobs):
+            outcome = job.outcome
+            if job.error is not None or outcome is None or outcome.decision in ("abstained", "scored"):
+                continue
+            tokens = decoded.tokens[row]
+            outcome.answer = self.extractor.decode([tokens])[0]
+            outcome.completion_tokens = len(tokens)
+            outcome.finish_reason = "stop" if tokens and tokens[-1] in self.eos else "length"
+            job.stream_text(outcome.answer, final=True)
+        return BatchStats(len(jobs), decoded.prefill_seconds, decoded.decode_seconds, decoded.decoded_rows,
+                          decoded.decode_steps)  # fmt: skip
+
+    def _score(
+        self, jobs: list[Job], features: dict[str, np.ndarray], prompt_tokens: list[int], first_tokens: list[int]
+    ) -> set[int]:
+        """Each row's risk and decision from the prefill's features; the scored event and first token of a stream.
+        Returns the rows that decode no further (abstained, risk-only, failed)."""
         values = features[self.scorer.feature]
         finite = np.isfinite(values).all(axis=1)
         risks = np.full(len(jobs), np.nan)
         if finite.any():
             risks[finite] = self.scorer.risks({self.scorer.feature: values[finite]})
-        first_tokens = prefill.sequences[:, -1].tolist()
-        answers: dict[int, list[int]] = {}
-        going_on: list[int] = []
+        leaving = set()
         for row, job in enumerate(jobs):
             if not finite[row]:
                 job.error = ServeRequestError(
-                    f"the prefill gave non-finite features for {self.scorer.feature} (dtype "
-                    f"{self.describe()['dtype']}); check the model and input", 500, None, "non_finite_features",
-                    "server_error",
+                    f"the prefill gave non-finite features for {self.scorer.feature} (dtype {self._static['dtype']}); "
+                    "check the model and input", 500, None, "non_finite_features", "server_error",
                 )  # fmt: skip
+                leaving.add(row)
                 continue
             risk = float(risks[row])
             flagged = self.policy.flagged(risk)
             if job.max_tokens == 0:
-                job.outcome = Outcome(risk, flagged, "scored", int(prompt_tokens[row]))
+                job.outcome = Outcome(risk, flagged, "scored", prompt_tokens[row])
+                leaving.add(row)
                 continue
             decision = self.policy.decision(risk)
-            job.outcome = outcome = Outcome(risk, flagged, decision, int(prompt_tokens[row]))
+            job.outcome = outcome = Outcome(risk, flagged, decision, prompt_tokens[row])
+            job.emit("scored", outcome)
             if decision == "abstained":
                 outcome.answer, outcome.finish_reason = self.policy.refusal, "stop"
                 outcome.decode_tokens_saved = job.max_tokens
-                job.emit("scored", outcome)
                 job.stream_text(outcome.answer, final=True)
-                continue
-            job.emit("scored", outcome)
-            answers[row] = [first_tokens[row]]
-            self._stream(job, answers[row])
-            if first_tokens[row] not in self.eos and job.max_tokens > 1:
-                going_on.append(row)
-
-        if going_on:
-            start = time.perf_counter()
-            limits = [jobs[row].max_tokens - 1 for row in going_on]
-            callbacks = [self._token_callback(jobs[row], first_tokens[row]) for row in going_on]
-            tracker = decode_rows(self.extractor, prefill, inputs, going_on, limits, self.eos, callbacks)
-            stats.decode_seconds = time.perf_counter() - start
-            stats.decoded_rows, stats.decode_steps = len(going_on), tracker.steps
-            for position, row in enumerate(going_on):
-                answers[row] += tracker.tokens[position]
-        for row, tokens in answers.items():
-            job = jobs[row]
-            assert job.outcome is not None
-            job.outcome.answer = self.extractor.decode([tokens])[0]
-            job.outcome.completion_tokens = len(tokens)
-            ended = tokens[-1] in self.eos
-            job.outcome.finish_reason = "stop" if ended else "length"
-            job.stream_text(job.outcome.answer, final=True)
-        return stats
+                leaving.add(row)
+            else:
+                self._stream(job, [first_tokens[row]])
+        return leaving
 
     def _encode(self, jobs: list[Job]) -> dict[str, Any]:
         try:
@@ -306,18 +351,19 @@ class Engine:
         if job.on_event is not None:
             job.stream_text(self.extractor.decode([tokens])[0])
 
-    def _token_callback(self, job: Job, first: int) -> Callable[[list[int]], None] | None:
+    def _token_callback(self, job: Job) -> Callable[[list[int]], None] | None:
+        """Streams the answer as it grows (its tokens so far, the first included)."""
         if job.on_event is None:
             return None
-        return lambda tokens: self._stream(job, [first, *tokens])
+        return lambda tokens: self._stream(job, tokens)
 
 
 def run_prefill(
     extractor: FeatureExtractor, inputs: dict[str, Any], positions: Positions, keep_cache: bool
 ) -> tuple[Any, dict[str, np.ndarray]]:
-    """One prefill pass with halp's capture armed, as `halp extract`'s: `generate` with one new token. Returns its
-    output (`sequences` ends with each row's first answer token; its KV cache when `keep_cache`) and the features.
-    `inputs` are on the model's device (`FeatureExtractor.device_inputs`)."""
+    """One prefill pass with halp's capture armed, as `halp extract --no-generate`: `generate` with one new token.
+    Returns its output (`sequences` ends with each row's first token; its KV cache when `keep_cache`) and the
+    features. `inputs` are on the model's device (`FeatureExtractor.device_inputs`)."""
     with PrefillCapture(extractor.adapter, extractor.layers) as capture:
         capture.arm(positions)
         prefill = extractor.model.generate(
@@ -325,6 +371,69 @@ def run_prefill(
             **extractor.greedy_settings(),
         )  # fmt: skip
         return prefill, extractor.captured_features(capture)
+
+
+def prefill_and_decode(
+    extractor: FeatureExtractor,
+    inputs: dict[str, Any],
+    positions: Positions,
+    limits: Sequence[int],
+    eos: frozenset[int],
+    decide: Callable[[dict[str, np.ndarray], list[int]], set[int]],
+    on_tokens: Sequence[Callable | None] | None = None,
+) -> Decoded:
+    """One prefill with the capture armed, then greedy decoding of each row for at most `limits[row]` tokens (0: the
+    row decodes nothing). Right after the prefill, `decide(features, first_tokens)` names the rows that decode no
+    further; where the family allows (`Adapter.resumes_row_subsets`) they leave and the others go on from the
+    prefill's cache (`decode_rows`), elsewhere they stay, finished and padded. `on_tokens[row]` gets a row's tokens
+    as they grow. `inputs` are on the model's device (`FeatureExtractor.device_inputs`)."""
+    start = time.perf_counter()
+    if max(limits) == 0:  # nothing to decode: the prefill alone, as `halp predict`'s
+        prefill, features = run_prefill(extractor, inputs, positions, keep_cache=False)
+        decide(features, prefill.sequences[:, -1].tolist())
+        return Decoded([[] for _ in limits], features, prefill_seconds=time.perf_counter() - start)
+    resumes = extractor.adapter.resumes_row_subsets
+    with PrefillCapture(extractor.adapter, extractor.layers) as capture:
+        capture.arm(positions)
+        found: dict[str, dict[str, np.ndarray]] = {}
+
+        def after_prefill(first_tokens: list[int]) -> set[int]:
+            found["features"] = extractor.captured_features(capture)
+            return decide(found["features"], first_tokens)
+
+        tracker = RowDecoding(limits, eos, on_tokens, after_prefill, split=resumes)
+        output = extractor.model.generate(
+            **inputs, max_new_tokens=max(limits), return_dict_in_generate=True,
+            stopping_criteria=StoppingCriteriaList([tracker]), **extractor.greedy_settings(),
+        )  # fmt: skip
+    decoded = Decoded(tracker.tokens, found["features"], prefill_seconds=tracker.prefill_done - start)
+    if not (tracker.leaving and resumes):  # one call: every row stayed in the batch of the decoding steps
+        decoded.decode_steps = tracker.steps - 1
+        decoded.decoded_rows = len(limits) if decoded.decode_steps else 0
+        decoded.decode_seconds = time.perf_counter() - tracker.prefill_done
+        return decoded
+    # Rows left after the prefill: the others go on from its cache, without them.
+    first = tracker.first_tokens
+    decoded.split = True
+    decoded.tokens = [[] if row in tracker.leaving else [first[row]] for row in range(len(limits))]
+    going = [row for row, limit in enumerate(limits)
+             if row not in tracker.leaving and limit > 1 and first[row] not in eos]  # fmt: skip
+    if going:
+        callbacks = on_tokens or [None] * len(limits)
+        rest = decode_rows(
+            extractor, output, inputs, going, [limits[row] - 1 for row in going], eos,
+            [None if callbacks[row] is None else _after(first[row], callbacks[row]) for row in going],
+        )  # fmt: skip
+        for position, row in enumerate(going):
+            decoded.tokens[row] += rest.tokens[position]
+        decoded.decoded_rows, decoded.decode_steps = len(going), rest.steps
+    decoded.decode_seconds = time.perf_counter() - tracker.prefill_done
+    return decoded
+
+
+def _after(first: int, callback: Callable[[list[int]], None]) -> Callable[[list[int]], None]:
+    """A row's streaming callback for tokens decoded after its first one."""
+    return lambda tokens: callback([first, *tokens])
 
 
 def decode_rows(
@@ -336,11 +445,13 @@ def decode_rows(
     eos: frozenset[int],
     on_tokens: Sequence[Callable | None] | None = None,
 ) -> RowDecoding:
-    """Greedy decoding of the batch rows `rows` from the prefill's KV cache, row i for at most `limits[i]` tokens
-    after the prefill's first one (or to its end of turn). The other rows leave the cache and the batch, where the
-    family is verified to allow it (`Adapter.resumes_row_subsets`); elsewhere they stay, finished, and are padded.
-    Returns the bookkeeping, whose `tokens[i]` are row `rows[i]`'s new tokens."""
+    """Greedy decoding of the batch rows `rows` from the prefill's KV cache (`prefill`: a `generate` output with its
+    cache, after one new token), row i for at most `limits[i]` tokens after that one (or to its end of turn). The
+    other rows leave the cache and the batch (the family must allow it: `Adapter.resumes_row_subsets`). Returns the
+    bookkeeping, whose `tokens[i]` are row `rows[i]`'s new tokens."""
     adapter, model = extractor.adapter, extractor.model
+    if len(rows) < prefill.sequences.shape[0] and not adapter.resumes_row_subsets:
+        raise ServeError(f"{type(adapter).__name__} is not verified to go on decoding a subset of a batch's rows")
     sequences = prefill.sequences
     cache = prefill.cache if hasattr(prefill, "cache") else prefill.past_key_values
     batch, prompt_length = inputs["input_ids"].shape
@@ -353,25 +464,17 @@ def decode_rows(
         and tuple(value.shape[:2]) == (batch, prompt_length)
     }  # fmt: skip
     carried = model._update_model_kwargs_for_generation({}, carried, is_encoder_decoder=False)
-    kept = list(range(batch))
-    if len(rows) < batch and adapter.resumes_row_subsets:
+    if len(rows) < batch:
         index = torch.tensor(rows)  # on the host: it indexes tensors on any device (a model split over GPUs too)
         cache.batch_select_indices(index)
         adapter.select_rows(index)
         carried = {name: value[index] for name, value in carried.items()}
         sequences = sequences[index]
-        kept = list(rows)
-    row_limit = dict(zip(rows, limits, strict=True))
-    row_callback = dict(zip(rows, on_tokens or [None] * len(rows), strict=True))
-    tracker = RowDecoding([row_limit.get(row, 0) for row in kept], eos, [row_callback.get(row) for row in kept])
+    tracker = RowDecoding(limits, eos, on_tokens)
     model.generate(
         input_ids=sequences, **carried, **{_cache_argument(prefill): cache}, max_new_tokens=max(limits),
         stopping_criteria=StoppingCriteriaList([tracker]), **extractor.greedy_settings(),
     )  # fmt: skip
-    if kept != list(rows):  # every row stayed in the batch: keep the bookkeeping of those that went on
-        wanted = {row: position for position, row in enumerate(kept)}
-        tracker.tokens = [tracker.tokens[wanted[row]] for row in rows]
-        tracker.ended_by_eos = [tracker.ended_by_eos[wanted[row]] for row in rows]
     return tracker
 
 
