@@ -281,12 +281,10 @@ class Engine:
         positions = self.extractor.locate(inputs)
         prompt_tokens = [int(count) for count in inputs["attention_mask"].sum(dim=1).tolist()]
         inputs = self.extractor.device_inputs(inputs)
-        scored: dict[str, Any] = {}
 
         def score(features: dict[str, np.ndarray], first_tokens: list[int]) -> set[int]:
             """Risks and decisions, before any decoding step: the rows that decode no further."""
-            scored["leaving"] = leaving = self._score(jobs, features, prompt_tokens, first_tokens)
-            return leaving
+            return self._score(jobs, features, prompt_tokens, first_tokens)
 
         callbacks = [self._token_callback(job) for job in jobs]
         decoded = prefill_and_decode(self.extractor, inputs, positions, [job.max_tokens for job in jobs], self.eos,
