@@ -65,3 +65,12 @@ def run_reference(tmp_path_factory: pytest.TempPathFactory, run_checkpoint, run_
     summary = run_extraction(compared_run_config(run_checkpoint, table, images, out))
     assert summary.finished and summary.processed == COMPARED_ROWS and summary.shard is None
     return read_run(out / "features.h5")
+
+
+# ----- halp serve (tests/test_serve.py, tests/test_serve_ray.py): one small halp world run with probes -----
+@pytest.fixture(scope="session")
+def served_world(tmp_path_factory: pytest.TempPathFactory):
+    """The shipped world model's run of 32 questions, exactly labelled, with logistic probes (halp.testing.serving)."""
+    from halp.testing.serving import make_world_run
+
+    return make_world_run(tmp_path_factory.mktemp("served"), n_images=16)

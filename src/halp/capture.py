@@ -262,19 +262,38 @@ class FeatureExtractor:
         """Token positions of a batch's processor inputs (on the host): computed once, before the device copy."""
         return Positions.from_inputs(self.adapter, inputs)
 
+    def device_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """A batch's processor inputs on the model's input device, floating-point tensors in the model's dtype;
+        pinned host tensors are copied without blocking the host."""
+        device = self.input_device()
+        model_dtype = next(self.model.parameters()).dtype
+        return {
+            key: _to_device(value, device, model_dtype) if isinstance(value, torch.Tensor) else value
+            for key, value in inputs.items()
+        }
+
+    def greedy_settings(self) -> dict[str, Any]:
+        """The `generate` arguments of halp's answers: greedy, one beam, the tokenizer's padding id."""
+        return {"do_sample": False, "num_beams": 1, "pad_token_id": self.adapter.tokenizer().pad_token_id}
+
+    def captured_features(self, capture: PrefillCapture) -> dict[str, np.ndarray]:
+        """Every feature of `names` from a finished prefill pass, (B, dim) float32; a missing one is an error."""
+        missing = [name for name in self.names if name not in capture.features]
+        if missing:
+            raise ExtractionPointError(f"the prefill pass did not produce {', '.join(missing)}")
+        return {name: capture.features[name].numpy() for name in self.names}
+
+    def decode(self, new_tokens: Any) -> list[str]:
+        """Answers as halp stores them: the new tokens of each row, special tokens skipped, whitespace stripped."""
+        return [text.strip() for text in self.adapter.tokenizer().batch_decode(new_tokens, skip_special_tokens=True)]
+
     @torch.inference_mode()
     def run(self, inputs: dict[str, Any], max_new_tokens: int = 0, positions: Positions | None = None) -> BatchResult:
         """Extract a batch from its processor inputs (`Adapter.encode`); pinned host tensors are copied without
         blocking the host."""
         positions = positions if positions is not None else self.locate(inputs)
         rows = int(inputs["input_ids"].shape[0])
-        device = self.input_device()
-        model_dtype = next(self.model.parameters()).dtype
-        inputs = {
-            key: _to_device(value, device, model_dtype) if isinstance(value, torch.Tensor) else value
-            for key, value in inputs.items()
-        }
-        tokenizer = self.adapter.tokenizer()
+        inputs = self.device_inputs(inputs)
         with PrefillCapture(self.adapter, self.layers, keep_tokens=self.keep_tokens) as capture:
             capture.arm(positions)
             # generate() builds position ids from the attention mask (and Qwen's 3-D rope from
@@ -282,20 +301,13 @@ class FeatureExtractor:
             sequences = self.model.generate(
                 **inputs,
                 max_new_tokens=max(1, max_new_tokens),
-                do_sample=False,
-                num_beams=1,
-                pad_token_id=tokenizer.pad_token_id,
                 use_cache=max_new_tokens > 0,  # prefill only: no decode step will read a KV cache
+                **self.greedy_settings(),
             )
-            captured = capture.features
             kept = {name: [value.numpy() for value in values] for name, values in capture.tokens.items()}
-        missing = [name for name in self.names if name not in captured]
-        if missing:
-            raise ExtractionPointError(f"the prefill pass did not produce {', '.join(missing)}")
+            features = self.captured_features(capture)
         answers = [""] * rows
         if max_new_tokens > 0:
-            new_tokens = sequences[:, inputs["input_ids"].shape[1] :]
-            answers = [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+            answers = self.decode(sequences[:, inputs["input_ids"].shape[1] :])
         prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
-        features = {name: captured[name].numpy() for name in self.names}
         return BatchResult(features, answers, prompt_tokens, kept, positions if self.keep_tokens else None)

@@ -163,3 +163,22 @@ class InputWorkerError(HalpError, RuntimeError):
 
 class WorldError(HalpError, RuntimeError):
     """The synthetic world cannot be generated, trained or studied as asked; says what and why."""
+
+
+class ServeError(HalpError, ValueError):
+    """`halp serve` cannot start as asked (options, the run's probes, the port, a missing extra); says what to do."""
+
+
+class ServeRequestError(HalpError, ValueError):
+    """One request to `halp serve` cannot be served as asked; answered with OpenAI's error JSON and `status`."""
+
+    def __init__(
+        self, message: str, status: int = 400, param: str | None = None, code: str | None = None,
+        kind: str = "invalid_request_error",
+    ) -> None:  # fmt: skip
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.param = param
+        self.code = code
+        self.kind = kind

@@ -171,8 +171,12 @@ class RiskScorer:
             stop = start + self.batch_size
             batch_images = [as_image(image, self.exif_orientation) for image in images[start:stop]]
             result = self.extractor(batch_images, list(questions[start:stop]), max_new_tokens=0)
-            risks[start:stop] = self.probe.predict_proba(result.features[self.feature])[:, 1]
+            risks[start:stop] = self.risks(result.features)
         return risks
+
+    def risks(self, features: dict[str, np.ndarray]) -> np.ndarray:
+        """The probe's P(hallucinated) for each row of a prefill's features (`FeatureExtractor` names)."""
+        return self.probe.predict_proba(features[self.feature])[:, 1]
 
     def flagged(self, risks: np.ndarray) -> np.ndarray:
         return np.asarray(risks) >= self.threshold

@@ -331,6 +331,22 @@ class RiskCoverage:
         index = self.last_reaching(target)
         if index is None:
             return None
+        return self._kept_up_to(index)
+
+    def threshold_at_coverage(self, target: float) -> tuple[float, float, float] | None:
+        """(threshold, coverage, accuracy) of the largest coverage at most `target` (a fraction in (0, 1]).
+
+        Withholding every answer with risk >= threshold keeps exactly that set; `accuracy` is the fraction of it that
+        is right. None when even the lowest-risk tie group is more than `target`.
+        """
+        # Coverages are counts over n; the tolerance keeps a target typed as a decimal (0.7 of 10) reachable.
+        reaching = np.flatnonzero(self.coverage <= target + 1e-9)
+        if len(reaching) == 0:
+            return None
+        return self._kept_up_to(int(reaching[-1]))
+
+    def _kept_up_to(self, index: int) -> tuple[float, float, float]:
+        """(threshold, coverage, accuracy) of keeping the answers up to curve point `index`."""
         # The first withheld risk: flagging risk >= it withholds exactly the answers past this point.
         threshold = float(self.risk[index + 1]) if index + 1 < len(self.risk) else float("inf")
         return threshold, float(self.coverage[index]), float(self.accuracy[index])

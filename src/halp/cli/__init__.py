@@ -7,6 +7,7 @@ from halp.cli import (
     commands,  # noqa: F401  (registers the commands)
     data,  # noqa: F401  (registers `halp data`)
     review,  # noqa: F401  (registers `halp review`)
+    serve,  # noqa: F401  (registers `halp serve`)
     world,  # noqa: F401  (registers `halp world`)
 )
 from halp.cli.app import app

@@ -113,6 +113,8 @@ def _children(model: nn.Module) -> str:
 class GenericAdapter(Adapter):
     model_types = ("*",)
     notes = "generic discovery (no dedicated adapter): projector, decoder blocks and image token found by name"
+    # Unknown families may keep batch state that `select_rows` does not know about.
+    resumes_row_subsets = False
 
     def __init__(self, model: nn.Module, processor: Any) -> None:
         super().__init__(model, processor)

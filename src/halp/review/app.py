@@ -14,7 +14,6 @@ forbids inline scripts.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import mimetypes
 import secrets
@@ -24,10 +23,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from halp import web
 from halp.errors import ImageError, ReviewError, ReviewServerError, install_hint
 from halp.review.decisions import VERDICTS, check_reviewer
 from halp.review.session import ORDERS, QUEUES, ReviewSession
 from halp.userfiles import READ_LIMIT, read_user_file
+from halp.web import LOOPBACK_NAMES, is_loopback
 
 STATIC_DIR = Path(__file__).parent / "static"
 TOKEN_COOKIE = "halp_review_token"
@@ -37,7 +38,6 @@ PAGE_POLICY = (
 )
 # An image is shown by an <img>; opened on its own (an SVG with a script, say) it may do nothing.
 IMAGE_POLICY = "default-src 'none'; style-src 'unsafe-inline'; sandbox"
-LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 #: A decision or undo is a few hundred bytes of JSON; anything larger or deeper is refused unread.
 MAX_BODY_BYTES = 64 * 1024
 MAX_JSON_DEPTH = 8
@@ -81,15 +81,6 @@ def token_cookie(port: int | None) -> str:
     """The token's cookie, one per port: cookies are not kept apart by port, and two review servers on one host
     must not overwrite each other's (Jupyter names its cookies by port too)."""
     return f"{TOKEN_COOKIE}_{port or 80}"
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 class _BodyTooLarge(ReviewError):
@@ -284,32 +275,11 @@ def create_app(session: ReviewSession, token: str | None = None, loopback: bool 
 
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket on host:port; a clear one-line error when the port is taken or the host is not ours."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as err:
-        raise ReviewServerError(f"--host {host}: cannot resolve it ({err.strerror})") from err
-    family, kind, proto, _, address = infos[0]
-    # The protocol must be IPPROTO_TCP (not 0): asyncio sets TCP_NODELAY only on sockets that say so, and without
-    # it each small response waits ~40 ms for the browser's delayed ACK (Nagle).
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-        sock.listen(128)
-    except OSError as err:
-        sock.close()
-        if err.errno in (98, 48):  # EADDRINUSE on Linux, macOS
-            raise ReviewServerError(
-                f"port {port} on {host} is in use; choose another --port (0: any free)"
-            ) from err
-        raise ReviewServerError(f"cannot listen on {host}:{port}: {err.strerror}") from err
-    return sock
+    return web.bind(host, port, ReviewServerError)
 
 
 def review_url(host: str, port: int, token: str | None) -> str:
-    shown = host if is_loopback(host) else (socket.gethostname() if host in ("0.0.0.0", "::") else host)
-    shown = f"[{shown}]" if ":" in shown else shown
-    return f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
+    return f"{web.base_url(host, port)}/" + (f"?token={token}" if token else "")
 
 
 def serve(
