@@ -29,7 +29,6 @@ from halp.models import adapter_for
 from halp.pipeline import (
     InputPipeline,
     OrderedWriter,
-    RowRules,
     StageTimes,
     TokenCounter,
     WorkerSpec,
@@ -219,15 +218,8 @@ def _ignores_sigterm(pid: int) -> bool:
 def test_closing_the_input_pipeline_ends_workers_that_answer_no_signal(tmp_path):
     """Ctrl-C or an error in the model closes the pipeline: workers stuck where no stop message or SIGTERM
     reaches them are killed, and none is started after the close (nothing outlives the run)."""
-    spec = WorkerSpec(
-        model="unused",
-        trust_remote_code=False,
-        adapter_class=object,
-        rules=RowRules(images=FolderImages(tmp_path)),
-        encode=False,
-        init="halp.testing.faults:hang_in_worker",
-    )
-    pipeline = InputPipeline(iter([]), spec, workers=2, finish=lambda prepared: prepared, timing=StageTimes())
+    spec = WorkerSpec(model="unused", trust_remote_code=False, init="halp.testing.faults:hang_in_worker")
+    pipeline = InputPipeline(spec, workers=2, timing=StageTimes())
     with pipeline:
         while len(pipeline._pool) < 2 or not all(_ignores_sigterm(w.process.pid) for w in pipeline._pool):
             time.sleep(0.05)  # both workers are inside the hang: no stop message read, SIGTERM ignored
@@ -391,3 +383,44 @@ def test_a_default_cpu_run_on_two_cores_runs_in_series(tmp_path, checkpoint_dir,
     assert summary.finished and summary.stages.workers == 0
     with h5py.File(tmp_path / "run" / "features.h5", "r") as handle:
         assert int(handle.attrs["workers"]) == 0
+
+
+def test_input_workers_start_while_the_model_loads_and_stop_if_it_fails(checkpoint_dir, monkeypatch, tmp_path, data10):
+    """Entering the pipeline starts its workers, which load the processor before the model has loaded (issue 24: the
+    cold start no longer delays the first batch); a model that fails to load leaves no worker behind."""
+    import multiprocessing
+
+    import halp.local_engine
+
+    seen_during_loading: list[list[str]] = []
+
+    def loading(*args, **kwargs):
+        # The model "loads" until an input worker process exists (bounded): it was started before loading ended.
+        deadline = time.monotonic() + 120
+        while not any(child.name == "halp-input" for child in multiprocessing.active_children()):
+            assert time.monotonic() < deadline, "no input worker started while the model was loading"
+            time.sleep(0.05)
+        seen_during_loading.append([child.name for child in multiprocessing.active_children()])
+        raise ModelLoadError("the model could not be loaded (on purpose)")
+
+    monkeypatch.setattr(halp.local_engine, "load_model", loading)
+    table, images = data10
+    config = cpu_extract_config(checkpoint_dir("qwen2_vl"), table, images, tmp_path / "run", workers=1)
+    with pytest.raises(ModelLoadError):
+        run_extraction(config)
+    assert seen_during_loading and "halp-input" in seen_during_loading[0]
+    assert not [child for child in multiprocessing.active_children() if child.name == "halp-input"]
+
+
+def test_a_worker_loads_its_processor_before_it_is_given_the_setup(checkpoint_dir):
+    spec = WorkerSpec(model=str(checkpoint_dir("qwen2_vl")), trust_remote_code=False)
+    with InputPipeline(spec, workers=1, timing=StageTimes()) as pipeline:
+        deadline = time.monotonic() + 120
+        while not pipeline._pool:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        worker = pipeline._pool[0]
+        assert worker.conn.poll(120), "the worker did not finish loading its processor"
+        message = worker.conn.recv()
+        assert message[0] == "ready" and message[1] == worker.process.pid  # ready without a plan or a setup
+    assert not worker.process.is_alive()

@@ -73,7 +73,7 @@ def test_num_shards_equals_single_process(tmp_path, run_checkpoint, run_data, ru
         assert handle.attrs["model_type"] == "qwen2_vl" and int(handle.attrs["hidden_size"]) == 64
 
     # A rerun of a shard of a finished run does nothing and loads no model.
-    monkeypatch.setattr("halp.extract.load_model", lambda *args, **kwargs: pytest.fail("loaded a model"))
+    monkeypatch.setattr("halp.local_engine.load_model", lambda *args, **kwargs: pytest.fail("loaded a model"))
     again = run_extraction(compared_run_config(run_checkpoint, table, images, out, num_shards=3, shard_index=0))
     assert again.processed == 0 and again.already_done == 4 and again.finished
     assert_run_equals(out, run_reference)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import hashlib
 import io
 import json
 import math
@@ -31,7 +30,8 @@ import pandas as pd
 from PIL import Image, ImageOps
 from pyarrow import ArrowException
 
-from halp.errors import HalpError, ImageError, ParameterError, TableError, UserFileError
+from halp.digests import bytes_sha256, file_sha256, handle_sha256
+from halp.errors import HalpError, ImageError, ParameterError, TableError
 from halp.userfiles import READ_LIMIT, check_user_file, open_user_file, read_user_file
 
 COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
@@ -484,7 +484,7 @@ def decode_image_bytes(data: bytes | None, what: str, exif_orientation: bool = T
     their SHA-256, or an ImageError saying which row and why."""
     if not data:
         raise ImageError(f"{what}: the embedded image has no bytes")
-    digest = hashlib.sha256(data).hexdigest()
+    digest = bytes_sha256(data)
     try:
         return _decode(data, exif_orientation), digest
     except Image.DecompressionBombError as err:
@@ -508,10 +508,6 @@ def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     line = text.splitlines()[0] if text else type(err).__name__
     return "".join(char if char.isprintable() else f"\\x{ord(char):02x}" for char in line)
-
-
-def _bytes_digest(data: bytes | None) -> str:
-    return hashlib.sha256(data).hexdigest() if data else ""
 
 
 def _cell_bytes(cell: Any) -> bytes | None:
@@ -603,7 +599,7 @@ class ParquetImages(ImageSource):
         found = [""] * len(samples)
         for index in order:
             with contextlib.suppress(ImageError):  # "": the row fails when it is loaded, with this error
-                found[index] = _bytes_digest(self._bytes(samples[index]))
+                found[index] = bytes_sha256(self._bytes(samples[index]))
         return found
 
 
@@ -648,7 +644,7 @@ class DatasetImages(ImageSource):
     def digests(self, samples: Sequence[Sample]) -> list[str]:
         found: list[str] = []
         for start in range(0, len(samples), 256):  # a window at a time: the bytes are read, hashed and dropped
-            found += [_bytes_digest(_cell_bytes(cell)) for cell in self._cells(samples[start : start + 256])]
+            found += [bytes_sha256(_cell_bytes(cell)) for cell in self._cells(samples[start : start + 256])]
         return found
 
 
@@ -707,7 +703,7 @@ class JsonlImages(ImageSource):
         with opened as handle:
             for sample in samples:
                 try:
-                    found.append(_bytes_digest(self._data(handle, sample, sample.question_id)))
+                    found.append(bytes_sha256(self._data(handle, sample, sample.question_id)))
                 except ImageError:
                     found.append("")
         return found
@@ -767,15 +763,6 @@ class Table:
         if not Path(images_dir).is_dir():
             raise ParameterError("images", f"{images_dir} is not a directory")
         return FolderImages(images_dir)
-
-
-def file_sha256(path: Path, what: str = "file", error: type[HalpError] = UserFileError) -> str:
-    """SHA-256 of a regular file's bytes (opened by `halp.userfiles`); `error` when it cannot be read."""
-    with open_user_file(path, what, error=error) as handle:
-        try:
-            return hashlib.file_digest(handle, "sha256").hexdigest()
-        except OSError as err:
-            raise error(f"{what} {path} cannot be read: {err.strerror or err}") from err
 
 
 def _embedded_column(names: Sequence[str], kinds: dict[str, str]) -> str | None:
@@ -1185,7 +1172,7 @@ def image_file_sha256(images_dir: str | Path, image_id: str) -> str:
     """SHA-256 of the image file's bytes; "" when there is no readable file (the row will fail when loaded)."""
     try:
         with open_image_file(images_dir, image_id) as handle:
-            return hashlib.file_digest(handle, "sha256").hexdigest()
+            return handle_sha256(handle)
     except (ImageError, OSError):
         return ""
 
@@ -1194,7 +1181,7 @@ def read_image(images_dir: str | Path, image_id: str, exif_orientation: bool = T
     """`load_image`, and the SHA-256 of the very bytes decoded (the row's content identity, see halp.store)."""
     path = _image_path(images_dir, image_id)
     data = read_user_file(path, "image file", READ_LIMIT, ImageError)
-    digest = hashlib.sha256(data).hexdigest()
+    digest = bytes_sha256(data)
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.seek(0)  # animated: the first frame

@@ -168,7 +168,7 @@ class Embedder:
         """The run-level manifest: model, family, layers, dtypes."""
         import transformers
 
-        from halp import __version__
+        from halp.version import __version__
 
         return {
             "model": self.model_ref,

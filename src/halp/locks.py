@@ -88,6 +88,15 @@ class RunLocks:
             self._lock_handle = None
 
     @contextmanager
+    def held(self) -> Iterator[None]:
+        """`lock` for the block's duration (also when it raises)."""
+        self.lock()
+        try:
+            yield
+        finally:
+            self.unlock()
+
+    @contextmanager
     def sync(self, timeout: float = SYNC_TIMEOUT_S) -> Iterator[None]:
         """Hold the run lock briefly (a shard's start and finish). The single-process writer already holds it."""
         if self.writer is None:

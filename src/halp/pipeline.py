@@ -39,6 +39,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
+from multiprocessing.connection import wait
 from typing import Any
 
 import numpy as np
@@ -47,6 +48,8 @@ from PIL import Image
 
 from halp.data import ImageSource, Sample
 from halp.errors import InputWorkerError
+from halp.inputs import Prepared, RowFailure, RowRules, prepare
+from halp.loading import load_processor
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +60,6 @@ AUTO_BATCH_START = 64
 #: `--batch-size auto` on a device without a memory limit to probe (CPU): the default batch size.
 AUTO_BATCH_CPU = 8
 
-#: (sample, stage, error type, message): a row that failed before reaching the model.
-RowFailure = tuple[Sample, str, str, str]
 
 
 def usable_cores() -> int:
@@ -92,18 +93,9 @@ def _context() -> Any:
     context = multiprocessing.get_context("forkserver")
     # What every worker imports to load a processor, imported once in the server (workers fork with it).
     context.set_forkserver_preload(
-        ["halp.extract", "transformers", "transformers.models.auto.processing_auto", "torchvision"]
+        ["halp.inputs", "halp.loading", "transformers", "transformers.models.auto.processing_auto", "torchvision"]
     )
     return context
-
-
-def warm_up(workers: int) -> None:
-    """Start the process the input workers fork from now, so its imports overlap the model's loading."""
-    if workers > 0:
-        from multiprocessing import forkserver
-
-        _context()
-        forkserver.ensure_running()
 
 
 # ----- stage timing ------------------------------------------------------------------------------------
@@ -176,146 +168,31 @@ class StageTimes:
 # ----- preparing a batch (shared by the workers and the serial path) -------------------------------------
 
 
-@dataclass
-class Prepared:
-    """One batch ready for the model: its rows, their processor inputs, and the rows that failed before."""
-
-    index: int
-    samples: list[Sample]
-    failures: list[RowFailure] = field(default_factory=list)
-    inputs: dict[str, Any] | None = None
-    #: Decoded images, kept only while the processor still has to run (processor on the GPU).
-    images: list[Image.Image] | None = None
-    loading_seconds: float = 0.0
-    processing_seconds: float = 0.0
-    #: Set by the feeder: token positions (halp.capture.Positions).
-    positions: Any = None
-
-
-@dataclass(frozen=True)
-class RowRules:
-    """How a row's inputs are read: the same rules in a worker process as in the serial loop."""
-
-    #: The table's images: files under --images, or embedded in the table (halp.data.ImageSource; picklable).
-    images: ImageSource
-    exif_orientation: bool = True
-    #: The model's special tokens: a question holding one fails (halp.extract.reject_special_tokens).
-    specials: frozenset[str] = frozenset()
-
-
-#: Called by an input worker as it starts each step of a batch: ("row", position in the batch) before a row's image
-#: is read, ("processing", rows) before the processor runs. The main process holds each step to a deadline.
-Progress = Callable[[str, int], None]
-
-
-def load_rows(
-    samples: Sequence[Sample], rules: RowRules, progress: Progress | None = None
-) -> tuple[list[Sample], list[Image.Image], list[RowFailure]]:
-    """The rows that can be given to the processor, with their images (and content digests); the others as
-    failures. The rules are the serial loop's own (halp.extract.load_batch, special_token_message).
-
-    With `progress`, the rows are read one at a time, each announced first, so a row whose decoder never returns
-    is known by its position."""
-    from halp.extract import FailureList, load_batch, special_token_message
-
-    class Collected(FailureList):
-        def __init__(self) -> None:
-            super().__init__()
-            self.rows: list[RowFailure] = []
-
-        def record(self, sample: Sample, stage: str, error: str, message: str) -> None:
-            self.rows.append((sample, stage, error, message))
-
-    collected = Collected()
-    if progress is None:
-        loaded, loaded_images = load_batch(samples, rules.images, collected, rules.exif_orientation)
-    else:
-        loaded, loaded_images = [], []
-        for position, sample in enumerate(samples):
-            progress("row", position)
-            one, one_image = load_batch([sample], rules.images, collected, rules.exif_orientation)
-            loaded += one
-            loaded_images += one_image
-    ready, images = [], []
-    for sample, image in zip(loaded, loaded_images, strict=True):
-        message = special_token_message(sample.question, rules.specials)
-        if message:
-            collected.rows.append((sample, "input", "SpecialTokenInQuestion", message))
-            continue
-        ready.append(sample)
-        images.append(image)
-    return ready, images, collected.rows
-
-
-def _one_line(err: BaseException) -> str:
-    from halp.extract import _one_line as one_line  # the serial loop's wording of a row's error
-
-    return one_line(err)
-
-
-def encode_rows(
-    encoder: Any, samples: list[Sample], images: list[Image.Image]
-) -> tuple[list[Sample], dict[str, Any] | None, list[RowFailure]]:
-    """Processor inputs for the rows; if the batch fails, each row alone tells which rows cannot be processed."""
-    if not samples:
-        return [], None, []
-    try:
-        return samples, encoder.encode(images, [s.question for s in samples]), []
-    except Exception:  # any processor error: find the rows that cause it, the others go on
-        if len(samples) == 1:
-            raise
-    kept, kept_images, failures = [], [], []
-    for sample, image in zip(samples, images, strict=True):
-        try:
-            encoder.encode([image], [sample.question])
-        except Exception as err:  # this row's error, recorded; the run goes on
-            failures.append((sample, "extract", type(err).__name__, _one_line(err)))
-            continue
-        kept.append(sample)
-        kept_images.append(image)
-    if not kept:
-        return [], None, failures
-    return kept, encoder.encode(kept_images, [s.question for s in kept]), failures
-
-
-def prepare(
-    index: int, samples: list[Sample], rules: RowRules, encoder: Any | None, progress: Progress | None = None
-) -> Prepared:
-    """Load (and, given an encoder, process) one batch; `encoder` is an Adapter (only `encode` is used)."""
-    start = time.perf_counter()
-    ready, images, failures = load_rows(samples, rules, progress)
-    loaded = time.perf_counter()
-    prepared = Prepared(index, ready, failures, images=images, loading_seconds=loaded - start)
-    if encoder is not None:
-        if progress is not None and ready:
-            progress("processing", len(ready))
-        try:
-            ready, inputs, more = encode_rows(encoder, ready, images)
-        except Exception as err:  # a lone row the processor cannot take
-            ready, inputs, more = [], None, [(ready[0], "extract", type(err).__name__, _one_line(err))]
-        prepared.samples, prepared.inputs, prepared.images = ready, inputs, None
-        prepared.failures += more
-        prepared.processing_seconds = time.perf_counter() - loaded
-    return prepared
-
-
 # ----- input worker processes ----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """What an input worker process needs to rebuild the processor side of the adapter."""
+    """What an input worker process needs to start: the checkpoint whose processor it loads. Workers start with
+    this alone, while the model loads; what depends on the loaded model comes later as a `WorkerSetup`."""
 
     model: str
     trust_remote_code: bool
-    adapter_class: type
-    rules: RowRules
-    #: False: decode only (the processor runs in the main process, on the GPU).
-    encode: bool = True
     #: "module:function" called first in each worker: fault injection in tests (halp.testing.faults).
     init: str | None = None
     #: The main process's decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS), applied in the workers too.
     max_image_pixels: int | None = field(default_factory=lambda: Image.MAX_IMAGE_PIXELS)
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """What the workers learn once the model has loaded, before their first batch: the adapter class (how its
+    processor is called), the row rules (images, EXIF policy, the model's special tokens), and whether they run the
+    processor or only decode (the processor then runs on the GPU, in the main process)."""
+
+    adapter_class: type
+    rules: RowRules
+    encode: bool = True
 
 
 def _worker_main(conn: Any, spec: WorkerSpec) -> None:
@@ -330,15 +207,13 @@ def _worker_main(conn: Any, spec: WorkerSpec) -> None:
         if spec.init:
             module, _, function = spec.init.partition(":")
             getattr(importlib.import_module(module), function)()
-        encoder = None
-        if spec.encode:
-            from halp.loading import load_processor
-
-            encoder = spec.adapter_class(None, load_processor(spec.model, spec.trust_remote_code))
+        processor = load_processor(spec.model, spec.trust_remote_code)
     except Exception:  # reported to the main process, which fails the run with it
         conn.send(("failed", traceback.format_exc()))
         return
     conn.send(("ready", os.getpid()))
+    setup: WorkerSetup | None = None
+    encoder = None
     while True:
         try:
             task = conn.recv()
@@ -346,12 +221,16 @@ def _worker_main(conn: Any, spec: WorkerSpec) -> None:
             return
         if task is None:
             return
+        if task[0] == "setup":
+            setup = task[1]
+            encoder = setup.adapter_class(None, processor) if setup.encode else None
+            continue
         index, samples = task
 
         def progress(step: str, value: int, index: int = index) -> None:
             conn.send(("progress", index, step, value))
 
-        prepared = prepare(index, samples, spec.rules, encoder, progress)
+        prepared = prepare(index, samples, setup.rules, encoder, progress)
         if prepared.inputs is not None:
             # Through the pipe as numpy arrays (a copy), not torch's shared-memory files: those fail where
             # /dev/shm is small (64 MiB in a default Docker container) or a file-size limit applies.
@@ -430,35 +309,36 @@ class _Raised:
 class InputPipeline:
     """Prepared batches, in plan order, from `workers` background processes (or in series with 0 workers).
 
-    finish(prepared) runs in the feeder thread on every batch before the model gets it (positions, pinning,
-    the processor on the GPU). Iterating measures the model's wait for input into `timing`.
+    Entering the pipeline starts its workers at once, each loading the checkpoint's processor, so that they are
+    ready when the model has loaded; `start` then gives it the plan, the `WorkerSetup` that depends on the model,
+    and `finish(prepared)`, which runs in the feeder thread on every batch before the model gets it (positions,
+    pinning, the processor on the GPU). Iterating measures the model's wait for input into `timing`.
     """
 
     def __init__(
         self,
-        plan: Iterator[list[Sample]],
         spec: WorkerSpec,
         workers: int,
-        finish: Callable[[Prepared], Prepared],
         timing: StageTimes,
-        encoder: Any | None = None,
         prefetch: int | None = None,
         row_timeout: float = ROW_TIMEOUT,
     ) -> None:
-        self.plan = enumerate(plan)
         self.spec = spec
         self.workers = workers
-        self.finish = finish
         self.timing = timing
-        self.encoder = encoder  # the serial path's (workers=0)
         self.prefetch = prefetch if prefetch is not None else max(2, workers + 1)
+        self.row_timeout = row_timeout
+        self.plan: Iterator[tuple[int, list[Sample]]] = iter(())
+        self.setup: WorkerSetup | None = None
+        self.finish: Callable[[Prepared], Prepared] = lambda prepared: prepared
+        self.encoder: Any | None = None  # the serial path's (workers=0)
+        self._started = threading.Event()
         self._out: queue.Queue[Any] = queue.Queue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pool: list[_Worker] = []
         self._pool_lock = threading.Lock()
         self.replaced = 0
-        self.row_timeout = row_timeout
         #: Rows of a batch whose worker died or ran out of time on one row: handed out again before new batches.
         self._retry: collections.deque[tuple[int, list[Sample]]] = collections.deque()
         #: Failures of a batch's guilty rows, joined to the batch's result when its retried rows come back.
@@ -467,6 +347,8 @@ class InputPipeline:
     # -- the consumer side (the model's thread)
     def __enter__(self) -> InputPipeline:
         if self.workers > 0:
+            # The feeder thread starts the workers (forking from the fork server waits for its imports): the
+            # caller goes on loading the model meanwhile.
             self._thread = threading.Thread(target=self._feed, name="halp-feeder", daemon=True)
             self._thread.start()
         return self
@@ -474,7 +356,23 @@ class InputPipeline:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def start(
+        self,
+        plan: Iterator[list[Sample]],
+        setup: WorkerSetup,
+        finish: Callable[[Prepared], Prepared] | None = None,
+        encoder: Any | None = None,
+    ) -> None:
+        """Hand out `plan`'s batches: to the workers with `setup`, or in series through `encoder` (an adapter)."""
+        self.plan = enumerate(plan)
+        self.setup = setup
+        self.finish = finish or self.finish
+        self.encoder = encoder if setup.encode else None
+        self._started.set()
+
     def __iter__(self) -> Iterator[Prepared]:
+        if not self._started.is_set():
+            raise RuntimeError("InputPipeline.start must be called before its batches are read")
         if self.workers == 0:
             yield from self._serial()
             return
@@ -492,9 +390,10 @@ class InputPipeline:
             yield item
 
     def _serial(self) -> Iterator[Prepared]:
+        assert self.setup is not None
         for index, samples in self.plan:
             start = time.perf_counter()
-            prepared = self.finish(prepare(index, samples, self.spec.rules, self.encoder))
+            prepared = self.finish(prepare(index, samples, self.setup.rules, self.encoder))
             # In series the model waits for every stage of its input.
             self.timing.add(
                 loading_images=prepared.loading_seconds,
@@ -547,10 +446,11 @@ class InputPipeline:
             return worker
 
     def _feed_loop(self) -> None:
-        from multiprocessing.connection import wait
-
         for _ in range(self.workers):
             self._start_worker()
+        while not self._started.wait(0.2):  # the model is loading; the workers load their processor meanwhile
+            if self._stop.is_set():
+                return
         ready: dict[int, Prepared] = {}
         next_index = 0
         exhausted = False
@@ -604,6 +504,7 @@ class InputPipeline:
                 raise InputWorkerError(f"an input worker could not start: {message[1].strip().splitlines()[-1]}")
             if isinstance(message, tuple) and message and message[0] == "ready":
                 worker.ready = True
+                worker.conn.send(("setup", self.setup))  # before any task: the pipe keeps the order
                 log.info("input worker pid %d ready", message[1])
                 continue
             if isinstance(message, tuple) and message and message[0] == "progress":

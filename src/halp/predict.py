@@ -24,6 +24,7 @@ from halp.capture import FeatureExtractor
 from halp.data import ImageError, Sample, load_image, open_table, to_rgb
 from halp.errors import ParameterError, ScorerError
 from halp.features import PRE_LM_REPRESENTATIONS, REPRESENTATIONS, split_feature
+from halp.inputs import special_tokens_of
 from halp.layout import RESULTS_FILE, atomic_write, features_path, probe_file, probes_dir, run_file
 from halp.rows import open_run_file
 
@@ -243,8 +244,6 @@ def predict_file(
     A row whose image cannot be read gets an empty risk and the reason in `error`; the others are scored.
     """
     from tqdm.auto import tqdm
-
-    from halp.extract import special_tokens_of
 
     table = open_table(data)
     samples = table.samples

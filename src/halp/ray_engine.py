@@ -25,7 +25,7 @@ import re
 import socket
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,25 +33,14 @@ import numpy as np
 
 from halp.data import Sample
 from halp.errors import MissingDependencyError, ParameterError, RayWorkerError, ShardError, install_hint
-from halp.extract import (
-    ExtractConfig,
-    ExtractPass,
-    ExtractSummary,
-    FailureList,
-    FailureLog,
-    attach_log,
-    extract_batch,
-    image_source,
-    log_rate,
-    plan_resume,
-    prepare_extractor,
-    read_table,
-    run_identity,
-    with_model_fingerprint,
-)
+from halp.extract import run_extraction
+from halp.inputs import FailureList
+from halp.layout import LOG_FILE
 from halp.loading import resolve_device
-from halp.shard import resolve_shard
-from halp.store import ERRORS_FILE, RunLockedError, RunStore
+from halp.local_engine import extract_batch, prepare_extractor
+from halp.run_records import ExtractConfig, ExtractPass, ExtractSummary, Job, RunAttributes, image_source
+from halp.shard import Shard
+from halp.store import RunLockedError, RunStore
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +58,7 @@ def _worker_failure(err: Exception, run_dir: Path) -> RayWorkerError:
     cause = lines[-1] if lines else type(err).__name__
     return RayWorkerError(
         f"a Ray worker failed: {cause}. Committed rows are kept; fix the cause and rerun the same command "
-        f"(Ray's traceback is in {run_dir / 'extract.log'})."
+        f"(Ray's traceback is in {run_dir / LOG_FILE})."
     )
 
 
@@ -115,7 +104,7 @@ class ExtractWorker:
         self.store.lock()
         device = resolve_device(self.config.device)  # on the worker: the GPU(s) Ray assigned it, if any
         self.extractor, self.attrs = prepare_extractor(ExtractPass(self.config, device, dtype, max_new_tokens))
-        self.attrs["engine"] = "ray"
+        self.attrs.engine = "ray"
         self.images = image_source(self.config)  # files under --images, or the table's embedded images
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
@@ -155,6 +144,123 @@ class ExtractWorker:
         return status
 
 
+class RayEngine:
+    """The rows run in a pool of Ray actors, each a model copy committing to its own directory of the run; this
+    process is the driver (the run's one writer of record, as a single-process run is)."""
+
+    name = "ray"
+
+    def __init__(
+        self,
+        num_workers: int,
+        gpus_per_worker: float | None = None,
+        cpus_per_worker: float = 1.0,
+        worker_class: type[ExtractWorker] = ExtractWorker,
+    ) -> None:
+        self.num_workers = num_workers
+        self.gpus_per_worker = gpus_per_worker
+        self.cpus_per_worker = cpus_per_worker
+        self.worker_class = worker_class
+        self.ray: Any = None
+
+    def check(self, config: ExtractConfig, shard: Shard) -> None:
+        if config.batch_size == "auto":
+            raise ParameterError("batch_size", "auto applies to the local engine; give Ray workers a number")
+        if self.num_workers < 1:
+            raise ParameterError("num_workers", "must be at least 1")
+        if shard.is_sharded:
+            raise ShardError(
+                "--engine ray spreads the rows over its workers itself: drop --num-shards/--shard-index "
+                "and do not start it under torchrun/accelerate"
+            )
+
+    def resolve(self, config: ExtractConfig, shard: Shard) -> ExtractPass:
+        """Connect to the cluster (RAY_ADDRESS, the one this process runs in, or a new local one) and decide the
+        workers' dtype here, on the driver, because run.json records it."""
+        # Workers may run on other nodes: every path they open must be absolute (and on a shared filesystem).
+        config = replace(
+            config,
+            out=Path(config.out).resolve(),
+            images=Path(config.images).resolve() if config.images is not None else None,
+            data=_absolute_data(config.data),
+            model=str(Path(config.model).resolve()) if Path(config.model).exists() else config.model,
+        )
+        self.ray = ray = _import_ray()
+        if not ray.is_initialized():
+            ray.init()
+        if self.gpus_per_worker is None:
+            self.gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        dtype = worker_dtype(config.dtype, self.gpus_per_worker, config.device)
+        return ExtractPass(config, config.device, dtype, config.max_new_tokens if config.generate else 0)
+
+    def opened(self, store: RunStore) -> None:
+        """Workers of an earlier run of this directory must be gone before its rows are planned."""
+        live = _wait_for_workers_to_exit(store, WORKER_EXIT_GRACE_S)
+        if live:
+            running = ", ".join(f"{path.relative_to(store.root)} (pid {pid})" for path, pid in live.items())
+            raise RunLockedError(
+                f"{store.root}: {running} still holds its directory (a Ray worker of an earlier run, or a shard); "
+                "stop it (ray job stop ...) before rerunning"
+            )
+
+    def execute(self, job: Job) -> RunAttributes:
+        """One block per batch through `map_batches` on the actor pool; failed rows are recorded as they report.
+        The attributes are those the workers recorded in their parts, with the pool's size."""
+        ray, config, summary = self.ray, job.run.config, job.summary
+        start = time.perf_counter()
+        ray.data.DataContext.get_current().enable_progress_bars = config.progress
+        items = [
+            {
+                "question_id": sample.question_id,
+                "image_id": sample.image_id,
+                "question": sample.question,
+                "ground_truth": sample.ground_truth,
+                "meta": json.dumps(sample.meta),
+                "image_row": -1 if sample.image_row is None else sample.image_row,
+            }
+            for sample in job.todo
+        ]
+        # One block per batch: Ray balances blocks over the actors, and a retry redoes one batch only.
+        blocks = -(-len(items) // config.batch_size)
+        dataset = ray.data.from_items(items, override_num_blocks=blocks)
+        worker_config = {**asdict(config), "progress": False, "overwrite": False}
+        statuses = dataset.map_batches(
+            self.worker_class,
+            fn_constructor_kwargs={
+                "config": worker_config, "dtype": job.run.dtype, "max_new_tokens": job.run.max_new_tokens,
+            },
+            batch_size=config.batch_size,
+            concurrency=self.num_workers,
+            num_gpus=self.gpus_per_worker,
+            num_cpus=self.cpus_per_worker,
+        )
+        by_id = {sample.question_id: sample for sample in job.todo}
+        seen: set[str] = set()
+        try:
+            for row in statuses.iter_rows():
+                qid = str(row["question_id"])
+                if qid in seen:  # a retried task reports its rows again
+                    continue
+                seen.add(qid)
+                if row["status"] == "ok":
+                    summary.processed += 1
+                else:
+                    job.failures.record(by_id[qid], str(row["stage"]), str(row["error"]), str(row["message"]))
+        except ray.exceptions.RayError as err:
+            raise _worker_failure(err, job.store.root) from err
+        # Our actors must be gone before we return: a rerun right away would otherwise see live writers.
+        lingering = _wait_for_workers_to_exit(job.store, WORKER_EXIT_GRACE_S)
+        if lingering:
+            log.warning("Ray workers still alive %.0fs after the run: %s", WORKER_EXIT_GRACE_S, sorted(lingering))
+        missing = set(by_id) - seen
+        if missing:
+            raise RayWorkerError(f"Ray returned no status for {len(missing)} row(s), e.g. {sorted(missing)[:3]}")
+        summary.seconds = time.perf_counter() - start
+        attributes = job.store.recorded_attributes()
+        attributes.engine, attributes.num_workers, attributes.batch_size = "ray", self.num_workers, config.batch_size
+        return attributes
+
+
 def run_ray_extraction(
     config: ExtractConfig,
     num_workers: int,
@@ -168,67 +274,7 @@ def run_ray_extraction(
     a local one. gpus_per_worker None: 1 if the cluster has GPUs, else 0. `worker_class` is for tests (fault
     injection) and for users who wrap the worker.
     """
-    if config.batch_size < 1:
-        raise ParameterError("batch_size", "must be at least 1")
-    if num_workers < 1:
-        raise ParameterError("num_workers", "must be at least 1")
-    if resolve_shard(config.num_shards, config.shard_index).is_sharded:
-        raise ShardError(
-            "--engine ray spreads the rows over its workers itself: drop num_shards= and shard_index= "
-            "and do not start it under torchrun/accelerate"
-        )
-    samples = read_table(config)  # table problems surface before the cluster is touched
-    image_source(config)  # as do missing images: no --images for a table without embedded images
-    # Workers may run on other nodes: every path they open must be absolute (and on a shared filesystem).
-    config = ExtractConfig(
-        **{
-            **asdict(config),
-            "out": Path(config.out).resolve(),
-            "images": Path(config.images).resolve() if config.images is not None else None,
-            "data": _absolute_data(config.data),
-            "model": str(Path(config.model).resolve()) if Path(config.model).exists() else config.model,
-        }
-    )
-
-    ray = _import_ray()
-    if not ray.is_initialized():
-        ray.init()
-    if gpus_per_worker is None:
-        gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    dtype = worker_dtype(config.dtype, gpus_per_worker, config.device)
-    max_new_tokens = config.max_new_tokens if config.generate else 0
-
-    store = RunStore(config.out)
-    store.lock()  # the driver is this run's one writer of record, like a single-process run
-    try:
-        identity = run_identity(config, dtype, max_new_tokens, num_shards=1)
-        store.open(with_model_fingerprint(identity, store, config.model), overwrite=config.overwrite)
-        live = _wait_for_workers_to_exit(store, WORKER_EXIT_GRACE_S)
-        if live:
-            running = ", ".join(f"{path.relative_to(store.root)} (pid {pid})" for path, pid in live.items())
-            raise RunLockedError(
-                f"{store.root}: {running} still holds its directory (a Ray worker of an earlier run, or a shard); "
-                "stop it (ray job stop ...) before rerunning"
-            )
-        handler = attach_log(store.root)
-        try:
-            return _drive(
-                ray,
-                config,
-                store,
-                samples,
-                dtype,
-                max_new_tokens,
-                num_workers,
-                gpus_per_worker,
-                cpus_per_worker,
-                worker_class,
-            )
-        finally:
-            logging.getLogger("halp").removeHandler(handler)
-            handler.close()
-    finally:
-        store.unlock()
+    return run_extraction(config, RayEngine(num_workers, gpus_per_worker, cpus_per_worker, worker_class))
 
 
 def _absolute_data(data: Path | str | None) -> Path | str | None:
@@ -236,90 +282,3 @@ def _absolute_data(data: Path | str | None) -> Path | str | None:
     if data is None or (isinstance(data, str) and "://" in data):
         return data
     return Path(data).resolve()
-
-
-def _drive(
-    ray: Any,
-    config: ExtractConfig,
-    store: RunStore,
-    samples: list[Sample],
-    dtype: str,
-    max_new_tokens: int,
-    num_workers: int,
-    gpus_per_worker: float,
-    cpus_per_worker: float,
-    worker_class: type[ExtractWorker],
-) -> ExtractSummary:
-    store.remove_stale_temporaries()
-    store.remove_assembled_parts()
-    plan = plan_resume(store, samples, image_source(config))  # content identity: changed rows are done again
-    todo = plan.todo
-    summary = ExtractSummary(store.root, len(samples), len(samples) - len(todo), 0, changed=plan.changed)
-    log.info("ray: %d samples, %d already committed, %d to do", len(samples), summary.already_done, len(todo))
-    order = [sample.question_id for sample in samples]
-    if not todo and store.assembled_as(order, plan.digests) and not store.all_part_paths():
-        summary.finished = True
-        return summary
-
-    failures = FailureLog(store.root / ERRORS_FILE, summary)
-    start = time.perf_counter()
-    if todo:
-        ray.data.DataContext.get_current().enable_progress_bars = config.progress
-        items = [
-            {
-                "question_id": sample.question_id,
-                "image_id": sample.image_id,
-                "question": sample.question,
-                "ground_truth": sample.ground_truth,
-                "meta": json.dumps(sample.meta),
-                "image_row": -1 if sample.image_row is None else sample.image_row,
-            }
-            for sample in todo
-        ]
-        # One block per batch: Ray balances blocks over the actors, and a retry redoes one batch only.
-        blocks = -(-len(items) // config.batch_size)
-        dataset = ray.data.from_items(items, override_num_blocks=blocks)
-        worker_config = {**asdict(config), "progress": False, "overwrite": False}
-        statuses = dataset.map_batches(
-            worker_class,
-            fn_constructor_kwargs={"config": worker_config, "dtype": dtype, "max_new_tokens": max_new_tokens},
-            batch_size=config.batch_size,
-            concurrency=num_workers,
-            num_gpus=gpus_per_worker,
-            num_cpus=cpus_per_worker,
-        )
-        by_id = {sample.question_id: sample for sample in todo}
-        seen: set[str] = set()
-        try:
-            for row in statuses.iter_rows():
-                qid = str(row["question_id"])
-                if qid in seen:  # a retried task reports its rows again
-                    continue
-                seen.add(qid)
-                if row["status"] == "ok":
-                    summary.processed += 1
-                else:
-                    failures.record(by_id[qid], str(row["stage"]), str(row["error"]), str(row["message"]))
-        except ray.exceptions.RayError as err:
-            raise _worker_failure(err, store.root) from err
-        # Our actors must be gone before we return: a rerun right away would otherwise see live writers.
-        lingering = _wait_for_workers_to_exit(store, WORKER_EXIT_GRACE_S)
-        if lingering:
-            log.warning("Ray workers still alive %.0fs after the run: %s", WORKER_EXIT_GRACE_S, sorted(lingering))
-        missing = set(by_id) - seen
-        if missing:
-            raise RuntimeError(f"Ray returned no status for {len(missing)} row(s), e.g. {sorted(missing)[:3]}")
-    summary.seconds = time.perf_counter() - start
-
-    attrs = store.recorded_attrs(store.all_part_paths())
-    attrs.update(
-        complete=not summary.failed,
-        num_failed=len(summary.failed),
-        engine="ray",
-        num_workers=num_workers,
-        batch_size=config.batch_size,
-    )
-    store.assemble(order, attrs, plan.digests)
-    summary.finished = not summary.failed
-    log_rate(summary)
-    return summary

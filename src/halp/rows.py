@@ -11,13 +11,11 @@ root attributes describing the run. A file that cannot be read is a `RunDamagedE
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +23,10 @@ import h5py
 import numpy as np
 
 from halp.data import Sample
+from halp.digests import row_digest, table_text_digest  # noqa: F401  (re-exported: their home was here)
 from halp.errors import HalpError, RunDamagedError, StoreWriteError
 from halp.features import sort_features
-from halp.layout import DONE_FILE, FEATURES_FILE, RUN_FILE, fsync_dir, temporary_path
+from halp.layout import DONE_FILE, FEATURES_FILE, RUN_FILE, atomic_write
 
 STRING_FIELDS = ("question_id", "image_id", "question", "ground_truth", "answer", "row_sha256")
 #: The per-row content digest (see `row_digest`); parts written before it existed lack it.
@@ -77,25 +76,6 @@ def _strings_or_blank(handle: h5py.Group, name: str, count: int) -> np.ndarray:
 
 def _texts_or_blank(handle: h5py.Group, name: str, count: int) -> list[str]:
     return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in _strings_or_blank(handle, name, count)]
-
-
-def row_digest(sample: Sample, image_sha256: str) -> str:
-    """The content identity of one row: everything of the table row (ids, question, ground truth, metadata) and
-    the image's bytes. A rerun re-extracts a committed row whose digest differs from the table's."""
-    text = json.dumps(
-        [sample.question_id, sample.image_id, sample.question, sample.ground_truth, sorted(sample.meta.items())],
-        ensure_ascii=False,
-    )
-    return hashlib.sha256(f"{text}\n{image_sha256}".encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def table_text_digest(samples: Sequence[Sample]) -> str:
-    """Fingerprint of a table's text (every row's ids, question, ground truth, metadata) in order: the shards of one
-    run must have read the same table. Images are not read here (each shard digests its own rows' images)."""
-    digest = hashlib.sha256()
-    for sample in samples:
-        digest.update(row_digest(sample, "").encode("ascii") + b"\n")
-    return digest.hexdigest()
 
 
 def damage_advice(path: Path) -> str:
@@ -153,6 +133,63 @@ def _first_line(err: BaseException) -> str:
 
 
 @dataclass
+class RunAttributes:
+    """The root attributes of `features.h5` (and of every committed part): what produced the rows.
+
+    Set once per pass where they are known (the model's when it is loaded, the batch layout when it is resolved),
+    recorded with every part, and completed by the assembly (`complete`, `num_failed`, the feature sizes).
+    Attributes this halp does not know (written by another version) are kept in `other` and written back as read.
+    """
+
+    model_id: str | None = None
+    architecture: str | None = None
+    model_type: str | None = None
+    adapter: str | None = None
+    layers: list[int] | None = None
+    num_layers: int | None = None
+    dtype: str | None = None
+    device: str | None = None
+    batch_size: int | str | None = None
+    batch_size_auto: bool | None = None
+    max_new_tokens: int | None = None
+    attn_implementation: str | None = None
+    generated: bool | None = None
+    exif_orientation: bool | None = None
+    #: JSON of {halp, torch, transformers}.
+    versions: str | None = None
+    created: str | None = None
+    workers: int | None = None
+    processor_device: str | None = None
+    #: The engine that committed the rows when not this process's loop ("ray"), and how many workers it ran.
+    engine: str | None = None
+    num_workers: int | None = None
+    num_shards: int | None = None
+    #: JSON of the pass's StageTimes.
+    stage_seconds: str | None = None
+    hidden_size: int | None = None
+    vision_hidden_size: int | None = None
+    complete: bool | None = None
+    num_failed: int | None = None
+    other: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_hdf5(cls, attrs: Mapping[str, Any]) -> RunAttributes:
+        """The attributes an HDF5 file recorded (numpy scalars and arrays as plain Python values)."""
+        known = {f.name for f in fields(cls)} - {"other"}
+        values: dict[str, Any] = {}
+        other: dict[str, Any] = {}
+        for key, value in attrs.items():
+            plain = value.tolist() if isinstance(value, np.ndarray | np.generic) else value
+            (values if key in known else other)[key] = plain
+        return cls(**values, other=other)
+
+    def as_hdf5(self) -> dict[str, Any]:
+        """The attributes to write: those set, then the unknown ones as they were read."""
+        recorded = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "other"}
+        return {**{key: value for key, value in recorded.items() if value is not None}, **self.other}
+
+
+@dataclass
 class Rows:
     """Rows of a part or a finished run, in memory."""
 
@@ -164,29 +201,23 @@ class Rows:
         return len(self.strings["question_id"])
 
 
-def write_rows(path: Path, rows: Rows, attrs: dict[str, Any]) -> None:
-    """Write rows to `path` atomically (temporary file, fsync, rename); on failure nothing is left behind."""
-    tmp = temporary_path(path)
+def write_rows(path: Path, rows: Rows, attrs: RunAttributes | Mapping[str, Any]) -> None:
+    """Write rows to `path` atomically (halp.layout.atomic_write); on failure nothing is left behind."""
+    recorded = attrs.as_hdf5() if isinstance(attrs, RunAttributes) else attrs
     try:
         # h5py writes through a Python file object so that a failed write (disk full, file-size limit) is a
         # plain OSError here instead of an HDF5 library state that can crash the interpreter at exit.
-        with open(tmp, "w+b") as raw:
-            with h5py.File(raw, "w") as handle:
-                for key, value in attrs.items():
-                    handle.attrs[key] = value
-                for name in STRING_FIELDS:
-                    _write_strings(handle, name, rows.strings[name])
-                meta = handle.create_group("meta")
-                for column, values in rows.meta.items():
-                    _write_strings(meta, hdf5_name(column), values)
-                for name, array in rows.features.items():
-                    handle.create_dataset(name, data=np.asarray(array, dtype=np.float32))
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        with atomic_write(path, "w+b") as raw, h5py.File(raw, "w") as handle:
+            for key, value in recorded.items():
+                handle.attrs[key] = value
+            for name in STRING_FIELDS:
+                _write_strings(handle, name, rows.strings[name])
+            meta = handle.create_group("meta")
+            for column, values in rows.meta.items():
+                _write_strings(meta, hdf5_name(column), values)
+            for name, array in rows.features.items():
+                handle.create_dataset(name, data=np.asarray(array, dtype=np.float32))
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise StoreWriteError(
             f"could not write {path}: {err}. Everything committed before is intact; "
             "free disk space or fix permissions, then rerun the same command to resume."

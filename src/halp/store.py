@@ -56,6 +56,7 @@ from halp.layout import (
     RAY_DIR,
     RUN_FILE,
     SHARDS_DIR,
+    atomic_write,
     fsync_dir,
     write_text_atomic,
 )
@@ -66,6 +67,7 @@ from halp.rows import (  # noqa: F401  (re-exported: halp.store was their home)
     STR,
     STRING_FIELDS,
     Rows,
+    RunAttributes,
     _strings_or_blank,
     _texts_or_blank,
     concat_rows,
@@ -272,7 +274,7 @@ class RunStore(RunLocks):
         numbers = [int(PART_RE.match(path.name).group(1)) for path in self.part_paths()]
         return max(numbers, default=-1) + 1
 
-    def commit(self, rows: Rows, attrs: dict[str, Any]) -> Path:
+    def commit(self, rows: Rows, attrs: RunAttributes | dict[str, Any]) -> Path:
         self.parts_dir.mkdir(parents=True, exist_ok=True)
         path = self.parts_dir / f"part-{self._next_part_number():06d}.h5"
         write_rows(path, rows, attrs)
@@ -303,6 +305,12 @@ class RunStore(RunLocks):
             digests = _texts_or_blank(handle, ROW_DIGEST, len(ids))
         return set(zip(ids, digests, strict=True))
 
+    def tidy(self) -> None:
+        """Remove what an interrupted writer left: temporaries of dead writers, parts already assembled. Call with
+        the run lock held."""
+        self.remove_stale_temporaries()
+        self.remove_assembled_parts()
+
     def remove_stale_temporaries(self) -> None:
         """Remove temporaries of dead writers. Call with the run lock held."""
         directories = [self.root, self.root / PARTS_DIR, self.writer_dir, self.parts_dir]
@@ -318,13 +326,7 @@ class RunStore(RunLocks):
     # ----- shards: done markers --------------------------------------------------------------
     def write_done(self, marker: dict[str, Any]) -> None:
         """Record that this shard's pass ended: the rows it owns (table positions, ids) and those that failed."""
-        path = self.writer_dir / DONE_FILE
-        tmp = path.with_name(f".{DONE_FILE}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(marker))
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        fsync_dir(self.writer_dir)
+        write_text_atomic(self.writer_dir / DONE_FILE, json.dumps(marker))
 
     def clear_done(self) -> None:
         (self.writer_dir / DONE_FILE).unlink(missing_ok=True)
@@ -375,29 +377,28 @@ class RunStore(RunLocks):
         if parts or not self.features_path.exists() or (
             row_digests is not None and not self.assembled_as(order, row_digests)
         ):
-            attrs = self.recorded_attrs(parts)
-            attrs.update(complete=not result.failed, num_failed=len(result.failed), num_shards=num_shards)
-            self.assemble(order, attrs, row_digests)
+            attributes = self.recorded_attributes()
+            attributes.complete, attributes.num_failed = not result.failed, len(result.failed)
+            attributes.num_shards = num_shards
+            self.assemble(order, attributes, row_digests)
             result.assembled = True
         with self.reading(self.features_path) as handle:
             result.num_samples = int(handle["question_id"].shape[0])
         return result
 
-    def recorded_attrs(self, parts: Sequence[Path]) -> dict[str, Any]:
-        """The run's attributes as the writers recorded them (model, layers, dtype, ...), plus feature sizes."""
+    def recorded_attributes(self) -> RunAttributes:
+        """The run's attributes as its writers recorded them (model, layers, dtype, ...): features.h5's, completed
+        by the parts' (a run assembled before holds them all)."""
         attrs: dict[str, Any] = {}
-        for path in [*([self.features_path] if self.features_path.exists() else []), *parts]:
+        for path in [*([self.features_path] if self.features_path.exists() else []), *self.all_part_paths()]:
             with self.reading(path) as handle:
                 attrs = {key: value for key, value in handle.attrs.items() if key != "num_samples"} | attrs
-                for name, key in (("vision_projected", "hidden_size"), ("vision_only", "vision_hidden_size")):
-                    if name in handle and key not in attrs:
-                        attrs[key] = int(handle[name].shape[1])
-            if "model_id" in attrs and "hidden_size" in attrs:
+            if "model_id" in attrs:
                 break
-        return attrs
+        return RunAttributes.from_hdf5(attrs)
 
     # ----- assembly ------------------------------------------------------------------------
-    def assemble(self, order: Sequence[str], attrs: dict[str, Any], digests: dict[str, str] | None = None) -> Path:
+    def assemble(self, order: Sequence[str], attributes: RunAttributes, digests: dict[str, str] | None = None) -> int:
         """Write features.h5 with the committed rows in `order`, streaming source by source, then drop the parts.
 
         Sources: an existing features.h5 (a sharded run assembles again when shards add rows), then every part.
@@ -439,52 +440,47 @@ class RunStore(RunLocks):
         destination = {qid: i for i, qid in enumerate(kept)}
         total = len(kept)
 
-        tmp = self.features_path.with_name(f".{FEATURES_FILE}.tmp-{os.getpid()}")
         try:
-            with open(tmp, "w+b") as raw:
-                with h5py.File(raw, "w") as out:
-                    for key, value in {**attrs, "num_samples": total}.items():
-                        out.attrs[key] = value
-                    for index, (path, ids) in enumerate(zip(sources, ids_per_source, strict=True)):
-                        rows_here = [
-                            (destination[qid], i)
-                            for i, qid in enumerate(ids)
-                            if qid in destination and owner[qid] == index
-                        ]
-                        if not rows_here:
-                            continue
-                        rows_here.sort()
-                        dest = np.array([d for d, _ in rows_here], dtype=np.int64)
-                        src = np.array([s for _, s in rows_here], dtype=np.int64)
-                        with self.reading(path) as part:
-                            count = len(ids)
-                            for name in [*STRING_FIELDS, *(f"meta/{c}" for c in part.get("meta", {}))]:
-                                if name not in out:
-                                    out.create_dataset(name, shape=(total,), dtype=STR)
-                                values = _strings_or_blank(part, name, count)
-                                out[name][dest] = values[src]
-                            for name in feature_datasets(part):
-                                array = part[name][()]
-                                if name not in out:
-                                    out.create_dataset(name, shape=(total, array.shape[1]), dtype=np.float32)
-                                out[name][dest] = array[src]
-                    if total == 0:
-                        for name in STRING_FIELDS:
-                            out.create_dataset(name, shape=(0,), dtype=STR)
-                    out.require_group("meta")
-                raw.flush()
-                os.fsync(raw.fileno())
-            os.replace(tmp, self.features_path)
+            with atomic_write(self.features_path, "w+b") as raw, h5py.File(raw, "w") as out:
+                for index, (path, ids) in enumerate(zip(sources, ids_per_source, strict=True)):
+                    rows_here = [
+                        (destination[qid], i) for i, qid in enumerate(ids) if qid in destination and owner[qid] == index
+                    ]
+                    if not rows_here:
+                        continue
+                    rows_here.sort()
+                    dest = np.array([d for d, _ in rows_here], dtype=np.int64)
+                    src = np.array([s for _, s in rows_here], dtype=np.int64)
+                    with self.reading(path) as part:
+                        count = len(ids)
+                        for name in [*STRING_FIELDS, *(f"meta/{c}" for c in part.get("meta", {}))]:
+                            if name not in out:
+                                out.create_dataset(name, shape=(total,), dtype=STR)
+                            values = _strings_or_blank(part, name, count)
+                            out[name][dest] = values[src]
+                        for name in feature_datasets(part):
+                            array = part[name][()]
+                            if name not in out:
+                                out.create_dataset(name, shape=(total, array.shape[1]), dtype=np.float32)
+                            out[name][dest] = array[src]
+                if total == 0:
+                    for name in STRING_FIELDS:
+                        out.create_dataset(name, shape=(0,), dtype=STR)
+                out.require_group("meta")
+                # The feature sizes are those of the rows written (README: "hidden sizes" among the attributes).
+                for name, key in (("vision_projected", "hidden_size"), ("vision_only", "vision_hidden_size")):
+                    if name in out:
+                        setattr(attributes, key, int(out[name].shape[1]))
+                for key, value in {**attributes.as_hdf5(), "num_samples": total}.items():
+                    out.attrs[key] = value
         except OSError as err:
-            tmp.unlink(missing_ok=True)
             raise StoreWriteError(
                 f"could not write {self.features_path}: {err}. The committed parts in {self.parts_dir} are intact; "
                 "free disk space or fix permissions, then rerun the same command to assemble them."
             ) from err
-        fsync_dir(self.root)
         for path in parts:
             path.unlink()
-        return self.features_path
+        return total
 
 
 def _changed_files(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -500,6 +496,4 @@ def _parts_in(directory: Path) -> list[Path]:
 
 
 def _write_errors(path: Path, failed: Sequence[dict[str, str]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(entry) + "\n" for entry in failed))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(entry) + "\n" for entry in failed))
