@@ -11,7 +11,7 @@ KV cache in a second `generate` (`decode_rows`), the leaving rows dropped from t
 (`Cache.batch_select_indices`) and from what the model keeps of the batch (`Adapter.select_rows`): their decoding
 never runs. Both paths give plain greedy `generate`'s answers (tested for every family with a tiny fixture).
 
-Per-row input rules are halp.extract's (special tokens in a question); failures are isolated as in `halp extract`:
+Per-row input rules are halp.inputs' (special tokens in a question); failures are isolated as in `halp extract`:
 if a batch fails, its rows are retried one by one, so only the guilty request fails.
 """
 
@@ -31,7 +31,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from halp.capture import FeatureExtractor, Positions, PrefillCapture
 from halp.errors import ServeError, ServeRequestError
-from halp.extract import special_token_message, special_tokens_of
+from halp.inputs import special_token_message, special_tokens_of
 from halp.predict import RiskScorer, choose_probe, run_attributes
 from halp.serve.policy import Policy, ThresholdChoice, threshold_for_coverage
 from halp.serve.settings import ServeSettings
