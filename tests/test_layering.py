@@ -65,3 +65,138 @@ def test_every_domain_error_derives_from_the_root():
                     where = f"{path.relative_to(PACKAGE)}:{node.lineno}"
                     offending.append(f"{where} {node.name}({', '.join(sorted(bases))})")
     assert not offending, "\n".join(offending)
+
+
+# ----- import direction: the layers docs/architecture.md draws ---------------------------------------------------
+#: Each module's layer, lowest first; a module may import its own layer and those below, never one above. A new
+#: module must be placed here (the test names it). halp.testing may import anything and is imported by nothing of the
+#: package (test_production_code_does_not_import_the_test_kit).
+LAYERS: dict[str, tuple[str, ...]] = {
+    "foundation": (
+        "halp.version", "halp.errors", "halp.layout", "halp.features", "halp.userfiles", "halp.digests",
+        "halp.locks", "halp.web", "halp.compact", "halp.shard",
+    ),
+    "data and models": ("halp.data", "halp.rows", "halp.models", "halp.capture", "halp.loading", "halp.inputs"),
+    "extraction": (
+        "halp.store", "halp.pipeline", "halp.run_records", "halp.local_engine", "halp.extract", "halp.ray_engine",
+    ),
+    "analysis": (
+        "halp.label", "halp.probe", "halp.findings", "halp.report", "halp.analyze", "halp.embed", "halp.predict",
+        "halp.legacy", "halp.summary", "halp.review", "halp.sources", "halp.world",
+    ),
+    "applications": ("halp.serve", "halp.demo", "halp.cli", "halp.__main__", "halp"),
+}
+
+
+def _layer_of(module: str) -> int | None:
+    """The layer of `module`: the longest prefix listed in LAYERS (halp.review.app -> halp.review)."""
+    best: tuple[int, int] | None = None
+    for rank, prefixes in enumerate(LAYERS.values()):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and (best is None or len(prefix) > best[1]):
+                best = (rank, len(prefix))
+    return None if best is None else best[0]
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _runtime_imports(tree: ast.Module, module: str, is_package: bool) -> list[tuple[str, int]]:
+    """(imported halp module or name, line) of every import that runs: module level and inside functions alike (a
+    function-local import dodging a cycle is still the cycle); `if TYPE_CHECKING:` blocks, which never run, are not."""
+    found: list[tuple[str, int]] = []
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and ast.unparse(child.test).endswith("TYPE_CHECKING"):
+                for other in child.orelse:
+                    visit(other)
+                continue
+            if isinstance(child, ast.Import):
+                found.extend((alias.name, child.lineno) for alias in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                base = child.module or ""
+                if child.level:
+                    parts = module.split(".") if is_package else module.split(".")[:-1]
+                    parts = parts[: len(parts) - (child.level - 1)]
+                    base = ".".join([*parts, *([base] if base else [])])
+                found.extend((f"{base}.{alias.name}", child.lineno) for alias in child.names)
+            visit(child)
+
+    visit(tree)
+    return [(name, line) for name, line in found if name == "halp" or name.startswith("halp.")]
+
+
+def _import_graph() -> dict[str, dict[str, int]]:
+    """module -> {imported halp module: first line}, for every module of the package outside halp.testing."""
+    sources = {_module_name(path): path for path in _sources(PACKAGE)}
+    graph: dict[str, dict[str, int]] = {}
+    for module, path in sources.items():
+        if module.startswith("halp.testing"):
+            continue
+        edges = graph.setdefault(module, {})
+        for name, line in _runtime_imports(ast.parse(path.read_text()), module, path.name == "__init__.py"):
+            target = name
+            while target not in sources and "." in target:  # `from halp.x import name`: the module is halp.x
+                target = target.rsplit(".", 1)[0]
+            if target in sources and target != module:
+                edges.setdefault(target, line)
+    return graph
+
+
+def test_every_module_has_a_layer_and_imports_only_its_own_or_lower_layers():
+    graph = _import_graph()
+    unplaced = sorted(module for module in graph if _layer_of(module) is None)
+    assert not unplaced, f"place these modules in LAYERS (and in docs/architecture.md): {unplaced}"
+    names = list(LAYERS)
+    upward = [
+        f"{module}:{line} imports {target} ({names[_layer_of(target)]} is above {names[_layer_of(module)]})"
+        for module, edges in sorted(graph.items())
+        for target, line in sorted(edges.items())
+        if not target.startswith("halp.testing") and _layer_of(target) > _layer_of(module)
+    ]
+    assert not upward, "\n".join(upward)
+
+
+def test_the_package_has_no_import_cycles():
+    """Not even through function-local imports: each cycle is listed with the lines that close it."""
+    graph = _import_graph()
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def connect(module: str) -> None:  # Tarjan's strongly connected components
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        on_stack.add(module)
+        for target in graph.get(module, {}):
+            if target not in index:
+                connect(target)
+                low[module] = min(low[module], low[target])
+            elif target in on_stack:
+                low[module] = min(low[module], index[target])
+        if low[module] == index[module]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == module:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for module in sorted(graph):
+        if module not in index:
+            connect(module)
+    described = [
+        " <-> ".join(cycle) + ": " + "; ".join(
+            f"{a}:{line} -> {b}" for a in cycle for b, line in graph[a].items() if b in cycle
+        )
+        for cycle in cycles
+    ]
+    assert not cycles, "\n".join(described)

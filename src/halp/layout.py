@@ -15,12 +15,15 @@ Layout (what writes it)::
 
 Every file is written through `atomic_write` / `atomic_path`: a temporary name beside the target
 (`.<name>.tmp-<pid>`), fsync, atomic rename, fsync of the directory. A crash leaves either the old file
-or the new one, never half of one, and at most a hidden temporary that the next write replaces.
+or the new one, never half of one, and at most a hidden temporary that the next write replaces. A folder
+written as a whole (a checkpoint, a shipped model) goes through `atomic_directory`, the same scheme for a
+directory: staged under the temporary name, every file fsynced, renamed into place.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -179,3 +182,32 @@ def append_line_durably(path: str | Path, line: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextmanager
+def atomic_directory(path: str | Path, replace: bool = False) -> Iterator[Path]:
+    """Yield a staging directory to fill for `path` (hidden, beside it, `temporary_path`'s name); on success every
+    file in it is fsynced and it is renamed to `path`, on failure removed. An existing `path` is replaced only with
+    `replace` (its old content is removed just before the rename); otherwise it is an error."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = temporary_path(path)
+    shutil.rmtree(staging, ignore_errors=True)  # what a dead process of the same pid left
+    staging.mkdir()
+    try:
+        yield staging
+        for file in sorted(staging.rglob("*")):
+            if file.is_file():
+                with open(file, "rb+") as handle:
+                    os.fsync(handle.fileno())
+        for folder in sorted({file.parent for file in staging.rglob("*")} | {staging}):
+            fsync_dir(folder)
+        if path.exists():
+            if not replace:
+                raise FileExistsError(f"{path} exists; it is not replaced")
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    fsync_dir(path.parent)
