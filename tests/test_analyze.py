@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 
@@ -16,6 +17,7 @@ from halp.capture import parse_layers
 from halp.cli import app
 from halp.data import load_image, read_samples
 from halp.embed import Embedder, load_embedding_arrays
+from halp.errors import install_hint
 
 FAMILIES = ["qwen2_5_vl", "llava", "gemma3"]
 PROMPT = "Describe the image."
@@ -185,7 +187,7 @@ def test_neighbors_json_equals_direct_computation(family, loaded, image_dir, tmp
 def test_contextual_lens_without_latentlens_says_how_to_install(loaded, monkeypatch):
     model, processor = loaded("llava")
     monkeypatch.setitem(sys.modules, "latentlens", None)  # makes `import latentlens` raise ImportError
-    with pytest.raises(ImportError, match=r"halp\[latentlens\]"):
+    with pytest.raises(ImportError, match=re.escape(install_hint("latentlens"))):
         ContextualLens(Embedder(model, processor, layers="0").adapter, ["a red cat on the sofa"], [0])
 
 
