@@ -17,7 +17,16 @@ import torch
 from torch import nn
 
 from halp.errors import ParameterError
-from halp.features import PROJECTED_TOKENS, VISION_TOKENS, feature_names, layer_key
+from halp.features import (
+    PROJECTED_TOKENS,
+    QUERY_TOKEN,
+    VISION_TOKEN,
+    VISION_TOKEN_MEAN,
+    VISION_TOKENS,
+    feature_name,
+    feature_names,
+    layer_key,
+)
 from halp.models.base import Adapter, ExtractionPointError
 
 
@@ -214,9 +223,9 @@ class PrefillCapture:
             rows = torch.arange(hidden.shape[0], device=hidden.device)
             mask = positions.image_mask.to(hidden.device).unsqueeze(-1)
             image_mean = (hidden.float() * mask).sum(dim=1) / mask.sum(dim=1)
-            self._store(f"vision_token/layer_{layer}", hidden[rows, positions.last_image.to(hidden.device)])
-            self._store(f"vision_token_mean/layer_{layer}", image_mean)
-            self._store(f"query_token/layer_{layer}", hidden[:, positions.query])
+            self._store(feature_name(VISION_TOKEN, layer), hidden[rows, positions.last_image.to(hidden.device)])
+            self._store(feature_name(VISION_TOKEN_MEAN, layer), image_mean)
+            self._store(feature_name(QUERY_TOKEN, layer), hidden[:, positions.query])
             if self.keep_tokens:
                 self._keep(layer_key(layer), list(hidden))
 

@@ -31,7 +31,17 @@ from torch import nn
 from halp.capture import BatchResult, FeatureExtractor, parse_layers
 from halp.data import load_image, to_rgb
 from halp.errors import ParameterError
-from halp.features import PROJECTED_TOKENS, VISION_TOKENS, layer_key
+from halp.features import (
+    IMAGE_STATES,
+    LAYER_REPRESENTATIONS,
+    PRE_LM_REPRESENTATIONS,
+    PROJECTED_TOKENS,
+    TEXT_STATES,
+    TEXT_TOKEN_MEAN,
+    VISION_TOKENS,
+    feature_name,
+    layer_key,
+)
 from halp.layout import write_text_atomic
 from halp.models import ExtractionPointError, adapter_for
 
@@ -224,22 +234,19 @@ class Embedder:
         vision = batch.tokens[VISION_TOKENS][row]
         projected = batch.tokens[PROJECTED_TOKENS][row]
         vision, projected = self.adapter.restore_spatial_order(inputs, row, vision, projected)
-        arrays: dict[str, np.ndarray] = {
-            "vision_only": batch.features["vision_only"][row],
-            "vision_projected": batch.features["vision_projected"][row],
-        }
+        arrays: dict[str, np.ndarray] = {name: batch.features[name][row] for name in PRE_LM_REPRESENTATIONS}
         if self.tokens:
-            arrays["vision_tokens"] = vision
-            arrays["projected_tokens"] = projected
+            arrays[VISION_TOKENS] = vision
+            arrays[PROJECTED_TOKENS] = projected
         for layer in self.layers:
             states = batch.tokens[layer_key(layer)][row]
             text_states = states[text_columns.numpy()]
-            for group in ("vision_token", "vision_token_mean", "query_token"):
-                arrays[f"{group}/layer_{layer}"] = batch.features[f"{group}/layer_{layer}"][row]
-            arrays[f"text_token_mean/layer_{layer}"] = text_states.mean(axis=0)
+            for representation in LAYER_REPRESENTATIONS:
+                arrays[feature_name(representation, layer)] = batch.features[feature_name(representation, layer)][row]
+            arrays[feature_name(TEXT_TOKEN_MEAN, layer)] = text_states.mean(axis=0)
             if self.tokens:
-                arrays[f"image_states/layer_{layer}"] = states[image_columns.numpy()]
-                arrays[f"text_states/layer_{layer}"] = text_states
+                arrays[feature_name(IMAGE_STATES, layer)] = states[image_columns.numpy()]
+                arrays[feature_name(TEXT_STATES, layer)] = text_states
         tokenizer = self.adapter.tokenizer()
         return Embedding(
             image=label,

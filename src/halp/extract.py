@@ -211,12 +211,7 @@ class Opened:
 
     def current(self) -> bool:
         """Nothing to extract and features.h5 already holds the table's rows as they are now: nothing to do."""
-        return (
-            self.may_be_current
-            and not self.todo
-            and self.store.assembled_as(self.order, self.plan.digests)
-            and not self.store.all_part_paths()
-        )
+        return self.may_be_current and not self.todo and self.store.is_current(self.order, self.plan.digests)
 
 
 class WholeRun:
@@ -301,7 +296,7 @@ class ShardOfRun:
         """Record that this shard's pass ended, then assemble features.h5 if every shard of the layout is done."""
         store, summary, shard, samples = opened.store, opened.summary, self.shard, opened.samples
         mine = shard.select(samples)
-        store.write_done(
+        assembly = store.finish_shard(
             {
                 "shard": shard.name,
                 "table_rows": len(samples),
@@ -312,10 +307,9 @@ class ShardOfRun:
                 "failed": summary.failed,
                 "processed": summary.processed,
                 "ended": datetime.now(timezone.utc).isoformat(),
-            }
+            },
+            shard.count,
         )
-        with store.sync():
-            assembly = store.assemble_shards(shard.count)
         summary.pending_shards = assembly.missing
         summary.assembled = assembly.finished
         summary.run_failed = len(assembly.failed)

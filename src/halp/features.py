@@ -32,6 +32,11 @@ VISION_REPRESENTATIONS = (VISION_ONLY, VISION_PROJECTED, VISION_TOKEN, VISION_TO
 #: Token-level (not pooled) arrays: the projector's input rows (the token-level `vision_only`) and output rows.
 VISION_TOKENS = "vision_tokens"
 PROJECTED_TOKENS = "projected_tokens"
+#: What `halp embed` adds per layer: decoder block k's output at every image token / text token (token level), and
+#: the mean over the text tokens.
+IMAGE_STATES = "image_states"
+TEXT_STATES = "text_states"
+TEXT_TOKEN_MEAN = "text_token_mean"
 
 
 def layer_key(layer: int) -> str:

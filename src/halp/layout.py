@@ -23,6 +23,7 @@ directory: staged under the temporary name, every file fsynced, renamed into pla
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,6 +49,18 @@ RESULTS_JSON_FILE = "results.json"
 PROBE_MODELS_DIR = "models"
 REPORT_DIR = "report"
 RISK_DIR = "risk"
+#: A committed batch: `parts/part-000042.h5`, numbered in commit order per writer.
+PART_RE = re.compile(r"^part-(\d{6})\.h5$")
+
+
+def part_name(number: int) -> str:
+    return f"part-{number:06d}.h5"
+
+
+def part_number(path: str | Path) -> int | None:
+    """The number of a part file's name, None for any other name."""
+    match = PART_RE.match(Path(path).name)
+    return int(match.group(1)) if match else None
 
 
 def run_file(run_dir: str | Path) -> Path:
@@ -63,7 +76,8 @@ def committed_part_files(run_dir: str | Path) -> list[Path]:
     """Parts committed by any writer of an unfinished run (single process, shards, Ray workers)."""
     root = Path(run_dir)
     pattern = f"{PARTS_DIR}/part-*.h5"
-    return sorted([*root.glob(pattern), *root.glob(f"{SHARDS_DIR}/*/{pattern}"), *root.glob(f"{RAY_DIR}/*/{pattern}")])
+    found = [*root.glob(pattern), *root.glob(f"{SHARDS_DIR}/*/{pattern}"), *root.glob(f"{RAY_DIR}/*/{pattern}")]
+    return sorted(path for path in found if part_number(path) is not None)
 
 
 def features_file(run: str | Path) -> Path:

@@ -12,7 +12,6 @@ root attributes describing the run. A file that cannot be read is a `RunDamagedE
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -26,13 +25,12 @@ from halp.data import Sample
 from halp.digests import row_digest, table_text_digest  # noqa: F401  (re-exported: their home was here)
 from halp.errors import HalpError, RunDamagedError, StoreWriteError
 from halp.features import sort_features
-from halp.layout import DONE_FILE, FEATURES_FILE, RUN_FILE, atomic_write
+from halp.layout import DONE_FILE, FEATURES_FILE, PART_RE, RUN_FILE, atomic_write
 
 STRING_FIELDS = ("question_id", "image_id", "question", "ground_truth", "answer", "row_sha256")
 #: The per-row content digest (see `row_digest`); parts written before it existed lack it.
 ROW_DIGEST = "row_sha256"
 STR = h5py.string_dtype("utf-8")
-PART_RE = re.compile(r"^part-(\d{6})\.h5$")
 
 
 def _write_strings(group: h5py.Group, name: str, values: Sequence[str]) -> None:

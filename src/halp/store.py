@@ -58,6 +58,8 @@ from halp.layout import (
     SHARDS_DIR,
     atomic_write,
     fsync_dir,
+    part_name,
+    part_number,
     write_text_atomic,
 )
 from halp.locks import SYNC_TIMEOUT_S, RunLocks  # noqa: F401  (SYNC_TIMEOUT_S re-exported)
@@ -263,20 +265,24 @@ class RunStore(RunLocks):
             stored = _texts_or_blank(handle, ROW_DIGEST, len(ids))
         return ids == list(order) and stored == [digests.get(qid) for qid in order]
 
+    def is_current(self, order: Sequence[str], digests: dict[str, str]) -> bool:
+        """features.h5 is the finished run of exactly these rows and contents, and nothing waits to be assembled."""
+        return self.assembled_as(order, digests) and not self.all_part_paths()
+
     def reopen_finished(self) -> None:
         """Turn a finished features.h5 back into a part, so a larger rerun can extend it."""
         if self.features_path.exists():
-            target = self.parts_dir / f"part-{self._next_part_number():06d}.h5"
+            target = self.parts_dir / part_name(self._next_part_number())
             os.replace(self.features_path, target)
             fsync_dir(self.parts_dir)
 
     def _next_part_number(self) -> int:
-        numbers = [int(PART_RE.match(path.name).group(1)) for path in self.part_paths()]
+        numbers = [part_number(path) for path in self.part_paths()]
         return max(numbers, default=-1) + 1
 
     def commit(self, rows: Rows, attrs: RunAttributes | dict[str, Any]) -> Path:
         self.parts_dir.mkdir(parents=True, exist_ok=True)
-        path = self.parts_dir / f"part-{self._next_part_number():06d}.h5"
+        path = self.parts_dir / part_name(self._next_part_number())
         write_rows(path, rows, attrs)
         return path
 
@@ -334,6 +340,13 @@ class RunStore(RunLocks):
     def read_done(self, shard_name: str) -> dict[str, Any] | None:
         path = self.root / SHARDS_DIR / shard_name / DONE_FILE
         return read_json_file(path) if path.exists() else None
+
+    def finish_shard(self, marker: dict[str, Any], num_shards: int) -> ShardAssembly:
+        """Record that this shard's pass ended (`write_done`), then, under the run lock, assemble features.h5 if every
+        shard of the layout is done (`assemble_shards`)."""
+        self.write_done(marker)
+        with self.sync():
+            return self.assemble_shards(num_shards)
 
     def assemble_shards(self, num_shards: int) -> ShardAssembly:
         """If every shard of the layout is done, assemble features.h5 in table order. Call with the run lock held.
@@ -492,7 +505,7 @@ def _changed_files(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
 def _parts_in(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
-    return sorted(path for path in directory.iterdir() if PART_RE.match(path.name))
+    return sorted(path for path in directory.iterdir() if part_number(path) is not None)
 
 
 def _write_errors(path: Path, failed: Sequence[dict[str, str]]) -> None:
