@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from halp.digests import handle_sha256
 from halp.errors import ModelLoadError, ParameterError
 
 log = logging.getLogger(__name__)
@@ -277,7 +278,7 @@ def model_fingerprint(model_id: str, known: dict[str, list[Any]] | None = None) 
             digest = str(previous[3])
         else:
             with file.open("rb") as handle:
-                digest = hashlib.file_digest(handle, "sha256").hexdigest()
+                digest = handle_sha256(handle)
         record[name] = [*key, digest]
         total.update(f"{name}\t{stat.st_size}\t{digest}\n".encode())
     return total.hexdigest(), record
