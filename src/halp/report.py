@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,17 +33,30 @@ import pandas as pd
 from halp.errors import ReportError
 from halp.features import REPRESENTATIONS, is_vision_feature, representation_rank, split_feature  # noqa: F401
 from halp.findings import Finding, state_finding
+from halp.label import parse_label_value, read_labels
 from halp.layout import (
-    FEATURES_FILE,
     GROUPS_FILE,
-    LABELS_FILE,
     PREDICTIONS_FILE,
     RESULTS_FILE,
     RESULTS_JSON_FILE,
+    features_path,
+    labels_file,
     probes_dir,
     report_dir,
 )
-from halp.rows import meta_columns, open_run_file, read_strings
+
+# The deployment curves are computed in halp.metrics; they stay importable from here too, as before.
+from halp.metrics import (
+    RELIABILITY_BINS,
+    Reliability,
+    RiskCoverage,
+    pooled_scores,
+    reliability,
+    risk_coverage,
+)
+from halp.results import best_result, read_groups, read_predictions, read_results, read_settings
+from halp.review.decisions import review_agreement
+from halp.rows import read_row_texts
 
 #: Representations in pipeline order: before the LM, then inside it.
 #: The heatmap column of the representations that have no decoder layer.
@@ -67,62 +79,36 @@ class ProbeResults:
 
     def best(self) -> pd.Series:
         """The feature x probe row with the highest mean AUROC (ties: the earlier row)."""
-        ranked = self.results.dropna(subset=["auroc_mean"])
-        if ranked.empty:
+        best = best_result(self.results)
+        if best is None:
             raise ReportError("no feature has an AUROC (every fold had a single class?)")
-        return ranked.loc[ranked["auroc_mean"].idxmax()]
-
-
-def _read_csv(path: Path) -> pd.DataFrame:
-    # Strings stay strings: question ids like "007" and group values must not become numbers.
-    return pd.read_csv(path, dtype=str, keep_default_na=False)
-
-
-def _numeric(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
-    """Columns whose every non-empty cell is a number become floats (empty -> NaN); others stay text."""
-    for column in columns:
-        if column in frame:
-            try:
-                frame[column] = pd.to_numeric(frame[column].replace("", np.nan))
-            except (ValueError, TypeError):
-                continue
-    return frame
+        return best
 
 
 def read_probe_results(run_dir: str | Path) -> ProbeResults:
-    """Read `RUN_DIR/probes/*` and `RUN_DIR/labels.csv`; only results.csv is required."""
+    """Read `RUN_DIR/probes/*` (halp.results' readers) and `RUN_DIR/labels.csv` (halp.label.read_labels); only
+    results.csv is required."""
     run_dir = Path(run_dir)
     probes = probes_dir(run_dir)
     results_path = probes / RESULTS_FILE
     if not results_path.is_file():
         raise ReportError(f"{results_path} does not exist; train probes first (`halp probe {run_dir}`)")
-    results = _read_csv(results_path)
+    results = read_results(results_path)
     missing = [column for column in ("feature", "probe", "auroc_mean") if column not in results]
     if missing:
         raise ReportError(f"{results_path} lacks column(s) {', '.join(missing)}")
-    results = _numeric(results, [column for column in results.columns if column not in {"feature", "probe"}])
-
-    predictions = None
-    if (probes / PREDICTIONS_FILE).is_file():
-        predictions = _numeric(_read_csv(probes / PREDICTIONS_FILE), ["fold", "label", "score"])
-    groups = None
-    if (probes / GROUPS_FILE).is_file():
-        groups = _numeric(_read_csv(probes / GROUPS_FILE), ["n", "n_positive", "auroc"])
-    labels = _read_csv(run_dir / LABELS_FILE) if (run_dir / LABELS_FILE).is_file() else None
-    settings: dict[str, Any] = {}
-    if (probes / RESULTS_JSON_FILE).is_file():
-        loaded = json.loads((probes / RESULTS_JSON_FILE).read_text())
-        if isinstance(loaded, dict):
-            settings = {k: v for k, v in loaded.items() if not isinstance(v, (list, dict))}
+    predictions = read_predictions(probes / PREDICTIONS_FILE) if (probes / PREDICTIONS_FILE).is_file() else None
+    groups = read_groups(probes / GROUPS_FILE) if (probes / GROUPS_FILE).is_file() else None
+    labels = read_labels(labels_file(run_dir)).frame if labels_file(run_dir).is_file() else None
+    settings = read_settings(probes / RESULTS_JSON_FILE)
     return ProbeResults(results, predictions, groups, labels, settings, _run_attrs(run_dir))
 
 
 def _run_attrs(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / FEATURES_FILE
+    path = features_path(run_dir)
     if not path.is_file():
         return {}
-    with open_run_file(path) as handle:  # a damaged file is named, with what to do
-        attrs = dict(handle.attrs.items())
+    attrs = read_row_texts(path, columns=(), meta=()).attrs  # a damaged file is named, with what to do
     return {key: (value.tolist() if isinstance(value, np.ndarray) else value) for key, value in attrs.items()}
 
 
@@ -258,12 +244,6 @@ def roc_curve_rows(data: ProbeResults, limit: int = 5) -> list[pd.Series]:
     return chosen[:limit]
 
 
-def pooled_scores(predictions: pd.DataFrame, feature: str, probe: str) -> tuple[np.ndarray, np.ndarray]:
-    rows = predictions[(predictions["feature"] == feature) & (predictions["probe"] == probe)]
-    rows = rows.dropna(subset=["label", "score"])
-    return rows["label"].to_numpy(dtype=int), rows["score"].to_numpy(dtype=float)
-
-
 def roc_png(data: ProbeResults, limit: int = 5) -> bytes | None:
     """Pooled out-of-fold ROC curves of the best probe per representation; None without predictions."""
     from sklearn.metrics import roc_auc_score, roc_curve
@@ -297,86 +277,6 @@ def roc_png(data: ProbeResults, limit: int = 5) -> bytes | None:
 # ----- deployment curves: what withholding risky answers buys, and whether the risk is calibrated -----------
 #: Target accuracies the report lists a withholding threshold for.
 TARGET_ACCURACIES = (0.7, 0.8, 0.9, 0.95, 0.99)
-RELIABILITY_BINS = 10
-
-
-@dataclass
-class RiskCoverage:
-    """Answers are kept in order of increasing risk; one point per distinct risk value (ties kept together).
-
-    `coverage[i]`: fraction of answers kept when every answer with risk <= `risk[i]` is kept; `accuracy[i]`:
-    fraction of the kept answers that are right (label 0). `area`: the area under this step curve, i.e. the
-    mean accuracy over coverage; `base` (everything kept, also the expected area of a random ranking) and
-    `oracle` (all right answers first) bracket it.
-    """
-
-    risk: np.ndarray
-    coverage: np.ndarray
-    accuracy: np.ndarray
-    area: float
-    base: float
-    oracle: float
-
-    def last_reaching(self, target: float) -> int | None:
-        """Index of the largest coverage whose kept accuracy reaches `target` (None when none does)."""
-        reaching = np.flatnonzero(self.accuracy >= target)
-        return int(reaching[-1]) if len(reaching) else None
-
-    def threshold_for(self, target: float) -> tuple[float, float, float] | None:
-        """(threshold, coverage, accuracy) of the largest coverage whose kept accuracy reaches `target`.
-
-        Withholding every answer with risk >= threshold (what `halp predict --threshold` flags) keeps exactly
-        that set. None when no coverage reaches the target.
-        """
-        index = self.last_reaching(target)
-        if index is None:
-            return None
-        # The first withheld risk: flagging risk >= it withholds exactly the answers past this point.
-        threshold = float(self.risk[index + 1]) if index + 1 < len(self.risk) else float("inf")
-        return threshold, float(self.coverage[index]), float(self.accuracy[index])
-
-
-def risk_coverage(labels: np.ndarray, risk: np.ndarray) -> RiskCoverage:
-    """The risk-coverage curve of scores `risk` (P(hallucinated)) for 0/1 `labels` (1: the answer is wrong)."""
-    labels, risk = np.asarray(labels, dtype=np.int64), np.asarray(risk, dtype=float)
-    if len(labels) == 0:
-        raise ReportError("no scored answers to draw a risk-coverage curve from")
-    order = np.argsort(risk, kind="mergesort")
-    ranked_risk, ranked_right = risk[order], 1 - labels[order]
-    ends = np.r_[np.flatnonzero(np.diff(ranked_risk)), len(ranked_risk) - 1]  # last row of each tie
-    kept = ends + 1
-    accuracy = np.cumsum(ranked_right)[ends] / kept
-    coverage = kept / len(labels)
-    widths = np.diff(np.r_[0.0, coverage])
-    right = int(ranked_right.sum())
-    oracle_accuracy = np.minimum(np.arange(1, len(labels) + 1), right) / np.arange(1, len(labels) + 1)
-    return RiskCoverage(
-        ranked_risk[ends], coverage, accuracy, float(np.sum(widths * accuracy)), right / len(labels),
-        float(oracle_accuracy.mean()),
-    )  # fmt: skip
-
-
-@dataclass
-class Reliability:
-    """Equal-width bins of predicted P(hallucinated): mean prediction, observed rate and count per non-empty bin."""
-
-    predicted: np.ndarray
-    observed: np.ndarray
-    counts: np.ndarray
-    ece: float  # expected calibration error: sum over bins of count / n * |observed - predicted|
-
-
-def reliability(labels: np.ndarray, risk: np.ndarray, bins: int = RELIABILITY_BINS) -> Reliability:
-    from sklearn.calibration import calibration_curve
-
-    labels, risk = np.asarray(labels, dtype=np.int64), np.asarray(risk, dtype=float)
-    observed, predicted = calibration_curve(labels, risk, n_bins=bins, strategy="uniform")
-    # The bin of each score exactly as calibration_curve assigns it, for the counts.
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    counts = np.bincount(np.searchsorted(edges[1:-1], risk), minlength=bins)
-    counts = counts[counts > 0]
-    ece = float(np.sum(counts / len(labels) * np.abs(observed - predicted)))
-    return Reliability(predicted, observed, counts, ece)
 
 
 def deployment_png(curve: RiskCoverage, calibration: Reliability, name: str) -> bytes:
@@ -458,7 +358,8 @@ def _deployment_section(data: ProbeResults, pngs: dict[str, bytes]) -> str:
     )
 
 
-LABEL_NAMES = {"1": "hallucinated", "0": "not hallucinated", "": "unknown"}
+#: labels.csv's label (as `halp.label.parse_label_value` reads it) -> its column in the label balance.
+LABEL_NAMES = {1: "hallucinated", 0: "not hallucinated", None: "unknown"}
 LABEL_COLOURS = {"hallucinated": "#d62728", "not hallucinated": "#2ca02c", "unknown": "#bbbbbb"}
 
 
@@ -466,7 +367,8 @@ def label_balance(data: ProbeResults) -> pd.DataFrame:
     """Counts per answer type (rows, plus `all`) x hallucinated / not / unknown (columns)."""
     if data.labels is not None and "label" in data.labels:
         labels = data.labels
-        names = labels["label"].str.strip().map(lambda value: LABEL_NAMES.get(value, f"other: {value}"))
+        words = [LABEL_NAMES[parse_label_value(value)] for value in labels["label"]]
+        names = pd.Series(words, index=labels.index, name="label")
         kinds = labels["answer_type"] if "answer_type" in labels else pd.Series(["all"] * len(labels))
         table = pd.crosstab(kinds.replace("", "(none)"), names)
         if list(table.index) != ["all"]:
@@ -602,15 +504,12 @@ def _groups_section(data: ProbeResults) -> str:
 
 def group_table(run_dir: Path, columns: Sequence[str], data: ProbeResults) -> pd.DataFrame | None:
     """question_id and each of `columns` that the run carries as metadata (features.h5) or its labels.csv has."""
-    path = run_dir / FEATURES_FILE
+    path = features_path(run_dir)
     found: dict[str, list[str]] = {}
     if path.is_file():
-        with open_run_file(path) as handle:
-            stored = meta_columns(handle)
-            wanted = [column for column in columns if column in stored]
-            if wanted:
-                found["question_id"] = read_strings(handle["question_id"])
-                found.update({column: read_strings(stored[column]) for column in wanted})
+        texts = read_row_texts(path, columns=("question_id",), meta=columns)
+        if texts.meta:
+            found = {"question_id": texts.columns["question_id"], **texts.meta}
     frame = pd.DataFrame(found) if found else None
     others = [column for column in columns if frame is None or column not in frame.columns]
     if data.labels is not None and any(column in data.labels.columns for column in others):
@@ -699,8 +598,6 @@ class Report:
 
 def _review_section(run_dir: Path) -> str:
     """Manual review (`halp review`): agreement with the rules and Cohen's kappa between reviewers, if any."""
-    from halp.review.decisions import review_agreement
-
     summary = review_agreement(run_dir)
     if summary is None:
         return ""

@@ -6,7 +6,6 @@ No web code here: `halp.review.app` turns these into HTTP, and tests call them d
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -23,6 +22,8 @@ from halp.errors import ImageError, ReviewError, ScorerError
 from halp.label import read_labels
 from halp.label_rules import Label, label_answer
 from halp.layout import PREDICTIONS_FILE, RESULTS_JSON_FILE, RISK_DIR, features_file, labels_file, probe_file
+from halp.metrics import THRESHOLD
+from halp.results import read_predictions, read_settings
 
 # The queues, progress and pace live in halp.review.model; these names stay importable from here.
 from halp.review.model import (  # noqa: F401
@@ -74,8 +75,6 @@ class Row:
     def doubts(self) -> list[str]:
         """Why the row's labels.csv label is in doubt: the rules decide otherwise, or the probe's out-of-fold risk
         (or `halp predict`'s) falls on the other side of the probes' threshold."""
-        from halp.probe import THRESHOLD
-
         if self.label is None or self.label.label is None:
             return []
         found = []
@@ -171,7 +170,7 @@ def attach_risk(run_dir: str | Path, rows: Sequence[Row]) -> list[str]:
             used.append(f"no probe risk: {err}")
         if chosen is not None:
             feature, probe = chosen
-            frame = pd.read_csv(predictions, dtype={"question_id": str, "feature": str, "probe": str})
+            frame = read_predictions(predictions)
             frame = frame[(frame["feature"] == feature) & (frame["probe"] == probe)]
             source = f"out-of-fold score of the {probe} probe on {feature}"
             for qid, score in zip(frame["question_id"], frame["score"], strict=True):
@@ -201,8 +200,7 @@ def _final_probe_risk(run_dir: Path, rows: Sequence[Row], feature: str, probe: s
     """Score the rows the probes were not trained on with the final probe, when that set is known (k-fold CV)."""
     from halp.probe import load_probe, probe_stem  # imports torch: only where the run has probes
 
-    settings_path = probe_file(run_dir, RESULTS_JSON_FILE)
-    settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
+    settings = read_settings(probe_file(run_dir, RESULTS_JSON_FILE))
     # With a single split only the test rows are in predictions.csv; the training rows are absent yet the
     # final probe saw them, so "absent" would not mean "unseen".
     if settings.get("split") is not None or "validation" not in settings:
