@@ -12,7 +12,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from halp.analyze import ContextualLens, VocabularyLens, analyze_neighbors, analyze_norms, norm_stats
+from halp.analyze import (
+    ContextualLens,
+    VocabularyLens,
+    analyze_neighbors,
+    analyze_norms,
+    neighbors_html,
+    norm_stats,
+)
 from halp.capture import parse_layers
 from halp.cli import app
 from halp.data import load_image, read_samples
@@ -182,6 +189,25 @@ def test_neighbors_json_equals_direct_computation(family, loaded, image_dir, tmp
                 assert rows[0][0]["token"] == tokenizer.decode([rows[0][0]["id"]])
     page = result.html_path.read_text()
     assert page.count("<table>") == 2 * len(embedder.layers) and "<|" not in page  # special tokens are escaped
+
+
+def test_neighbors_page_escapes_every_string_it_shows():
+    """Token texts, contexts, image and model names come from users' files and vocabularies: none is markup."""
+    hostile = "<script>alert('x')</script>"
+    neighbour = {"id": 7, "token": hostile, "score": 0.5, "context": '"><script>alert(1)</script>', "position": 3,
+                 "layer": 0}  # fmt: skip
+    summary = {
+        "model": '<img src=x onerror="alert(1)">', "top_k": 1, "lenses": ["embedding", "contextual"],
+        "images": [{"image": "a&b<i>.png", "num_visual_tokens": 1, "image_token_positions": [5],
+                    "layers": {"0": {"embedding": [[neighbour]], "contextual": [[neighbour]]}}}],
+    }  # fmt: skip
+    page = neighbors_html(summary)
+    assert "<script" not in page.lower() and "<img" not in page and "<i>" not in page
+    assert "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;" in page and "a&amp;b&lt;i&gt;.png" in page
+    # The token is shown as its repr (quotes and all), escaped; the context is an escaped attribute value.
+    assert page.count('<code title="&#34;&gt;&lt;script&gt;alert(1)&lt;/script&gt; (layer 0)">') == 2
+    assert page.count("&#34;&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;&#34;</code> 0.500") == 2
+    assert page.count("<table>") == 1
 
 
 def test_contextual_lens_without_latentlens_says_how_to_install(loaded, monkeypatch):

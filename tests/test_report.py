@@ -157,8 +157,9 @@ def test_html_escapes_strings_from_input_files(probed_run: Path) -> None:
     groups = pd.read_csv(probed_run / "probes" / "groups.csv")
     assert HOSTILE in set(groups["group"])  # the hostile string did reach the report's input
     assert HOSTILE not in page and HOSTILE_MODEL not in page and "plain & simple" not in page
-    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
-    assert "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in page
+    # Escaped as Jinja2's autoescape writes it (markupsafe: &#39; and &#34; for the quotes).
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in page
+    assert "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;" in page
     assert "plain &amp; simple" in page
     assert "<script" not in page.lower()
 

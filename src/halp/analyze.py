@@ -14,7 +14,6 @@ images. Layer k is decoder block k's output, before the final norm, as everywher
 
 from __future__ import annotations
 
-import html
 import io
 import json
 from collections.abc import Callable, Sequence
@@ -31,13 +30,9 @@ from halp.embed import DEFAULT_PROMPT, Embedder, Embedding, list_images, save_em
 from halp.errors import MissingDependencyError, ParameterError, install_hint
 from halp.layout import atomic_write, write_text_atomic
 from halp.models import Adapter, ExtractionPointError
+from halp.pages import render_page
 
 Progress = Callable[[str], None] | None
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    with atomic_write(path, "wb") as handle:
-        handle.write(data)
 
 
 def _embed_folder(
@@ -183,7 +178,8 @@ def analyze_norms(
     }
     summary_path, plot_path = out / "norms.json", out / "norms.png"
     write_text_atomic(summary_path, json.dumps(summary, indent=2))
-    _write_bytes(plot_path, norms_plot_png(summary))
+    with atomic_write(plot_path, "wb") as handle:
+        handle.write(norms_plot_png(summary))
     return NormsResult(summary_path, plot_path, features_dir, summary)
 
 
@@ -343,36 +339,9 @@ def image_neighbors(
     }
 
 
-def _cell(neighbors: list[dict[str, Any]]) -> str:
-    # A contextual neighbour's sentence and layer show on hover.
-    return "<br>".join(
-        f"<code title='{html.escape(neighbor.get('context', ''), quote=True)}"
-        f"{html.escape(' (layer ' + str(neighbor['layer']) + ')') if 'layer' in neighbor else ''}'>"
-        f"{html.escape(repr(neighbor['token']))}</code> {neighbor['score']:.3f}"
-        for neighbor in neighbors
-    )
-
-
 def neighbors_html(summary: dict[str, Any]) -> str:
-    lenses = summary["lenses"]
-    parts = [
-        "<!doctype html><meta charset='utf-8'><title>halp analyze neighbors</title>",
-        "<style>body{font-family:sans-serif}table{border-collapse:collapse;margin-bottom:1.5em}"
-        "td,th{border:1px solid #ccc;padding:2px 6px;vertical-align:top;font-size:13px}</style>",
-        f"<h1>Nearest vocabulary tokens of vision tokens — {html.escape(summary['model'])}</h1>",
-        f"<p>top-{summary['top_k']}; embedding: cosine to the input embedding matrix; logit_lens: LM head logit "
-        "of the final-normed state; contextual: LatentLens cosine (context layer in halp's index).</p>",
-    ]
-    for image in summary["images"]:
-        parts.append(f"<h2>{html.escape(image['image'])} ({image['num_visual_tokens']} vision tokens)</h2>")
-        for layer, entry in image["layers"].items():
-            header = "".join(f"<th>{html.escape(lens)}</th>" for lens in lenses)
-            parts.append(f"<h3>layer {html.escape(layer)}</h3><table><tr><th>#</th><th>position</th>{header}</tr>")
-            for index, position in enumerate(image["image_token_positions"]):
-                cells = "".join(f"<td>{_cell(entry[lens][index])}</td>" for lens in lenses)
-                parts.append(f"<tr><td>{index}</td><td>{position}</td>{cells}</tr>")
-            parts.append("</table>")
-    return "\n".join(parts) + "\n"
+    """neighbors.html: per image and layer, each vision token's neighbours by lens (templates/neighbors.html)."""
+    return render_page("neighbors.html", title="halp analyze neighbors", summary=summary)
 
 
 def analyze_neighbors(

@@ -13,70 +13,32 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from halp.features import split_feature
-from halp.probe import bootstrap_intervals, metric_values, ranking_metrics
+
+# The numbers are computed in halp.metrics; its names used here stay importable from here, as before.
+from halp.metrics import (  # noqa: F401
+    CHANCE,
+    Paired,
+    Score,
+    feature_scores,
+    group_aurocs,
+    group_scores,
+    paired_difference,
+    score,
+)
+from halp.metrics import probe_label as label
+from halp.results import best_result
 
 #: The pre-fusion state the best feature is compared with (the HALP study's baseline).
 BASELINE = "vision_only"
-CHANCE = 0.5
 #: Groups named in a sentence before the rest are counted ("and 3 more").
 LISTED_GROUPS = 5
 
 
 # ----- the numbers -------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Score:
-    """AUROC of one feature x probe on a set of rows, with its 95% bootstrap interval (NaN when undefined)."""
-
-    auroc: float
-    low: float
-    high: float
-    n: int
-    wrong: int
-
-    @property
-    def versus_chance(self) -> str:
-        """above, below or at chance by the interval; undefined without an interval (one class, no bootstrap)."""
-        if any(math.isnan(value) for value in (self.auroc, self.low, self.high)):
-            return "undefined"
-        if self.low > CHANCE:
-            return "above"
-        if self.high < CHANCE:
-            return "below"
-        return "at"
-
-
-@dataclass(frozen=True)
-class Paired:
-    """AUROC(first) - AUROC(second) on the same rows, with a paired bootstrap 95% interval."""
-
-    first: str
-    second: str
-    n: int
-    first_auroc: float
-    second_auroc: float
-    difference: float
-    low: float
-    high: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "first": self.first,
-            "second": self.second,
-            "n": self.n,
-            "first_auroc": self.first_auroc,
-            "second_auroc": self.second_auroc,
-            "difference": self.difference,
-            "ci_low": self.low,
-            "ci_high": self.high,
-        }
-
-
 @dataclass(frozen=True)
 class Within:
     """One feature x probe pooled and within every value of one grouping column."""
@@ -101,92 +63,13 @@ class Finding:
     sentences: list[str] = field(default_factory=list)
 
 
-def label(feature: str, probe: str) -> str:
-    return f"{feature} ({probe})"
-
-
-def _scores(predictions: pd.DataFrame, feature: str, probe: str) -> pd.DataFrame:
-    rows = predictions[(predictions["feature"] == feature) & (predictions["probe"] == probe)]
-    return rows.dropna(subset=["label", "score"]).set_index("question_id")[["label", "score"]]
-
-
-def score(y: np.ndarray, scores: np.ndarray, resamples: int, seed: int) -> Score:
-    """AUROC with its percentile bootstrap interval (`halp.probe.bootstrap_intervals`, as `halp probe` reports)."""
-    y = np.asarray(y, dtype=np.int64)
-    scores = np.asarray(scores, dtype=float)
-    auroc = metric_values(y, scores)["auroc"]
-    low, high = bootstrap_intervals(y, scores, resamples, seed)["auroc"] if len(set(y.tolist())) == 2 else (
-        math.nan, math.nan)  # fmt: skip
-    return Score(float(auroc), float(low), float(high), len(y), int(y.sum()))
-
-
-def paired_difference(
-    predictions: pd.DataFrame, first: tuple[str, str], second: tuple[str, str], resamples: int, seed: int
-) -> Paired:
-    """AUROC(first) - AUROC(second) on the rows both scored, with a paired bootstrap 95% interval."""
-    joined = _scores(predictions, *first).merge(
-        _scores(predictions, *second), left_index=True, right_index=True, suffixes=("_a", "_b")
-    )
-    y = joined["label_a"].to_numpy(dtype=np.int64)
-    score_a, score_b = joined["score_a"].to_numpy(dtype=float), joined["score_b"].to_numpy(dtype=float)
-    auroc_a, auroc_b = ranking_metrics(y, score_a)[0], ranking_metrics(y, score_b)[0]
-    rng = np.random.default_rng(seed)
-    deltas = []
-    for _ in range(resamples):
-        pick = rng.integers(0, len(y), len(y))
-        if len(set(y[pick].tolist())) < 2:
-            continue
-        deltas.append(ranking_metrics(y[pick], score_a[pick])[0] - ranking_metrics(y[pick], score_b[pick])[0])
-    low, high = np.percentile(deltas, [2.5, 97.5]) if deltas else (math.nan, math.nan)
-    return Paired(
-        label(*first), label(*second), len(y), float(auroc_a), float(auroc_b), float(auroc_a - auroc_b), float(low),
-        float(high),
-    )  # fmt: skip
-
-
-def _group_scores(rows: pd.DataFrame, column: str, resamples: int, seed: int) -> dict[str, Score]:
-    y, scores = rows["label"].to_numpy(dtype=np.int64), rows["score"].to_numpy(dtype=float)
-    values = rows[column].astype(str).to_numpy()
-    return {
-        str(value): score(y[values == value], scores[values == value], resamples, seed)
-        for value in sorted(set(values.tolist()))
-    }
-
-
 def within_groups(
     predictions: pd.DataFrame, groups: pd.DataFrame, column: str, key: tuple[str, str], resamples: int, seed: int
 ) -> Within:
     """`key`'s AUROC pooled and within each value of `groups[column]` (groups: question_id and the column)."""
-    rows = _scores(predictions, *key).join(groups.set_index("question_id")[[column]], how="inner")
+    rows = feature_scores(predictions, *key).join(groups.set_index("question_id")[[column]], how="inner")
     pooled = score(rows["label"].to_numpy(), rows["score"].to_numpy(), resamples, seed)
-    return Within(label(*key), column, pooled, _group_scores(rows, column, resamples, seed))
-
-
-def group_aurocs(
-    predictions: pd.DataFrame, groups: pd.DataFrame, columns: Sequence[str], resamples: int, seed: int
-) -> pd.DataFrame:
-    """AUROC with a bootstrap interval of every feature x probe within each value of each column of `groups`."""
-    indexed = groups.set_index("question_id")[list(columns)]
-    out = []
-    for feature, probe in predictions[["feature", "probe"]].drop_duplicates().itertuples(index=False):
-        rows = _scores(predictions, feature, probe).join(indexed, how="inner")
-        for column in columns:
-            for value, item in _group_scores(rows, column, resamples, seed).items():
-                out.append(
-                    {
-                        "feature": feature, "probe": probe, "by": column, "group": value, "n": item.n,
-                        "n_positive": item.wrong, "auroc": item.auroc, "ci_low": item.low, "ci_high": item.high,
-                    }
-                )  # fmt: skip
-    return pd.DataFrame(out)
-
-
-def _best(results: pd.DataFrame) -> tuple[str, str] | None:
-    ranked = results.dropna(subset=["auroc_mean"])
-    if ranked.empty:
-        return None
-    row = ranked.loc[ranked["auroc_mean"].idxmax()]
-    return str(row["feature"]), str(row["probe"])
+    return Within(label(*key), column, pooled, group_scores(rows, column, resamples, seed))
 
 
 def _opponent(results: pd.DataFrame, best: tuple[str, str]) -> tuple[str, str] | None:
@@ -213,9 +96,10 @@ def state_finding(
 
     None when there is nothing to state (no AUROC, no out-of-fold predictions).
     """
-    best = _best(results)
-    if best is None or predictions is None or predictions.empty:
+    best_row = best_result(results)
+    if best_row is None or predictions is None or predictions.empty:
         return None
+    best = str(best_row["feature"]), str(best_row["probe"])
     opponent = _opponent(results, best)
     paired = paired_difference(predictions, best, opponent, resamples, seed) if opponent is not None else None
     within: list[Within] = []
@@ -228,7 +112,7 @@ def state_finding(
                 within.append(within_groups(predictions, groups, column, key, resamples, seed))
             first = within[-1]
             rates[column] = {value: item.wrong / item.n for value, item in first.groups.items() if item.n}
-    best_rows = _scores(predictions, *best)
+    best_rows = feature_scores(predictions, *best)
     pooled = score(best_rows["label"].to_numpy(), best_rows["score"].to_numpy(), resamples, seed)
     finding = Finding(label(*best), paired, pooled, within, rates)
     finding.sentences = describe_finding(finding)

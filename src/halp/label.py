@@ -11,6 +11,10 @@ Three sources, in this order of trust:
 
 `RUN_DIR/labels.csv` has the columns `question_id,label,method,reason,answer_type`; `label` is 1, 0
 or empty.
+
+This module is the orchestration (`label_run`: read the run, apply manual labels, the rules, the judge and the
+reviews, write labels.csv), the judge and the one reader of label tables (`read_labels`). The rules themselves are
+in `halp.label_rules`, the source-aware ones in `halp.sources.labels`, the reviews' merge in `halp.review.decisions`.
 """
 
 from __future__ import annotations
@@ -26,277 +30,31 @@ from typing import Any
 
 import pandas as pd
 
+from halp.data import read_frame
 from halp.errors import LabelError
-from halp.layout import LABELS_FILE, atomic_write
-from halp.rows import open_run_file
-from halp.store import read_strings
+
+# Every public name of the rules stays importable from here, as before they moved to halp.label_rules.
+from halp.label_rules import (  # noqa: F401
+    ANSWER_TYPES,
+    SHORT_MAX_WORDS,
+    Label,
+    infer_answer_type,
+    label_answer,
+    normalize,
+    numbers_in,
+    parse_number,
+    question_options,
+    yes_no,
+)
+from halp.layout import LABELS_FILE, atomic_write, features_file
+from halp.review.decisions import ReviewSummary, apply_reviews, check_resolve
+from halp.review.label_studio import is_export
+from halp.rows import read_row_texts
+from halp.sources.labels import source_rules
 
 LABEL_COLUMNS = ("question_id", "label", "method", "reason", "answer_type")
-ANSWER_TYPES = ("yesno", "number", "choice", "short", "open")
 #: Label columns tried, in order, when none is named (HALP's manual-review CSVs use the second).
 DEFAULT_LABEL_COLUMNS = ("label", "is_hallucinating_manual")
-#: A short answer has at most this many words after normalization; longer ones are open-ended.
-SHORT_MAX_WORDS = 3
-
-
-@dataclass(frozen=True)
-class Label:
-    label: int | None  # 1 hallucinated, 0 not, None unknown
-    method: str
-    reason: str
-    answer_type: str
-
-
-# ----- normalization ------------------------------------------------------------------------
-_ARTICLES = {"a", "an", "the"}
-_NUMBER_WORDS = {
-    "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8,
-    "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13, "fourteen": 14, "fifteen": 15,
-    "sixteen": 16, "seventeen": 17, "eighteen": 18, "nineteen": 19, "twenty": 20, "thirty": 30,
-    "forty": 40, "fifty": 50, "hundred": 100,
-}  # fmt: skip
-_YES = {"yes", "yeah", "yep", "true"}
-_NO = {"no", "nope", "false"}
-# Openings whose first word is not the answer's polarity ("No doubt, there is a beach" means yes).
-_IDIOMS = re.compile(r"^\W*(no (doubt|question|wonder|matter)|not (only|just))\b")
-# Phrases that mean the model declined or hedged: not a claim about the image either way.
-_HEDGES = re.compile(
-    r"\b(maybe|perhaps|possibly|unclear|uncertain|not sure|unsure|can ?not (?:be )?(?:tell|determine|see|say)|"
-    r"can't (?:tell|determine|see|say)|unable to|impossible to (?:tell|determine|say)|hard to (?:tell|say)|"
-    r"difficult to (?:tell|say|determine)|it depends|i don't know|i do not know)\b"
-)
-_NEGATIONS = re.compile(r"\b(no|not|never|none|neither|nor|without|isn't|aren't|doesn't|don't|n't)\b")
-_NUMBER_TOKEN = re.compile(r"(?<![\w.])-?\d+(?:,\d{3})*(?:\.\d+)?(?![\w])")
-
-
-def normalize(text: str) -> str:
-    """Lowercase, drop punctuation and articles, number words to digits (VQA-style)."""
-    text = text.lower().replace("’", "'")
-    text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)  # 1,000 -> 1000
-    text = re.sub(r"[^\w\s'.-]", " ", text)
-    text = re.sub(r"(?<!\d)\.|\.(?!\d)", " ", text)  # keep decimal points only
-    words = []
-    for word in text.split():
-        word = word.strip("'-")
-        if not word or word in _ARTICLES:
-            continue
-        words.append(str(_NUMBER_WORDS[word]) if word in _NUMBER_WORDS else word)
-    return " ".join(words)
-
-
-def _words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9']+", text.lower())
-
-
-def parse_number(text: str) -> float | None:
-    """The number a whole ground-truth string states (`3`, `3.0`, `three`, `1,000`), else None."""
-    stripped = text.strip().lower().rstrip(".")
-    if stripped in _NUMBER_WORDS:
-        return float(_NUMBER_WORDS[stripped])
-    if re.fullmatch(r"-?\d+(?:,\d{3})*(?:\.\d+)?", stripped):
-        return float(stripped.replace(",", ""))
-    return None
-
-
-def numbers_in(text: str) -> list[float]:
-    """Every number an answer states, as digits or number words, in order."""
-    found: list[tuple[int, float]] = [
-        (match.start(), float(match.group().replace(",", ""))) for match in _NUMBER_TOKEN.finditer(text)
-    ]
-    for match in re.finditer(r"[a-z]+", text.lower()):
-        if match.group() in _NUMBER_WORDS:
-            found.append((match.start(), float(_NUMBER_WORDS[match.group()])))
-    return [value for _, value in sorted(found)]
-
-
-def yes_no(text: str) -> str | None:
-    """`yes`/`no` if the text is a bare polarity word, else None."""
-    word = normalize(text)
-    if word in _YES:
-        return "yes"
-    if word in _NO:
-        return "no"
-    return None
-
-
-_CHOICE_GT = re.compile(r"^\(?([A-Ha-h])\)?[.):]?$")
-# Options written "A. red", "(B) blue", "C: green", "D) yellow" in the question.
-_OPTION = re.compile(r"(?:^|[\s\n(])\(?([A-H])[.):]\s*(.+?)(?=\s*(?:[\s\n(]\(?[A-H][.):]\s)|$)", re.DOTALL)
-
-
-def question_options(question: str) -> dict[str, str]:
-    """Letter -> option text for multiple-choice questions (at least two lettered options), else {}."""
-    options = {letter: text.strip() for letter, text in _OPTION.findall(question)}
-    letters = sorted(options)
-    # Only consecutive letters from A count as options; "Vitamin C." in a sentence does not.
-    if len(letters) < 2 or letters != [chr(ord("A") + i) for i in range(len(letters))]:
-        return {}
-    return options
-
-
-def _alternatives(question: str) -> list[str]:
-    """The offered alternatives of an "X or Y?" question, normalized, else []."""
-    match = re.search(r"([\w' -]+?)\s+or\s+([\w' -]+?)\s*\?\s*$", question.strip().lower())
-    if not match:
-        return []
-    left = match.group(1).split(",")[-1]
-    # "Is the statue on water or a platform" -> "water", "platform": the left side's last words,
-    # as many as the right side has, so the verb and subject are not part of the alternative.
-    right = normalize(match.group(2))
-    left_words = normalize(left).split()
-    size = max(1, len(right.split()))
-    alternatives = [" ".join(left_words[-size:]), right]
-    return alternatives if all(alternatives) and alternatives[0] != alternatives[1] else []
-
-
-# Basic colour terms: a closed class, so a short answer naming another one is a real disagreement.
-_COLOURS = {
-    "red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white", "gray", "grey",
-    "silver", "gold", "beige",
-}  # fmt: skip
-
-
-def _colours(normalized: str) -> set[str]:
-    return {"gray" if word == "grey" else word for word in normalized.split() if word in _COLOURS}
-
-
-def _contains(haystack: str, needle: str) -> bool:
-    return bool(needle) and re.search(rf"(?<!\w){re.escape(needle)}(?!\w)", haystack) is not None
-
-
-def infer_answer_type(question: str, ground_truth: str) -> str:
-    """yesno, number, choice, short or open, from the ground truth (and the question's options)."""
-    truth = ground_truth.strip()
-    if not truth:
-        return "open"
-    if yes_no(truth):
-        return "yesno"
-    if _CHOICE_GT.match(truth) and question_options(question):
-        return "choice"
-    if parse_number(truth) is not None:
-        return "number"
-    if len(normalize(truth).split()) <= SHORT_MAX_WORDS and not re.match(
-        r"\s*(describe|explain|why|what is happening|tell me)", question.lower()
-    ):
-        return "short"
-    return "open"
-
-
-# ----- the rules ------------------------------------------------------------------------------
-def _rule_yesno(truth: str, answer: str) -> tuple[int | None, str]:
-    expected = yes_no(truth)
-    words = _words(answer)
-    first = words[0] if words else ""
-    polarity = "yes" if first in _YES else "no" if first in _NO else None
-    if polarity is None:
-        return None, f"answer does not start with yes or no: {answer[:80]!r}"
-    if _IDIOMS.match(answer.lower()):
-        return None, f"answer opens with an idiom, not a polarity: {answer[:80]!r}"
-    opposite = _NO if polarity == "yes" else _YES
-    if any(word in opposite for word in words[1:3]) or re.match(r"\W*(yes|no)\W+(or|and)\W", answer.lower()):
-        return None, f"answer gives both polarities: {answer[:80]!r}"
-    if polarity == expected:
-        return 0, f"answer says {polarity}, ground truth {expected}"
-    return 1, f"answer says {polarity}, ground truth {expected}"
-
-
-def _rule_number(truth: str, answer: str) -> tuple[int | None, str]:
-    expected = parse_number(truth)
-    assert expected is not None
-    values = sorted(set(numbers_in(answer)))
-    if not values:
-        if normalize(answer) in {"none", "no", "0"}:
-            values = [0.0]
-        else:
-            return None, f"answer states no number: {answer[:80]!r}"
-    if len(values) > 1:
-        shown = ", ".join(f"{value:g}" for value in values)
-        return None, f"answer states several numbers ({shown})"
-    stated = values[0]
-    verdict = 0 if math.isclose(stated, expected) else 1
-    return verdict, f"answer says {stated:g}, ground truth {expected:g}"
-
-
-def _answer_letter(answer: str, options: dict[str, str]) -> str | None:
-    text = answer.strip()
-    patterns = (
-        r"^\(?([A-H])\)?[.):,]?$",  # "B", "(B)", "B."
-        r"^\(([A-H])\)",  # "(B) blue"
-        r"^([A-H])[.):]\s",  # "B. blue", "B) blue"
-        r"\b(?:answer|option|choice) (?:is )?\(?([A-H])\)?(?![\w])",  # "The answer is B"
-    )
-    # Several parenthesized letters ("(A) and (B)") name several options: no single choice.
-    letters = set(re.findall(r"\(([A-H])\)", text))
-    for pattern in patterns:
-        match = re.search(pattern, text)
-        if match:
-            letters.add(match.group(1))
-    if not letters:
-        normalized = normalize(text)
-        letters = {letter for letter, option in options.items() if normalize(option) == normalized}
-    return letters.pop() if len(letters) == 1 else None
-
-
-def _rule_choice(question: str, truth: str, answer: str) -> tuple[int | None, str]:
-    match = _CHOICE_GT.match(truth.strip())
-    assert match is not None
-    expected = match.group(1).upper()
-    chosen = _answer_letter(answer, question_options(question))
-    if chosen is None:
-        return None, f"no single option letter or option text in the answer: {answer[:80]!r}"
-    verdict = 0 if chosen == expected else 1
-    return verdict, f"answer chooses {chosen}, ground truth {expected}"
-
-
-def _rule_short(question: str, truth: str, answer: str) -> tuple[int | None, str]:
-    expected = normalize(truth)
-    said = normalize(answer)
-    if said == expected:
-        return 0, f"normalized answer equals ground truth {expected!r}"
-    alternatives = _alternatives(question)
-    others = [alt for alt in alternatives if alt != expected and _contains(said, alt)]
-    if _contains(said, expected):
-        if _NEGATIONS.search(said):
-            return None, f"answer contains {expected!r} but also a negation: {answer[:80]!r}"
-        if others:
-            return None, f"answer names both {expected!r} and {others[0]!r}"
-        extra_colours = _colours(said) - _colours(expected)
-        if _colours(expected) and extra_colours:
-            return None, f"answer names {expected!r} and other colours too ({', '.join(sorted(extra_colours))})"
-        return 0, f"answer contains ground truth {expected!r}"
-    if _NEGATIONS.search(said):
-        return None, f"answer {said[:60]!r} does not contain {expected!r} and has a negation"
-    if expected in alternatives and len(others) == 1:
-        return 1, f"question offers {' or '.join(alternatives)}; answer picks {others[0]!r}, ground truth {expected!r}"
-    expected_colours, said_colours = _colours(expected), _colours(said)
-    if len(expected.split()) == 1 and len(expected_colours) == 1 and len(said_colours) == 1:
-        colour = said_colours.pop()
-        if {colour} == expected_colours:  # grey/gray
-            return 0, f"answer names the colour {colour!r}, ground truth {expected!r}"
-        return 1, f"answer names the colour {colour!r}, ground truth {expected!r}"
-    return None, f"answer {said[:60]!r} does not contain {expected!r}; it may be a paraphrase"
-
-
-def label_answer(question: str, ground_truth: str, answer: str) -> Label:
-    """The rule-based label of one answer; unknown (label None) with a reason whenever unsure."""
-    answer_type = infer_answer_type(question, ground_truth)
-    if not ground_truth.strip():
-        return Label(None, "none", "no ground truth", answer_type)
-    if not answer.strip():
-        return Label(None, "none", "empty answer (was the run extracted with --no-generate?)", answer_type)
-    if answer_type == "open":
-        return Label(None, "none", "open-ended answer: no rule applies (use --judge or manual labels)", answer_type)
-    if _HEDGES.search(answer.lower()):
-        return Label(None, f"rule:{answer_type}", f"answer hedges or declines: {answer[:80]!r}", answer_type)
-    if answer_type == "yesno":
-        verdict, reason = _rule_yesno(ground_truth, answer)
-    elif answer_type == "number":
-        verdict, reason = _rule_number(ground_truth, answer)
-    elif answer_type == "choice":
-        verdict, reason = _rule_choice(question, ground_truth, answer)
-    else:
-        verdict, reason = _rule_short(question, ground_truth, answer)
-    return Label(verdict, f"rule:{answer_type}", reason, answer_type)
 
 
 # ----- the judge ------------------------------------------------------------------------------
@@ -436,8 +194,6 @@ def read_labels(table: str | Path | pd.DataFrame, label_column: str | None = Non
     question_id may repeat when its labels agree (reviews exported once per reviewer); conflicting repeats and
     unreadable values are refused, naming the rows.
     """
-    from halp.data import read_frame
-
     if isinstance(table, pd.DataFrame):
         frame, source = table.copy(), "DataFrame"
     else:
@@ -479,7 +235,7 @@ class LabelSummary:
     methods: Counter
     label_column: str | None = None
     unmatched_manual: int = 0
-    reviews: Any = None  # halp.review.decisions.ReviewSummary when manual decisions were merged
+    reviews: ReviewSummary | None = None  # when manual decisions were merged
 
     @property
     def labelled(self) -> int:
@@ -488,13 +244,6 @@ class LabelSummary:
     @property
     def positives(self) -> int:
         return sum(n for (_, label), n in self.counts.items() if label == 1)
-
-
-def _run_rows(run_dir: Path) -> dict[str, list[str]]:
-    from halp.layout import features_file
-
-    with open_run_file(features_file(run_dir)) as handle:  # a damaged file is named, with what to do
-        return {name: read_strings(handle[name]) for name in ("question_id", "question", "ground_truth", "answer")}
 
 
 def write_labels(path: Path, question_ids: Sequence[str], labels: Sequence[Label]) -> None:
@@ -519,16 +268,15 @@ def label_run(
     `halp review` (RUN_DIR/reviews.jsonl) and of a Label Studio export given as `labels` then take
     precedence (see halp.review.decisions.merge_decisions; `resolve` settles reviewers' conflicts).
     """
-    from halp.review import decisions, label_studio
-
-    decisions.check_resolve(resolve)
+    check_resolve(resolve)
     run_dir = Path(run_dir)
-    rows = _run_rows(run_dir)
+    # A damaged features.h5 is named, with what to do.
+    rows = read_row_texts(features_file(run_dir), ("question_id", "question", "ground_truth", "answer")).columns
     ids = rows["question_id"]
     results: list[Label] = []
     used_column = None
     unmatched = 0
-    studio = labels is not None and label_studio.is_export(labels)
+    studio = labels is not None and is_export(labels)
     if studio:
         results = [Label(None, "none", f"not annotated in {Path(labels).name}", infer_answer_type(q, t))
                    for q, t in zip(rows["question"], rows["ground_truth"], strict=True)]  # fmt: skip
@@ -545,8 +293,6 @@ def label_run(
             else:
                 results.append(Label(manual[qid], "manual", f"from {source}", answer_type))
     else:
-        from halp.sources.labels import source_rules
-
         by_source = source_rules(run_dir)  # tables from `halp data convert`: rules that know each source's answers
         for index, (question, truth, answer) in enumerate(
             zip(rows["question"], rows["ground_truth"], rows["answer"], strict=True)
@@ -557,7 +303,7 @@ def label_run(
             if item.label is None and judge is not None and truth.strip() and answer.strip():
                 item = judge(question, truth, answer, item.answer_type)
             results.append(item)
-    results, reviews = decisions.apply_reviews(run_dir, ids, results, resolve, labels if studio else None)
+    results, reviews = apply_reviews(run_dir, ids, results, resolve, labels if studio else None)
     path = run_dir / LABELS_FILE
     write_labels(path, ids, results)
     counts = Counter((item.answer_type, item.label) for item in results)

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from PIL import Image
 
 from halp.capture import FeatureExtractor
@@ -26,6 +25,7 @@ from halp.errors import ParameterError, ScorerError
 from halp.features import PRE_LM_REPRESENTATIONS, REPRESENTATIONS, split_feature
 from halp.inputs import special_tokens_of
 from halp.layout import RESULTS_FILE, atomic_write, features_path, probe_file, probes_dir, run_file
+from halp.results import best_result, read_results
 from halp.rows import open_run_file
 
 
@@ -39,18 +39,17 @@ def choose_probe(run_dir: str | Path, feature: str | None = None, probe: str | N
         raise ScorerError(
             f"{run_dir} has no trained probes ({results_path} does not exist): run `halp probe {run_dir}` first"
         )
-    results = pd.read_csv(results_path, dtype={"feature": str, "probe": str})
+    results = read_results(results_path)
     if feature is not None:
         results = results[results["feature"] == feature]
     if probe is not None:
         results = results[results["probe"] == probe]
-    results = results.dropna(subset=["auroc_mean"])
-    if results.empty:
+    best = best_result(results)
+    if best is None:
         wanted = ", ".join(f"{k}={v!r}" for k, v in (("feature", feature), ("probe", probe)) if v is not None)
         raise ScorerError(
             f"{results_path} has no scored probe{' with ' + wanted if wanted else ''}; {_trained_probes(run_dir)}"
         )
-    best = results.loc[results["auroc_mean"].idxmax()]
     return str(best["feature"]), str(best["probe"])
 
 
@@ -61,7 +60,7 @@ def _trained_probes(run_dir: Path) -> str:
     results_path = probe_file(run_dir, RESULTS_FILE)
     if not results_path.is_file():
         return f"the run has no trained probes (run `halp probe {run_dir}`)"
-    results = pd.read_csv(results_path, dtype={"feature": str, "probe": str}).dropna(subset=["auroc_mean"])
+    results = read_results(results_path).dropna(subset=["auroc_mean"])
     results = results.sort_values("auroc_mean", ascending=False, kind="stable")  # the best first
     stems = {(f, p): probe_stem(run_dir, f, p) for f, p in zip(results["feature"], results["probe"], strict=True)}
     saved = [key for key, stem in stems.items() if stem.with_name(stem.name + ".safetensors").is_file()]

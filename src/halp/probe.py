@@ -33,7 +33,6 @@ import torch
 from scipy.special import expit
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
-from sklearn.metrics import accuracy_score, average_precision_score, f1_score, roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
@@ -53,6 +52,15 @@ from halp.layout import (
     probes_dir,
     write_text_atomic,
 )
+
+# The metrics moved to halp.metrics; they stay importable from here (`halp.probe.bootstrap_intervals`, ...).
+from halp.metrics import (  # noqa: F401
+    METRICS,
+    THRESHOLD,
+    bootstrap_intervals,
+    metric_values,
+    ranking_metrics,
+)
 from halp.store import feature_datasets, read_strings
 from halp.store import meta_columns as stored_meta_columns
 
@@ -63,8 +71,6 @@ PROBE_TYPES = ("logreg", "mlp")
 # Largest first: LogisticRegressionCV keeps the first of equally scored Cs, and on separable data (every C
 # at AUROC 1) the weakest regularization gives usable probabilities instead of all of them near the prior.
 LOGREG_CS = tuple(float(c) for c in np.logspace(1, -5, 7))
-#: Accuracy and F1 count a probability at or above this as "hallucinated" (the paper's 0.5).
-THRESHOLD = 0.5
 PROBE_FORMAT = "halp-probe/1"
 
 
@@ -401,76 +407,6 @@ def make_splits(
     if groups is None:
         return list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(indices, y))
     return list(StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(indices, y, groups))
-
-
-METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
-    "auroc": lambda y, score: roc_auc_score(y, score),
-    "auprc": lambda y, score: average_precision_score(y, score),
-    "accuracy": lambda y, score: accuracy_score(y, score >= THRESHOLD),
-    "f1": lambda y, score: f1_score(y, score >= THRESHOLD, zero_division=0),
-}
-
-
-def metric_values(y: np.ndarray, score: np.ndarray) -> dict[str, float]:
-    """Every metric of one set of predictions; AUROC/AUPRC are NaN when only one class is present."""
-    single_class = len(np.unique(y)) < 2
-    return {
-        name: float("nan") if single_class and name in ("auroc", "auprc") else float(function(y, score))
-        for name, function in METRICS.items()
-    }
-
-
-def ranking_metrics(y: np.ndarray, score: np.ndarray) -> tuple[float, float]:
-    """AUROC and average precision as scikit-learn defines them (ties included), without its per-call input
-    validation, which dominates the cost of a thousand bootstrap resamples. Tested equal to roc_auc_score and
-    average_precision_score."""
-    order = np.argsort(-score, kind="mergesort")
-    ranked_scores, ranked_labels = score[order], y[order]
-    thresholds = np.r_[np.flatnonzero(np.diff(ranked_scores)), len(ranked_scores) - 1]  # last row of each tie
-    true_positives = np.cumsum(ranked_labels)[thresholds]
-    false_positives = thresholds + 1 - true_positives
-    positives, negatives = true_positives[-1], false_positives[-1]
-    if positives == 0 or negatives == 0:
-        return math.nan, math.nan
-    tpr = np.r_[0.0, true_positives / positives]
-    fpr = np.r_[0.0, false_positives / negatives]
-    auroc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))
-    precision = true_positives / (true_positives + false_positives)
-    average_precision = float(np.sum(np.diff(tpr) * precision))
-    return auroc, average_precision
-
-
-def bootstrap_intervals(
-    y: np.ndarray, score: np.ndarray, resamples: int = 1000, seed: int = 42, level: float = 0.95
-) -> dict[str, tuple[float, float]]:
-    """Percentile intervals of each metric over `resamples` row resamplings (with replacement) of (y, score).
-
-    AUROC and AUPRC are undefined on a resample holding a single class; such resamples are skipped for them.
-    """
-    if resamples <= 0:
-        return {name: (float("nan"), float("nan")) for name in METRICS}
-    rng = np.random.default_rng(seed)
-    rows = rng.integers(0, len(y), size=(resamples, len(y)))
-    labels, predicted = y[rows].astype(np.int64), score[rows] >= THRESHOLD
-    hits = (labels == predicted).sum(axis=1)
-    true_pos = (labels & predicted).sum(axis=1)
-    f1_denominator = labels.sum(axis=1) + predicted.sum(axis=1)
-    values: dict[str, np.ndarray] = {
-        "accuracy": hits / len(y),
-        "f1": np.divide(2 * true_pos, f1_denominator, out=np.zeros(resamples), where=f1_denominator > 0),
-    }
-    ranking = np.array([ranking_metrics(labels[i], score[rows[i]]) for i in range(resamples)])
-    values["auroc"], values["auprc"] = ranking[:, 0], ranking[:, 1]
-    tail = (1.0 - level) / 2.0 * 100.0
-    intervals = {}
-    for name in METRICS:
-        finite = values[name][~np.isnan(values[name])]
-        intervals[name] = (
-            (float(np.percentile(finite, tail)), float(np.percentile(finite, 100.0 - tail)))
-            if len(finite)
-            else (math.nan, math.nan)
-        )
-    return intervals
 
 
 def cross_validate(

@@ -12,15 +12,13 @@ Reads what `halp probe` wrote (`probes/results.csv`, `probes/predictions.csv`, o
   a risk threshold are withheld, against the fraction kept) with its area, and its reliability diagram with
   the expected calibration error; the HTML adds the threshold for each target accuracy.
 - `report.html`: all of the above (PNGs embedded, so the page can be sent on its own), the full
-  results table and the per-group table. Every string that comes from an input file is escaped.
+  results table and the per-group table, from the template `templates/report.html` (halp.pages): every string
+  that comes from an input file is escaped. Every file is written atomically (halp.layout).
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import io
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,23 +32,41 @@ import pandas as pd
 from halp.errors import ReportError
 from halp.features import REPRESENTATIONS, is_vision_feature, representation_rank, split_feature  # noqa: F401
 from halp.findings import Finding, state_finding
+from halp.label import parse_label_value, read_labels
 from halp.layout import (
-    FEATURES_FILE,
     GROUPS_FILE,
-    LABELS_FILE,
     PREDICTIONS_FILE,
     RESULTS_FILE,
     RESULTS_JSON_FILE,
+    atomic_write,
+    features_path,
+    labels_file,
     probes_dir,
     report_dir,
+    write_text_atomic,
 )
-from halp.rows import meta_columns, open_run_file, read_strings
+
+# The deployment curves are computed in halp.metrics; they stay importable from here too, as before.
+from halp.metrics import (
+    RELIABILITY_BINS,
+    Reliability,
+    RiskCoverage,
+    pooled_scores,
+    reliability,
+    risk_coverage,
+)
+from halp.pages import Table, png_base64, render_page
+from halp.results import best_result, read_groups, read_predictions, read_results, read_settings
+from halp.review.decisions import review_agreement
+from halp.rows import read_row_texts
 
 #: Representations in pipeline order: before the LM, then inside it.
 #: The heatmap column of the representations that have no decoder layer.
 NO_LAYER = "pre-LM"
 #: Past this many heatmap columns the intervals no longer fit in a cell; they stay in the table.
 MAX_COLUMNS_WITH_INTERVALS = 12
+#: The page `build_report` writes beside the PNGs.
+REPORT_PAGE = "report.html"
 
 
 
@@ -67,62 +83,36 @@ class ProbeResults:
 
     def best(self) -> pd.Series:
         """The feature x probe row with the highest mean AUROC (ties: the earlier row)."""
-        ranked = self.results.dropna(subset=["auroc_mean"])
-        if ranked.empty:
+        best = best_result(self.results)
+        if best is None:
             raise ReportError("no feature has an AUROC (every fold had a single class?)")
-        return ranked.loc[ranked["auroc_mean"].idxmax()]
-
-
-def _read_csv(path: Path) -> pd.DataFrame:
-    # Strings stay strings: question ids like "007" and group values must not become numbers.
-    return pd.read_csv(path, dtype=str, keep_default_na=False)
-
-
-def _numeric(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
-    """Columns whose every non-empty cell is a number become floats (empty -> NaN); others stay text."""
-    for column in columns:
-        if column in frame:
-            try:
-                frame[column] = pd.to_numeric(frame[column].replace("", np.nan))
-            except (ValueError, TypeError):
-                continue
-    return frame
+        return best
 
 
 def read_probe_results(run_dir: str | Path) -> ProbeResults:
-    """Read `RUN_DIR/probes/*` and `RUN_DIR/labels.csv`; only results.csv is required."""
+    """Read `RUN_DIR/probes/*` (halp.results' readers) and `RUN_DIR/labels.csv` (halp.label.read_labels); only
+    results.csv is required."""
     run_dir = Path(run_dir)
     probes = probes_dir(run_dir)
     results_path = probes / RESULTS_FILE
     if not results_path.is_file():
         raise ReportError(f"{results_path} does not exist; train probes first (`halp probe {run_dir}`)")
-    results = _read_csv(results_path)
+    results = read_results(results_path)
     missing = [column for column in ("feature", "probe", "auroc_mean") if column not in results]
     if missing:
         raise ReportError(f"{results_path} lacks column(s) {', '.join(missing)}")
-    results = _numeric(results, [column for column in results.columns if column not in {"feature", "probe"}])
-
-    predictions = None
-    if (probes / PREDICTIONS_FILE).is_file():
-        predictions = _numeric(_read_csv(probes / PREDICTIONS_FILE), ["fold", "label", "score"])
-    groups = None
-    if (probes / GROUPS_FILE).is_file():
-        groups = _numeric(_read_csv(probes / GROUPS_FILE), ["n", "n_positive", "auroc"])
-    labels = _read_csv(run_dir / LABELS_FILE) if (run_dir / LABELS_FILE).is_file() else None
-    settings: dict[str, Any] = {}
-    if (probes / RESULTS_JSON_FILE).is_file():
-        loaded = json.loads((probes / RESULTS_JSON_FILE).read_text())
-        if isinstance(loaded, dict):
-            settings = {k: v for k, v in loaded.items() if not isinstance(v, (list, dict))}
+    predictions = read_predictions(probes / PREDICTIONS_FILE) if (probes / PREDICTIONS_FILE).is_file() else None
+    groups = read_groups(probes / GROUPS_FILE) if (probes / GROUPS_FILE).is_file() else None
+    labels = read_labels(labels_file(run_dir)).frame if labels_file(run_dir).is_file() else None
+    settings = read_settings(probes / RESULTS_JSON_FILE)
     return ProbeResults(results, predictions, groups, labels, settings, _run_attrs(run_dir))
 
 
 def _run_attrs(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / FEATURES_FILE
+    path = features_path(run_dir)
     if not path.is_file():
         return {}
-    with open_run_file(path) as handle:  # a damaged file is named, with what to do
-        attrs = dict(handle.attrs.items())
+    attrs = read_row_texts(path, columns=(), meta=()).attrs  # a damaged file is named, with what to do
     return {key: (value.tolist() if isinstance(value, np.ndarray) else value) for key, value in attrs.items()}
 
 
@@ -258,12 +248,6 @@ def roc_curve_rows(data: ProbeResults, limit: int = 5) -> list[pd.Series]:
     return chosen[:limit]
 
 
-def pooled_scores(predictions: pd.DataFrame, feature: str, probe: str) -> tuple[np.ndarray, np.ndarray]:
-    rows = predictions[(predictions["feature"] == feature) & (predictions["probe"] == probe)]
-    rows = rows.dropna(subset=["label", "score"])
-    return rows["label"].to_numpy(dtype=int), rows["score"].to_numpy(dtype=float)
-
-
 def roc_png(data: ProbeResults, limit: int = 5) -> bytes | None:
     """Pooled out-of-fold ROC curves of the best probe per representation; None without predictions."""
     from sklearn.metrics import roc_auc_score, roc_curve
@@ -297,102 +281,6 @@ def roc_png(data: ProbeResults, limit: int = 5) -> bytes | None:
 # ----- deployment curves: what withholding risky answers buys, and whether the risk is calibrated -----------
 #: Target accuracies the report lists a withholding threshold for.
 TARGET_ACCURACIES = (0.7, 0.8, 0.9, 0.95, 0.99)
-RELIABILITY_BINS = 10
-
-
-@dataclass
-class RiskCoverage:
-    """Answers are kept in order of increasing risk; one point per distinct risk value (ties kept together).
-
-    `coverage[i]`: fraction of answers kept when every answer with risk <= `risk[i]` is kept; `accuracy[i]`:
-    fraction of the kept answers that are right (label 0). `area`: the area under this step curve, i.e. the
-    mean accuracy over coverage; `base` (everything kept, also the expected area of a random ranking) and
-    `oracle` (all right answers first) bracket it.
-    """
-
-    risk: np.ndarray
-    coverage: np.ndarray
-    accuracy: np.ndarray
-    area: float
-    base: float
-    oracle: float
-
-    def last_reaching(self, target: float) -> int | None:
-        """Index of the largest coverage whose kept accuracy reaches `target` (None when none does)."""
-        reaching = np.flatnonzero(self.accuracy >= target)
-        return int(reaching[-1]) if len(reaching) else None
-
-    def threshold_for(self, target: float) -> tuple[float, float, float] | None:
-        """(threshold, coverage, accuracy) of the largest coverage whose kept accuracy reaches `target`.
-
-        Withholding every answer with risk >= threshold (what `halp predict --threshold` flags) keeps exactly
-        that set. None when no coverage reaches the target.
-        """
-        index = self.last_reaching(target)
-        if index is None:
-            return None
-        return self._kept_up_to(index)
-
-    def threshold_at_coverage(self, target: float) -> tuple[float, float, float] | None:
-        """(threshold, coverage, accuracy) of the largest coverage at most `target` (a fraction in (0, 1]).
-
-        Withholding every answer with risk >= threshold keeps exactly that set; `accuracy` is the fraction of it that
-        is right. None when even the lowest-risk tie group is more than `target`.
-        """
-        # Coverages are counts over n; the tolerance keeps a target typed as a decimal (0.7 of 10) reachable.
-        reaching = np.flatnonzero(self.coverage <= target + 1e-9)
-        if len(reaching) == 0:
-            return None
-        return self._kept_up_to(int(reaching[-1]))
-
-    def _kept_up_to(self, index: int) -> tuple[float, float, float]:
-        """(threshold, coverage, accuracy) of keeping the answers up to curve point `index`."""
-        # The first withheld risk: flagging risk >= it withholds exactly the answers past this point.
-        threshold = float(self.risk[index + 1]) if index + 1 < len(self.risk) else float("inf")
-        return threshold, float(self.coverage[index]), float(self.accuracy[index])
-
-
-def risk_coverage(labels: np.ndarray, risk: np.ndarray) -> RiskCoverage:
-    """The risk-coverage curve of scores `risk` (P(hallucinated)) for 0/1 `labels` (1: the answer is wrong)."""
-    labels, risk = np.asarray(labels, dtype=np.int64), np.asarray(risk, dtype=float)
-    if len(labels) == 0:
-        raise ReportError("no scored answers to draw a risk-coverage curve from")
-    order = np.argsort(risk, kind="mergesort")
-    ranked_risk, ranked_right = risk[order], 1 - labels[order]
-    ends = np.r_[np.flatnonzero(np.diff(ranked_risk)), len(ranked_risk) - 1]  # last row of each tie
-    kept = ends + 1
-    accuracy = np.cumsum(ranked_right)[ends] / kept
-    coverage = kept / len(labels)
-    widths = np.diff(np.r_[0.0, coverage])
-    right = int(ranked_right.sum())
-    oracle_accuracy = np.minimum(np.arange(1, len(labels) + 1), right) / np.arange(1, len(labels) + 1)
-    return RiskCoverage(
-        ranked_risk[ends], coverage, accuracy, float(np.sum(widths * accuracy)), right / len(labels),
-        float(oracle_accuracy.mean()),
-    )  # fmt: skip
-
-
-@dataclass
-class Reliability:
-    """Equal-width bins of predicted P(hallucinated): mean prediction, observed rate and count per non-empty bin."""
-
-    predicted: np.ndarray
-    observed: np.ndarray
-    counts: np.ndarray
-    ece: float  # expected calibration error: sum over bins of count / n * |observed - predicted|
-
-
-def reliability(labels: np.ndarray, risk: np.ndarray, bins: int = RELIABILITY_BINS) -> Reliability:
-    from sklearn.calibration import calibration_curve
-
-    labels, risk = np.asarray(labels, dtype=np.int64), np.asarray(risk, dtype=float)
-    observed, predicted = calibration_curve(labels, risk, n_bins=bins, strategy="uniform")
-    # The bin of each score exactly as calibration_curve assigns it, for the counts.
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    counts = np.bincount(np.searchsorted(edges[1:-1], risk), minlength=bins)
-    counts = counts[counts > 0]
-    ece = float(np.sum(counts / len(labels) * np.abs(observed - predicted)))
-    return Reliability(predicted, observed, counts, ece)
 
 
 def deployment_png(curve: RiskCoverage, calibration: Reliability, name: str) -> bytes:
@@ -452,29 +340,25 @@ def threshold_table(curve: RiskCoverage, targets: Sequence[float] = TARGET_ACCUR
     return pd.DataFrame(rows)
 
 
-def _deployment_section(data: ProbeResults, pngs: dict[str, bytes]) -> str:
+def _deployment_section(data: ProbeResults, pngs: dict[str, bytes]) -> dict[str, Any]:
+    """The deployment curves of the best probe (their figure is added to `pngs`), or why there are none."""
     if data.predictions is None or data.predictions.empty:
-        return "<p class='muted'>No out-of-fold predictions (probes/predictions.csv) for deployment curves.</p>"
+        return {"missing": "No out-of-fold predictions (probes/predictions.csv) for deployment curves."}
     best = data.best()
     labels, scores = pooled_scores(data.predictions, best["feature"], best["probe"])
     if len(labels) == 0:
-        return "<p class='muted'>The best probe has no out-of-fold predictions.</p>"
+        return {"missing": "The best probe has no out-of-fold predictions."}
     curve = risk_coverage(labels, scores)
     calibration = reliability(labels, scores)
     pngs["deployment"] = deployment_png(curve, calibration, f"{best['feature']} ({best['probe']})")
-    return (
-        f"<p>The best probe ({_e(best['feature'])}, {_e(best['probe'])}) on its pooled out-of-fold scores: answers "
-        f"whose risk is at or above a threshold are withheld. Area under the risk-coverage curve "
-        f"<b>{curve.area:.3f}</b> (keeping everything, or a random ranking: {curve.base:.3f}; a perfect ranking: "
-        f"{curve.oracle:.3f}); expected calibration error <b>{calibration.ece:.3f}</b>.</p>"
-        + _img(pngs["deployment"], "risk-coverage and reliability")
-        + "<p>Thresholds for a target accuracy of the answers kept (pass one to <code>halp predict --threshold</code>;"
-        " chosen on these same out-of-fold scores, so confirm on held-out data):</p>"
-        + _table(threshold_table(curve))
-    )
+    return {
+        "missing": None, "feature": best["feature"], "probe": best["probe"], "area": curve.area, "base": curve.base,
+        "oracle": curve.oracle, "ece": calibration.ece, "thresholds": Table.of(threshold_table(curve)),
+    }  # fmt: skip
 
 
-LABEL_NAMES = {"1": "hallucinated", "0": "not hallucinated", "": "unknown"}
+#: labels.csv's label (as `halp.label.parse_label_value` reads it) -> its column in the label balance.
+LABEL_NAMES = {1: "hallucinated", 0: "not hallucinated", None: "unknown"}
 LABEL_COLOURS = {"hallucinated": "#d62728", "not hallucinated": "#2ca02c", "unknown": "#bbbbbb"}
 
 
@@ -482,7 +366,8 @@ def label_balance(data: ProbeResults) -> pd.DataFrame:
     """Counts per answer type (rows, plus `all`) x hallucinated / not / unknown (columns)."""
     if data.labels is not None and "label" in data.labels:
         labels = data.labels
-        names = labels["label"].str.strip().map(lambda value: LABEL_NAMES.get(value, f"other: {value}"))
+        words = [LABEL_NAMES[parse_label_value(value)] for value in labels["label"]]
+        names = pd.Series(words, index=labels.index, name="label")
         kinds = labels["answer_type"] if "answer_type" in labels else pd.Series(["all"] * len(labels))
         table = pd.crosstab(kinds.replace("", "(none)"), names)
         if list(table.index) != ["all"]:
@@ -518,34 +403,7 @@ def label_balance_png(balance: pd.DataFrame) -> bytes:
     return _png(figure)
 
 
-# ----- HTML --------------------------------------------------------------------------------
-
-
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    if isinstance(value, (float, np.floating)):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def _table(frame: pd.DataFrame, highlight: int | None = None, numeric_digits: int = 3) -> str:
-    head = "".join(f"<th>{_e(column)}</th>" for column in frame.columns)
-    body = []
-    for position, (_, row) in enumerate(frame.iterrows()):
-        style = ' class="best"' if position == highlight else ""
-        cells = "".join(f"<td>{_e(_fmt(value, numeric_digits))}</td>" for value in row.tolist())
-        body.append(f"<tr{style}>{cells}</tr>")
-    return f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
-
-
-def _img(png: bytes, alt: str) -> str:
-    encoded = base64.b64encode(png).decode("ascii")
-    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{encoded}">'
+# ----- the page (templates/report.html) -----------------------------------------------------
 
 
 RESULT_COLUMNS = (
@@ -563,33 +421,15 @@ RESULT_COLUMNS = (
     "control_auroc_mean",
 )
 
-CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; padding: 0 1em; }
-h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ddd; }
-table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }
-th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
-th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
-tr.best { background: #fff3cd; font-weight: 600; }
-.headline { font-size: 1.1em; background: #eef6ff; padding: 0.8em 1em; border-left: 4px solid #1f77b4; }
-.muted { color: #666; font-size: 0.9em; } img { max-width: 100%; } .scroll { overflow-x: auto; }
-dl { display: grid; grid-template-columns: max-content auto; gap: 0.2em 1em; font-size: 0.9em; }
-dt { font-weight: 600; }
-.finding { background: #f6fbf0; border-left: 4px solid #2ca02c; padding: 0.2em 1em 0.4em; margin-top: 1em; }
-.finding h2 { border: none; margin-top: 0.6em; } .finding li { margin: 0.3em 0; }
-"""
-
-
-def _headline(data: ProbeResults) -> str:
+def _headline(data: ProbeResults) -> dict[str, Any]:
+    """The best feature x probe, its interval and shuffled-label control, and the best AUROC of each representation."""
     best = data.best()
-    parts = [
-        f"Best predictor: <b>{_e(best['feature'])}</b> with the <b>{_e(best['probe'])}</b> probe, "
-        f"AUROC <b>{_fmt(best['auroc_mean'])}</b>"
-    ]
+    interval = None
     if "auroc_ci_low" in best and "auroc_ci_high" in best:
-        parts.append(f" (95% interval {_fmt(best['auroc_ci_low'])}–{_fmt(best['auroc_ci_high'])})")
+        interval = (best["auroc_ci_low"], best["auroc_ci_high"])
+    control = None
     if "control_auroc_mean" in best and pd.notna(best["control_auroc_mean"]):
-        parts.append(f"; the same probe on shuffled labels scores {_fmt(best['control_auroc_mean'])}")
-    parts.append(".")
+        control = best["control_auroc_mean"]
     by_representation = (
         data.results.dropna(subset=["auroc_mean"])
         .assign(representation=[split_feature(f)[0] for f in data.results.dropna(subset=["auroc_mean"])["feature"]])
@@ -597,36 +437,37 @@ def _headline(data: ProbeResults) -> str:
         .max()
         .sort_values(ascending=False)
     )
-    ranking = ", ".join(f"{_e(rep)} {value:.3f}" for rep, value in by_representation.items())
-    return f'<p class="headline">{"".join(parts)}<br><span class="muted">Best per representation: {ranking}</span></p>'
+    return {
+        "feature": best["feature"], "probe": best["probe"], "auroc": best["auroc_mean"], "interval": interval,
+        "control": control, "ranking": list(by_representation.items()),
+    }  # fmt: skip
 
 
-def _groups_section(data: ProbeResults) -> str:
+def _groups_section(data: ProbeResults) -> dict[str, Any] | None:
+    """The best probe's AUROC within each group, and every feature x probe's as a pivot; None without groups.csv."""
     if data.groups is None or data.groups.empty:
-        return "<p class='muted'>No per-group results (train probes with <code>--group-by COLUMN</code>).</p>"
+        return None
     best = data.best()
     rows = data.groups[(data.groups["feature"] == best["feature"]) & (data.groups["probe"] == best["probe"])]
     columns = [c for c in ("group", "n", "n_positive", "auroc") if c in rows.columns]
-    intro = f"<p>AUROC of the best probe ({_e(best['feature'])}, {_e(best['probe'])}) within each group.</p>"
-    table = _table(rows[columns].sort_values("group", kind="stable")) if not rows.empty else "<p>none</p>"
     # Every feature x probe, as a pivot, for who wants to compare groups across features.
     pivot = data.groups.pivot_table(index=["feature", "probe"], columns="group", values="auroc", aggfunc="first")
     pivot = pivot.reset_index()
     pivot.columns = [str(column) for column in pivot.columns]
-    return intro + table + "<details><summary>all features</summary>" + _table(pivot) + "</details>"
+    return {
+        "feature": best["feature"], "probe": best["probe"], "pivot": Table.of(pivot),
+        "best": Table.of(rows[columns].sort_values("group", kind="stable")) if not rows.empty else None,
+    }  # fmt: skip
 
 
 def group_table(run_dir: Path, columns: Sequence[str], data: ProbeResults) -> pd.DataFrame | None:
     """question_id and each of `columns` that the run carries as metadata (features.h5) or its labels.csv has."""
-    path = run_dir / FEATURES_FILE
+    path = features_path(run_dir)
     found: dict[str, list[str]] = {}
     if path.is_file():
-        with open_run_file(path) as handle:
-            stored = meta_columns(handle)
-            wanted = [column for column in columns if column in stored]
-            if wanted:
-                found["question_id"] = read_strings(handle["question_id"])
-                found.update({column: read_strings(stored[column]) for column in wanted})
+        texts = read_row_texts(path, columns=("question_id",), meta=columns)
+        if texts.meta:
+            found = {"question_id": texts.columns["question_id"], **texts.meta}
     frame = pd.DataFrame(found) if found else None
     others = [column for column in columns if frame is None or column not in frame.columns]
     if data.labels is not None and any(column in data.labels.columns for column in others):
@@ -648,17 +489,6 @@ def finding_for(data: ProbeResults, run_dir: Path, columns: Sequence[str] | None
         columns,
         int(data.settings.get("bootstrap", 1000)),
         int(data.settings.get("seed", 42)),
-    )
-
-
-def _finding_section(finding: Finding | None) -> str:
-    if finding is None or not finding.sentences:
-        return ""
-    items = "".join(f"<li>{_e(sentence)}</li>" for sentence in finding.sentences)
-    return (
-        f"<div class='finding'><h2>What this says</h2><ul>{items}</ul><p class='muted'>Computed from the pooled "
-        "out-of-fold scores of probes/predictions.csv; intervals are 95% bootstrap intervals (paired for the "
-        "difference).</p></div>"
     )
 
 
@@ -694,14 +524,13 @@ def probe_settings(settings: dict[str, Any]) -> list[tuple[str, Any]]:
     return items
 
 
-def _run_section(data: ProbeResults, run_dir: Path) -> str:
+def _run_section(data: ProbeResults, run_dir: Path) -> list[tuple[str, Any]]:
     attrs = data.run_attrs
     items: list[tuple[str, Any]] = [("run directory", run_dir.resolve())]
     for key in ("model_id", "architecture", "num_layers", "layers", "dtype", "num_samples", "generated"):
         if key in attrs:
             items.append((key, attrs[key]))
-    items += probe_settings(data.settings)
-    return "<dl>" + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in items) + "</dl>"
+    return items + probe_settings(data.settings)
 
 
 @dataclass
@@ -713,25 +542,22 @@ class Report:
     finding: Finding | None = None
 
 
-def _review_section(run_dir: Path) -> str:
+def _review_section(run_dir: Path) -> dict[str, Any] | None:
     """Manual review (`halp review`): agreement with the rules and Cohen's kappa between reviewers, if any."""
-    from halp.review.decisions import review_agreement
-
     summary = review_agreement(run_dir)
     if summary is None:
-        return ""
+        return None
     rows = [
         {"compared": f"{a.first} vs {a.second}", "rows": a.n, "agree": a.agree, "rate": a.rate}
         | {"Cohen's kappa": a.kappa}
         for a in [*summary.automatic, *summary.reviewer_pairs]
     ]
-    who = ", ".join(f"{name} ({n})" for name, n in summary.reviewers.items())
-    text = (
-        f"<p>{summary.reviewed} rows reviewed by {_e(who or 'nobody')}; {len(summary.conflicts)} in conflict "
-        "between reviewers (left unknown unless <code>halp label --resolve latest</code>).</p>"
-    )
-    table = _table(pd.DataFrame(rows)) if rows else "<p class='muted'>No rows to compare yet.</p>"
-    return f"<h2>Manual review</h2>{text}{table}"
+    return {
+        "reviewed": summary.reviewed,
+        "who": ", ".join(f"{name} ({n})" for name, n in summary.reviewers.items()),
+        "conflicts": len(summary.conflicts),
+        "table": Table.of(pd.DataFrame(rows)) if rows else None,
+    }
 
 
 def build_report(
@@ -761,52 +587,32 @@ def build_report(
         pngs["roc_curves"] = roc
     balance = label_balance(data)
     pngs["label_balance"] = label_balance_png(balance)
-    deployment_html = _deployment_section(data, pngs)
+    deployment = _deployment_section(data, pngs)
     paths = {}
     for name, png in pngs.items():
         paths[name] = out / f"{name}.png"
-        paths[name].write_bytes(png)
+        with atomic_write(paths[name], "wb") as handle:
+            handle.write(png)
 
     results = data.results.sort_values("auroc_mean", ascending=False, kind="stable", na_position="last")
     results = results[[c for c in RESULT_COLUMNS if c in results.columns]].reset_index(drop=True)
-    title = title or f"halp report: {run_dir.resolve().name}"
-    roc_html = (
-        _img(pngs["roc_curves"], "ROC curves")
-        + "<p class='muted'>Curves pool each sample's out-of-fold score, so their AUROC can differ slightly from "
-        "the mean over folds in the table.</p>"
-        if "roc_curves" in pngs
-        else "<p class='muted'>No out-of-fold predictions (probes/predictions.csv) to draw ROC curves from.</p>"
-    )
     balance_table = balance.reset_index().rename(columns={"index": "answer type", "answer_type": "answer type"})
     balance_table.columns = [str(c) for c in balance_table.columns]
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title><style>{CSS}</style></head>
-<body>
-<h1>{_e(title)}</h1>
-{_headline(data)}
-{_finding_section(finding)}
-<h2>Which representation and layer predicts hallucination</h2>
-{_img(pngs["auroc_heatmap"], "AUROC heatmap")}
-<p class="muted">Rows: where the state is read (vision_only: projector input, vision_projected: projector output,
-vision_token / vision_token_mean: last / mean image token, query_token: last prompt token); columns: decoder layer
-({NO_LAYER}: before the language model). AUROC 0.5 is chance. Probes are cross-validated out of fold.</p>
-<h2>ROC curves of the best probes</h2>
-{roc_html}
-<h2>Deployment: withholding risky answers, and calibration</h2>
-{deployment_html}
-<h2>Label balance</h2>
-{_img(pngs["label_balance"], "label balance")}
-{_table(balance_table)}
-{_review_section(run_dir)}
-<h2>Per-group AUROC</h2>
-{_groups_section(data)}
-<h2>All results</h2>
-{_table(results, highlight=0)}
-<h2>Run</h2>
-{_run_section(data, run_dir)}
-<p class="muted">Generated by halp on {datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}.</p>
-</body></html>
-"""
-    html_path = out / "report.html"
-    html_path.write_text(page, encoding="utf-8")
+    page = render_page(
+        "report.html",
+        title=title or f"halp report: {run_dir.resolve().name}",
+        headline=_headline(data),
+        finding=finding.sentences if finding is not None else [],
+        figures={name: png_base64(png) for name, png in pngs.items()},
+        no_layer=NO_LAYER,
+        deployment=deployment,
+        balance=Table.of(balance_table),
+        review=_review_section(run_dir),
+        groups=_groups_section(data),
+        results=Table.of(results, highlight=0),
+        run=_run_section(data, run_dir),
+        generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    )
+    html_path = out / REPORT_PAGE
+    write_text_atomic(html_path, page)
     return Report(html_path, paths, best, data.results, finding)

@@ -270,3 +270,34 @@ def rows_for(samples: Sequence[Sample], answers: Sequence[str], features: dict[s
         meta={column: [s.meta.get(column, "") for s in samples] for column in meta_columns},
         features=features,
     )
+
+
+#: The text columns of features.h5 that describe a row (`row_sha256`, the digest, is bookkeeping).
+TEXT_FIELDS = ("question_id", "image_id", "question", "ground_truth", "answer")
+
+
+@dataclass
+class RowTexts:
+    """The text of a finished run's rows, read from its features.h5 by `read_row_texts`."""
+
+    #: Each asked text column (TEXT_FIELDS) by name, one string per row in the run's order.
+    columns: dict[str, list[str]]
+    #: The metadata columns read (`meta/<column>`), by the table's column name.
+    meta: dict[str, list[str]]
+    #: The file's root attributes, as h5py gives them.
+    attrs: dict[str, Any]
+
+
+def read_row_texts(
+    path: str | Path, columns: Sequence[str] = TEXT_FIELDS, meta: Sequence[str] | None = None
+) -> RowTexts:
+    """The one reader of features.h5's text: `columns`, and the metadata columns named in `meta` that the file has
+    (None: all of them). Opened by `open_run_file`: a damaged file, or one lacking a text column, is a RunDamagedError
+    naming it."""
+    with open_run_file(path) as handle:
+        texts = {name: read_strings(handle[name]) for name in columns}
+        stored = meta_columns(handle)
+        wanted = list(stored) if meta is None else [column for column in meta if column in stored]
+        found = {column: read_strings(stored[column]) for column in wanted}
+        attrs = dict(handle.attrs.items())
+    return RowTexts(texts, found, attrs)

@@ -25,8 +25,8 @@ from typing import Any
 
 from halp import web
 from halp.errors import ImageError, ReviewError, ReviewServerError, install_hint
-from halp.review.decisions import VERDICTS, check_reviewer
-from halp.review.session import ORDERS, QUEUES, ReviewSession
+from halp.review.model import ORDERS, QUEUES, VERDICTS, check_reviewer
+from halp.review.session import ReviewSession
 from halp.userfiles import READ_LIMIT, read_user_file
 from halp.web import LOOPBACK_NAMES, is_loopback
 

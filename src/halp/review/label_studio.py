@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 from halp.errors import LabelError
 from halp.layout import atomic_write
-from halp.review.decisions import VERDICT_LABELS, Decision
+from halp.review.model import VERDICT_LABELS, Decision
 from halp.userfiles import read_user_file
 
 #: Where Label Studio serves files of its local-files storage; image ids are appended, URL-quoted.

@@ -6,12 +6,10 @@ No web code here: `halp.review.app` turns these into HTTP, and tests call them d
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,24 +17,34 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from halp.errors import ImageError, ReviewError
-from halp.label import Label, label_answer
-from halp.layout import PREDICTIONS_FILE, RESULTS_JSON_FILE, RISK_DIR, labels_file, probe_file
-from halp.review.decisions import LABEL_WORDS, VERDICTS, Decision, ReviewLog, check_reviewer
-from halp.store import STRING_FIELDS, read_strings
+from halp.data import resolve_image_path
+from halp.errors import ImageError, ReviewError, ScorerError
+from halp.label import read_labels
+from halp.label_rules import Label, label_answer
+from halp.layout import PREDICTIONS_FILE, RESULTS_JSON_FILE, RISK_DIR, features_file, labels_file, probe_file
+from halp.metrics import THRESHOLD
+from halp.results import read_predictions, read_settings
 
-QUEUES: dict[str, str] = {
-    "unknown": "rows without a label (in labels.csv; without it, those the rules leave unknown)",
-    "all": "every row",
-    "rules": "rows the rules label (audit them)",
-    "disagree": "rows where reviewers disagree",
-    "doubtful": "rows whose label (labels.csv) the rules or the probe contradict",
-}
-ORDERS: dict[str, str] = {"table": "the run's order", "risk": "highest risk first"}
-#: A pause longer than this between two decisions counts as this long (a coffee break is not review time).
-IDLE_CAP_S = 120.0
-#: The pace is measured over this many of the reviewer's latest decisions.
-PACE_WINDOW = 60
+# The queues, progress and pace live in halp.review.model; these names stay importable from here.
+from halp.review.model import (  # noqa: F401
+    ANSWER_TYPE,
+    IDLE_CAP_S,
+    LABEL_WORDS,
+    ORDERS,
+    PACE_WINDOW,
+    QUEUES,
+    VERDICTS,
+    Decision,
+    ReviewLog,
+    check_reviewer,
+    pace_per_minute,
+    parse_time,
+    parse_where,
+    queue_filters,
+    queue_progress,
+    select_queue,
+)
+from halp.rows import read_row_texts
 
 
 @dataclass
@@ -60,11 +68,13 @@ class Row:
         """The label the row has now: labels.csv's, else the rules'."""
         return self.label.label if self.label is not None else self.rule.label
 
+    def value(self, column: str) -> str:
+        """The row's value of a column a queue can be filtered by: its answer type, or a metadata column."""
+        return self.rule.answer_type if column == ANSWER_TYPE else self.meta[column]
+
     def doubts(self) -> list[str]:
         """Why the row's labels.csv label is in doubt: the rules decide otherwise, or the probe's out-of-fold risk
         (or `halp predict`'s) falls on the other side of the probes' threshold."""
-        from halp.probe import THRESHOLD
-
         if self.label is None or self.label.label is None:
             return []
         found = []
@@ -98,8 +108,6 @@ def label_origin(label: Label) -> str:
 def attach_labels(run_dir: str | Path, rows: Sequence[Row]) -> str | None:
     """Give rows their labels.csv label (halp.label.read_labels, the one reader of label tables); returns the file
     read, or None without one."""
-    from halp.label import read_labels
-
     path = labels_file(run_dir)
     if not path.is_file():
         return None
@@ -118,13 +126,10 @@ def attach_labels(run_dir: str | Path, rows: Sequence[Row]) -> str | None:
 
 def read_rows(run_dir: str | Path) -> list[Row]:
     """The run's rows with their rule labels; refuses a run without answers."""
-    from halp.layout import features_file
-
     path = features_file(run_dir)
-    with h5py.File(path, "r") as handle:
-        strings = {name: read_strings(handle[name]) for name in STRING_FIELDS}
-        meta = {column: read_strings(handle["meta"][column]) for column in handle.get("meta", {})}
-        generated = handle.attrs.get("generated", True)
+    texts = read_row_texts(path)  # a damaged file is named, with what to do
+    strings, meta = texts.columns, texts.meta
+    generated = texts.attrs.get("generated", True)
     if not bool(generated) or not any(answer.strip() for answer in strings["answer"]):
         why = "was extracted with --no-generate" if not bool(generated) else "has only empty answers"
         raise ReviewError(
@@ -156,8 +161,7 @@ def attach_risk(run_dir: str | Path, rows: Sequence[Row]) -> list[str]:
     used: list[str] = []
     predictions = probe_file(run_dir, PREDICTIONS_FILE)
     if predictions.is_file():
-        from halp.errors import ScorerError
-        from halp.predict import choose_probe
+        from halp.predict import choose_probe  # imports torch: only where the run has probes
 
         try:
             chosen: tuple[str, str] | None = choose_probe(run_dir)
@@ -166,7 +170,7 @@ def attach_risk(run_dir: str | Path, rows: Sequence[Row]) -> list[str]:
             used.append(f"no probe risk: {err}")
         if chosen is not None:
             feature, probe = chosen
-            frame = pd.read_csv(predictions, dtype={"question_id": str, "feature": str, "probe": str})
+            frame = read_predictions(predictions)
             frame = frame[(frame["feature"] == feature) & (frame["probe"] == probe)]
             source = f"out-of-fold score of the {probe} probe on {feature}"
             for qid, score in zip(frame["question_id"], frame["score"], strict=True):
@@ -194,13 +198,9 @@ def attach_risk(run_dir: str | Path, rows: Sequence[Row]) -> list[str]:
 
 def _final_probe_risk(run_dir: Path, rows: Sequence[Row], feature: str, probe: str, scored: set[str]) -> str | None:
     """Score the rows the probes were not trained on with the final probe, when that set is known (k-fold CV)."""
-    import json
+    from halp.probe import load_probe, probe_stem  # imports torch: only where the run has probes
 
-    from halp.layout import features_file
-    from halp.probe import load_probe, probe_stem
-
-    settings_path = probe_file(run_dir, RESULTS_JSON_FILE)
-    settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
+    settings = read_settings(probe_file(run_dir, RESULTS_JSON_FILE))
     # With a single split only the test rows are in predictions.csv; the training rows are absent yet the
     # final probe saw them, so "absent" would not mean "unseen".
     if settings.get("split") is not None or "validation" not in settings:
@@ -223,39 +223,7 @@ def _final_probe_risk(run_dir: Path, rows: Sequence[Row], feature: str, probe: s
     return source
 
 
-# ----- pace ------------------------------------------------------------------------------------------------------
-def parse_time(text: str) -> datetime | None:
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-
-
-def pace_per_minute(times: Sequence[datetime], idle_cap_s: float = IDLE_CAP_S) -> float | None:
-    """Decisions per minute over consecutive decisions, each pause capped at `idle_cap_s`; None below 3."""
-    ordered = sorted(times)[-PACE_WINDOW:]
-    if len(ordered) < 3:
-        return None
-    spent = sum(min((b - a).total_seconds(), idle_cap_s) for a, b in itertools.pairwise(ordered))
-    return (len(ordered) - 1) / spent * 60.0 if spent > 0 else None
-
-
 # ----- the session -----------------------------------------------------------------------------------------------
-def parse_where(where: str | Mapping[str, str] | None) -> dict[str, str]:
-    """`column=value` (several joined by `&` in a URL, or a mapping) into a mapping."""
-    if where is None or where == "":
-        return {}
-    if isinstance(where, Mapping):
-        return dict(where)
-    found = {}
-    for part in where.split(";"):
-        column, sep, value = part.partition("=")
-        if not sep or not column.strip():
-            raise ReviewError(f"filter {part!r} is not column=value")
-        found[column.strip()] = value.strip()
-    return found
-
-
 class ReviewSession:
     """One run under review: rows, the decisions log, queues and progress."""
 
@@ -279,72 +247,29 @@ class ReviewSession:
     @functools.cache  # noqa: B019  (one session per server: the cache lives as long as it does)
     def filter_values(self, limit: int = 200) -> dict[str, list[str]]:
         """Columns a queue can be narrowed by, with their values (columns with more than `limit` are left out)."""
-        columns: dict[str, list[str]] = {"answer_type": sorted({row.rule.answer_type for row in self.rows})}
+        columns: dict[str, list[str]] = {ANSWER_TYPE: sorted({row.rule.answer_type for row in self.rows})}
         for column in self.rows[0].meta if self.rows else []:
             values = sorted({row.meta[column] for row in self.rows})
             if len(values) <= limit:
                 columns[column] = values
         return columns
 
-    def _value(self, row: Row, column: str) -> str:
-        return row.rule.answer_type if column == "answer_type" else row.meta[column]
-
     def queue(self, name: str = "unknown", where: str | Mapping[str, str] | None = None, order: str = "table"
               ) -> list[int]:
         """Row indices of a queue, filtered by column values, in table or risk order."""
-        if name not in QUEUES:
-            raise ReviewError(f"queue {name!r}: choose one of {', '.join(QUEUES)}")
-        if order not in ORDERS:
-            raise ReviewError(f"order {order!r}: choose one of {', '.join(ORDERS)}")
-        filters = parse_where(where)
-        known = ["answer_type", *(self.rows[0].meta if self.rows else [])]
-        for column in filters:
-            if column not in known:
-                raise ReviewError(f"cannot filter by {column!r}: the run has {', '.join(known)}")
+        filters = queue_filters(name, where, order, [ANSWER_TYPE, *(self.rows[0].meta if self.rows else [])])
         key = (name, tuple(sorted(filters.items())), order)
         if key in self._queues:  # every queue but `disagree` depends on the run alone
             return list(self._queues[key])
-        split: set[str] = set()
-        if name == "disagree":
-            rows = self.log.refresh().by_row()
-            split = {qid for qid, items in rows.items() if len({d.label for _, d in items}) > 1}
-        chosen = []
-        for row in self.rows:
-            if any(self._value(row, column) != value for column, value in filters.items()):
-                continue
-            if name == "unknown" and row.current is not None:
-                continue
-            if name == "rules" and row.rule.label is None:
-                continue
-            if name == "disagree" and row.question_id not in split:
-                continue
-            if name == "doubtful" and not row.doubts():
-                continue
-            chosen.append(row.index)
-        if order == "risk":
-            chosen.sort(key=lambda i: (self.rows[i].risk is None, -(self.rows[i].risk or 0.0), i))
+        disputed = self.log.refresh().disputed() if name == "disagree" else set()
+        chosen = select_queue(self.rows, name, filters, order, disputed)
         if name != "disagree":
             self._queues[key] = tuple(chosen)
         return chosen
 
     def progress(self, indices: Sequence[int], reviewer: str) -> dict[str, Any]:
         """Done / total of a queue for a reviewer, their pace (decisions per minute) and the time left."""
-        state = self.log.refresh()
-        mine = state.reviewed_by(check_reviewer(reviewer))
-        queued = set(indices)
-        done = sum(self.index_of.get(qid) in queued for qid in mine)
-        times = []
-        for decision in reversed(state.decisions):  # the latest PACE_WINDOW decisions are all the pace needs
-            if decision.reviewer == reviewer and decision.action == "decide" and decision.label:
-                time = parse_time(decision.time)
-                if time is not None:
-                    times.append(time)
-                if len(times) == PACE_WINDOW:
-                    break
-        pace = pace_per_minute(times)
-        left = len(indices) - done
-        eta = left / pace * 60.0 if pace else None
-        return {"done": done, "total": len(indices), "per_minute": pace, "eta_seconds": eta}
+        return queue_progress(self.log.refresh(), self.index_of, indices, reviewer)
 
     def reviewed(self, indices: Sequence[int], reviewer: str) -> list[bool]:
         mine = self.log.refresh().reviewed_by(check_reviewer(reviewer))
@@ -357,8 +282,6 @@ class ReviewSession:
 
     def image(self, index: int) -> tuple[Path | None, str, str]:
         """(path to serve or None, status ok/missing/outside, the path or reason to show)."""
-        from halp.data import resolve_image_path
-
         row = self.row(index)
         try:
             path = resolve_image_path(self.images_dir, row.image_id)

@@ -11,11 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
-
 from halp.errors import ServeError
 from halp.layout import PREDICTIONS_FILE, probe_file
-from halp.report import pooled_scores, risk_coverage
+from halp.metrics import pooled_scores, risk_coverage
+from halp.results import read_predictions
 
 #: Decisions of a chat request: answered (risk below the threshold), flagged (annotate: answered, risk at or above),
 #: abstained (abstain: the refusal instead of an answer, nothing decoded).
@@ -38,7 +37,7 @@ def threshold_for_coverage(run_dir: str | Path, feature: str, probe: str, target
     path = probe_file(Path(run_dir), PREDICTIONS_FILE)
     if not path.is_file():
         raise ServeError(f"--target-coverage needs the out-of-fold scores in {path}; run `halp probe {run_dir}`")
-    labels, scores = pooled_scores(pd.read_csv(path, dtype={"question_id": str}), feature, probe)
+    labels, scores = pooled_scores(read_predictions(path), feature, probe)
     if len(labels) == 0:
         raise ServeError(f"{path} has no out-of-fold scores of {feature} ({probe}); run `halp probe {run_dir}`")
     found = risk_coverage(labels, scores).threshold_at_coverage(target)

@@ -14,7 +14,7 @@ stores them in features.h5 (meta). For each row:
   (`hallucinated_objects`), in a sentence without negation, is hallucinated; otherwise unknown (absence of
   hallucination cannot be shown without AMBER's full vocabulary and synonym model).
 
-Rows of other tables, and forms these rules do not cover, fall back to halp.label's generic rules.
+Rows of other tables, and forms these rules do not cover, fall back to halp.label_rules' generic rules.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from halp.label import _HEDGES, _NEGATIONS, Label, label_answer, normalize, numbers_in
+from halp.label_rules import HEDGES, NEGATIONS, Label, label_answer, normalize, numbers_in
+from halp.layout import features_file
+from halp.rows import read_row_texts
 
 SourceRule = Callable[[int, str, str, str], "Label | None"]
 META_COLUMNS = ("dataset", "answer_format", "references", "extra", "category")
@@ -62,7 +64,7 @@ def _mathvista_number(truth: str, answer: str, extra: dict[str, Any]) -> Label:
     except ValueError:
         return Label(None, "rule:mathvista", f"ground truth {truth!r} is not a number", "number")
     values = sorted(set(numbers_in(answer)))
-    if _HEDGES.search(answer.lower()):
+    if HEDGES.search(answer.lower()):
         return Label(None, "rule:mathvista", f"answer hedges or declines: {answer[:80]!r}", "number")
     if len(values) != 1:
         what = "no number" if not values else f"several numbers ({', '.join(f'{v:g}' for v in values)})"
@@ -88,12 +90,12 @@ def _haloquest(question: str, answer: str, references: list[str], category: str)
         return Label(None, "rule:haloquest", "no reference answers", "open")
     for ref in refs:
         if said == ref or (len(ref.split()) <= 3 and re.search(rf"(?<!\w){re.escape(ref)}(?!\w)", said)
-                           and not _NEGATIONS.search(said)):
+                           and not NEGATIONS.search(said)):
             return Label(0, "rule:haloquest", f"answer matches the reference {ref!r}", "open")
     premise_kind = category.lower() in {"false premises", "false premise", "insufficient context"}
-    denying = all(_NEGATIONS.search(ref) or _DECLINES.search(ref) for ref in refs)
+    denying = all(NEGATIONS.search(ref) or _DECLINES.search(ref) for ref in refs)
     if premise_kind and denying:
-        if not _NEGATIONS.search(said) and not _HEDGES.search(said) and not _DECLINES.search(said):
+        if not NEGATIONS.search(said) and not HEDGES.search(said) and not _DECLINES.search(said):
             return Label(1, "rule:haloquest",
                          f"every reference denies or declines ({category}); the answer asserts: {answer[:80]!r}",
                          "open")
@@ -112,7 +114,7 @@ def _amber_generative(answer: str, present: list[str], absent: list[str]) -> Lab
             if not name or name in present_words:
                 continue
             if re.search(rf"(?<!\w){re.escape(name)}(?:s|es)?(?!\w)", said):
-                if _NEGATIONS.search(said) or _HEDGES.search(said):
+                if NEGATIONS.search(said) or HEDGES.search(said):
                     return Label(None, "rule:amber", f"names {name!r} (annotated absent) in a negated or hedged "
                                  f"sentence: {sentence[:80]!r}", "open")
                 return Label(1, "rule:amber", f"names {name!r}, which AMBER annotates as absent from the image",
@@ -125,14 +127,11 @@ def source_rules(run_dir: str | Path) -> Callable[[int, str, str, str], Label | 
 
     The returned function takes (row index, question, ground truth, answer) and returns a Label, or None where
     the generic rules apply."""
-    from halp.layout import features_file
-    from halp.rows import meta_columns, open_run_file, read_strings
-
-    with open_run_file(features_file(Path(run_dir))) as handle:  # a damaged file is named, with what to do
-        meta = meta_columns(handle)
-        if "dataset" not in meta:
-            return None
-        columns = {name: read_strings(meta[name]) if name in meta else None for name in META_COLUMNS}
+    # A damaged file is named, with what to do.
+    meta = read_row_texts(features_file(Path(run_dir)), columns=(), meta=META_COLUMNS).meta
+    if "dataset" not in meta:
+        return None
+    columns = {name: meta.get(name) for name in META_COLUMNS}
 
     def rule(index: int, question: str, truth: str, answer: str) -> Label | None:
         def value(name: str) -> str:

@@ -8,8 +8,8 @@ an independent cross-check (wherever a rule decides, it must agree; `RuleCheck`)
 Besides the per-question-type groups of `halp probe` (`--group-by question_type`), the study computes, from
 the probes' pooled out-of-fold scores, the AUROC with a bootstrap interval of every feature x probe within
 every question type and every difficulty, and a paired bootstrap of the AUROC difference between the best
-query-token state and the vision-only state (the study's main claim), all with `halp.findings`, which also says
-in words what the numbers show (`StudyResult.finding`).
+query-token state and the vision-only state (the study's main claim), all with `halp.metrics`; `halp.findings`
+says in words what the numbers show (`StudyResult.finding`).
 """
 
 from __future__ import annotations
@@ -22,13 +22,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import pandas as pd
 
 from halp.errors import WorldError
-from halp.findings import Finding, group_aurocs, paired_difference, state_finding
+from halp.features import is_vision_feature, split_feature
+from halp.findings import Finding, state_finding
+from halp.label_rules import label_answer
 from halp.layout import PREDICTIONS_FILE, atomic_write, features_file, probe_file, write_text_atomic
+from halp.metrics import group_aurocs, paired_difference
+from halp.results import read_predictions
+from halp.rows import read_row_texts
 from halp.world.model import STUDY_STREAM, TrainingResult, WorldModelConfig, train
 from halp.world.questions import QUESTION_TYPES, ask, is_wrong
 from halp.world.scene import DIFFICULTIES, make_scene
@@ -151,15 +155,8 @@ def make_study_set(directory: Path, n_images: int, questions_per_image: int, see
 
 def read_answers(run_dir: Path) -> pd.DataFrame:
     """question_id, question, ground_truth, answer and the metadata columns of a run's features.h5."""
-    from halp.rows import meta_columns, read_strings
-
-    with h5py.File(features_file(run_dir), "r") as handle:
-        frame = pd.DataFrame(
-            {name: read_strings(handle[name]) for name in ("question_id", "question", "ground_truth", "answer")}
-        )
-        for column, dataset in meta_columns(handle).items():
-            frame[column] = read_strings(dataset)
-    return frame
+    texts = read_row_texts(features_file(run_dir), ("question_id", "question", "ground_truth", "answer"))
+    return pd.DataFrame({**texts.columns, **texts.meta})
 
 
 def exact_labels(rows: pd.DataFrame) -> pd.DataFrame:
@@ -172,8 +169,6 @@ def exact_labels(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def rule_check(rows: pd.DataFrame, labels: pd.DataFrame) -> RuleCheck:
-    from halp.label import label_answer
-
     decided = agreed = 0
     undecided: dict[str, int] = {}
     for (_, row), exact in zip(rows.iterrows(), labels["label"], strict=True):
@@ -203,8 +198,6 @@ def accuracy_table(rows: pd.DataFrame, labels: pd.DataFrame) -> dict[str, Any]:
 
 def claim_rows(results: pd.DataFrame, predictions: pd.DataFrame, resamples: int, seed: int) -> list[dict[str, Any]]:
     """Per probe type: best query-token state vs vision_only, and vs the best vision-derived state."""
-    from halp.report import is_vision_feature, split_feature
-
     out = []
     for probe, frame in results.groupby("probe", sort=True):
         frame = frame.dropna(subset=["auroc_mean"])
@@ -305,7 +298,7 @@ def run_study(config: StudyConfig, say: Callable[[str], None] | None = None) -> 
     seconds["label + probe"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    predictions = pd.read_csv(probe_file(run_dir, PREDICTIONS_FILE), dtype={"question_id": str})
+    predictions = read_predictions(probe_file(run_dir, PREDICTIONS_FILE))
     meta = rows[["question_id", *GROUP_COLUMNS]]
     groups = group_aurocs(predictions, meta, GROUP_COLUMNS, config.bootstrap, config.seed)
     with atomic_write(out / GROUPS_FILE, newline="") as handle:
