@@ -6,16 +6,14 @@ it by the transformers `model_type` values it lists. Most families only set clas
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
 from halp.errors import ExtractionPointError
-
-if TYPE_CHECKING:
-    from halp.capture import Positions
 
 
 def get_submodule(model: nn.Module, dotted_path: str) -> nn.Module:
@@ -26,6 +24,42 @@ def get_submodule(model: nn.Module, dotted_path: str) -> nn.Module:
             f"{type(model).__name__} has no module at {dotted_path!r}; the installed transformers may lay "
             f"out this architecture differently ({err})"
         ) from err
+
+
+@dataclass
+class Positions:
+    """Per-batch token positions found from token ids by an adapter's rules (`from_inputs`); the capture hooks
+    (`halp.capture`) and the adapters' per-sample splits read them."""
+
+    image_mask: torch.Tensor  # (B, T) bool
+    last_image: torch.Tensor  # (B,) long
+    query: int  # column of the last prompt token (left padding: the last one)
+    image_tokens_per_sample: list[int]
+    #: What the projector's rows are proportional to, per sample (Adapter.projector_units_per_sample);
+    #: None: the image token counts.
+    projector_units: list[int] | None = None
+    #: The batch's processor inputs, for adapters whose projector rows only they can attribute to samples.
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_inputs(cls, adapter: Adapter, inputs: dict[str, torch.Tensor]) -> Positions:
+        input_ids = inputs["input_ids"]
+        mask = adapter.image_token_mask(inputs)
+        counts = mask.sum(dim=1)
+        if bool((counts == 0).any()):
+            rows = torch.nonzero(counts == 0).flatten().tolist()
+            raise ExtractionPointError(
+                f"no image placeholder token (id {adapter.image_token_id}) in row(s) {rows} of the prompt; "
+                "the chat template or processor did not insert the image"
+            )
+        attention = inputs.get("attention_mask")
+        if attention is not None and not bool(attention[:, -1].all()):
+            raise ExtractionPointError("the batch is not left-padded: the last column is padding for some rows")
+        columns = torch.arange(input_ids.shape[1], device=mask.device)
+        last_image = torch.where(mask, columns, -1).max(dim=1).values
+        image_tokens = counts.tolist()
+        units = adapter.projector_units_per_sample(inputs, image_tokens)
+        return cls(mask, last_image, input_ids.shape[1] - 1, image_tokens, units, inputs)
 
 
 class Adapter:

@@ -17,14 +17,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from halp.models.base import Adapter, ExtractionPointError
-
-if TYPE_CHECKING:
-    from halp.capture import Positions
+from halp.models.base import Adapter, ExtractionPointError, Positions
 
 
 class MllamaAdapter(Adapter):

@@ -19,14 +19,9 @@ Traps:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from halp.models.base import Adapter, ExtractionPointError
-
-if TYPE_CHECKING:
-    from halp.capture import Positions
+from halp.models.base import Adapter, ExtractionPointError, Positions
 
 
 class Molmo2Adapter(Adapter):
