@@ -1,6 +1,6 @@
 """A tiny Qwen2-VL trained from scratch on the world, on CPU, with a plain torch loop.
 
-The architecture and the offline tokenizer/processor are those of `halp.testing`'s Qwen2-VL builder (a
+The architecture and the offline tokenizer/processor are those of `halp.tiny_checkpoints`' Qwen2-VL builder (a
 real `Qwen2VLForConditionalGeneration`, halp's BPE tokenizer, the real `Qwen2VLImageProcessor`, Qwen's chat
 template). Training draws fresh scenes and questions every step from seeded streams (so there is no fixed
 training set to memorise), in three stages:
@@ -76,7 +76,7 @@ class WorldModelConfig:
     num_layers: int = 4
     vision_dim: int = 128
     vision_depth: int = 3
-    #: The decoder's RoPE base (see `halp.testing.builders.qwen_vl.build`).
+    #: The decoder's RoPE base (see `halp.tiny_checkpoints.qwen_vl.build`).
     rope_theta: float = 1_000_000.0
     #: The vision pretraining stage (`pretrain_vision`): steps, scenes per step, learning rate. 0 steps: none.
     #: A tower that has not learnt to see shapes caps the VLM near 0.4 held-out accuracy (docs/world.md).
@@ -522,7 +522,7 @@ def train(
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from halp.models import adapter_for
-    from halp.testing import build_checkpoint
+    from halp.tiny_checkpoints import build_checkpoint
 
     home.mkdir(parents=True, exist_ok=True)
     staging = home / f".{CHECKPOINT_DIR}.tmp-{os.getpid()}"

@@ -11,7 +11,40 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
-from halp.testing.checkpoints import train_tokenizer
+#: Sentences the toy BPE is trained on: enough to tokenize VQA-like questions and answers.
+CORPUS = [
+    "Is there a cat in the image? Yes, there is a cat on the sofa.",
+    "How many dogs are there in the picture? There are two dogs.",
+    "What color is the car? The car is red.",
+    "Is the forest lit by a full moonlight? No, it is dark.",
+    "Describe the image. A beach with people, a boat and the blue sea.",
+    "Which option is correct? A, B, C or D. The answer is B.",
+    "Is the statue on water or a platform? On a platform.",
+    "Are there any red squares? Is the picture bright or dark? What shape is shown?",
+    "0 1 2 3 4 5 6 7 8 9 10 yes no maybe left right top bottom",
+]
+
+
+def train_tokenizer(
+    special_tokens: Sequence[str], vocab_size: int = 400, corpus: Sequence[str] | None = None, **fast_kwargs: Any
+) -> Any:
+    """A byte-level BPE trained on `corpus` (default CORPUS) with the family's special tokens, as a transformers
+    tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(list(corpus or CORPUS) * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **fast_kwargs)
+
 
 #: Position table of every toy decoder: long enough for the largest test prompt with its image tokens.
 MAX_POSITIONS = 4096

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from halp.testing.builders import common
+from halp.tiny_checkpoints import common
 
 FAMILY = "fast_vlm"
 

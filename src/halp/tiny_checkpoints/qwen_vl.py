@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from halp.testing.builders import common
+from halp.tiny_checkpoints import common
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 

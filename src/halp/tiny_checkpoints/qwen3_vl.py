@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from halp.testing.builders import common
-from halp.testing.builders.qwen_vl import CHAT_TEMPLATE, mrope_head_dim_and_section, tokenizer_and_ids, vision_token_ids
+from halp.tiny_checkpoints import common
+from halp.tiny_checkpoints.qwen_vl import CHAT_TEMPLATE, mrope_head_dim_and_section, tokenizer_and_ids, vision_token_ids
 
 FAMILIES = ("qwen3_vl", "qwen3_vl_moe")
 
