@@ -71,13 +71,16 @@ class Adapter:
 
     #: transformers `config.model_type` values served by this adapter.
     model_types: ClassVar[tuple[str, ...]] = ()
+    # The four extraction points default to transformers' standard layout of a `...ForConditionalGeneration`
+    # VLM (LLaVA, Gemma-3, InternVL, Mllama, Molmo2, FastVLM): a family states only the ones it lays out otherwise.
     #: The multimodal projector: its input is `vision_only`, its output `vision_projected`.
-    projector: ClassVar[str] = ""
+    projector: ClassVar[str] = "model.multi_modal_projector"
     #: The ModuleList of decoder blocks; block k's output is layer k.
-    decoder_layers: ClassVar[str] = ""
+    decoder_layers: ClassVar[str] = "model.language_model.layers"
     #: The norm applied after the last block (used by independent checks and the logit lens).
-    final_norm: ClassVar[str] = ""
-    #: The config attribute holding the id of the token that image features replace.
+    final_norm: ClassVar[str] = "model.language_model.norm"
+    #: The config attribute holding the id of the token that image features replace (many configs alias
+    #: `image_token_id` to their own `image_token_index`).
     image_token_id_attr: ClassVar[str] = "image_token_id"
     #: A short note for `halp models` and docs/models.md.
     notes: ClassVar[str] = ""
@@ -92,6 +95,9 @@ class Adapter:
     vision_token_order: ClassVar[str] = (
         "the projector's input order (for ViT towers: per tile, patches row-major; see docs)"
     )
+    #: The processor reads a flat image list as many images of ONE prompt (Gemma-3, Idefics3/SmolVLM, Mllama):
+    #: `encode` passes it one list per prompt instead, which every processor reads unambiguously.
+    image_list_per_prompt: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, processor: Any) -> None:
         self.model = model
@@ -161,6 +167,8 @@ class Adapter:
         """
         tokenizer = self.tokenizer()
         prompts = [self.prompt(question) for question in questions]
+        if self.image_list_per_prompt:
+            images = [[image] for image in images]
         # As processor.apply_chat_template(tokenize=True) does: a template that renders the BOS itself
         # (Gemma-3) must not get a second one from a tokenizer that also adds it.
         bos = getattr(tokenizer, "bos_token", None)
