@@ -5,7 +5,8 @@ template) that loads through `AutoProcessor` / `AutoModelForImageTextToText.from
 path runs. `halp demo` and `halp world` build theirs here; the test suite and the benchmarks use them through
 `halp.testing`.
 
-One module per family defines `FAMILY` (or `FAMILIES`) and `build(path, family=..., **sizes) -> Path`. What all
+One module per family defines `FAMILY` (or `FAMILIES`) and `build(path, family=..., sizes=<its ToySizes>, **specific)
+-> Path`. What all
 builders share (toy decoder and tower sizes, tokenizer, ChatML template, save steps) is in `common`, which defines
 no family; a builder states only what is specific to its family.
 """
@@ -13,13 +14,17 @@ no family; a builder states only what is specific to its family.
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 from collections.abc import Callable
+from dataclasses import fields, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-__all__ = ["available_fixtures", "build_checkpoint"]
+from halp.tiny_checkpoints.common import ToySizes
+
+__all__ = ["ToySizes", "available_fixtures", "build_checkpoint"]
 
 
 @cache
@@ -45,7 +50,12 @@ def build_checkpoint(family: str, path: str | Path, seed: int = 0, **sizes: Any)
     builders = _builders()
     if family not in builders:
         raise KeyError(f"no tiny-checkpoint builder for {family!r}; have {', '.join(sorted(builders))}")
+    build = builders[family]
+    # The toy sizes travel as one ToySizes: the family's own defaults (its `sizes` default), overridden by name.
+    toy = {name: sizes.pop(name) for name in [field.name for field in fields(ToySizes)] if name in sizes}
+    if toy:
+        sizes["sizes"] = replace(inspect.signature(build).parameters["sizes"].default, **toy)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    return builders[family](path, family=family, **sizes)
+    return build(path, family=family, **sizes)
