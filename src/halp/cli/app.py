@@ -107,8 +107,8 @@ DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 DtypeOption = Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.")]
 TrustRemoteCodeOption = Annotated[bool, typer.Option(help="Allow the checkpoint's own Python code to run.")]
 LayersOption = Annotated[str, typer.Option(help="'halp' = {0,L/4,L/2,3L/4,L-1}, 'all', or e.g. '0,7,-1'.")]
-# --images has three meanings: the folder a table's image ids are relative to, the images a command reads
-# itself, and how many synthetic images a generated set has.
+# --images, by meaning: the folder a table's image ids are relative to, the images a command reads itself, how
+# many synthetic images a generated set has (review's and `data convert`'s folders are their commands' own).
 TableImagesOption = Annotated[
     Path | None,
     typer.Option("--images", help="Directory the table's image ids are relative to (not for embedded images)."),
@@ -145,6 +145,7 @@ def options_set(options: Mapping[str, Any]) -> dict[str, Any]:
     """The options the user gave: typer passes None for an optional value left out, which then takes the default of
     the library's own parameter (a recipe's setting, a count) instead of overriding it."""
     return {name: value for name, value in options.items() if value is not None}
+
 
 class LineConsole(Console):
     """A rich console whose lines of text are not wrapped when it writes to a file or a pipe (`2> run.log`, CI

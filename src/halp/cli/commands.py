@@ -423,6 +423,7 @@ def demo(
     """Offline end-to-end run on planted labels (tiny model): extract, label, probe, report, and check."""
     options = options_set(locals())
     if world:
+        # Imported here, not at the top: that would register `halp world` before this module's commands, first in help.
         from halp.cli.world import world as world_command
 
         world_command(out=out, n_images=n_images, seed=seed)
