@@ -162,3 +162,54 @@ def test_lines_written_to_a_file_are_not_wrapped_and_a_terminal_still_wraps_them
     terminal = io.StringIO()
     LineConsole(file=terminal, width=80, force_terminal=True).print(line, markup=False)
     assert terminal.getvalue().count("\n") > 1  # a terminal wraps at its width, between words
+
+
+def _commands(group, path=()):
+    """(argv path, click command) of every command and sub-command of the app."""
+    import click
+
+    context = click.Context(group)
+    for name in group.list_commands(context):
+        command = group.get_command(context, name)
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*path, name))
+        else:
+            yield (*path, name), command
+
+
+def test_help_shows_every_option_name_whole_at_80_columns():
+    """In an 80-column terminal `halp <command> --help` shows every flag in full: a user must be able to read and
+    copy `--processor-device` or `--no-exif-orientation` (rich's option table cut them to `--processor-dev…`)."""
+    import re
+
+    import typer
+
+    checked = 0
+    for path, command in _commands(typer.main.get_command(app)):
+        shown = runner.invoke(app, [*path, "--help"], terminal_width=80, env={"COLUMNS": "80"})
+        assert shown.exit_code == 0, shown.output
+        names = [name for param in command.params if param.param_type_name == "option"
+                 for name in (*param.opts, *param.secondary_opts)]  # fmt: skip
+        cut = [name for name in names if not re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", shown.output)]
+        assert not cut, f"halp {' '.join(path)} --help at 80 columns does not show {cut} whole:\n{shown.output}"
+        wide = [line for line in shown.output.splitlines() if len(line) > 80]
+        assert not wide, f"halp {' '.join(path)} --help is wider than 80 columns:\n" + "\n".join(wide)
+        checked += len(names)
+    assert checked > 100  # every command was reached (extract alone has over 30 flags)
+
+
+def test_extract_options_reach_extract_config_by_name():
+    """`halp extract` passes its options to ExtractConfig by name (cli.app.from_options): an option named unlike
+    the field would be dropped silently, so each one must name a field, and each settable field have its flag."""
+    import dataclasses
+
+    import typer
+
+    from halp.extract import ExtractConfig
+
+    command = dict(_commands(typer.main.get_command(app)))[("extract",)]
+    options = {param.name for param in command.params}
+    fields = {field.name for field in dataclasses.fields(ExtractConfig)}
+    engine_only = {"engine", "num_workers", "gpus_per_worker"}  # choose the engine, not the pass
+    not_flags = {"progress", "worker_init", "preloaded"}  # set by Python callers and tests only
+    assert options - engine_only == fields - not_flags

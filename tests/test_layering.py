@@ -76,7 +76,9 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "halp.version", "halp.errors", "halp.layout", "halp.features", "halp.userfiles", "halp.digests",
         "halp.locks", "halp.web", "halp.compact", "halp.shard", "halp.pages",
     ),
-    "data and models": ("halp.data", "halp.rows", "halp.models", "halp.capture", "halp.loading", "halp.inputs"),
+    "data and models": (
+        "halp.data", "halp.rows", "halp.models", "halp.capture", "halp.loading", "halp.inputs", "halp.tiny_checkpoints",
+    ),
     "extraction": (
         "halp.store", "halp.pipeline", "halp.run_records", "halp.local_engine", "halp.extract", "halp.ray_engine",
     ),
@@ -203,3 +205,34 @@ def test_the_package_has_no_import_cycles():
         for cycle in cycles
     ]
     assert not cycles, "\n".join(described)
+
+
+def _imported_modules(tree: ast.Module, module: str, is_package: bool) -> list[tuple[int, str]]:
+    """(line, module name) of every import in a module, function-local and TYPE_CHECKING ones included."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolved against the importing module's package
+                package = module.split(".")[: len(module.split(".")) - (0 if is_package else 1)]
+                base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
+            found += [(node.lineno, base)] + [(node.lineno, f"{base}.{alias.name}") for alias in node.names]
+    return found
+
+
+def test_production_code_does_not_import_the_test_kit():
+    """halp.testing (fixtures, fault injection, run helpers) serves the tests and benchmarks; what production code
+    needs from it lives below it (tiny checkpoints: halp.tiny_checkpoints), so no module outside halp/testing
+    imports halp.testing, not even inside a function."""
+    offending = []
+    for path in _sources(PACKAGE):
+        relative = path.relative_to(PACKAGE.parent)
+        if relative.parts[:2] == ("halp", "testing"):
+            continue
+        module = ".".join(relative.with_suffix("").parts)
+        for line, name in _imported_modules(ast.parse(path.read_text()), module, path.name == "__init__.py"):
+            if name == "halp.testing" or name.startswith("halp.testing."):
+                offending.append(f"{path.relative_to(PACKAGE)}:{line} imports {name}")
+    assert not offending, "\n".join(offending)

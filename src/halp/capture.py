@@ -27,7 +27,7 @@ from halp.features import (
     feature_names,
     layer_key,
 )
-from halp.models.base import Adapter, ExtractionPointError
+from halp.models.base import Adapter, ExtractionPointError, Positions
 
 
 def parse_layers(spec: str | Sequence[int], num_layers: int) -> list[int]:
@@ -65,41 +65,6 @@ def _first_tensor(output: Any) -> torch.Tensor:
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
     raise ExtractionPointError(f"unexpected decoder block output of type {type(output).__name__}")
-
-
-@dataclass
-class Positions:
-    """Per-batch token positions found from token ids."""
-
-    image_mask: torch.Tensor  # (B, T) bool
-    last_image: torch.Tensor  # (B,) long
-    query: int  # column of the last prompt token (left padding: the last one)
-    image_tokens_per_sample: list[int]
-    #: What the projector's rows are proportional to, per sample (Adapter.projector_units_per_sample);
-    #: None: the image token counts.
-    projector_units: list[int] | None = None
-    #: The batch's processor inputs, for adapters whose projector rows only they can attribute to samples.
-    inputs: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
-
-    @classmethod
-    def from_inputs(cls, adapter: Adapter, inputs: dict[str, torch.Tensor]) -> Positions:
-        input_ids = inputs["input_ids"]
-        mask = adapter.image_token_mask(inputs)
-        counts = mask.sum(dim=1)
-        if bool((counts == 0).any()):
-            rows = torch.nonzero(counts == 0).flatten().tolist()
-            raise ExtractionPointError(
-                f"no image placeholder token (id {adapter.image_token_id}) in row(s) {rows} of the prompt; "
-                "the chat template or processor did not insert the image"
-            )
-        attention = inputs.get("attention_mask")
-        if attention is not None and not bool(attention[:, -1].all()):
-            raise ExtractionPointError("the batch is not left-padded: the last column is padding for some rows")
-        columns = torch.arange(input_ids.shape[1], device=mask.device)
-        last_image = torch.where(mask, columns, -1).max(dim=1).values
-        image_tokens = counts.tolist()
-        units = adapter.projector_units_per_sample(inputs, image_tokens)
-        return cls(mask, last_image, input_ids.shape[1] - 1, image_tokens, units, inputs)
 
 
 @dataclass

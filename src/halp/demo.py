@@ -1,6 +1,6 @@
 """`halp demo`: the whole pipeline, offline, on a VQA set whose hallucination labels are planted.
 
-A tiny random-weight Qwen2-VL checkpoint (8 decoder blocks) is built by `halp.testing`, a VQA set of
+A tiny random-weight Qwen2-VL checkpoint (8 decoder blocks) is built by `halp.tiny_checkpoints`, a VQA set of
 small synthetic images and templated questions is generated, and two labels are planted:
 
 - `image_label`: 1 for low-light images (dark background), whatever the question; it depends only on
@@ -288,7 +288,7 @@ def run_demo(config: DemoConfig, say: Callable[[str], None] | None = None) -> De
     from halp.label import label_run
     from halp.probe import train_probes
     from halp.report import build_report
-    from halp.testing import build_checkpoint
+    from halp.tiny_checkpoints import build_checkpoint
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)

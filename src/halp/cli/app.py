@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
-from typing import Annotated, Any, NoReturn
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import click
 import typer
@@ -78,17 +81,71 @@ class HalpGroup(TyperGroup):
             raise typer.Exit(130) from None
 
 
+#: Help as click lays it out: an option name too long for its column gets a line of its own, so every flag stays
+#: whole at any width (rich's option table cuts long names to `--processor-dev…` at 80 columns).
+HELP_MARKUP = None
+
 app = typer.Typer(
     cls=HalpGroup,
     add_completion=False,
     no_args_is_help=True,
+    rich_markup_mode=HELP_MARKUP,
     help="Predict VLM hallucinations before generation: extract, label, probe, report, predict.",
 )
-# Options shared by several commands.
+
+
+def command_group(name: str, help: str) -> typer.Typer:
+    """The sub-command group `halp <name> ...`, its help laid out as the app's."""
+    group = typer.Typer(no_args_is_help=True, rich_markup_mode=HELP_MARKUP, help=help)
+    app.add_typer(group, name=name)
+    return group
+
+
+# Options shared by several commands, one alias per meaning (a command gives the default where there is one).
 ModelOption = Annotated[str, typer.Option(help="Hub id or local checkpoint directory.")]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 DtypeOption = Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.")]
 TrustRemoteCodeOption = Annotated[bool, typer.Option(help="Allow the checkpoint's own Python code to run.")]
+LayersOption = Annotated[str, typer.Option(help="'halp' = {0,L/4,L/2,3L/4,L-1}, 'all', or e.g. '0,7,-1'.")]
+# --images, by meaning: the folder a table's image ids are relative to, the images a command reads itself, how
+# many synthetic images a generated set has (review's and `data convert`'s folders are their commands' own).
+TableImagesOption = Annotated[
+    Path | None,
+    typer.Option("--images", help="Directory the table's image ids are relative to (not for embedded images)."),
+]
+ImagesToReadOption = Annotated[Path, typer.Option("--images", help="A directory of images (or one image file).")]
+ImageCountOption = Annotated[int | None, typer.Option("--images", help="Synthetic images, two questions each.")]
+PromptOption = Annotated[str, typer.Option(help="Prompt paired with each image.")]
+ImageBatchOption = Annotated[int, typer.Option(help="Images per prefill pass.")]
+ImageLimitOption = Annotated[int | None, typer.Option(min=1, help="Only the first N images (by name).")]
+FinishedRunArgument = Annotated[Path, typer.Argument(help="Finished run directory.")]
+AnsweredRunArgument = Annotated[Path, typer.Argument(help="Finished run directory (features.h5 with answers).")]
+LabelColumnOption = Annotated[
+    str | None, typer.Option(help="0/1 column of the labels (default: label, else is_hallucinating_manual).")
+]
+ProbeKindOption = Annotated[str, typer.Option(help="logreg, mlp (the paper's) or both.")]
+FoldsOption = Annotated[int, typer.Option(help="Cross-validation folds (stratified) of the probes.")]
+BootstrapOption = Annotated[int, typer.Option(help="Bootstrap resamples of every 95% interval.")]
+
+Built = TypeVar("Built")
+
+
+def from_options(target: Callable[..., Built], options: Mapping[str, Any], /, **given: Any) -> Built:
+    """`target(...)` (a config class, a library function) given every command option it takes by name.
+
+    `options` is the command's parameters (`dict(locals())` on entry); `given` adds or replaces values (converted
+    ones, ones named otherwise). A command passes its options on whole instead of copying them one by one: an
+    option reaches the library by having the name of the library's parameter.
+    """
+    accepted = inspect.signature(target).parameters
+    return target(**{**{name: value for name, value in options.items() if name in accepted}, **given})
+
+
+def options_set(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The options the user gave: typer passes None for an optional value left out, which then takes the default of
+    the library's own parameter (a recipe's setting, a count) instead of overriding it."""
+    return {name: value for name, value in options.items() if value is not None}
+
 
 class LineConsole(Console):
     """A rich console whose lines of text are not wrapped when it writes to a file or a pipe (`2> run.log`, CI

@@ -2,21 +2,37 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
 from halp.cli.app import (
+    AnsweredRunArgument,
+    BootstrapOption,
     DeviceOption,
     DtypeOption,
+    FinishedRunArgument,
+    FoldsOption,
+    ImageBatchOption,
+    ImageCountOption,
+    ImageLimitOption,
+    ImagesToReadOption,
+    LabelColumnOption,
+    LayersOption,
     ModelOption,
+    ProbeKindOption,
+    PromptOption,
+    TableImagesOption,
     TrustRemoteCodeOption,
     app,
+    command_group,
     console,
     err_console,
+    from_options,
+    options_set,
     say,
     setup_logging,
 )
@@ -24,6 +40,8 @@ from halp.cli.app import fail as _fail
 
 if TYPE_CHECKING:
     from halp.extract import ExtractConfig, ExtractSummary
+
+Analysis = TypeVar("Analysis")
 
 
 @contextmanager
@@ -48,15 +66,13 @@ def extract(
             "(images embedded or under --images; see docs/data.md)."
         ),
     ] = None,
-    images: Annotated[
-        Path | None, typer.Option(help="Directory the table's image ids are relative to (not for embedded images).")
-    ] = None,
+    images: TableImagesOption = None,
     hf_dataset: Annotated[
         str | None, typer.Option(help="A hub dataset instead of --data, loaded by datasets.load_dataset.")
     ] = None,
     hf_config: Annotated[str | None, typer.Option("--config", help="--hf-dataset: its configuration.")] = None,
     split: Annotated[str | None, typer.Option(help="--hf-dataset: the split (e.g. test).")] = None,
-    layers: Annotated[str, typer.Option(help="'halp' = {0,L/4,L/2,3L/4,L-1}, 'all', or e.g. '0,7,-1'.")] = "halp",
+    layers: LayersOption = "halp",
     batch_size: Annotated[
         str, typer.Option(help="Samples per prefill pass, or 'auto': the largest that fits in GPU memory.")
     ] = "8",
@@ -106,6 +122,7 @@ def extract(
 
     Under torchrun / accelerate launch each process extracts its rank's shard; see docs/scaling.md.
     """
+    options = dict(locals())
     from halp.extract import ExtractConfig
 
     setup_logging()
@@ -113,31 +130,7 @@ def extract(
         _fail(f"--batch-size {batch_size!r}: a positive integer or auto")
     if batch_size == "auto" and engine == "ray":
         _fail("--batch-size auto applies to --engine local; give Ray workers a number")
-    config = ExtractConfig(
-        model=model,
-        data=data,
-        images=images,
-        out=out,
-        layers=layers,
-        batch_size=batch_size if batch_size == "auto" else int(batch_size),
-        max_new_tokens=max_new_tokens,
-        generate=generate,
-        device=device,
-        dtype=dtype,
-        limit=limit,
-        exif_orientation=exif_orientation,
-        trust_remote_code=trust_remote_code,
-        overwrite=overwrite,
-        num_shards=num_shards,
-        shard_index=shard_index,
-        workers=workers,
-        processor_device=processor_device,
-        attn_implementation=attn_implementation,
-        row_timeout=row_timeout,
-        hf_dataset=hf_dataset,
-        hf_config=hf_config,
-        split=split,
-    )
+    config = from_options(ExtractConfig, options, batch_size=batch_size if batch_size == "auto" else int(batch_size))
     if engine not in ("local", "ray"):
         _fail(f"--engine {engine!r}: choose local or ray")
     if engine == "local" and (num_workers != 1 or gpus_per_worker is not None):
@@ -258,13 +251,15 @@ def inspect(
     detailed: Annotated[bool, typer.Option(help="Per-feature min/max/mean/std and the first samples.")] = False,
 ) -> None:
     """Summarize a run: samples, features, shapes and statistics."""
-    from halp.cli import render
+    from halp.cli.render import run_summary
     from halp.summary import summarize_run
 
-    render.run_summary(console, summarize_run(run_dir, sample=sample, detailed=detailed))
+    run_summary(console, summarize_run(run_dir, sample=sample, detailed=detailed))
+
+
 @app.command()
 def export(
-    run_dir: Annotated[Path, typer.Argument(help="Finished run directory.")],
+    run_dir: FinishedRunArgument,
     output: Annotated[Path, typer.Argument(help="Output .h5 file.")],
     format: Annotated[str, typer.Option("--format", help="halp-legacy: the seeds' per-question groups.")] = (
         "halp-legacy"
@@ -285,22 +280,22 @@ def models(
     trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """List supported families, or show where halp reads a given checkpoint."""
-    from halp.cli import render
+    from halp.cli.render import checkpoint, families
     from halp.summary import describe_checkpoint, supported_families
 
     if model is None:
-        render.families(console, supported_families())
+        families(console, supported_families())
     else:
-        render.checkpoint(console, model, describe_checkpoint(model, trust_remote_code=trust_remote_code))
+        checkpoint(console, model, describe_checkpoint(model, trust_remote_code=trust_remote_code))
+
+
 @app.command()
 def label(
-    run_dir: Annotated[Path, typer.Argument(help="Finished run directory (features.h5 with answers).")],
+    run_dir: AnsweredRunArgument,
     labels: Annotated[
         Path | None, typer.Option(help="Import manual labels from this table (or Label Studio JSON export) instead.")
     ] = None,
-    label_column: Annotated[
-        str | None, typer.Option(help="0/1 column of --labels (default: label, else is_hallucinating_manual).")
-    ] = None,
+    label_column: LabelColumnOption = None,
     judge: Annotated[str | None, typer.Option(help="Local causal LM asked a rubric for open answers.")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the judge's own Python code to run.")] = False,
     resolve: Annotated[
@@ -311,7 +306,7 @@ def label(
 
     Manual decisions (`halp review`'s RUN_DIR/reviews.jsonl, or a Label Studio export as --labels) win over rules.
     """
-    from halp.cli import render
+    from halp.cli.render import label_coverage
     from halp.cli.review import print_review_summary
     from halp.label import Judge, label_run
 
@@ -321,19 +316,17 @@ def label(
     summary = label_run(run_dir, labels=labels, label_column=label_column, judge=chosen_judge, resolve=resolve)
     if summary.reviews is not None:
         print_review_summary(summary.reviews)
-    render.label_coverage(console, summary)
+    label_coverage(console, summary)
 
 
 @app.command()
 def probe(
-    run_dir: Annotated[Path, typer.Argument(help="Finished run directory.")],
+    run_dir: FinishedRunArgument,
     labels: Annotated[Path | None, typer.Option(help="Label table (default: RUN_DIR/labels.csv).")] = None,
-    label_column: Annotated[
-        str | None, typer.Option(help="0/1 column (default: label, else is_hallucinating_manual).")
-    ] = None,
+    label_column: LabelColumnOption = None,
     features: Annotated[str | None, typer.Option(help="Comma-separated features (default: all stored).")] = None,
-    probe: Annotated[str, typer.Option(help="logreg, mlp (the paper's) or both.")] = "logreg",
-    folds: Annotated[int, typer.Option(help="Stratified k-fold CV folds.")] = 5,
+    probe: ProbeKindOption = "logreg",
+    folds: FoldsOption = 5,
     split: Annotated[float | None, typer.Option(help="One stratified split with this test fraction (paper: 0.2).")] = (
         None
     ),
@@ -342,7 +335,7 @@ def probe(
         bool, typer.Option("--group-by-image/--no-group-by-image", help="Keep each image's rows in one fold.")
     ] = True,
     seed: Annotated[int, typer.Option(help="Seed of splits, shuffled control, bootstrap and probes.")] = 42,
-    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals.")] = 1000,
+    bootstrap: BootstrapOption = 1000,
     device: Annotated[str, typer.Option(help="Device of the MLP probe: cpu, cuda or auto.")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="Torch threads of the MLP on CPU (default: torch's).")] = None,
     jobs: Annotated[
@@ -350,29 +343,19 @@ def probe(
     ] = 1,
 ) -> None:
     """Train and evaluate one probe per feature; write RUN_DIR/probes/ (results, predictions, models)."""
-    from halp.cli import render
+    options = dict(locals())
+    from halp.cli.render import probe_results
     from halp.probe import train_probes
 
     setup_logging()
     chosen = [name.strip() for name in features.split(",") if name.strip()] if features else None
-    results = train_probes(
-        run_dir,
-        labels=labels,
-        label_column=label_column,
+    results = from_options(
+        train_probes,
+        options,
         features=chosen,
-        probe=probe,
-        folds=folds,
-        split=split,
-        group_by=group_by,
-        group_by_image=group_by_image,
-        seed=seed,
-        bootstrap=bootstrap,
-        device=device,
-        threads=threads,
-        jobs=jobs,
         progress=lambda message: console.print(message, markup=False, highlight=False),
     )
-    render.probe_results(console, results, run_dir)
+    probe_results(console, results, run_dir)
 
 
 @app.command()
@@ -381,20 +364,17 @@ def report(
     out: Annotated[Path | None, typer.Option(help="Where report.html and PNGs go (default RUN_DIR/report).")] = None,
 ) -> None:
     """Write report.html and PNGs: AUROC heatmap, ROC curves, per-group table, label balance."""
-    from halp.cli import render
+    from halp.cli.render import report_summary
     from halp.report import build_report
 
-    written = build_report(run_dir, out)
-    render.report_summary(console, written)
+    report_summary(console, build_report(run_dir, out))
 
 
 @app.command()
 def predict(
     run: Annotated[Path, typer.Option(help="Run directory with trained probes.")],
     data: Annotated[Path, typer.Option(help="VQA table to score: CSV, JSONL, Parquet, Arrow or save_to_disk dir.")],
-    images: Annotated[
-        Path | None, typer.Option(help="Directory the table's image ids are relative to (not for embedded images).")
-    ] = None,
+    images: TableImagesOption = None,
     feature: Annotated[str | None, typer.Option(help="Feature to score with (default: best AUROC).")] = None,
     probe: Annotated[str | None, typer.Option(help="logreg or mlp (default: best AUROC).")] = None,
     threshold: Annotated[float | None, typer.Option(help="Flag risk >= T (default: the probe's).")] = None,
@@ -406,6 +386,7 @@ def predict(
     trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """Score (image, question) rows for hallucination risk from the prefill alone; write question_id,risk,flagged."""
+    options = dict(locals())
     from halp.data import read_samples
     from halp.layout import risk_file
     from halp.predict import RiskScorer, check_predict_output, predict_file
@@ -415,17 +396,7 @@ def predict(
     check_predict_output(destination, run, data)
     read_samples(data)  # a bad or header-only table is refused before the model loads
     with interrupted_exits(f"interrupted; nothing was written to {destination}; rerun to score the table"):
-        scorer = RiskScorer.from_run(
-            run,
-            feature,
-            probe,
-            device,
-            dtype,
-            threshold=threshold,
-            model=model,
-            batch_size=batch_size,
-            trust_remote_code=trust_remote_code,
-        )
+        scorer = from_options(RiskScorer.from_run, options, run_dir=run)
         summary = predict_file(scorer, data, images, destination, progress=True)
     console.print(
         f"scored {summary.total - len(summary.failed)} of {summary.total} with {summary.feature} ({summary.probe}); "
@@ -443,27 +414,26 @@ def demo(
     out: Annotated[Path, typer.Option(help="Directory for the checkpoint, data, runs and reports.")] = Path(
         "halp-demo"
     ),
-    images: Annotated[int | None, typer.Option("--images", help="Synthetic images, two questions each.")] = None,
+    n_images: ImageCountOption = None,
     seed: Annotated[int, typer.Option(help="Seed of the checkpoint, the data and the probes.")] = 0,
     world: Annotated[
         bool, typer.Option("--world", help="Instead: `halp world` (a model trained offline, its own mistakes).")
     ] = False,
 ) -> None:
     """Offline end-to-end run on planted labels (tiny model): extract, label, probe, report, and check."""
+    options = options_set(locals())
     if world:
+        # Imported here, not at the top: that would register `halp world` before this module's commands, first in help.
         from halp.cli.world import world as world_command
 
-        world_command(out=out, images=images, seed=seed)
+        world_command(out=out, n_images=n_images, seed=seed)
         return
-    from halp.cli import render
+    from halp.cli.render import demo_result
     from halp.demo import DemoConfig, run_demo
 
     setup_logging()
-    config = DemoConfig(out=out, seed=seed, progress=True)
-    if images is not None:
-        config.n_images = images
-    result = run_demo(config, say=say)
-    render.demo_result(console, result)
+    result = run_demo(from_options(DemoConfig, options, progress=True), say=say)
+    demo_result(console, result)
     if not result.passed:
         err_console.print("the planted check failed: see the FAIL lines above", markup=False)
         raise typer.Exit(1)
@@ -474,83 +444,50 @@ def embed(
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
     model: ModelOption,
     out: Annotated[Path, typer.Option(help="Output directory: <image stem>/*.npy + manifest.json per image.")],
-    prompt: Annotated[str, typer.Option(help="Prompt paired with each image.")] = "Describe the image.",
-    layers: Annotated[str, typer.Option(help="'halp' = {0,L/4,L/2,3L/4,L-1}, 'all', or e.g. '0,7,-1'.")] = "halp",
+    prompt: PromptOption = "Describe the image.",
+    layers: LayersOption = "halp",
     save_tokens: Annotated[bool, typer.Option(help="Also save token-level arrays (large), not only mean pools.")] = (
         False
     ),
-    batch_size: Annotated[int, typer.Option(help="Images per prefill pass.")] = 8,
+    batch_size: ImageBatchOption = 8,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """Embed images: vision tokens before/after the projector, decoder states of image and text tokens, pools."""
+    options = dict(locals())
     from halp.embed import Embedder, write_embeddings
 
     setup_logging()
     missing = [str(path) for path in images if not path.exists()]  # a FIFO or folder is named when it is read
     if missing:
         _fail(f"no such image file: {', '.join(missing)}")
-    embedder = Embedder(
-        model,
-        layers=layers,
-        tokens=save_tokens,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-        trust_remote_code=trust_remote_code,
-    )
-    manifest = write_embeddings(
-        embedder,
-        images,
-        out,
-        prompt=prompt,
-        tokens=save_tokens,
-        progress=say,
-    )
+    embedder = from_options(Embedder, options, tokens=save_tokens)
+    manifest = from_options(write_embeddings, options, embedder=embedder, tokens=save_tokens, progress=say)
     console.print(f"embedded {len(images)} image(s); manifest: {manifest}", markup=False)
 
 
-analyze_app = typer.Typer(no_args_is_help=True, help="Layer-wise analyses of the vision tokens: norms, neighbors.")
-app.add_typer(analyze_app, name="analyze")
+analyze_app = command_group("analyze", "Layer-wise analyses of the vision tokens: norms, neighbors.")
 
 
 @analyze_app.command("norms")
 def analyze_norms(
     model: ModelOption,
-    images: Annotated[Path, typer.Option(help="A directory of images (or one image file).")],
+    images: ImagesToReadOption,
     out: Annotated[Path, typer.Option(help="Output directory: norms.json, norms.png (features/).")],
-    layers: Annotated[str, typer.Option(help="'all', 'halp' or e.g. '0,7,-1'.")] = "all",
-    prompt: Annotated[str, typer.Option(help="Prompt paired with each image.")] = "Describe the image.",
+    layers: LayersOption = "all",
+    prompt: PromptOption = "Describe the image.",
     save_features: Annotated[bool, typer.Option(help="Keep the token-level tensors (.npy) per image.")] = False,
-    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N images (by name).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per prefill pass.")] = 4,
+    limit: ImageLimitOption = None,
+    batch_size: ImageBatchOption = 4,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """Per image and layer: L2-norm statistics of vision and text tokens (JSON) and a plot across layers."""
     from halp.analyze import analyze_norms as run_norms
-    from halp.embed import Embedder
 
-    setup_logging()
-    embedder = Embedder(
-        model,
-        layers=layers,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-        trust_remote_code=trust_remote_code,
-    )
-    result = run_norms(
-        embedder,
-        images,
-        out,
-        prompt=prompt,
-        save_features=save_features,
-        limit=limit,
-        progress=say,
-    )
+    result = _analysis(run_norms, locals())
     console.print(f"wrote {result.summary_path} and {result.plot_path}", markup=False)
     if result.features_dir is not None:
         console.print(f"features: {result.features_dir}", markup=False)
@@ -559,46 +496,34 @@ def analyze_norms(
 @analyze_app.command("neighbors")
 def analyze_neighbors(
     model: ModelOption,
-    images: Annotated[Path, typer.Option(help="A directory of images (or one image file).")],
+    images: ImagesToReadOption,
     out: Annotated[Path, typer.Option(help="Output directory: neighbors.json and neighbors.html.")],
-    layers: Annotated[str, typer.Option(help="'halp', 'all' or e.g. '0,7,-1'.")] = "halp",
+    layers: LayersOption = "halp",
     top_k: Annotated[int, typer.Option(help="Neighbours per vision token and lens.")] = 5,
-    prompt: Annotated[str, typer.Option(help="Prompt paired with each image.")] = "Describe the image.",
+    prompt: PromptOption = "Describe the image.",
     contextual_corpus: Annotated[
         Path | None, typer.Option(help="Text file (one sentence a line): adds LatentLens' contextual lens.")
     ] = None,
     contextual_layers: Annotated[
         str | None, typer.Option(help="Layers of the contextual index (default: --layers).")
     ] = None,
-    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N images (by name).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per prefill pass.")] = 4,
+    limit: ImageLimitOption = None,
+    batch_size: ImageBatchOption = 4,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """Nearest vocabulary tokens of each vision token: input-embedding cosine and logit lens (optional LatentLens)."""
     from halp.analyze import analyze_neighbors as run_neighbors
+
+    result = _analysis(run_neighbors, locals())
+    console.print(f"wrote {result.json_path} and {result.html_path}", markup=False)
+
+
+def _analysis(analysis: Callable[..., Analysis], options: dict[str, Any]) -> Analysis:
+    """Run an analysis over the command's images with an `Embedder` made from its options."""
     from halp.embed import Embedder
 
     setup_logging()
-    embedder = Embedder(
-        model,
-        layers=layers,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-        trust_remote_code=trust_remote_code,
-    )
-    result = run_neighbors(
-        embedder,
-        images,
-        out,
-        top_k=top_k,
-        prompt=prompt,
-        contextual_corpus=contextual_corpus,
-        contextual_layers=contextual_layers,
-        limit=limit,
-        progress=say,
-    )
-    console.print(f"wrote {result.json_path} and {result.html_path}", markup=False)
+    return from_options(analysis, options, embedder=from_options(Embedder, options), progress=say)
 

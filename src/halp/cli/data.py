@@ -7,10 +7,9 @@ from typing import Annotated
 
 import typer
 
-from halp.cli.app import app, console
+from halp.cli.app import command_group, console
 
-data_app = typer.Typer(no_args_is_help=True, help="Convert published benchmarks to halp tables; compose a mix.")
-app.add_typer(data_app, name="data")
+data_app = command_group("data", "Convert published benchmarks to halp tables; compose a mix.")
 
 
 @data_app.command("convert")

@@ -8,7 +8,7 @@ from urllib.parse import urlencode
 
 import typer
 
-from halp.cli.app import app, console, err_console, fail
+from halp.cli.app import AnsweredRunArgument, app, console, err_console, fail
 
 if TYPE_CHECKING:
     from halp.review.decisions import ReviewSummary
@@ -18,7 +18,7 @@ EXPORT_FORMATS = ("label-studio",)
 
 @app.command()
 def review(
-    run_dir: Annotated[Path, typer.Argument(help="Finished run directory (features.h5 with answers).")],
+    run_dir: AnsweredRunArgument,
     out: Annotated[Path | None, typer.Argument(help="With --export: the file to write.")] = None,
     images: Annotated[
         Path | None, typer.Option(help="Directory the run's image ids are relative to (halp extract's --images).")

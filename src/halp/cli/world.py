@@ -7,7 +7,18 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from halp.cli.app import app, console, say, setup_logging
+from halp.cli.app import (
+    BootstrapOption,
+    FoldsOption,
+    ImageCountOption,
+    ProbeKindOption,
+    app,
+    console,
+    from_options,
+    options_set,
+    say,
+    setup_logging,
+)
 
 if TYPE_CHECKING:
     from halp.world.study import StudyResult
@@ -37,10 +48,10 @@ def world(
         float | None,
         typer.Option(help="After the curriculum, the share of each batch on colour/shape/choice.", min=0, max=1),
     ] = None,
-    images: Annotated[int | None, typer.Option(help="Study-set images, two questions each.")] = None,
-    probe: Annotated[str, typer.Option(help="logreg, mlp or both.")] = "both",
-    folds: Annotated[int, typer.Option(help="Cross-validation folds of the probes.")] = 5,
-    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of every interval.")] = 1000,
+    n_images: ImageCountOption = None,
+    probe: ProbeKindOption = "both",
+    folds: FoldsOption = 5,
+    bootstrap: BootstrapOption = 1000,
     seed: Annotated[int, typer.Option(help="Seed of the study set and of the probes' folds and bootstrap.")] = 0,
     model_seed: Annotated[
         int,
@@ -49,9 +60,11 @@ def world(
     threads: Annotated[
         int, typer.Option(help="torch CPU threads (1 is fastest on a shared machine: idle threads spin).")
     ] = 1,
-    jobs: Annotated[
+    probe_jobs: Annotated[
         int | None,
-        typer.Option(help="Processes training the probes, one feature each (default: the usable CPU cores).", min=1),
+        typer.Option(
+            "--jobs", help="Processes training the probes, one feature each (default: the usable CPU cores).", min=1
+        ),
     ] = None,
     cache_dir: Annotated[
         Path | None,
@@ -66,38 +79,13 @@ def world(
     ] = True,
 ) -> None:
     """Real hallucinations offline: a tiny VLM trained on a synthetic world, probed on its own wrong answers."""
+    options = options_set(locals())  # an option left out keeps the recipe's (or the study's) default
     from halp.world.model import WorldModelConfig
     from halp.world.study import StudyConfig, run_study
 
     setup_logging()
-    model = WorldModelConfig(seed=model_seed)
-    if steps is not None:
-        model.steps = steps
-    if grounding_steps is not None:
-        model.grounding_steps = grounding_steps
-    if vision_steps is not None:
-        model.vision_steps = vision_steps
-    if grounded_share is not None:
-        model.grounded_share = grounded_share
-    if vision_dim is not None:
-        model.vision_dim = vision_dim
-    if vision_depth is not None:
-        model.vision_depth = vision_depth
-    config = StudyConfig(
-        out=out,
-        model=model,
-        probe=probe,
-        folds=folds,
-        bootstrap=bootstrap,
-        seed=seed,
-        cache_dir=cache_dir,
-        threads=threads,
-        probe_jobs=jobs,
-        shipped=shipped,
-    )
-    if images is not None:
-        config.n_images = images
-    result = run_study(config, say=say)
+    model = from_options(WorldModelConfig, options, seed=model_seed)
+    result = run_study(from_options(StudyConfig, options, model=model), say=say)
     print_world(console, result)
 
 
@@ -106,8 +94,7 @@ def print_world(console: Any, result: StudyResult) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from halp.cli import render
-    from halp.cli.render import auroc_grid_tables
+    from halp.cli.render import auroc_grid_tables, finding
 
     training = result.training
     console.rule(Text("the world model"))
@@ -164,6 +151,6 @@ def print_world(console: Any, result: StudyResult) -> None:
             f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}]",
         )
     console.print(table)
-    render.finding(console, result.finding)
+    finding(console, result.finding)
     timing = ", ".join(f"{name} {value:.0f}s" for name, value in result.seconds.items())
     console.print(Text(f"time: {timing}; report: {result.report}"), soft_wrap=True)

@@ -6,16 +6,14 @@ it by the transformers `model_type` values it lists. Most families only set clas
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
 from halp.errors import ExtractionPointError
-
-if TYPE_CHECKING:
-    from halp.capture import Positions
 
 
 def get_submodule(model: nn.Module, dotted_path: str) -> nn.Module:
@@ -28,6 +26,42 @@ def get_submodule(model: nn.Module, dotted_path: str) -> nn.Module:
         ) from err
 
 
+@dataclass
+class Positions:
+    """Per-batch token positions found from token ids by an adapter's rules (`from_inputs`); the capture hooks
+    (`halp.capture`) and the adapters' per-sample splits read them."""
+
+    image_mask: torch.Tensor  # (B, T) bool
+    last_image: torch.Tensor  # (B,) long
+    query: int  # column of the last prompt token (left padding: the last one)
+    image_tokens_per_sample: list[int]
+    #: What the projector's rows are proportional to, per sample (Adapter.projector_units_per_sample);
+    #: None: the image token counts.
+    projector_units: list[int] | None = None
+    #: The batch's processor inputs, for adapters whose projector rows only they can attribute to samples.
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_inputs(cls, adapter: Adapter, inputs: dict[str, torch.Tensor]) -> Positions:
+        input_ids = inputs["input_ids"]
+        mask = adapter.image_token_mask(inputs)
+        counts = mask.sum(dim=1)
+        if bool((counts == 0).any()):
+            rows = torch.nonzero(counts == 0).flatten().tolist()
+            raise ExtractionPointError(
+                f"no image placeholder token (id {adapter.image_token_id}) in row(s) {rows} of the prompt; "
+                "the chat template or processor did not insert the image"
+            )
+        attention = inputs.get("attention_mask")
+        if attention is not None and not bool(attention[:, -1].all()):
+            raise ExtractionPointError("the batch is not left-padded: the last column is padding for some rows")
+        columns = torch.arange(input_ids.shape[1], device=mask.device)
+        last_image = torch.where(mask, columns, -1).max(dim=1).values
+        image_tokens = counts.tolist()
+        units = adapter.projector_units_per_sample(inputs, image_tokens)
+        return cls(mask, last_image, input_ids.shape[1] - 1, image_tokens, units, inputs)
+
+
 class Adapter:
     """Declarative mapping from stable names to a family's modules, plus prompt and token rules.
 
@@ -37,13 +71,16 @@ class Adapter:
 
     #: transformers `config.model_type` values served by this adapter.
     model_types: ClassVar[tuple[str, ...]] = ()
+    # The four extraction points default to transformers' standard layout of a `...ForConditionalGeneration`
+    # VLM (LLaVA, Gemma-3, InternVL, Mllama, Molmo2, FastVLM): a family states only the ones it lays out otherwise.
     #: The multimodal projector: its input is `vision_only`, its output `vision_projected`.
-    projector: ClassVar[str] = ""
+    projector: ClassVar[str] = "model.multi_modal_projector"
     #: The ModuleList of decoder blocks; block k's output is layer k.
-    decoder_layers: ClassVar[str] = ""
+    decoder_layers: ClassVar[str] = "model.language_model.layers"
     #: The norm applied after the last block (used by independent checks and the logit lens).
-    final_norm: ClassVar[str] = ""
-    #: The config attribute holding the id of the token that image features replace.
+    final_norm: ClassVar[str] = "model.language_model.norm"
+    #: The config attribute holding the id of the token that image features replace (many configs alias
+    #: `image_token_id` to their own `image_token_index`).
     image_token_id_attr: ClassVar[str] = "image_token_id"
     #: A short note for `halp models` and docs/models.md.
     notes: ClassVar[str] = ""
@@ -58,6 +95,9 @@ class Adapter:
     vision_token_order: ClassVar[str] = (
         "the projector's input order (for ViT towers: per tile, patches row-major; see docs)"
     )
+    #: The processor reads a flat image list as many images of ONE prompt (Gemma-3, Idefics3/SmolVLM, Mllama):
+    #: `encode` passes it one list per prompt instead, which every processor reads unambiguously.
+    image_list_per_prompt: ClassVar[bool] = False
 
     #: Greedy decoding of a batch can go on for a subset of its rows from the prefill's KV cache (`halp serve`
     #: stops abstained rows after the prefill): the cache's rows, the per-token inputs and `select_rows` are all the
@@ -142,6 +182,8 @@ class Adapter:
         """
         tokenizer = self.tokenizer()
         prompts = [self.prompt(question) for question in questions]
+        if self.image_list_per_prompt:
+            images = [[image] for image in images]
         # As processor.apply_chat_template(tokenize=True) does: a template that renders the BOS itself
         # (Gemma-3) must not get a second one from a tokenizer that also adds it.
         bos = getattr(tokenizer, "bos_token", None)

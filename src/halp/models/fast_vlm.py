@@ -17,10 +17,6 @@ from halp.models.base import Adapter
 
 class FastVlmAdapter(Adapter):
     model_types = ("fast_vlm",)
-    projector = "model.multi_modal_projector"
-    decoder_layers = "model.language_model.layers"
-    final_norm = "model.language_model.norm"
-    image_token_id_attr = "image_token_id"
     notes = (
         "native class only (remote code expands one -200 placeholder inside forward); image placeholder <image>, "
         "one per FastViT-HD output cell; vision_only = flattened final feature map (projector input)"

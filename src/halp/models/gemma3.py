@@ -21,28 +21,15 @@ Traps:
   token is then the last crop's.
 """
 
-from __future__ import annotations
-
-from typing import Any
-
-import torch
-
 from halp.models.base import Adapter
 
 
 class Gemma3Adapter(Adapter):
     model_types = ("gemma3",)
-    projector = "model.multi_modal_projector"
-    decoder_layers = "model.language_model.layers"
-    final_norm = "model.language_model.norm"
-    # Gemma3Config maps image_token_id -> image_token_index: the soft token, not <start_of_image>.
-    image_token_id_attr = "image_token_id"
     notes = (
         "image placeholder <image_soft_token> (mm_tokens_per_image per image, between <start_of_image> and "
         "<end_of_image>); vision_only = SigLIP last_hidden_state before the 4x4 average pool; bidirectional "
         "attention over image tokens via token_type_ids"
     )
-
-    def encode(self, images: list[Any], questions: list[str]) -> dict[str, torch.Tensor]:
-        # Gemma3Processor reads a flat image list as one sample with many images; one list per prompt.
-        return super().encode([[image] for image in images], questions)
+    # Gemma3Processor reads a flat image list as one sample with many images.
+    image_list_per_prompt = True

@@ -15,10 +15,6 @@ small enough for one tile get only the global tile.
   the model before the tower, so they never reach the projector.
 """
 
-from typing import Any
-
-import torch
-
 from halp.models.base import Adapter
 
 
@@ -27,14 +23,11 @@ class Idefics3Adapter(Adapter):
     projector = "model.connector"
     decoder_layers = "model.text_model.layers"
     final_norm = "model.text_model.norm"
-    image_token_id_attr = "image_token_id"
     notes = (
         "image placeholder <image> (image_seq_len per tile: sub-image tiles, then the global thumbnail); "
         "the last image token is the global thumbnail's last <image>; vision_only = SigLIP per-patch output "
         "of all tiles (connector input, before the pixel shuffle)"
     )
-
-    def encode(self, images: list[Any], questions: list[str]) -> dict[str, torch.Tensor]:
-        # SmolVLM's processor reads a flat image list as all images of ONE prompt; nesting one image per
-        # prompt is unambiguous for both processors.
-        return super().encode([[image] for image in images], questions)
+    # SmolVLM's processor reads a flat image list as all images of ONE prompt; nesting one image per
+    # prompt is unambiguous for both processors.
+    image_list_per_prompt = True

@@ -19,10 +19,6 @@ from halp.models.base import Adapter
 
 class InternVLAdapter(Adapter):
     model_types = ("internvl",)
-    projector = "model.multi_modal_projector"
-    decoder_layers = "model.language_model.layers"
-    final_norm = "model.language_model.norm"
-    image_token_id_attr = "image_token_id"
     notes = (
         "image placeholder <IMG_CONTEXT> (image_seq_length per tile, tiles + thumbnail); vision_only = "
         "pixel-shuffled tower features (CLS dropped) entering the MLP projector"

@@ -33,11 +33,6 @@ from halp.models.base import Adapter, ExtractionPointError
 
 class LlavaAdapter(Adapter):
     model_types = ("llava",)
-    projector = "model.multi_modal_projector"
-    decoder_layers = "model.language_model.layers"
-    final_norm = "model.language_model.norm"
-    # The LLaVA configs map image_token_id -> image_token_index (attribute_map).
-    image_token_id_attr = "image_token_id"
     notes = (
         "image placeholder <image> (one per patch, CLS dropped); vision_only = projector input = CLIP "
         "hidden_states[vision_feature_layer] (-2) without CLS, not the tower's last output"

@@ -17,31 +17,20 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 import torch
 
-from halp.models.base import Adapter, ExtractionPointError
-
-if TYPE_CHECKING:
-    from halp.capture import Positions
+from halp.models.base import Adapter, ExtractionPointError, Positions
 
 
 class MllamaAdapter(Adapter):
     model_types = ("mllama",)
-    projector = "model.multi_modal_projector"
-    decoder_layers = "model.language_model.layers"
-    final_norm = "model.language_model.norm"
-    image_token_id_attr = "image_token_id"
     notes = (
         "one <|image|> token per image, read through cross-attention (its embedding is not replaced); "
         "cross-attention blocks count in the layer index; vision_only = tower output over the real tiles "
         "(CLS included, padding tiles excluded)"
     )
-
-    def encode(self, images: list[Any], questions: list[str]) -> dict[str, torch.Tensor]:
-        # MllamaProcessor reads a flat image list as all images of ONE prompt.
-        return super().encode([[image] for image in images], questions)
+    # MllamaProcessor reads a flat image list as all images of ONE prompt.
+    image_list_per_prompt = True
 
     def projector_groups(self, tensor: torch.Tensor, positions: Positions, output: bool) -> list[torch.Tensor]:
         # The projector sees (batch, images, max_num_tiles, patches + CLS, dim) for input and output

@@ -26,14 +26,11 @@ under the installed transformers. The batching and position logic is tested on s
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from halp.models.base import Adapter, ExtractionPointError
-
-if TYPE_CHECKING:
-    from halp.capture import Positions
+from halp.models.base import Adapter, ExtractionPointError, Positions
 
 #: Molmo's image placeholder, one per pooled 2x2 patch window placed in the sequence.
 IMAGE_PATCH_TOKEN = "<im_patch>"

@@ -19,22 +19,13 @@ Traps:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from halp.models.base import Adapter, ExtractionPointError
-
-if TYPE_CHECKING:
-    from halp.capture import Positions
+from halp.models.base import Adapter, ExtractionPointError, Positions
 
 
 class Molmo2Adapter(Adapter):
     model_types = ("molmo2",)
-    projector = "model.multi_modal_projector"
-    decoder_layers = "model.language_model.layers"
-    final_norm = "model.language_model.norm"
-    image_token_id_attr = "image_token_id"
     notes = (
         "image placeholder <im_patch> (low-res grid, then high-res grid); vision_only = concatenated ViT layers "
         "of every crop entering the pooling adapter; features are added to the <im_patch> embeddings"

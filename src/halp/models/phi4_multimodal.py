@@ -97,7 +97,6 @@ class Phi4MultimodalAdapter(Adapter):
     projector_per_sample = True
     decoder_layers = "model.layers"
     final_norm = "model.norm"
-    image_token_id_attr = "image_token_id"
     notes = (
         "vision LoRA loaded and active; image placeholder <|image|> (HD crops, then the global crop; the last "
         "image token is the global crop's last newline row); projector = img_projection_up -> GELU -> "

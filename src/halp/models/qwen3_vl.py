@@ -25,9 +25,6 @@ from halp.models.qwen_vl import MERGE_GROUP_ORDER
 class Qwen3VLAdapter(Adapter):
     model_types = ("qwen3_vl", "qwen3_vl_moe")
     projector = "model.visual.merger"
-    decoder_layers = "model.language_model.layers"
-    final_norm = "model.language_model.norm"
-    image_token_id_attr = "image_token_id"
     vision_token_order = MERGE_GROUP_ORDER
     notes = (
         "image placeholder <|image_pad|> (one per merged 2x2 group of 16 px patches); vision_only = merger input; "

@@ -24,9 +24,6 @@ MERGE_GROUP_ORDER = (
 class QwenVLAdapter(Adapter):
     model_types = ("qwen2_vl",)
     projector = "model.visual.merger"
-    decoder_layers = "model.language_model.layers"
-    final_norm = "model.language_model.norm"
-    image_token_id_attr = "image_token_id"
     notes = (
         "image placeholder <|image_pad|> (one per merged 2x2 patch group); vision_only = merger input "
         "(per patch, before the merge); 3-D M-RoPE positions built by generate from mm_token_type_ids"

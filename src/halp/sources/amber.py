@@ -27,7 +27,7 @@ from halp.sources.common import (
     read_json,
     unknown_layout,
     write_table,
-    yes_no_text,
+    yes_no_row,
 )
 
 NAME = "amber"
@@ -96,15 +96,5 @@ def _rows(queries: list[dict[str, Any]], annotations: dict[int, dict[str, Any]],
                 extra={"hallucinated_objects": [str(item) for item in note.get("hallu", [])]},
             )
         else:
-            answer = yes_no_text(note["truth"])
-            yield Row(
-                source_id=source_id,
-                image_id=str(query["image"]),
-                question=str(query["query"]).strip(),
-                answer=answer,
-                answer_format="yesno",
-                category=str(note["type"]),
-                image=image,
-                references=[answer],
-                split=split,
-            )
+            yield yes_no_row(source_id, str(query["image"]), query["query"], note["truth"], str(note["type"]), image,
+                             split)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -222,6 +222,40 @@ def read_json_lines(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def yes_no_row(
+    source_id: str,
+    image_id: str,
+    question: Any,
+    truth: Any,
+    category: str,
+    image: Callable[[], bytes],
+    split: str = "",
+    extra: dict[str, Any] | None = None,
+) -> Row:
+    """A yes/no question: the benchmark's answer spelled yes/no (`yes_no_text`), which is also its one reference."""
+    answer = yes_no_text(truth)
+    return Row(
+        source_id=source_id,
+        image_id=image_id,
+        question=str(question).strip(),
+        answer=answer,
+        answer_format="yesno",
+        category=category,
+        image=image,
+        references=[answer],
+        split=split,
+        extra=extra or {},
+    )
+
+
+def image_file_bytes(path: Path, what: str) -> bytes:
+    """The bytes of one image file (`halp.userfiles`); what is wrong with it is the row's skip reason, naming it."""
+    try:
+        return read_user_file(path, "image file", READ_LIMIT, SourceError)
+    except SourceError as err:
+        raise SourceError(f"{what}: {err}") from err
+
+
 def file_bytes(images_dir: Path | None, name: str, what: str) -> Callable[[], bytes]:
     """A reader of an image file under images_dir (confined to it), for a Row."""
 
@@ -235,10 +269,7 @@ def file_bytes(images_dir: Path | None, name: str, what: str) -> Callable[[], by
             raise SourceError(f"{what}: image name {name!r} is not a usable file name ({err})") from err
         if not path.is_relative_to(root):
             raise SourceError(f"{what}: image path {name!r} points outside {root}")
-        try:
-            return read_user_file(path, "image file", READ_LIMIT, SourceError)
-        except SourceError as err:  # the row's skip reason
-            raise SourceError(f"{what}: {err}") from err
+        return image_file_bytes(path, what)
 
     return read
 
@@ -276,6 +307,19 @@ def split_of(path: Path, root: Path) -> str:
 def require_split(origin: Path, files: Sequence[Path], split: str | None, splits: Sequence[str]) -> None:
     if split is not None and not files:
         raise SourceError(f"{origin}: no split {split!r}; the splits found are {', '.join(splits) or 'none'}")
+
+
+def hub_parquet(path: Path, split: str | None, columns: Collection[str], source: str, expected: str
+                ) -> list[Path] | None:
+    """The Parquet files of a hub snapshot at `path` (of `split` if given), which must hold `columns`; None when
+    `path` holds no Parquet, i.e. is one of the source's other layouts."""
+    files, splits = parquet_files(path, split)
+    if not files and not (split is not None and splits):
+        return None
+    require_split(path, files, split, splits)
+    if not set(columns) <= set(parquet_columns(files[0])):
+        raise unknown_layout(source, path, expected)
+    return files
 
 
 def open_parquet(path: Path, what: str = "benchmark file", error: type[HalpError] = SourceError) -> Any:

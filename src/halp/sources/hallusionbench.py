@@ -24,12 +24,10 @@ from halp.sources.common import (
     Row,
     embedded_bytes,
     file_bytes,
+    hub_parquet,
     is_present,
-    parquet_columns,
-    parquet_files,
     parquet_rows,
     read_json,
-    require_split,
     split_of,
     unknown_layout,
     write_table,
@@ -46,11 +44,8 @@ KEYS = ("category", "subcategory", "set_id", "figure_id", "question_id", "questi
 
 
 def convert(path: Path, out: Path, images: Path | None = None, split: str | None = None) -> ConvertSummary:
-    files, splits = parquet_files(path, split)
-    if files or (split is not None and splits):
-        require_split(path, files, split, splits)
-        if not {*KEYS, "image"} <= set(parquet_columns(files[0])):
-            raise unknown_layout(NAME, path, EXPECTED)
+    files = hub_parquet(path, split, (*KEYS, "image"), NAME, EXPECTED)
+    if files is not None:
         return write_table(NAME, _rows(((split_of(f, path), r, None) for f, r in parquet_rows(files))), out,
                            "hub parquet", str(path))
     annotation = path if is_present(path) else path / "HallusionBench.json"

@@ -19,7 +19,16 @@ import pandas as pd
 
 from halp.data import check_csv_end
 from halp.errors import SourceError
-from halp.sources.common import REFETCH, ConvertSummary, Row, file_bytes, is_present, unknown_layout, write_table
+from halp.sources.common import (
+    REFETCH,
+    ConvertSummary,
+    Row,
+    file_bytes,
+    is_present,
+    require_split,
+    unknown_layout,
+    write_table,
+)
 from halp.userfiles import open_user_file
 
 NAME = "haloquest"
@@ -35,8 +44,7 @@ def convert(path: Path, out: Path, images: Path | None = None, split: str | None
     found = [file.stem.removeprefix("haloquest-") for file in files]
     if split is not None:
         files = [file for file in files if file.stem.removeprefix("haloquest-") == split]
-        if not files:
-            raise SourceError(f"{path}: no split {split!r}; the splits found are {', '.join(found)}")
+        require_split(path, files, split, found)
     return write_table(NAME, _rows(files, images), out, "csv + image folder", str(path))
 
 

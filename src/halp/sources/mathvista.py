@@ -25,9 +25,8 @@ from halp.sources.common import (
     Row,
     embedded_bytes,
     file_bytes,
+    hub_parquet,
     is_present,
-    parquet_columns,
-    parquet_files,
     parquet_rows,
     read_json,
     require_split,
@@ -46,11 +45,8 @@ LETTERS = "ABCDEFGH"
 
 
 def convert(path: Path, out: Path, images: Path | None = None, split: str | None = None) -> ConvertSummary:
-    files, splits = parquet_files(path, split)
-    if files or (split is not None and splits):
-        require_split(path, files, split, splits)
-        if not {*KEYS, "decoded_image"} <= set(parquet_columns(files[0])):
-            raise unknown_layout(NAME, path, EXPECTED)
+    files = hub_parquet(path, split, (*KEYS, "decoded_image"), NAME, EXPECTED)
+    if files is not None:
         rows = ((split_of(file, path), row, None) for file, row in parquet_rows(files))
         return write_table(NAME, _rows(rows), out, "hub parquet", str(path))
     candidates = [path] if is_present(path) else sorted(

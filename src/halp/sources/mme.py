@@ -22,17 +22,16 @@ from halp.sources.common import (
     ConvertSummary,
     Row,
     embedded_bytes,
+    hub_parquet,
+    image_file_bytes,
     is_present,
-    parquet_columns,
-    parquet_files,
     parquet_rows,
-    require_split,
     source_text,
     unknown_layout,
     write_table,
+    yes_no_row,
     yes_no_text,
 )
-from halp.userfiles import READ_LIMIT, read_user_file
 
 NAME = "mme"
 IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg")
@@ -43,11 +42,8 @@ EXPECTED = (
 
 
 def convert(path: Path, out: Path, images: Path | None = None, split: str | None = None) -> ConvertSummary:
-    files, splits = parquet_files(path, split)
-    if files or (split is not None and splits):
-        require_split(path, files, split, splits)
-        if not {"question_id", "question", "answer", "image", "category"} <= set(parquet_columns(files[0])):
-            raise unknown_layout(NAME, path, EXPECTED)
+    files = hub_parquet(path, split, ("question_id", "question", "answer", "image", "category"), NAME, EXPECTED)
+    if files is not None:
         return write_table(NAME, _hub_rows(files), out, "hub parquet", str(path))
     if not path.is_dir() or (not any(path.glob("*/*.txt")) and not any(path.glob("*/questions_answers_YN/*.txt"))):
         raise unknown_layout(NAME, path, EXPECTED)
@@ -62,19 +58,9 @@ def _hub_rows(files: list[Path]) -> Iterator[Row]:
         image_key = str(row["question_id"]).rsplit(".", 1)[0]
         seen[image_key] += 1
         source_id = f"{image_key}_{seen[image_key]}"
-        answer = yes_no_text(row["answer"])
-        yield Row(
-            source_id=source_id,
-            image_id=str(row["question_id"]),
-            question=str(row["question"]).strip(),
-            answer=answer,
-            answer_format="yesno",
-            category=str(row["category"]),
-            image=embedded_bytes(row["image"], f"MME {source_id}"),
-            references=[answer],
-            split="test",
-            extra={"pair": image_key},
-        )
+        image = embedded_bytes(row["image"], f"MME {source_id}")
+        yield yes_no_row(source_id, str(row["question_id"]), row["question"], row["answer"], str(row["category"]),
+                         image, split="test", extra={"pair": image_key})
 
 
 def _folder_rows(root: Path) -> Iterator[Row]:
@@ -96,26 +82,14 @@ def _folder_rows(root: Path) -> Iterator[Row]:
                 image_key = f"{subtask.name}/{text.stem}"
                 source_id = f"{image_key}_{number}"
                 image_name = image.name if image else f"{text.stem}.jpg"
-                yield Row(
-                    source_id=source_id,
-                    image_id=f"{subtask.name}/{image_name}",
-                    question=question.strip(),
-                    answer=yes_no_text(answer),
-                    answer_format="yesno",
-                    category=subtask.name,
-                    image=_reader(image, f"MME {source_id}"),
-                    references=[yes_no_text(answer)],
-                    extra={"pair": image_key},
-                )
+                yield yes_no_row(source_id, f"{subtask.name}/{image_name}", question, answer, subtask.name,
+                                 _reader(image, f"MME {source_id}"), extra={"pair": image_key})
 
 
 def _reader(image: Path | None, what: str):
     def read() -> bytes:
         if image is None:
             raise SourceError(f"{what}: no image file beside the question file ({', '.join(IMAGE_SUFFIXES)})")
-        try:
-            return read_user_file(image, "image file", READ_LIMIT, SourceError)
-        except SourceError as err:  # the row's skip reason
-            raise SourceError(f"{what}: {err}") from err
+        return image_file_bytes(image, what)
 
     return read

@@ -19,15 +19,15 @@ from halp.sources.common import (
     Row,
     embedded_bytes,
     file_bytes,
+    hub_parquet,
     is_present,
-    parquet_columns,
-    parquet_files,
+    parquet_rows,
     read_json_lines,
     require_split,
     split_of,
     unknown_layout,
     write_table,
-    yes_no_text,
+    yes_no_row,
 )
 
 NAME = "pope"
@@ -39,11 +39,8 @@ EXPECTED = (
 
 
 def convert(path: Path, out: Path, images: Path | None = None, split: str | None = None) -> ConvertSummary:
-    files, splits = parquet_files(path, split)
-    if files or (split is not None and splits):
-        require_split(path, files, split, splits)
-        if not {"question", "answer", "image"} <= set(parquet_columns(files[0])):
-            raise unknown_layout(NAME, path, EXPECTED)
+    files = hub_parquet(path, split, ("question", "answer", "image"), NAME, EXPECTED)
+    if files is not None:
         return write_table(NAME, _hub_rows(files, path), out, "hub parquet", str(path))
     question_files = [path] if is_present(path) and path.name.startswith("coco_pope_") else (
         sorted(path.glob("*pope_*.json")) if path.is_dir() else []
@@ -62,23 +59,12 @@ def _sampling(path: Path) -> str:
 
 
 def _hub_rows(files: list[Path], root: Path) -> Iterator[Row]:
-    from halp.sources.common import parquet_rows
-
     for file, row in parquet_rows(files):
         category = str(row.get("category") or split_of(file, root))
         source_id = f"{category}_{row.get('question_id', row.get('id'))}"
         image_id = f"{row.get('image_source') or source_id}.jpg"
-        yield Row(
-            source_id=source_id,
-            image_id=image_id,
-            question=str(row["question"]).strip(),
-            answer=yes_no_text(row["answer"]),
-            answer_format="yesno",
-            category=category,
-            image=embedded_bytes(row["image"], f"POPE {source_id}"),
-            references=[yes_no_text(row["answer"])],
-            split=split_of(file, root),
-        )
+        image = embedded_bytes(row["image"], f"POPE {source_id}")
+        yield yes_no_row(source_id, image_id, row["question"], row["answer"], category, image, split_of(file, root))
 
 
 def _json_rows(files: list[Path], images: Path | None) -> Iterator[Row]:
@@ -86,15 +72,5 @@ def _json_rows(files: list[Path], images: Path | None) -> Iterator[Row]:
         sampling = _sampling(file)
         for item in read_json_lines(file):
             source_id = f"{sampling}_{item['question_id']}"
-            answer = yes_no_text(item["label"])
-            yield Row(
-                source_id=source_id,
-                image_id=str(item["image"]),
-                question=str(item["text"]).strip(),
-                answer=answer,
-                answer_format="yesno",
-                category=sampling,
-                image=file_bytes(images, str(item["image"]), f"POPE {source_id}"),
-                references=[answer],
-                split=sampling,
-            )
+            image = file_bytes(images, str(item["image"]), f"POPE {source_id}")
+            yield yes_no_row(source_id, str(item["image"]), item["text"], item["label"], sampling, image, sampling)

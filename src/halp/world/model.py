@@ -1,6 +1,6 @@
 """A tiny Qwen2-VL trained from scratch on the world, on CPU, with a plain torch loop.
 
-The architecture and the offline tokenizer/processor are those of `halp.testing`'s Qwen2-VL builder (a
+The architecture and the offline tokenizer/processor are those of `halp.tiny_checkpoints`' Qwen2-VL builder (a
 real `Qwen2VLForConditionalGeneration`, halp's BPE tokenizer, the real `Qwen2VLImageProcessor`, Qwen's chat
 template). Training draws fresh scenes and questions every step from seeded streams (so there is no fixed
 training set to memorise), in three stages:
@@ -26,7 +26,6 @@ of training.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -44,65 +43,53 @@ import torch
 
 from halp.errors import ParameterError, WorldError
 from halp.layout import write_text_atomic
-from halp.world.questions import ANSWERS, Question, ask
-from halp.world.scene import DIFFICULTIES, IMAGE_SIZE, TARGET_GROUPS, TOKEN_TARGETS, Scene, make_scene
+from halp.world.recipe import (
+    CHECKPOINT_DIR,
+    GROUNDED_TYPES,
+    GROUNDING_TYPES,
+    STUDY_STREAM,
+    TRAINING_FILE,
+    VOCAB_SIZE,
+    WORLD_VERSION,
+    WorldModelConfig,
+    grounding_examples,
+    heldout_set,
+    tokenizer_corpus,
+    training_batches,
+    vision_batches,
+)
+from halp.world.scene import DIFFICULTIES, IMAGE_SIZE, TARGET_GROUPS, TOKEN_TARGETS
+from halp.world.scoring import Encoder, answer_loss, evaluate
 from halp.world.shipped import shipped_home, shipped_record
 
-#: Bumped whenever the world or the training recipe changes what a config hash stands for.
-WORLD_VERSION = 3
-CHECKPOINT_DIR = "checkpoint"
-TRAINING_FILE = "training.json"
-#: Seed offsets of the independent streams (training, held-out evaluation, the study set, ...).
-TRAIN_STREAM, HELDOUT_STREAM, STUDY_STREAM, TOKENIZER_STREAM, GROUNDING_STREAM, GROUNDED_STREAM = 0, 1, 2, 3, 4, 5
-VISION_STREAM = 6
-#: The grounding curriculum's question types: one object, its colour or its shape.
-GROUNDING_TYPES = ("attribute_colour", "attribute_shape")
-#: Question types whose answer has to be read from the pixels (no answer prior gets far on them): the share of
-#: them that the training mix keeps after the curriculum (`grounded_share`) is drawn from these.
-GROUNDED_TYPES = ("attribute_colour", "attribute_shape", "multiple_choice")
-#: The world tokenizer's vocabulary size (bytes, special tokens, merges).
-VOCAB_SIZE = 600
-
-
-@dataclass
-class WorldModelConfig:
-    """Everything that decides the trained weights. The defaults are the recipe whose weights halp ships.
-
-    That recipe takes 20 minutes on 2 quiet CPU cores, an hour under load (docs/benchmarks.md), so `train` uses
-    the shipped weights for it (`halp.world.shipped`); any other config trains from scratch, once, into the cache.
-    """
-
-    hidden_size: int = 128
-    num_layers: int = 4
-    vision_dim: int = 128
-    vision_depth: int = 3
-    #: The decoder's RoPE base (see `halp.testing.builders.qwen_vl.build`).
-    rope_theta: float = 1_000_000.0
-    #: The vision pretraining stage (`pretrain_vision`): steps, scenes per step, learning rate. 0 steps: none.
-    #: A tower that has not learnt to see shapes caps the VLM near 0.4 held-out accuracy (docs/world.md).
-    vision_steps: int = 1500
-    vision_batch_size: int = 64
-    vision_learning_rate: float = 3e-3
-    #: After a vision stage, keep the tower's patch embedding and blocks fixed while the VLM trains (the merger and
-    #: the decoder learn). Without one, the whole model learns.
-    freeze_vision: bool = True
-    #: Training steps in all, the first `grounding_steps` of them on the grounding curriculum.
-    steps: int = 2500
-    grounding_steps: int = 100
-    #: After the curriculum, this share of every batch asks a question of GROUNDED_TYPES, the rest the uniform mix.
-    grounded_share: float = 0.3
-    batch_size: int = 48
-    learning_rate: float = 2e-3
-    warmup_steps: int = 50
-    weight_decay: float = 0.01
-    difficulties: tuple[str, ...] = ("easy", "medium", "hard")
-    heldout: int = 384
-    seed: int = 0
-
-    def digest(self) -> str:
-        settings = {**asdict(self), "world_version": WORLD_VERSION, "image_size": IMAGE_SIZE}
-        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
+# The world model's recipe (halp.world.recipe) and scoring (halp.world.scoring) are part of this module's interface:
+# `from halp.world.model import WorldModelConfig, heldout_set, ...` keeps working.
+__all__ = [
+    "CHECKPOINT_DIR",
+    "GROUNDED_TYPES",
+    "GROUNDING_TYPES",
+    "STUDY_STREAM",
+    "TRAINING_FILE",
+    "VOCAB_SIZE",
+    "WORLD_VERSION",
+    "Encoder",
+    "EndWithTrainer",
+    "TrainingResult",
+    "TrainingStream",
+    "WorldModelConfig",
+    "answer_loss",
+    "default_cache_dir",
+    "evaluate",
+    "freeze_vision_tower",
+    "grounding_examples",
+    "heldout_set",
+    "pretrain_vision",
+    "tokenizer_corpus",
+    "train",
+    "training_batches",
+    "vision_batches",
+    "vision_tower",
+]
 
 @dataclass
 class TrainingResult:
@@ -162,110 +149,6 @@ def default_cache_dir() -> Path:
     """`$HALP_CACHE/world`, else `~/.cache/halp/world`."""
     root = os.environ.get("HALP_CACHE")
     return (Path(root) if root else Path.home() / ".cache" / "halp") / "world"
-
-
-def examples(seed: int, stream: int, difficulties: tuple[str, ...]) -> Iterator[tuple[Any, Question, str]]:
-    """An endless seeded stream of (image, question, difficulty): one fresh scene per example."""
-    rng = np.random.default_rng([seed, stream])
-    while True:
-        difficulty = difficulties[int(rng.integers(len(difficulties)))]
-        scene = make_scene(rng, difficulty)
-        yield scene.image, ask(rng, scene), difficulty
-
-
-def grounding_examples(seed: int) -> Iterator[tuple[Any, Question, str]]:
-    """The grounding curriculum's stream: an easy scene with one object, and its colour or its shape asked."""
-    rng = np.random.default_rng([seed, GROUNDING_STREAM])
-    while True:
-        scene = make_scene(rng, "easy", objects=1)
-        question_type = GROUNDING_TYPES[int(rng.integers(len(GROUNDING_TYPES)))]
-        yield scene.image, ask(rng, scene, question_type), "easy"
-
-
-def grounded_examples(seed: int, difficulties: tuple[str, ...]) -> Iterator[tuple[Any, Question, str]]:
-    """Scenes of every difficulty with a question of GROUNDED_TYPES (the first, in a random order, that fits)."""
-    rng = np.random.default_rng([seed, GROUNDED_STREAM])
-    while True:
-        difficulty = difficulties[int(rng.integers(len(difficulties)))]
-        scene = make_scene(rng, difficulty)
-        for index in rng.permutation(len(GROUNDED_TYPES)):
-            try:
-                question = ask(rng, scene, GROUNDED_TYPES[int(index)])
-            except ValueError:  # no object with a unique colour or shape: try the next type, else a new scene
-                continue
-            yield scene.image, question, difficulty
-            break
-
-
-def training_batches(config: WorldModelConfig) -> Iterator[list[tuple[Any, Question, str]]]:
-    """The training batches: `grounding_steps` of the grounding curriculum, then the mix of `difficulties`, of
-    which the first round(grounded_share * batch_size) examples of every batch ask a question of GROUNDED_TYPES."""
-    grounding = grounding_examples(config.seed)
-    grounded = grounded_examples(config.seed, config.difficulties)
-    mix = examples(config.seed, TRAIN_STREAM, config.difficulties)
-    kept = round(config.grounded_share * config.batch_size)
-    for step in range(config.steps):
-        if step < config.grounding_steps:
-            yield [next(grounding) for _ in range(config.batch_size)]
-        else:
-            yield [next(grounded) for _ in range(kept)] + [next(mix) for _ in range(config.batch_size - kept)]
-
-
-def tokenizer_corpus(size: int = 600) -> list[str]:
-    """Sentences the world's BPE is trained on: the chat roles, every answer word and sample questions.
-
-    Fixed (seed 0, independent of the model seed), so that every world model shares one tokenizer.
-    """
-    stream = examples(0, TOKENIZER_STREAM, tuple(DIFFICULTIES))
-    lines = ["user\nassistant\n" * 4, " ".join(ANSWERS)]
-    for _ in range(size):
-        _, question, _ = next(stream)
-        lines.append(f"{question.question} {question.answer}")
-    return lines
-
-
-class Encoder:
-    """Batches of `prompt + answer + end` with the answer tokens marked, as halp's adapter prompts.
-
-    Needs the processor only (the adapter's prompt is the processor's chat template), so that a data-loading
-    worker process can build it from the checkpoint directory without the model.
-    """
-
-    def __init__(self, processor: Any, model_type: str) -> None:
-        from halp.models import adapter_class_for
-
-        # Prompting reads only the processor: the adapter is made without a model for it.
-        self.prompting = adapter_class_for(model_type)(None, processor)
-        self.processor = processor
-        self.tokenizer = self.prompting.tokenizer()
-        self.end = self.tokenizer.eos_token
-
-    def __call__(self, images: list[Any], questions: list[str], answers: list[str]) -> dict[str, torch.Tensor]:
-        self.tokenizer.padding_side = "left"
-        texts = [self.prompting.prompt(q) + a + self.end for q, a in zip(questions, answers, strict=True)]
-        inputs = dict(self.processor(text=texts, images=images, padding=True, return_tensors="pt"))
-        targets = torch.full_like(inputs["input_ids"], -100)
-        for row, answer in enumerate(answers):
-            answer_ids = self.tokenizer(answer + self.end, add_special_tokens=False)["input_ids"]
-            tail = inputs["input_ids"][row, -len(answer_ids) :].tolist()
-            if tail != answer_ids:
-                # Tokens merged across the prompt/answer boundary: the answer would not be what is scored.
-                raise WorldError(
-                    f"answer {answer!r} does not tokenize the same after the prompt: {tail} != {answer_ids}"
-                )
-            targets[row, -len(answer_ids) :] = torch.tensor(answer_ids)
-        inputs["targets"] = targets
-        return inputs
-
-    def batch(self, examples: list[tuple[Any, Question, str]]) -> dict[str, torch.Tensor]:
-        images, questions, _ = zip(*examples, strict=True)
-        return self(list(images), [q.question for q in questions], [q.answer for q in questions])
-
-    def scene_batch(self, scenes: list[Scene]) -> dict[str, torch.Tensor]:
-        """The vision stage's inputs: the images' pixels and grid, and every merged token's targets."""
-        inputs = dict(self.processor.image_processor(images=[scene.image for scene in scenes], return_tensors="pt"))
-        inputs["targets"] = torch.from_numpy(np.concatenate([scene.token_targets() for scene in scenes]))
-        return inputs
 
 
 class TrainingStream(torch.utils.data.IterableDataset):
@@ -329,39 +212,11 @@ def vision_tower(model: Any) -> torch.nn.Module:
     return get_submodule(model, adapter_class_for(model.config.model_type).projector.rsplit(".", 1)[0])
 
 
-def answer_loss(model: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean cross-entropy over answer tokens, per-row exact match under teacher forcing).
-
-    A row matches when the argmax at every answer position is the answer token, which is exactly when greedy
-    decoding would produce the answer and stop, so the match rate is the greedy accuracy.
-    """
-    targets = inputs["targets"]
-    model_inputs = {key: value for key, value in inputs.items() if key != "targets"}
-    logits = model(**model_inputs).logits[:, :-1]
-    shifted = targets[:, 1:]
-    loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100
-    )
-    scored = shifted != -100
-    hits = (logits.argmax(-1) == shifted) | ~scored
-    return loss, hits.all(dim=1)
-
-
 def _schedule(step: int, config: WorldModelConfig) -> float:
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def vision_batches(config: WorldModelConfig) -> Iterator[list[Scene]]:
-    """The vision pretraining stage's batches: `vision_batch_size` fresh scenes of `difficulties` per step."""
-    rng = np.random.default_rng([config.seed, VISION_STREAM])
-    while True:
-        yield [
-            make_scene(rng, config.difficulties[int(rng.integers(len(config.difficulties)))])
-            for _ in range(config.vision_batch_size)
-        ]
 
 
 def pretrain_vision(
@@ -456,23 +311,6 @@ def freeze_vision_tower(model: Any) -> list[str]:
     return fixed
 
 
-def heldout_set(config: WorldModelConfig, size: int) -> list[tuple[Any, Question, str]]:
-    stream = examples(config.seed, HELDOUT_STREAM, config.difficulties)
-    return [next(stream) for _ in range(size)]
-
-
-@torch.no_grad()
-def evaluate(model: Any, encoder: Encoder, items: list[tuple[Any, Question, str]], batch_size: int = 32) -> np.ndarray:
-    """Per-item greedy correctness (teacher-forced exact match, see `answer_loss`)."""
-    model.eval()
-    correct = []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        inputs = encoder.batch(chunk)
-        correct.append(answer_loss(model, inputs)[1].numpy())
-    return np.concatenate(correct) if correct else np.zeros(0, dtype=bool)
-
-
 def train(
     config: WorldModelConfig,
     cache_dir: Path | None = None,
@@ -522,7 +360,7 @@ def train(
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from halp.models import adapter_for
-    from halp.testing import build_checkpoint
+    from halp.tiny_checkpoints import build_checkpoint
 
     home.mkdir(parents=True, exist_ok=True)
     staging = home / f".{CHECKPOINT_DIR}.tmp-{os.getpid()}"

@@ -21,14 +21,13 @@ import platform
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from halp.data import file_sha256
 from halp.errors import WorldError
 from halp.layout import write_text_atomic
-
-if TYPE_CHECKING:
-    from halp.world.model import WorldModelConfig
+from halp.world.recipe import CHECKPOINT_DIR, TRAINING_FILE, WORLD_VERSION, WorldModelConfig, heldout_set
+from halp.world.scoring import Encoder, evaluate
 
 #: Where the package keeps shipped models, one folder per config hash.
 SHIPPED_DIR = Path(__file__).parent / "shipped"
@@ -41,8 +40,6 @@ def shipped_home(config: WorldModelConfig, root: Path | None = None) -> Path | N
     Every file the manifest lists must be there with its SHA-256, and nothing else may be in the checkpoint: a
     damaged or altered installation fails here with the file it is about, never loads quietly.
     """
-    from halp.world.model import CHECKPOINT_DIR, TRAINING_FILE
-
     home = (root or SHIPPED_DIR) / config.digest()
     manifest_path = home / MANIFEST_FILE
     if not manifest_path.is_file():
@@ -75,8 +72,6 @@ def shipped_home(config: WorldModelConfig, root: Path | None = None) -> Path | N
 
 def shipped_record(home: Path) -> dict[str, Any]:
     """The training record the shipped model was saved with (losses, held-out accuracy, time, threads)."""
-    from halp.world.model import TRAINING_FILE
-
     return json.loads((home / TRAINING_FILE).read_text())
 
 
@@ -87,8 +82,6 @@ def ship(trained_home: Path, root: Path | None = None, note: str = "") -> Path:
     """
     import torch
     import transformers
-
-    from halp.world.model import CHECKPOINT_DIR, TRAINING_FILE, WORLD_VERSION
 
     record = json.loads((trained_home / TRAINING_FILE).read_text())
     config_hash = record["config_hash"]
@@ -133,8 +126,6 @@ def compare_models(first: Path, second: Path, config: WorldModelConfig) -> dict[
     import numpy as np
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from halp.world.model import Encoder, evaluate, heldout_set
 
     items = heldout_set(config, config.heldout)
     correct, weights = [], []

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from halp.testing.builders import common
+from halp.tiny_checkpoints import common
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 
@@ -31,10 +31,9 @@ def tokenizer_and_ids(corpus: Sequence[str] | None = None, vocab_size: int = 400
     )
 
 
-def mrope_head_dim_and_section(hidden_size: int) -> tuple[int, list[int]]:
-    """The decoder's head_dim and its M-RoPE temporal/height/width sections, which must sum to head_dim / 2."""
-    head_dim = hidden_size // common.attention_heads(hidden_size)
-    return head_dim, [head_dim // 2 - 2 * (head_dim // 8), head_dim // 8, head_dim // 8]
+def mrope_section(head_dim: int) -> list[int]:
+    """The decoder's M-RoPE temporal/height/width sections, which must sum to head_dim / 2."""
+    return [head_dim // 2 - 2 * (head_dim // 8), head_dim // 8, head_dim // 8]
 
 
 def vision_token_ids(ids: dict[str, int]) -> dict[str, int]:
@@ -49,10 +48,7 @@ def vision_token_ids(ids: dict[str, int]) -> dict[str, int]:
 def build(
     path: Path,
     family: str = "qwen2_vl",
-    hidden_size: int = 64,
-    num_layers: int = 4,
-    vision_dim: int = 32,
-    vision_depth: int = 2,
+    sizes: common.ToySizes = common.TOY,
     min_pixels: int = 28 * 28 * 4,
     max_pixels: int = 28 * 28 * 16,
     tokenizer_corpus: Sequence[str] | None = None,
@@ -75,22 +71,19 @@ def build(
     common.require_family(family, FAMILIES)
     # A caller with its own vocabulary (halp.world) passes the sentences the BPE should learn.
     tokenizer, ids = tokenizer_and_ids(tokenizer_corpus, vocab_size)
-    _, mrope_section = mrope_head_dim_and_section(hidden_size)
-    text = common.text_config(
+    text = sizes.text(
         len(tokenizer),
-        hidden_size,
-        num_layers,
-        rope_scaling={"type": "mrope", "mrope_section": mrope_section},
+        rope_scaling={"type": "mrope", "mrope_section": mrope_section(sizes.head_dim())},
         rope_theta=rope_theta,
         **common.chatml_token_ids(ids),
     )
     shared = {**vision_token_ids(ids), "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]}
-    vision_heads = common.attention_heads(vision_dim)
+    vision_heads = common.attention_heads(sizes.vision_dim)
     if family == "qwen2_vl":
         vision = {
-            "depth": vision_depth,
-            "embed_dim": vision_dim,
-            "hidden_size": hidden_size,
+            "depth": sizes.vision_depth,
+            "embed_dim": sizes.vision_dim,
+            "hidden_size": sizes.hidden_size,
             "num_heads": vision_heads,
             "mlp_ratio": 2,
         }
@@ -100,13 +93,13 @@ def build(
     else:
         # Window attention in every block but the last, as in the real model (full attention every 8th).
         vision = {
-            "depth": vision_depth,
-            "hidden_size": vision_dim,
-            "intermediate_size": vision_dim * 2,
+            "depth": sizes.vision_depth,
+            "hidden_size": sizes.vision_dim,
+            "intermediate_size": sizes.vision_dim * 2,
             "num_heads": vision_heads,
-            "out_hidden_size": hidden_size,
+            "out_hidden_size": sizes.hidden_size,
             "window_size": 56,
-            "fullatt_block_indexes": [vision_depth - 1],
+            "fullatt_block_indexes": [sizes.vision_depth - 1],
         }
         config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **shared)
         model = Qwen2_5_VLForConditionalGeneration(config)

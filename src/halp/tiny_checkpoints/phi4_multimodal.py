@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from halp.testing.builders import common
+from halp.tiny_checkpoints import common
 
 FAMILY = "phi4_multimodal"
 VISION_LORA = "vision-lora"
@@ -32,10 +32,7 @@ LORA_TARGETS = r"model\.layers\.\d+\.((self_attn\.(qkv|o)_proj)|(mlp\.(gate_up|d
 def build(
     path: Path,
     family: str = FAMILY,
-    hidden_size: int = 64,
-    num_layers: int = 4,
-    vision_dim: int = 32,
-    vision_depth: int = 2,
+    sizes: common.ToySizes = common.TOY,
     crop_size: int = 64,
     max_crops: int = 4,
     lora_rank: int = 4,
@@ -59,10 +56,8 @@ def build(
     tokenizer.chat_template = CHAT_TEMPLATE
     patch_size = crop_size // 32
     # One config holds the decoder's sizes (no text_config) next to the towers'.
-    decoder = common.text_config(
+    decoder = sizes.text(
         len(tokenizer),
-        hidden_size,
-        num_layers,
         max_position_embeddings=8192,
         original_max_position_embeddings=8192,
         bos_token_id=ids["<|endoftext|>"],
@@ -71,9 +66,7 @@ def build(
     )
     config = Phi4MultimodalConfig(
         **decoder,
-        vision_config=common.vision_config(
-            vision_dim,
-            vision_depth,
+        vision_config=sizes.vision(
             image_size=crop_size,
             patch_size=patch_size,
             crop_size=crop_size,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from halp.testing.builders import common
+from halp.tiny_checkpoints import common
 
 FAMILY = "gemma3"
 
@@ -48,10 +48,7 @@ CHAT_TEMPLATE = (
 def build(
     path: Path,
     family: str = FAMILY,
-    hidden_size: int = 64,
-    num_layers: int = 4,
-    vision_dim: int = 32,
-    vision_depth: int = 2,
+    sizes: common.ToySizes = common.TOY,
     image_size: int = 32,
     patch_size: int = 4,
     mm_tokens_per_image: int = 16,
@@ -80,28 +77,20 @@ def build(
     )
     # Gemma's tokenizer adds <bos> itself (add_bos_token), although the template renders it too.
     common.prepend_bos(tokenizer, "<bos>")
-    head_dim = hidden_size // common.attention_heads(hidden_size)
     # Gemma-3 alternates 5 local layers with 1 global one; keep both kinds with the last one global.
-    layer_types = ["sliding_attention"] * (num_layers - 1) + ["full_attention"]
-    text = common.text_config(
+    layer_types = ["sliding_attention"] * (sizes.num_layers - 1) + ["full_attention"]
+    text = sizes.text(
         len(tokenizer),
-        hidden_size,
-        num_layers,
-        head_dim=head_dim,
-        query_pre_attn_scalar=head_dim,
+        head_dim=sizes.head_dim(),
+        query_pre_attn_scalar=sizes.head_dim(),
         sliding_window=sliding_window,
         layer_types=layer_types,
         pad_token_id=ids["<pad>"],
         bos_token_id=ids["<bos>"],
         eos_token_id=ids["<eos>"],
     )
-    vision = common.vision_config(
-        vision_dim,
-        vision_depth,
-        model_type="siglip_vision_model",
-        image_size=image_size,
-        patch_size=patch_size,
-        vision_use_head=False,
+    vision = sizes.vision(
+        model_type="siglip_vision_model", image_size=image_size, patch_size=patch_size, vision_use_head=False
     )
     config = Gemma3Config(
         text_config=text,
@@ -115,7 +104,7 @@ def build(
     # transformers initialises the projection to zeros (it is loaded from a trained checkpoint); a zero
     # projection would make every image feature 0 and the vision checks vacuous.
     with torch.no_grad():
-        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=vision_dim**-0.5)
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=sizes.vision_dim**-0.5)
     processor = Gemma3Processor(
         image_processor=Gemma3ImageProcessor(
             size={"height": image_size, "width": image_size},

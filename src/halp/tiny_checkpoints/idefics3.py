@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from halp.testing.builders import common
+from halp.tiny_checkpoints import common
 
 FAMILIES = ("idefics3", "smolvlm")
 
@@ -36,10 +36,7 @@ CHAT_TEMPLATE = (
 def build(
     path: Path,
     family: str = "idefics3",
-    hidden_size: int = 64,
-    num_layers: int = 4,
-    vision_dim: int = 32,
-    vision_depth: int = 2,
+    sizes: common.ToySizes = common.TOY,
     tile_size: int = 32,
     patch_size: int = 8,
     longest_edge: int = 64,
@@ -61,17 +58,15 @@ def build(
     pad_token = special[0]
     tokenizer, ids = common.family_tokenizer(special, eos_token="<end_of_utterance>", pad_token=pad_token)
     scale_factor = 2
-    text = common.text_config(
+    text = sizes.text(
         len(tokenizer),
-        hidden_size,
-        num_layers,
         model_type="llama",
         bos_token_id=ids[special[0]],
         eos_token_id=ids["<end_of_utterance>"],
         pad_token_id=ids[pad_token],
     )
     # The tower's position table covers one tile; the processor's tile size must match it.
-    vision = common.vision_config(vision_dim, vision_depth, image_size=tile_size, patch_size=patch_size)
+    vision = sizes.vision(image_size=tile_size, patch_size=patch_size)
     image_seq_len = (tile_size // patch_size) ** 2 // scale_factor**2
     image_kwargs = {"size": {"longest_edge": longest_edge}, "max_image_size": {"longest_edge": tile_size}}
     shared = {

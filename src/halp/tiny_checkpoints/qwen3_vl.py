@@ -9,21 +9,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from halp.testing.builders import common
-from halp.testing.builders.qwen_vl import CHAT_TEMPLATE, mrope_head_dim_and_section, tokenizer_and_ids, vision_token_ids
+from halp.tiny_checkpoints import common
+from halp.tiny_checkpoints.qwen_vl import CHAT_TEMPLATE, mrope_section, tokenizer_and_ids, vision_token_ids
 
 FAMILIES = ("qwen3_vl", "qwen3_vl_moe")
 
 # Qwen3-VL keeps Qwen2-VL's special tokens and chat-template structure (images and text only here).
 
+# Three vision blocks: two deepstack taps and a last block after them.
+SIZES = common.ToySizes(vision_depth=3)
+
 
 def build(
     path: Path,
     family: str = "qwen3_vl",
-    hidden_size: int = 64,
-    num_layers: int = 4,
-    vision_dim: int = 32,
-    vision_depth: int = 3,
+    sizes: common.ToySizes = SIZES,
     deepstack_visual_indexes: tuple[int, ...] = (0, 1),
     min_pixels: int = 32 * 32 * 4,
     max_pixels: int = 32 * 32 * 16,
@@ -41,31 +41,30 @@ def build(
     common.require_family(family, FAMILIES)
     tokenizer, ids = tokenizer_and_ids()
     # Interleaved M-RoPE; the sections are as [24, 20, 20] for head_dim 128.
-    head_dim, mrope_section = mrope_head_dim_and_section(hidden_size)
-    text = common.text_config(
+    text = sizes.text(
         len(tokenizer),
-        hidden_size,
-        num_layers,
-        head_dim=head_dim,
+        head_dim=sizes.head_dim(),
         rope_parameters={
             "rope_type": "default",
             "rope_theta": 5_000_000.0,
-            "mrope_section": mrope_section,
+            "mrope_section": mrope_section(sizes.head_dim()),
             "mrope_interleaved": True,
         },
         **common.chatml_token_ids(ids),
     )
     if family == "qwen3_vl_moe":
-        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden_size, decoder_sparse_step=1)
+        text.update(
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=sizes.hidden_size, decoder_sparse_step=1
+        )
     vision = {
-        "depth": vision_depth,
-        "hidden_size": vision_dim,
-        "intermediate_size": vision_dim * 2,
-        "num_heads": common.attention_heads(vision_dim),
+        "depth": sizes.vision_depth,
+        "hidden_size": sizes.vision_dim,
+        "intermediate_size": sizes.vision_dim * 2,
+        "num_heads": common.attention_heads(sizes.vision_dim),
         "patch_size": 16,
         "spatial_merge_size": 2,
         "temporal_patch_size": 2,
-        "out_hidden_size": hidden_size,
+        "out_hidden_size": sizes.hidden_size,
         "num_position_embeddings": 64,
         "deepstack_visual_indexes": list(deepstack_visual_indexes),
     }

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from halp.testing.builders import common
+from halp.tiny_checkpoints import common
 
 FAMILY = "mistral3"
 
@@ -30,10 +30,7 @@ CHAT_TEMPLATE = (
 def build(
     path: Path,
     family: str = FAMILY,
-    hidden_size: int = 64,
-    num_layers: int = 4,
-    vision_dim: int = 32,
-    vision_depth: int = 2,
+    sizes: common.ToySizes = common.TOY,
     vision_patch: int = 8,
     longest_edge: int = 64,
 ) -> Path:
@@ -48,21 +45,17 @@ def build(
     tokenizer, ids = common.family_tokenizer(
         SPECIAL, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
-    text = common.text_config(
+    text = sizes.text(
         len(tokenizer),
-        hidden_size,
-        num_layers,
         model_type="mistral",
-        head_dim=hidden_size // common.attention_heads(hidden_size),
+        head_dim=sizes.head_dim(),
         bos_token_id=ids["<s>"],
         eos_token_id=ids["</s>"],
         pad_token_id=ids["<pad>"],
     )
-    vision = common.vision_config(
-        vision_dim,
-        vision_depth,
+    vision = sizes.vision(
         model_type="pixtral",
-        head_dim=vision_dim // common.attention_heads(vision_dim),
+        head_dim=sizes.vision_dim // common.attention_heads(sizes.vision_dim),
         image_size=longest_edge,
         patch_size=vision_patch,
     )

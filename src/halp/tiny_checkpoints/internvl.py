@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from halp.testing.builders import common
+from halp.tiny_checkpoints import common
 
 FAMILY = "internvl"
 
@@ -23,10 +23,7 @@ CHAT_TEMPLATE = common.chatml_template("<IMG_CONTEXT>\n", default_system="You ar
 def build(
     path: Path,
     family: str = FAMILY,
-    hidden_size: int = 64,
-    num_layers: int = 4,
-    vision_dim: int = 32,
-    vision_depth: int = 2,
+    sizes: common.ToySizes = common.TOY,
     tile_size: int = 28,
     vision_patch: int = 7,
     max_tiles: int = 4,
@@ -52,14 +49,8 @@ def build(
             "video_token": "<video>",
         },
     )
-    text = common.text_config(
-        len(tokenizer),
-        hidden_size,
-        num_layers,
-        model_type="qwen2",
-        **common.chatml_token_ids(ids),
-    )
-    vision = common.vision_config(vision_dim, vision_depth, image_size=tile_size, patch_size=vision_patch)
+    text = sizes.text(len(tokenizer), model_type="qwen2", **common.chatml_token_ids(ids))
+    vision = sizes.vision(image_size=tile_size, patch_size=vision_patch)
     downsample_ratio = 0.5
     image_seq_length = int((tile_size // vision_patch) ** 2 * downsample_ratio**2)
     config = InternVLConfig(

@@ -8,10 +8,44 @@ into a `save_pretrained` directory are here, so all fixtures scale and save alik
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from halp.testing.checkpoints import train_tokenizer
+#: Sentences the toy BPE is trained on: enough to tokenize VQA-like questions and answers.
+CORPUS = [
+    "Is there a cat in the image? Yes, there is a cat on the sofa.",
+    "How many dogs are there in the picture? There are two dogs.",
+    "What color is the car? The car is red.",
+    "Is the forest lit by a full moonlight? No, it is dark.",
+    "Describe the image. A beach with people, a boat and the blue sea.",
+    "Which option is correct? A, B, C or D. The answer is B.",
+    "Is the statue on water or a platform? On a platform.",
+    "Are there any red squares? Is the picture bright or dark? What shape is shown?",
+    "0 1 2 3 4 5 6 7 8 9 10 yes no maybe left right top bottom",
+]
+
+
+def train_tokenizer(
+    special_tokens: Sequence[str], vocab_size: int = 400, corpus: Sequence[str] | None = None, **fast_kwargs: Any
+) -> Any:
+    """A byte-level BPE trained on `corpus` (default CORPUS) with the family's special tokens, as a transformers
+    tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(list(corpus or CORPUS) * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **fast_kwargs)
+
 
 #: Position table of every toy decoder: long enough for the largest test prompt with its image tokens.
 MAX_POSITIONS = 4096
@@ -45,33 +79,54 @@ def prepend_bos(tokenizer: Any, bos: str) -> Any:
     return tokenizer
 
 
-def text_config(vocab_size: int, hidden_size: int, num_layers: int, **specific: Any) -> dict[str, Any]:
-    """The toy decoder: MLP twice as wide as the residual stream, GQA with half as many KV heads.
+@dataclass(frozen=True)
+class ToySizes:
+    """The sizes that make a checkpoint tiny: the decoder's width and blocks, the vision tower's width and blocks.
 
-    `specific` adds or overrides keys (model_type, head_dim, token ids, rope settings, ...).
+    A builder's `sizes` parameter defaults to these or to its family's own (more decoder blocks for Mllama's
+    cross-attention pattern, a third vision block for deepstack taps); `build_checkpoint(family, path, **sizes)`
+    overrides any of them by name.
     """
-    heads = attention_heads(hidden_size)
-    return {
-        "vocab_size": vocab_size,
-        "hidden_size": hidden_size,
-        "intermediate_size": hidden_size * 2,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": max(1, heads // 2),
-        "max_position_embeddings": MAX_POSITIONS,
-        **specific,
-    }
+
+    hidden_size: int = 64
+    num_layers: int = 4
+    vision_dim: int = 32
+    vision_depth: int = 2
+
+    def text(self, vocab_size: int, **specific: Any) -> dict[str, Any]:
+        """The toy decoder: MLP twice as wide as the residual stream, GQA with half as many KV heads.
+
+        `specific` adds or overrides keys (model_type, head_dim, token ids, rope settings, ...).
+        """
+        heads = attention_heads(self.hidden_size)
+        return {
+            "vocab_size": vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.hidden_size * 2,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": max(1, heads // 2),
+            "max_position_embeddings": MAX_POSITIONS,
+            **specific,
+        }
+
+    def vision(self, **specific: Any) -> dict[str, Any]:
+        """The toy ViT tower (keys as in the CLIP/SigLIP-style configs); `specific` adds image and patch sizes."""
+        return {
+            "hidden_size": self.vision_dim,
+            "intermediate_size": self.vision_dim * 2,
+            "num_hidden_layers": self.vision_depth,
+            "num_attention_heads": attention_heads(self.vision_dim),
+            **specific,
+        }
+
+    def head_dim(self) -> int:
+        """The decoder's per-head width."""
+        return self.hidden_size // attention_heads(self.hidden_size)
 
 
-def vision_config(vision_dim: int, vision_depth: int, **specific: Any) -> dict[str, Any]:
-    """The toy ViT tower (keys as in the CLIP/SigLIP-style configs); `specific` adds image and patch sizes."""
-    return {
-        "hidden_size": vision_dim,
-        "intermediate_size": vision_dim * 2,
-        "num_hidden_layers": vision_depth,
-        "num_attention_heads": attention_heads(vision_dim),
-        **specific,
-    }
+#: The sizes of every family that states no others.
+TOY = ToySizes()
 
 
 def chatml_template(image_markup: str, default_system: str | None = None) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from halp.testing.builders import common
+from halp.tiny_checkpoints import common
 
 FAMILIES = ("llava", "llava_next", "llava_onevision")
 
@@ -57,11 +57,9 @@ def _llama_tokenizer():
     return common.prepend_bos(tokenizer, "<s>")
 
 
-def _text_config(model_type: str, tokenizer, hidden_size: int, num_layers: int) -> dict:
-    config = common.text_config(
+def _text_config(model_type: str, tokenizer, sizes: common.ToySizes) -> dict:
+    config = sizes.text(
         len(tokenizer),
-        hidden_size,
-        num_layers,
         model_type=model_type,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -72,27 +70,17 @@ def _text_config(model_type: str, tokenizer, hidden_size: int, num_layers: int) 
     return config
 
 
-def _vision_config(model_type: str, vision_dim: int, vision_depth: int, image_size: int, patch_size: int) -> dict:
-    return common.vision_config(
-        vision_dim, vision_depth, model_type=model_type, image_size=image_size, patch_size=patch_size
-    )
+SIZES = common.ToySizes(vision_depth=3)
+# 28 px tiles of 7 px patches: 16 patches + CLS, like 336 / 14 -> 576 + CLS.
+TILE, PATCH = 28, 7
 
 
-def build(
-    path: Path,
-    family: str = "llava",
-    hidden_size: int = 64,
-    num_layers: int = 4,
-    vision_dim: int = 32,
-    vision_depth: int = 3,
-) -> Path:
+def build(path: Path, family: str = "llava", sizes: common.ToySizes = SIZES) -> Path:
     common.require_family(family, FAMILIES)
-    if family == "llava":
-        _build_llava(path, hidden_size, num_layers, vision_dim, vision_depth)
-    elif family == "llava_next":
-        _build_llava_next(path, hidden_size, num_layers, vision_dim, vision_depth)
+    if family == "llava_onevision":
+        _build_llava_onevision(path, sizes)
     else:
-        _build_llava_onevision(path, hidden_size, num_layers, vision_dim, vision_depth)
+        _build_clip_llava(path, family, sizes)
     return path
 
 
@@ -100,72 +88,57 @@ def _save(path: Path, model, processor, tokenizer) -> None:
     common.save_checkpoint(path, model, processor, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id)
 
 
-def _build_llava(path: Path, hidden_size: int, num_layers: int, vision_dim: int, vision_depth: int) -> None:
-    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-
-    # 28 px / 7 px patches: 16 patches + CLS, like 336 / 14 -> 576 + CLS.
-    image_size, patch_size = 28, 7
-    tokenizer = _llama_tokenizer()
-    config = LlavaConfig(
-        vision_config=_vision_config("clip_vision_model", vision_dim, vision_depth, image_size, patch_size),
-        text_config=_text_config("llama", tokenizer, hidden_size, num_layers),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=(image_size // patch_size) ** 2,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
-    model = LlavaForConditionalGeneration(config)
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(
-            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-        ),
-        tokenizer=tokenizer,
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=LLAVA_TEMPLATE,
-    )
-    _save(path, model, processor, tokenizer)
-
-
-def _build_llava_next(path: Path, hidden_size: int, num_layers: int, vision_dim: int, vision_depth: int) -> None:
+def _build_clip_llava(path: Path, family: str, sizes: common.ToySizes) -> None:
+    """LLaVA-1.5 (Llama decoder) or LLaVA-NeXT (Mistral decoder, any-resolution tiles): CLIP tower read at its
+    feature layer -2 with CLS dropped, Llama's tokenizer."""
     from transformers import (
+        CLIPImageProcessor,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
         LlavaNextImageProcessor,
         LlavaNextProcessor,
+        LlavaProcessor,
     )
 
-    # The real pinpoints (multiples of the 336 px tile) scaled to a 28 px tile with 7 px patches.
-    image_size, patch_size = 28, 7
-    pinpoints = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]
+    size = {"size": {"shortest_edge": TILE}, "crop_size": {"height": TILE, "width": TILE}}
+    if family == "llava":
+        config_class, model_class, processor_class, decoder, template = (
+            LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, "llama", LLAVA_TEMPLATE
+        )
+        tiling: dict = {}
+        image_processor = CLIPImageProcessor(**size)
+    else:
+        config_class, model_class, processor_class, decoder, template = (
+            LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor, "mistral", LLAVA_NEXT_TEMPLATE
+        )
+        # The real pinpoints (multiples of the 336 px tile) scaled to the 28 px tile.
+        tiling = {"image_grid_pinpoints": [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]}
+        image_processor = LlavaNextImageProcessor(**size, **tiling)
     tokenizer = _llama_tokenizer()
-    config = LlavaNextConfig(
-        vision_config=_vision_config("clip_vision_model", vision_dim, vision_depth, image_size, patch_size),
-        text_config=_text_config("mistral", tokenizer, hidden_size, num_layers),
+    config = config_class(
+        vision_config=sizes.vision(model_type="clip_vision_model", image_size=TILE, patch_size=PATCH),
+        text_config=_text_config(decoder, tokenizer, sizes),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_grid_pinpoints=pinpoints,
-        image_seq_length=(image_size // patch_size) ** 2,
+        **tiling,
+        image_seq_length=(TILE // PATCH) ** 2,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
-    model = LlavaNextForConditionalGeneration(config)
-    processor = LlavaNextProcessor(
-        image_processor=LlavaNextImageProcessor(
-            size={"shortest_edge": image_size},
-            crop_size={"height": image_size, "width": image_size},
-            image_grid_pinpoints=pinpoints,
-        ),
+    model = model_class(config)
+    processor = processor_class(
+        image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=patch_size,
+        patch_size=PATCH,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
-        chat_template=LLAVA_NEXT_TEMPLATE,
+        chat_template=template,
     )
     _save(path, model, processor, tokenizer)
 
 
-def _build_llava_onevision(path: Path, hidden_size: int, num_layers: int, vision_dim: int, vision_depth: int) -> None:
+def _build_llava_onevision(path: Path, sizes: common.ToySizes) -> None:
     from transformers import (
         LlavaOnevisionConfig,
         LlavaOnevisionForConditionalGeneration,
@@ -176,19 +149,18 @@ def _build_llava_onevision(path: Path, hidden_size: int, num_layers: int, vision
 
     # 28 px tiles of 7 px patches = 4x4 features per tile (the real one: 384 / 14 = 27x27), and tile
     # grids up to 6x6 as in the real pinpoints, so a large image exceeds anyres_max_9 and is down-sampled.
-    image_size, patch_size = 28, 7
-    pinpoints = [[image_size * rows, image_size * cols] for rows in range(1, 7) for cols in range(1, 7)]
+    pinpoints = [[TILE * rows, TILE * cols] for rows in range(1, 7) for cols in range(1, 7)]
     tokenizer, _ = common.family_tokenizer(
         QWEN_SPECIAL,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
     )
-    vision = _vision_config("siglip_vision_model", vision_dim, vision_depth, image_size, patch_size)
+    vision = sizes.vision(model_type="siglip_vision_model", image_size=TILE, patch_size=PATCH)
     vision["vision_use_head"] = False
     config = LlavaOnevisionConfig(
         vision_config=vision,
-        text_config=_text_config("qwen2", tokenizer, hidden_size, num_layers),
+        text_config=_text_config("qwen2", tokenizer, sizes),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
         image_grid_pinpoints=pinpoints,
@@ -200,11 +172,11 @@ def _build_llava_onevision(path: Path, hidden_size: int, num_layers: int, vision
     siglip_norm = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
     processor = LlavaOnevisionProcessor(
         image_processor=LlavaOnevisionImageProcessor(
-            size={"height": image_size, "width": image_size}, image_grid_pinpoints=pinpoints, **siglip_norm
+            size={"height": TILE, "width": TILE}, image_grid_pinpoints=pinpoints, **siglip_norm
         ),
         tokenizer=tokenizer,
-        video_processor=LlavaOnevisionVideoProcessor(size={"height": image_size, "width": image_size}, **siglip_norm),
-        num_image_tokens=(image_size // patch_size) ** 2,
+        video_processor=LlavaOnevisionVideoProcessor(size={"height": TILE, "width": TILE}, **siglip_norm),
+        num_image_tokens=(TILE // PATCH) ** 2,
         vision_feature_select_strategy="full",
         vision_aspect_ratio="anyres_max_9",
         chat_template=ONEVISION_TEMPLATE,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from halp.testing.builders import common
+from halp.tiny_checkpoints import common
 
 FAMILY = "mllama"
 
@@ -40,14 +40,15 @@ CHAT_TEMPLATE = (
 GATES = {"cross_attn_attn_gate", "cross_attn_mlp_gate", "gate", "gate_attn", "gate_ffn"}
 
 
+# Five decoder blocks: self-attention blocks around the two cross-attention blocks.
+SIZES = common.ToySizes(num_layers=5)
+
+
 def build(
     path: Path,
     family: str = FAMILY,
-    hidden_size: int = 64,
-    num_layers: int = 5,
+    sizes: common.ToySizes = SIZES,
     cross_attention_layers: tuple[int, ...] = (1, 3),
-    vision_dim: int = 32,
-    vision_depth: int = 2,
     tile_size: int = 32,
     patch_size: int = 8,
 ) -> Path:
@@ -58,24 +59,22 @@ def build(
     tokenizer, ids = common.family_tokenizer(
         SPECIAL, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>"
     )
-    intermediate_layers = [0, vision_depth - 1]
+    intermediate_layers = [0, sizes.vision_depth - 1]
     vision_config = {
-        "hidden_size": vision_dim,
-        "intermediate_size": vision_dim * 2,
-        "num_hidden_layers": vision_depth,
+        "hidden_size": sizes.vision_dim,
+        "intermediate_size": sizes.vision_dim * 2,
+        "num_hidden_layers": sizes.vision_depth,
         "num_global_layers": 1,
-        "attention_heads": common.attention_heads(vision_dim),
+        "attention_heads": common.attention_heads(sizes.vision_dim),
         "image_size": tile_size,
         "patch_size": patch_size,
         "max_num_tiles": 4,
         "intermediate_layers_indices": intermediate_layers,
         # The projector input: the global encoder's output concatenated with the intermediate layers.
-        "vision_output_dim": vision_dim * (1 + len(intermediate_layers)),
+        "vision_output_dim": sizes.vision_dim * (1 + len(intermediate_layers)),
     }
-    text = common.text_config(
+    text = sizes.text(
         len(tokenizer),
-        hidden_size,
-        num_layers,
         cross_attention_layers=list(cross_attention_layers),
         bos_token_id=ids["<|begin_of_text|>"],
         eos_token_id=ids["<|eot_id|>"],

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from halp.testing.builders import common
+from halp.tiny_checkpoints import common
 
 FAMILY = "fast_vlm"
 
@@ -52,8 +52,7 @@ def _unit_variance_init(tower: Any, crop_size: int) -> None:
 def build(
     path: Path,
     family: str = FAMILY,
-    hidden_size: int = 64,
-    num_layers: int = 4,
+    sizes: common.ToySizes = common.TOY,
     stage_dims: tuple[int, ...] = (8, 16, 32, 32, 32),
     crop_size: int = 128,
 ) -> Path:
@@ -71,13 +70,7 @@ def build(
         "hidden_size": vision_width,
         "model_args": {"inference_mode": True, "layers": [1] * len(stage_dims), "embed_dims": list(stage_dims)},
     }
-    text = common.text_config(
-        len(tokenizer),
-        hidden_size,
-        num_layers,
-        model_type="qwen2",
-        **common.chatml_token_ids(ids),
-    )
+    text = sizes.text(len(tokenizer), model_type="qwen2", **common.chatml_token_ids(ids))
     config = FastVlmConfig(
         vision_config=vision_config,
         text_config=text,

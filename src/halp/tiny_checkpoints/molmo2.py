@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from halp.testing.builders import common
+from halp.tiny_checkpoints import common
 
 FAMILY = "molmo2"
 
@@ -46,13 +46,14 @@ CHAT_TEMPLATE = (
 )
 
 
+# Three ViT blocks: the adapter concatenates the last two.
+SIZES = common.ToySizes(vision_depth=3)
+
+
 def build(
     path: Path,
     family: str = FAMILY,
-    hidden_size: int = 64,
-    num_layers: int = 4,
-    vision_dim: int = 32,
-    vision_depth: int = 3,
+    sizes: common.ToySizes = SIZES,
     crop_size: int = 28,
     vision_patch: int = 4,
     max_crops: int = 4,
@@ -70,19 +71,16 @@ def build(
     tokenizer, ids = common.family_tokenizer(
         SPECIAL, bos_token="<|im_end|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
     )
+    vision_dim = sizes.vision_dim
     vision_heads = common.attention_heads(vision_dim)
-    text = common.text_config(
+    text = sizes.text(
         len(tokenizer),
-        hidden_size,
-        num_layers,
         additional_vocab_size=0,
-        head_dim=hidden_size // common.attention_heads(hidden_size),
+        head_dim=sizes.head_dim(),
         qk_norm_type="qwen3",
         rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0},
     )
-    vision = common.vision_config(
-        vision_dim,
-        vision_depth,
+    vision = sizes.vision(
         num_key_value_heads=vision_heads,
         head_dim=vision_dim // vision_heads,
         image_size=[crop_size, crop_size],
@@ -95,8 +93,8 @@ def build(
         "num_attention_heads": vision_heads,
         "num_key_value_heads": vision_heads,
         "head_dim": vision_dim // vision_heads,
-        "intermediate_size": hidden_size * 2,
-        "text_hidden_size": hidden_size,
+        "intermediate_size": sizes.hidden_size * 2,
+        "text_hidden_size": sizes.hidden_size,
     }
     config = Molmo2Config(
         text_config=text,
