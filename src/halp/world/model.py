@@ -30,7 +30,6 @@ import json
 import math
 import os
 import select
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 
 from halp.errors import ParameterError, WorldError
-from halp.layout import write_text_atomic
+from halp.layout import atomic_directory, write_text_atomic
 from halp.world.recipe import (
     CHECKPOINT_DIR,
     GROUNDED_TYPES,
@@ -363,94 +362,92 @@ def train(
     from halp.tiny_checkpoints import build_checkpoint
 
     home.mkdir(parents=True, exist_ok=True)
-    staging = home / f".{CHECKPOINT_DIR}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
     previous_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        started, cpu_started = time.perf_counter(), time.process_time()
-        # The builder's random initialisation, saved and loaded back: the real loading path from step 0.
-        build_checkpoint(
-            "qwen2_vl",
-            staging,
-            seed=config.seed,
-            hidden_size=config.hidden_size,
-            num_layers=config.num_layers,
-            vision_dim=config.vision_dim,
-            vision_depth=config.vision_depth,
-            rope_theta=config.rope_theta,
-            min_pixels=IMAGE_SIZE * IMAGE_SIZE,
-            max_pixels=IMAGE_SIZE * IMAGE_SIZE,
-            tokenizer_corpus=tokenizer_corpus(),
-            vocab_size=VOCAB_SIZE,
-        )
-        processor = AutoProcessor.from_pretrained(staging)
-        model = AutoModelForImageTextToText.from_pretrained(staging, dtype=torch.float32)
-        adapter_for(model, processor)  # the modules and the image token resolve before any training
-        encoder = Encoder(processor, model.config.model_type)
-        loader = torch.utils.data.DataLoader(
-            TrainingStream(config, staging, model.config.model_type),
-            batch_size=None,
-            num_workers=workers,
-            multiprocessing_context="forkserver" if workers else None,
-            prefetch_factor=4 if workers else None,
-            worker_init_fn=EndWithTrainer(os.getpid()) if workers else None,
-        )
-        batches = iter(loader)
-        torch.manual_seed(config.seed)
-        vision_losses, vision_scores = (
-            pretrain_vision(model, batches, config, progress) if config.vision_steps else ([], {})
-        )
-        if config.freeze_vision and config.vision_steps:
-            freeze_vision_tower(model)
-        trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _schedule(step, config))
-        losses: list[float] = []
-        accuracy: list[float] = []
-        bar = tqdm(
-            batches, total=config.steps, desc="training the world model", disable=not progress, dynamic_ncols=True
-        )
-        smooth_loss, smooth_acc = float("nan"), float("nan")
-        for step, inputs in enumerate(bar):
-            model.train()
-            loss, hits = answer_loss(model, inputs)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
-            scheduler.step()
-            losses.append(float(loss.detach()))
-            accuracy.append(float(hits.float().mean()))
-            smooth_loss = losses[-1] if step == 0 else 0.95 * smooth_loss + 0.05 * losses[-1]
-            smooth_acc = accuracy[-1] if step == 0 else 0.95 * smooth_acc + 0.05 * accuracy[-1]
-            bar.set_postfix(loss=f"{smooth_loss:.3f}", acc=f"{smooth_acc:.2f}")
-        bar.close()
-        heldout = heldout_set(config, config.heldout)
-        correct = evaluate(model, encoder, heldout)
-        by_type: dict[str, list[bool]] = {}
-        for (_, question, _), hit in zip(heldout, correct, strict=True):
-            by_type.setdefault(question.question_type, []).append(bool(hit))
-        seconds = time.perf_counter() - started
-        model.save_pretrained(staging)
-        processor.save_pretrained(staging)
-        result = TrainingResult(
-            checkpoint,
-            config,
-            False,
-            seconds,
-            losses,
-            accuracy,
-            float(correct.mean()) if len(correct) else float("nan"),
-            {kind: float(np.mean(hits)) for kind, hits in sorted(by_type.items())},
-            torch.get_num_threads(),
-            time.process_time() - cpu_started,
-            vision_losses,
-            vision_scores,
-        )
-        shutil.rmtree(checkpoint, ignore_errors=True)
-        os.replace(staging, checkpoint)
+        # Trained in a staging folder beside the cache entry, renamed into place once saved (halp.layout).
+        with atomic_directory(checkpoint, replace=True) as staging:
+            started, cpu_started = time.perf_counter(), time.process_time()
+            # The builder's random initialisation, saved and loaded back: the real loading path from step 0.
+            build_checkpoint(
+                "qwen2_vl",
+                staging,
+                seed=config.seed,
+                hidden_size=config.hidden_size,
+                num_layers=config.num_layers,
+                vision_dim=config.vision_dim,
+                vision_depth=config.vision_depth,
+                rope_theta=config.rope_theta,
+                min_pixels=IMAGE_SIZE * IMAGE_SIZE,
+                max_pixels=IMAGE_SIZE * IMAGE_SIZE,
+                tokenizer_corpus=tokenizer_corpus(),
+                vocab_size=VOCAB_SIZE,
+            )
+            processor = AutoProcessor.from_pretrained(staging)
+            model = AutoModelForImageTextToText.from_pretrained(staging, dtype=torch.float32)
+            adapter_for(model, processor)  # the modules and the image token resolve before any training
+            encoder = Encoder(processor, model.config.model_type)
+            loader = torch.utils.data.DataLoader(
+                TrainingStream(config, staging, model.config.model_type),
+                batch_size=None,
+                num_workers=workers,
+                multiprocessing_context="forkserver" if workers else None,
+                prefetch_factor=4 if workers else None,
+                worker_init_fn=EndWithTrainer(os.getpid()) if workers else None,
+            )
+            batches = iter(loader)
+            torch.manual_seed(config.seed)
+            vision_losses, vision_scores = (
+                pretrain_vision(model, batches, config, progress) if config.vision_steps else ([], {})
+            )
+            if config.freeze_vision and config.vision_steps:
+                freeze_vision_tower(model)
+            trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+            optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _schedule(step, config))
+            losses: list[float] = []
+            accuracy: list[float] = []
+            bar = tqdm(
+                batches, total=config.steps, desc="training the world model", disable=not progress, dynamic_ncols=True
+            )
+            smooth_loss, smooth_acc = float("nan"), float("nan")
+            for step, inputs in enumerate(bar):
+                model.train()
+                loss, hits = answer_loss(model, inputs)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+                optimizer.step()
+                scheduler.step()
+                losses.append(float(loss.detach()))
+                accuracy.append(float(hits.float().mean()))
+                smooth_loss = losses[-1] if step == 0 else 0.95 * smooth_loss + 0.05 * losses[-1]
+                smooth_acc = accuracy[-1] if step == 0 else 0.95 * smooth_acc + 0.05 * accuracy[-1]
+                bar.set_postfix(loss=f"{smooth_loss:.3f}", acc=f"{smooth_acc:.2f}")
+            bar.close()
+            heldout = heldout_set(config, config.heldout)
+            correct = evaluate(model, encoder, heldout)
+            by_type: dict[str, list[bool]] = {}
+            for (_, question, _), hit in zip(heldout, correct, strict=True):
+                by_type.setdefault(question.question_type, []).append(bool(hit))
+            seconds = time.perf_counter() - started
+            model.save_pretrained(staging)
+            processor.save_pretrained(staging)
+            result = TrainingResult(
+                checkpoint,
+                config,
+                False,
+                seconds,
+                losses,
+                accuracy,
+                float(correct.mean()) if len(correct) else float("nan"),
+                {kind: float(np.mean(hits)) for kind, hits in sorted(by_type.items())},
+                torch.get_num_threads(),
+                time.process_time() - cpu_started,
+                vision_losses,
+                vision_scores,
+            )
         write_text_atomic(record, json.dumps(result.as_dict(), indent=2))
         say(
             f"trained {checkpoint} in {seconds:.0f}s ({result.cpu_seconds:.0f} CPU-s) on {result.threads} thread(s): "
@@ -460,4 +457,3 @@ def train(
         return result
     finally:
         torch.set_num_threads(previous_threads)
-        shutil.rmtree(staging, ignore_errors=True)

@@ -25,7 +25,7 @@ from typing import Any
 
 from halp.data import file_sha256
 from halp.errors import WorldError
-from halp.layout import write_text_atomic
+from halp.layout import atomic_directory, write_text_atomic
 from halp.world.recipe import CHECKPOINT_DIR, TRAINING_FILE, WORLD_VERSION, WorldModelConfig, heldout_set
 from halp.world.scoring import Encoder, evaluate
 
@@ -90,33 +90,32 @@ def ship(trained_home: Path, root: Path | None = None, note: str = "") -> Path:
     root = root or SHIPPED_DIR
     root.mkdir(parents=True, exist_ok=True)
     home = root / config_hash
-    staging = root / f".{config_hash}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(trained_home / CHECKPOINT_DIR, staging / CHECKPOINT_DIR)
-    record["checkpoint"] = CHECKPOINT_DIR  # relative: the cache path of the training machine means nothing here
-    write_text_atomic(staging / TRAINING_FILE, json.dumps(record, indent=2))
-    files = {
-        path.relative_to(staging).as_posix(): file_sha256(path) for path in sorted(staging.rglob("*")) if path.is_file()
-    }
-    manifest = {
-        "config_hash": config_hash,
-        "config": record["config"],
-        "world_version": WORLD_VERSION,
-        "heldout_accuracy": record["heldout_accuracy"],
-        "trained_with": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-            "threads": record["threads"],
-            "seconds": record["seconds"],
-        },
-        "note": note,
-        "files": files,
-    }
-    write_text_atomic(staging / MANIFEST_FILE, json.dumps(manifest, indent=2))
-    shutil.rmtree(home, ignore_errors=True)
-    staging.rename(home)
+    with atomic_directory(home, replace=True) as staging:  # the folder appears whole, manifest included
+        shutil.copytree(trained_home / CHECKPOINT_DIR, staging / CHECKPOINT_DIR)
+        record["checkpoint"] = CHECKPOINT_DIR  # relative: the cache path of the training machine means nothing here
+        write_text_atomic(staging / TRAINING_FILE, json.dumps(record, indent=2))
+        files = {
+            path.relative_to(staging).as_posix(): file_sha256(path)
+            for path in sorted(staging.rglob("*"))
+            if path.is_file()
+        }
+        manifest = {
+            "config_hash": config_hash,
+            "config": record["config"],
+            "world_version": WORLD_VERSION,
+            "heldout_accuracy": record["heldout_accuracy"],
+            "trained_with": {
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "python": platform.python_version(),
+                "machine": platform.machine(),
+                "threads": record["threads"],
+                "seconds": record["seconds"],
+            },
+            "note": note,
+            "files": files,
+        }
+        write_text_atomic(staging / MANIFEST_FILE, json.dumps(manifest, indent=2))
     return home
 
 
