@@ -8,7 +8,7 @@ Layout (what writes it)::
     RUN_DIR/errors.jsonl         halp extract: rows that failed (empty when none)
     RUN_DIR/parts/, shards/, ray/  halp extract: committed batches while the run is in progress
     RUN_DIR/labels.csv           halp label
-    RUN_DIR/reviews.jsonl        halp review: manual decisions, appended
+    RUN_DIR/reviews.jsonl        halp review: manual decisions, appended (under .reviews.jsonl.lock)
     RUN_DIR/probes/              halp probe: results.csv, results.json, predictions.csv, groups.csv, models/
     RUN_DIR/report/              halp report: report.html and PNGs
     RUN_DIR/risk/                halp predict: <table name>.csv
@@ -48,6 +48,8 @@ GROUPS_FILE = "groups.csv"
 RESULTS_JSON_FILE = "results.json"
 PROBE_MODELS_DIR = "models"
 REPORT_DIR = "report"
+#: The report page in REPORT_DIR (or in `halp report --out`).
+REPORT_PAGE = "report.html"
 RISK_DIR = "risk"
 #: A committed batch: `parts/part-000042.h5`, numbered in commit order per writer.
 PART_RE = re.compile(r"^part-(\d{6})\.h5$")
@@ -103,8 +105,14 @@ def features_file(run: str | Path) -> Path:
     raise RunNotFoundError(f"no {FEATURES_FILE} in {path}")
 
 
-def errors_file(run_dir: str | Path) -> Path:
-    return Path(run_dir) / ERRORS_FILE
+def errors_file(run_dir: str | Path, shard: str | None = None) -> Path:
+    """The failed rows of the run's last pass, or of one shard's (`shard`: its name, `0-of-2`)."""
+    return (shard_dir(run_dir, shard) if shard else Path(run_dir)) / ERRORS_FILE
+
+
+def shard_dir(run_dir: str | Path, shard: str) -> Path:
+    """The directory a shard of a sharded run writes: RUN_DIR/shards/<i>-of-<k>."""
+    return Path(run_dir) / SHARDS_DIR / shard
 
 
 def labels_file(run_dir: str | Path) -> Path:
@@ -131,6 +139,12 @@ def report_dir(run_dir: str | Path) -> Path:
 def risk_file(run_dir: str | Path, table: str | Path) -> Path:
     """Where `halp predict` writes the risk of a table by default: RUN_DIR/risk/<table stem>.csv."""
     return Path(run_dir) / RISK_DIR / f"{Path(table).stem}.csv"
+
+
+def lock_file_of(path: str | Path) -> Path:
+    """The lock file of an append-only log several processes write: hidden, beside it (`.reviews.jsonl.lock`)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
 
 
 def temporary_path(path: str | Path) -> Path:

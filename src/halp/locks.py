@@ -1,5 +1,12 @@
 """Who may write a run directory: OS file locks, released by the OS when a process dies (no stale locks).
 
+Two kinds, one mechanism underneath (the OS's `flock`):
+- the run's writer locks below hold `.lock` files that also say who holds them ("<pid>" for a lifetime holder,
+  "<pid> brief <writer>" for a brief one), which a shard reads to tell a single-process run from another shard;
+  `filelock` empties a lock file when it takes it, so these are taken here with `fcntl` directly;
+- `appender_lock`: the maintained `filelock` package's lock for an append-only log several processes write
+  (reviews.jsonl), whose lock file says nothing.
+
 A single-process run (and a Ray driver) holds `RUN_DIR/.lock` for its whole life. A shard or Ray worker holds its
 own directory's `.lock` for its life and takes `RUN_DIR/.lock` only briefly (the "run lock"): to check the run's
 identity and list what is committed when it starts, and to assemble when it finishes. Brief holders write
@@ -16,8 +23,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from filelock import FileLock
+
 from halp.errors import RunLockedError
-from halp.layout import LOCK_FILE, RAY_DIR, SHARDS_DIR
+from halp.layout import LOCK_FILE, RAY_DIR, SHARDS_DIR, lock_file_of
 
 #: How long a shard waits for another shard's brief hold of the run lock (an assembly of a large run).
 SYNC_TIMEOUT_S = 3600.0
@@ -170,3 +179,9 @@ class RunLocks:
         if live:
             running = ", ".join(f"{path.relative_to(self.root)} (pid {pid})" for path, pid in live.items())
             raise RunLockedError(f"{self.root}: {why}, but {running} is still running. Wait for it or stop it.")
+
+
+def appender_lock(path: str | Path) -> FileLock:
+    """An exclusive lock for appending to the log at `path` (its hidden `.<name>.lock` beside it), held across
+    processes, released by the OS if the holder dies. Not reentrant across threads: take a thread lock first."""
+    return FileLock(lock_file_of(path), thread_local=False)

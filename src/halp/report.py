@@ -36,6 +36,7 @@ from halp.label import parse_label_value, read_labels
 from halp.layout import (
     GROUPS_FILE,
     PREDICTIONS_FILE,
+    REPORT_PAGE,
     RESULTS_FILE,
     RESULTS_JSON_FILE,
     atomic_write,
@@ -66,7 +67,6 @@ NO_LAYER = "pre-LM"
 #: Past this many heatmap columns the intervals no longer fit in a cell; they stay in the table.
 MAX_COLUMNS_WITH_INTERVALS = 12
 #: The page `build_report` writes beside the PNGs.
-REPORT_PAGE = "report.html"
 
 
 

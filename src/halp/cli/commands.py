@@ -37,6 +37,7 @@ from halp.cli.app import (
     setup_logging,
 )
 from halp.cli.app import fail as _fail
+from halp.layout import errors_file, features_path, risk_file, shard_dir
 
 if TYPE_CHECKING:
     from halp.extract import ExtractConfig, ExtractSummary
@@ -170,11 +171,11 @@ def _report_extraction(summary: ExtractSummary) -> None:
             markup=False,
         )
     # User paths are printed literally (markup=False): `--out "runs/exp[v2]"` is a path, not rich markup.
-    console.print(f"features: {summary.run_dir / 'features.h5'}", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"features: {features_path(summary.run_dir)}", markup=False, highlight=False, soft_wrap=True)
     if not summary.finished:
         console.print(
             f"{len(summary.failed)} row(s) failed and are not in features.h5; see "
-            f"{summary.run_dir / 'errors.jsonl'}. Rerun the same command to retry only them.",
+            f"{errors_file(summary.run_dir)}. Rerun the same command to retry only them.",
             markup=False,
         )
         raise typer.Exit(1)
@@ -190,7 +191,7 @@ def _report_shard(summary: ExtractSummary) -> None:
     if summary.stages.batches:
         console.print(summary.stages.line(), markup=False, highlight=False, soft_wrap=True)
     if summary.failed:
-        console.print(f"failed rows: {summary.run_dir / 'shards' / shard.name / 'errors.jsonl'}", markup=False)
+        console.print(f"failed rows: {errors_file(summary.run_dir, shard.name)}", markup=False)
     if summary.pending_shards:
         console.print(
             f"waiting for shard(s) {', '.join(summary.pending_shards)}; the last to finish assembles features.h5 "
@@ -201,11 +202,11 @@ def _report_shard(summary: ExtractSummary) -> None:
         if summary.failed and shard.source == "flags":
             raise typer.Exit(1)
         return
-    console.print(f"features: {summary.run_dir / 'features.h5'} (all {shard.count} shards)", markup=False)
+    console.print(f"features: {features_path(summary.run_dir)} (all {shard.count} shards)", markup=False)
     if summary.run_failed:
         console.print(
             f"{summary.run_failed} row(s) of the run failed and are not in features.h5; see "
-            f"{summary.run_dir / 'errors.jsonl'}. Rerun the shards to retry only them.",
+            f"{errors_file(summary.run_dir)}. Rerun the shards to retry only them.",
             markup=False,
         )
         raise typer.Exit(1)
@@ -232,7 +233,7 @@ def merge(
     if result.missing:
         running = store.live_writers()
         states = [
-            f"{name} ({'running' if store.root / 'shards' / name in running else 'not running: rerun it'})"
+            f"{name} ({'running' if shard_dir(store.root, name) in running else 'not running: rerun it'})"
             for name in result.missing
         ]
         _fail(f"not every shard is done: {', '.join(states)}")
@@ -240,7 +241,7 @@ def merge(
     verb = "assembled" if result.assembled else "already assembled"
     console.print(f"{verb} {result.num_samples} rows from {num_shards} shards: {store.features_path}", markup=False)
     if result.failed:
-        console.print(f"{len(result.failed)} row(s) failed; see {store.root / 'errors.jsonl'}", markup=False)
+        console.print(f"{len(result.failed)} row(s) failed; see {errors_file(store.root)}", markup=False)
         raise typer.Exit(1)
 
 
@@ -388,7 +389,6 @@ def predict(
     """Score (image, question) rows for hallucination risk from the prefill alone; write question_id,risk,flagged."""
     options = dict(locals())
     from halp.data import read_samples
-    from halp.layout import risk_file
     from halp.predict import RiskScorer, check_predict_output, predict_file
 
     setup_logging()

@@ -25,7 +25,6 @@ or risk (`ORDERS`); its progress counts the reviewer's decisions and their pace.
 
 from __future__ import annotations
 
-import fcntl
 import getpass
 import itertools
 import json
@@ -43,6 +42,7 @@ from typing import Any, Protocol
 from halp.errors import ReviewError
 from halp.label_rules import Label
 from halp.layout import append_line_durably, reviews_file
+from halp.locks import appender_lock
 
 VERDICT_LABELS: dict[str, int | None] = {"hallucinated": 1, "correct": 0, "unsure": None}
 VERDICTS = tuple(VERDICT_LABELS)
@@ -228,15 +228,21 @@ class ReviewLog:
 
     @contextmanager
     def _exclusive(self) -> Iterator[None]:
-        """This thread and no other process appends now; the state is fresh inside."""
+        """This thread and no other process appends now; the state is fresh inside. Processes take the log's lock
+        file (halp.locks.appender_lock: the maintained `filelock`), threads of this one `_lock`."""
         with self._lock:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
+                held = appender_lock(self.path)
+                held.acquire()
+            except OSError as err:
+                raise ReviewError(f"cannot lock {self.path} to append: {err}; the decision was not saved") from err
+            try:
                 fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
             except OSError as err:
+                held.release()
                 raise ReviewError(f"cannot open {self.path} to append: {err}; the decision was not saved") from err
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
                 size = os.fstat(fd).st_size
                 if size and os.pread(fd, 1, size - 1) != b"\n":
                     # A writer died mid-line: end that line so the next decision is not glued onto it.
@@ -246,7 +252,8 @@ class ReviewLog:
                 yield
                 self._read_new()
             finally:
-                os.close(fd)  # releases the lock
+                os.close(fd)
+                held.release()
 
     def _append(self, decision: Decision) -> Decision:
         try:
