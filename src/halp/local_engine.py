@@ -230,11 +230,9 @@ def _extract_all(
 _DEVICE_PROCESSOR_LOCK = threading.Lock()
 
 
-
 def resolve_workers(config: ExtractConfig, device: str) -> int:
     """--workers, or by default as many input workers as can help on `device` (halp.pipeline.default_workers)."""
     return default_workers(device) if config.workers is None else config.workers
-
 
 
 def _device_encoder(extractor: FeatureExtractor, device: str) -> Any:
@@ -242,7 +240,6 @@ def _device_encoder(extractor: FeatureExtractor, device: str) -> Any:
     processor = copy.deepcopy(extractor.adapter.processor)
     processor.image_processor.device = torch.device(device)
     return type(extractor.adapter)(extractor.adapter.model, processor)
-
 
 
 def resolve_processor_device(choice: str, extractor: FeatureExtractor, device: str) -> str:
@@ -263,7 +260,6 @@ def resolve_processor_device(choice: str, extractor: FeatureExtractor, device: s
             "backend, which is what runs on a GPU; use cpu",
         )
     return device
-
 
 
 def resolve_batch_size(
@@ -294,11 +290,9 @@ def resolve_batch_size(
     return size
 
 
-
 def _free_device_cache() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
 
 
 def _reloading_encoder(
@@ -317,13 +311,11 @@ def _reloading_encoder(
     return encode
 
 
-
 def batches_by_size(images: Sequence[Image.Image], batch_size: int) -> list[list[int]]:
     """Indices of `images` in batches of similar size: dynamic-resolution models give big images more tokens,
     so such batches pad less. Features do not depend on batch composition (batch invariance)."""
     by_size = sorted(range(len(images)), key=lambda i: images[i].width * images[i].height)
     return [by_size[start : start + batch_size] for start in range(0, len(by_size), batch_size)]
-
 
 
 def extract_loaded(
@@ -353,7 +345,6 @@ def extract_loaded(
     return processed
 
 
-
 def extract_batch(
     batch: Sequence[Sample],
     images_dir: ImageSource | Path,
@@ -370,10 +361,8 @@ def extract_batch(
     return extract_loaded(ready, images, extractor, max_new_tokens, store, attrs, failures, dtype)
 
 
-
 def _out_of_memory_errors() -> tuple[type[BaseException], ...]:
     return (torch.OutOfMemoryError,)
-
 
 
 def _extract_isolating_failures(
@@ -419,7 +408,6 @@ def _extract_isolating_failures(
             )
         return
     yield samples, result
-
 
 
 def _commit_finite_rows(

@@ -61,7 +61,6 @@ AUTO_BATCH_START = 64
 AUTO_BATCH_CPU = 8
 
 
-
 def usable_cores() -> int:
     """The CPU cores this process may run on (its affinity, which containers and `taskset` narrow)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

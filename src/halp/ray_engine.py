@@ -50,7 +50,6 @@ WORKER_EXIT_GRACE_S = 60.0
 _ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)(:|$)")
 
 
-
 def _worker_failure(err: Exception, run_dir: Path) -> RayWorkerError:
     """One line a user can act on; Ray's full remote traceback goes to the run's log."""
     log.error("Ray worker failure:\n%s", err)

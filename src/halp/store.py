@@ -96,9 +96,6 @@ LATER_IDENTITY_KEYS = ("exif_orientation", "model_sha256", "data")
 log = logging.getLogger(__name__)
 
 
-
-
-
 @dataclass
 class ShardAssembly:
     """What the assembly of a sharded run found: shards not done yet, or the assembled rows."""
