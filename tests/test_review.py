@@ -855,3 +855,18 @@ def test_labels_from_rules_and_reviews_say_so_and_a_run_without_labels_has_none(
     assert label_origin(Label(None, "manual:conflict", "", "short")) == "reviewers disagree"
     assert label_origin(Label(1, "judge:tiny-judge", "", "open")) == "judge tiny-judge"
     assert label_origin(Label(0, "manual:ana+bob", "", "short")) == "review by ana, bob"
+
+
+def test_a_review_starts_on_the_doubtful_rows_when_every_row_has_a_label(tmp_path):
+    """halp world's runs have an exact label for every row: the default queue `unknown` would be empty, so the
+    review opens on the rows whose label the rules or the probe doubt (issue 27)."""
+    run, images = make_labelled_run(tmp_path)
+    assert ReviewSession(run, images, "ana").starting_queue() == "unknown"  # q5 has no label yet
+    table = tmp_path / "all.csv"
+    pd.DataFrame({"question_id": [f"q{i}" for i in range(6)], "label": ["1", "1", "0", "1", "0", "0"]}).to_csv(
+        table, index=False
+    )
+    label_run(run, labels=table)
+    session = ReviewSession(run, images, "ana")
+    assert session.queue("unknown") == [] and session.queue("doubtful")
+    assert session.starting_queue() == "doubtful"

@@ -33,9 +33,13 @@ def review(
     reviewer: Annotated[
         str | None, typer.Option(help="Your name in reviews.jsonl (default: login name; the URL's ?reviewer= wins).")
     ] = None,
-    queue: Annotated[str, typer.Option(help="Rows to start: unknown, all, rules (audit), disagree or doubtful.")] = (
-        "unknown"
-    ),
+    queue: Annotated[
+        str | None,
+        typer.Option(
+            help="Rows to start: unknown, all, rules (audit), disagree or doubtful. Default: unknown, or doubtful "
+            "when every row has a label."
+        ),
+    ] = None,
     only: Annotated[str | None, typer.Option(help="Narrow the queue to column=value (category=animals).")] = None,
     order: Annotated[str, typer.Option(help="table, or risk (highest probe risk first).")] = "table",
     export: Annotated[str | None, typer.Option(help="Write tasks for another tool instead: label-studio.")] = None,
@@ -58,6 +62,7 @@ def review(
     from halp.review.session import ReviewSession
 
     session = ReviewSession(run_dir, images, reviewer or default_reviewer())
+    queue = queue or session.starting_queue()
     chosen = session.queue(queue, only, order)  # checks the choices before the server starts
     start = {"queue": queue, "order": order, **({"where": only} if only else {})}
 

@@ -254,6 +254,11 @@ class ReviewSession:
                 columns[column] = values
         return columns
 
+    def starting_queue(self) -> str:
+        """The queue a review opens on when none is asked for: the rows without a label, or, on a run where every row
+        has one (halp world's exact labels), the rows whose label the rules or the probe's risk doubt."""
+        return "doubtful" if not self.queue("unknown") and self.queue("doubtful") else "unknown"
+
     def queue(self, name: str = "unknown", where: str | Mapping[str, str] | None = None, order: str = "table"
               ) -> list[int]:
         """Row indices of a queue, filtered by column values, in table or risk order."""
