@@ -66,6 +66,9 @@ LOGREG_CS = tuple(float(c) for c in np.logspace(1, -5, 7))
 #: Accuracy and F1 count a probability at or above this as "hallucinated" (the paper's 0.5).
 THRESHOLD = 0.5
 PROBE_FORMAT = "halp-probe/1"
+#: Rows per MLP step and fit, and the epochs without a better held-out loss after which a fit stops.
+MLP_BATCH_SIZE = 128
+MLP_PATIENCE = 5
 
 
 # ----- shared helpers ----------------------------------------------------------------------------
@@ -112,7 +115,14 @@ def _resolve_device(device: str) -> torch.device:
 
 # ----- the probes --------------------------------------------------------------------------------
 class LogRegProbe(ClassifierMixin, BaseEstimator):
-    """Standardized L2 logistic regression; `C=None` picks C from LOGREG_CS by inner CV on AUROC."""
+    """Standardized L2 logistic regression; `C=None` picks C from LOGREG_CS by inner CV on AUROC.
+
+    The inner CV is `LogisticRegressionCV`'s (stratified `cv` folds of the training rows, AUROC summed over folds,
+    the largest C among equal sums, then a refit on every row). Up to LOGREG_NEWTON_MAX_DIM features, `fit_batch`
+    solves every problem of its fits at once by Newton's method (`newton_logistic`: the whole path of C values, warm
+    started, then the refits), the same optimum as scikit-learn's solvers to ~1e-10; past that it runs
+    scikit-learn's `LogisticRegressionCV` / `LogisticRegression` (lbfgs) per fit.
+    """
 
     def __init__(self, C: float | None = None, cv: int = 5, max_iter: int = 1000, random_state: int = 42) -> None:
         self.C = C
@@ -120,19 +130,47 @@ class LogRegProbe(ClassifierMixin, BaseEstimator):
         self.max_iter = max_iter
         self.random_state = random_state
 
-    def fit(self, X: Any, y: Any) -> LogRegProbe:
+    def fit(self, X: Any, y: Any, groups: Any = None) -> LogRegProbe:
+        """Fit on every row (`groups` is accepted for the API MLPProbe shares; the inner CV is not grouped)."""
         X, y = _as_features(X), _check_binary(y)
-        self.classes_ = np.array([0, 1])
-        self.n_features_in_ = X.shape[1]
-        self.scaler_ = StandardScaler().fit(X)
+        [fitted] = self.fit_batch(X, [Fit(np.arange(len(y)), y)])
+        for name, value in vars(fitted).items():
+            if name.endswith("_"):
+                setattr(self, name, value)
+        return self
+
+    def fit_batch(self, X: Any, fits: Sequence[Fit], groups: Any = None) -> list[LogRegProbe]:
+        """One fitted copy of this probe per fit (`fit.rows` of X, labels `fit.y`), solved together where it pays."""
+        X = _as_features(X)
+        probes = []
+        for fit in fits:
+            probe = clone(self)
+            y = _check_binary(np.asarray(fit.y)[fit.rows])
+            probe.classes_ = np.array([0, 1])
+            probe.n_features_in_ = X.shape[1]
+            probe.scaler_ = StandardScaler().fit(X[fit.rows])
+            if self.C is None and int(min(np.bincount(y))) < 2:
+                raise ProbeError("choosing C by inner CV needs at least 2 examples of each class; pass C=")
+            probes.append(probe)
+        if X.shape[1] > LOGREG_NEWTON_MAX_DIM:
+            for probe, fit in zip(probes, fits, strict=True):
+                probe._fit_with_sklearn(X[fit.rows], np.asarray(fit.y)[fit.rows])
+        else:
+            _fit_logregs_by_newton(self, X, fits, probes)
+        return probes
+
+    def _inner_cv(self, y: np.ndarray) -> StratifiedKFold:
+        return StratifiedKFold(min(self.cv, int(min(np.bincount(y)))), shuffle=True, random_state=self.random_state)
+
+    def _fit_with_sklearn(self, X: np.ndarray, y: np.ndarray) -> None:
         standardized = self.scaler_.transform(X)
         if self.C is None:
-            minority = int(min(np.bincount(y)))
-            if minority < 2:
-                raise ProbeError("choosing C by inner CV needs at least 2 examples of each class; pass C=")
-            inner = StratifiedKFold(min(self.cv, minority), shuffle=True, random_state=self.random_state)
             model: Any = LogisticRegressionCV(
-                Cs=list(LOGREG_CS), cv=inner, scoring="roc_auc", max_iter=self.max_iter, **_logreg_cv_kwargs()
+                Cs=list(LOGREG_CS),
+                cv=self._inner_cv(y),
+                scoring="roc_auc",
+                max_iter=self.max_iter,
+                **_logreg_cv_kwargs(),
             )
         else:
             model = LogisticRegression(C=self.C, max_iter=self.max_iter)
@@ -140,7 +178,6 @@ class LogRegProbe(ClassifierMixin, BaseEstimator):
         self.C_ = float(np.ravel(model.C_)[0]) if self.C is None else float(self.C)
         self.coef_ = model.coef_.ravel().astype(np.float64)
         self.intercept_ = float(np.ravel(model.intercept_)[0])
-        return self
 
     def decision_function(self, X: Any) -> np.ndarray:
         check_is_fitted(self, "coef_")
@@ -161,6 +198,157 @@ def _logreg_cv_kwargs() -> dict[str, Any]:
     return {}
 
 
+@dataclass
+class _Problem:
+    """One L2 logistic regression: rows of a standardized design, their labels, and C."""
+
+    design: np.ndarray  # (rows, dim) float64, standardized
+    y: np.ndarray
+    C: float = 1.0
+    start: np.ndarray | None = None
+
+
+def _fit_logregs_by_newton(
+    template: LogRegProbe, X: np.ndarray, fits: Sequence[Fit], probes: list[LogRegProbe]
+) -> None:
+    """Every fit's inner CV over LOGREG_CS (or its fixed C) and its refit, as batched Newton solves."""
+    # The standardized design of each fit, in float64 as LogisticRegressionCV gets it.
+    designs = [probe.scaler_.transform(X[fit.rows]).astype(np.float64) for probe, fit in zip(probes, fits, strict=True)]
+    labels = [np.asarray(fit.y)[fit.rows].astype(np.float64) for fit in fits]
+    if template.C is not None:
+        chosen = [float(template.C)] * len(fits)
+        starts: list[np.ndarray | None] = [None] * len(fits)
+    else:
+        inner = [
+            list(template._inner_cv(y.astype(np.int64)).split(design, y))
+            for design, y in zip(designs, labels, strict=True)
+        ]
+        problems = [
+            _Problem(design[train], y[train])
+            for design, y, folds in zip(designs, labels, inner, strict=True)
+            for train, _ in folds
+        ]
+        # The path from the strongest regularization to the weakest, each C warm started from the last solution.
+        path = newton_logistic_path(problems, sorted(LOGREG_CS), template.max_iter)  # (C, problem, dim + 1)
+        ascending = sorted(LOGREG_CS)
+        chosen, starts = [], []
+        problem = 0
+        for design, y, folds in zip(designs, labels, inner, strict=True):
+            # scores[fold, C] in LOGREG_CS order (largest C first), as LogisticRegressionCV's scores_
+            scores = np.empty((len(folds), len(LOGREG_CS)))
+            for fold, (_, held) in enumerate(folds):
+                for column, C in enumerate(LOGREG_CS):
+                    beta = path[ascending.index(C), problem + fold]
+                    scores[fold, column] = ranking_metrics(
+                        y[held].astype(np.int64), design[held] @ beta[:-1] + beta[-1]
+                    )[0]
+            best = int(np.argmax(scores.sum(axis=0)))  # the first of equal sums: the largest C
+            chosen.append(LOGREG_CS[best])
+            # LogisticRegressionCV starts its refit from the mean of the folds' solutions at that C.
+            starts.append(path[ascending.index(LOGREG_CS[best]), problem : problem + len(folds)].mean(axis=0))
+            problem += len(folds)
+    refits = [
+        _Problem(design, y, C, start) for design, y, C, start in zip(designs, labels, chosen, starts, strict=True)
+    ]
+    solutions = newton_logistic(refits, template.max_iter)
+    for probe, C, beta in zip(probes, chosen, solutions, strict=True):
+        probe.C_ = float(C)
+        probe.coef_ = beta[:-1].copy()
+        probe.intercept_ = float(beta[-1])
+
+
+def newton_logistic_path(problems: list[_Problem], Cs: Sequence[float], max_iter: int = 1000) -> np.ndarray:
+    """Solutions (len(Cs), len(problems), dim + 1) of every problem at every C, each C warm started from the last."""
+    solutions = []
+    starts: list[np.ndarray | None] = [None] * len(problems)
+    for C in Cs:
+        current = newton_logistic(
+            [replace(problem, C=C, start=start) for problem, start in zip(problems, starts, strict=True)], max_iter
+        )
+        solutions.append(current)
+        starts = list(current)
+    return np.stack(solutions)
+
+
+#: Past this many features the batched Newton solver's Hessians (rows x dim^2 each) cost more than lbfgs.
+LOGREG_NEWTON_MAX_DIM = 256
+_NEWTON_CHUNK_BYTES = 256 * 2**20
+
+
+def newton_logistic(problems: list[_Problem], max_iter: int = 1000) -> np.ndarray:
+    """Solutions (problems, dim + 1: coefficients, intercept) of  min  C * sum log-loss + |coef|^2 / 2.
+
+    scikit-learn's L2 objective (intercept not penalized), solved for many problems at once by Newton's method
+    with a Cholesky solve and a backtracking line search on the objective, in float64, until every step is below
+    1e-7 of the solution's size (tests/test_probe.py compares it with scikit-learn's LogisticRegression).
+    Problems are padded to the longest one's rows (padding weighs nothing) and solved in chunks of bounded memory.
+    """
+    if not problems:
+        return np.zeros((0, 0))
+    dim = problems[0].design.shape[1] + 1
+    rows = max(len(problem.y) for problem in problems)
+    chunk = max(1, _NEWTON_CHUNK_BYTES // (8 * rows * dim))
+    return np.concatenate(
+        [_newton_chunk(problems[start : start + chunk], rows, max_iter) for start in range(0, len(problems), chunk)]
+    )
+
+
+def _newton_chunk(problems: list[_Problem], rows: int, max_iter: int) -> np.ndarray:
+    count, dim = len(problems), problems[0].design.shape[1] + 1
+    design = torch.zeros((count, rows, dim), dtype=torch.float64)
+    targets = torch.zeros((count, rows), dtype=torch.float64)
+    weights = torch.zeros((count, rows), dtype=torch.float64)
+    beta = torch.zeros((count, dim), dtype=torch.float64)
+    for k, problem in enumerate(problems):
+        length = len(problem.y)
+        design[k, :length, :-1] = torch.from_numpy(problem.design)
+        design[k, :length, -1] = 1.0
+        targets[k, :length] = torch.from_numpy(np.asarray(problem.y, dtype=np.float64))
+        weights[k, :length] = 1.0
+        if problem.start is not None:
+            beta[k] = torch.from_numpy(problem.start)
+    design32 = design.float()
+    C = torch.tensor([problem.C for problem in problems], dtype=torch.float64)[:, None]
+    penalized = torch.ones(dim, dtype=torch.float64)
+    penalized[-1] = 0.0  # the intercept
+
+    def objective(candidate: torch.Tensor) -> torch.Tensor:
+        logits = torch.bmm(design, candidate[:, :, None])[:, :, 0]
+        loss = (weights * (nn.functional.softplus(logits) - targets * logits)).sum(1)
+        return C[:, 0] * loss + 0.5 * (penalized * candidate**2).sum(1)
+
+    done = torch.zeros(count, dtype=torch.bool)
+    for _ in range(max_iter):
+        logits = torch.bmm(design, beta[:, :, None])[:, :, 0]
+        probability = torch.sigmoid(logits)
+        gradient = C * torch.bmm(design.transpose(1, 2), (weights * (probability - targets))[:, :, None])[:, :, 0]
+        gradient += penalized * beta
+        # The Hessian in float32 (its matmul is the cost; half of float64's): a Newton step with it converges to
+        # float64's optimum all the same, since the gradient, the objective and the stopping rule stay float64.
+        curvature = (C * weights * probability * (1 - probability)).float()[:, :, None]
+        hessian = torch.bmm(design32.transpose(1, 2), design32 * curvature).double() + torch.diag(penalized)
+        factor, info = torch.linalg.cholesky_ex(hessian)
+        if bool((info != 0).any()):
+            raise ProbeError("logistic regression: a Hessian is not positive definite (non-finite features?)")
+        step = -torch.cholesky_solve(gradient[:, :, None], factor)[:, :, 0]
+        step[done] = 0.0
+        # Backtracking (Armijo) on the objective, per problem; a step of 1 is accepted near the optimum.
+        before, slope = objective(beta), (gradient * step).sum(1)
+        size = torch.ones(count, dtype=torch.float64)
+        for _ in range(60):
+            after = objective(beta + size[:, None] * step)
+            accepted = after <= before + 1e-4 * size * slope + 1e-13 * before.abs()
+            if bool(accepted.all()):
+                break
+            size = torch.where(accepted, size, size / 2)
+        beta += size[:, None] * step
+        # Newton converges fast: after a step below 1e-7 of the solution, the next would be below ~1e-13.
+        done |= (size[:, None] * step).abs().amax(1) <= 1e-7 * (1 + beta.abs().amax(1))
+        if bool(done.all()):
+            return beta.numpy()
+    raise ProbeError(f"logistic regression did not converge in {max_iter} Newton steps (non-finite features?)")
+
+
 def build_mlp(input_dim: int, hidden: Sequence[int], dropout: float) -> nn.Sequential:
     """The paper's probe body: [Linear-ReLU-BatchNorm-Dropout] per hidden size, then Linear(.,1) to a logit."""
     layers: list[nn.Module] = []
@@ -173,18 +361,26 @@ def build_mlp(input_dim: int, hidden: Sequence[int], dropout: float) -> nn.Seque
 
 
 class MLPProbe(ClassifierMixin, BaseEstimator):
-    """The HALP paper's MLP probe on z-scored inputs; BCE on logits (the paper's Sigmoid+BCELoss, stabler)."""
+    """The HALP paper's MLP probe on z-scored inputs; BCE on logits (the paper's Sigmoid+BCELoss, stabler).
+
+    Trained by `train_mlps` (the batched trainer every fit of a study shares): Adam, `batch_size` rows per step,
+    at most `epochs` epochs, and early stopping on a held-out part of the training rows (`validation_fraction`,
+    stratified and grouped by image when `fit` gets `groups`) after `patience` epochs without a better held-out
+    loss, keeping the best epoch's weights. `validation_fraction=None` trains every epoch on all rows.
+    """
 
     def __init__(
         self,
         hidden: Sequence[int] = (512, 256, 128),
         dropout: float = 0.3,
         lr: float = 1e-3,
-        batch_size: int = 32,
+        batch_size: int = MLP_BATCH_SIZE,
         epochs: int = 50,
         random_state: int = 42,
         device: str = "cpu",
         threads: int | None = None,
+        validation_fraction: float | None = 0.1,
+        patience: int | None = MLP_PATIENCE,
     ) -> None:
         self.hidden = hidden
         self.dropout = dropout
@@ -194,40 +390,32 @@ class MLPProbe(ClassifierMixin, BaseEstimator):
         self.random_state = random_state
         self.device = device
         self.threads = threads
+        self.validation_fraction = validation_fraction
+        self.patience = patience
 
-    def fit(self, X: Any, y: Any) -> MLPProbe:
+    def fit(self, X: Any, y: Any, groups: Any = None) -> MLPProbe:
+        """Train on every row; `groups` (e.g. image ids) keeps each group on one side of the early-stopping split."""
         X, y = _as_features(X), _check_binary(y)
+        [trained] = train_mlps(X, [Fit(np.arange(len(y)), y)], self, None if groups is None else np.asarray(groups))
+        return self._take(trained)
+
+    def fit_batch(self, X: Any, fits: Sequence[Fit], groups: Any = None) -> list[MLPProbe]:
+        """One fitted copy of this probe per fit (`fit.rows` of X, labels `fit.y`), trained together."""
+        X = _as_features(X)
+        for fit in fits:
+            _check_binary(np.asarray(fit.y)[fit.rows])
+        trained = train_mlps(X, fits, self, None if groups is None else np.asarray(groups))
+        return [clone(self)._take(one) for one in trained]
+
+    def _take(self, trained: TrainedMLP) -> MLPProbe:
         self.classes_ = np.array([0, 1])
-        self.n_features_in_ = X.shape[1]
-        self.scaler_ = StandardScaler().fit(X)
-        device = _resolve_device(self.device)
-        inputs = torch.from_numpy(self.scaler_.transform(X).astype(np.float32)).to(device)
-        targets = torch.from_numpy(y.astype(np.float32)).to(device)
-        rng_devices = [device.index or 0] if device.type == "cuda" else []
-        # A private RNG stream: the seed makes the probe reproducible without touching the caller's RNG.
-        with torch.random.fork_rng(devices=rng_devices), _torch_threads(self.threads):
-            torch.manual_seed(self.random_state)
-            net = build_mlp(X.shape[1], self.hidden, self.dropout).to(device)
-            optimizer = _adam(net, self.lr)
-            loss_fn = nn.BCEWithLogitsLoss()
-            order_rng = torch.Generator().manual_seed(self.random_state)
-            self.loss_history_: list[float] = []
-            net.train()
-            for _ in range(self.epochs):
-                order = torch.randperm(len(targets), generator=order_rng).to(device)
-                total, seen = 0.0, 0
-                for start in range(0, len(order), self.batch_size):
-                    batch = order[start : start + self.batch_size]
-                    if len(batch) < 2:  # BatchNorm cannot normalize a batch of one; skip that remainder
-                        continue
-                    optimizer.zero_grad(set_to_none=True)
-                    loss = loss_fn(net(inputs[batch]).squeeze(1), targets[batch])
-                    loss.backward()
-                    optimizer.step()
-                    total += float(loss.detach()) * len(batch)
-                    seen += len(batch)
-                self.loss_history_.append(total / max(seen, 1))
-        self.net_ = net.eval()
+        self.n_features_in_ = trained.net[0].in_features
+        self.scaler_ = trained.scaler
+        self.net_ = trained.net.to(_resolve_device(self.device)).eval()
+        self.loss_history_ = trained.loss_history
+        self.validation_loss_history_ = trained.validation_loss_history
+        self.best_epoch_ = trained.best_epoch
+        self.held_out_ = trained.held_out
         return self
 
     @torch.inference_mode()
@@ -250,12 +438,340 @@ class MLPProbe(ClassifierMixin, BaseEstimator):
         return (self.predict_proba(X)[:, 1] >= THRESHOLD).astype(np.int64)
 
 
-def _adam(net: nn.Module, lr: float) -> torch.optim.Adam:
-    """Adam with the fused update where this torch has it: on CPU it is ~3x faster than the default loop."""
+@dataclass(frozen=True)
+class Fit:
+    """One fit of a study: train on `rows` of the feature matrix with the labels `y[rows]` (`y` holds every row's).
+
+    `held_out`: the rows of `rows` the MLP's early stopping watches, when the caller has drawn them already with
+    `early_stopping_split` and the probe's `validation_fraction` and `random_state` (a study draws them once for
+    all its features); None: the trainer draws them.
+    """
+
+    rows: np.ndarray
+    y: np.ndarray
+    held_out: np.ndarray | None = None
+
+
+def early_stopping_split(
+    rows: np.ndarray, y: np.ndarray, groups: np.ndarray | None, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(trained, held out): the rows of a training fold the optimizer sees, and the part early stopping watches.
+
+    A seeded stratified split of the fold's own rows (`make_splits` with `split=fraction`), grouped by image when
+    `groups` is given, so no image is on both sides; it only divides `rows`, so it never reaches into a test fold.
+    """
+    rows = np.asarray(rows)
+    fold_groups = None if groups is None else np.asarray(groups)[rows]
     try:
-        return torch.optim.Adam(net.parameters(), lr=lr, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.Adam(net.parameters(), lr=lr, foreach=True)
+        [(trained, held_out)] = make_splits(np.asarray(y)[rows], fold_groups, split=fraction, seed=seed)
+    except ValueError as error:  # ProbeError (too few of a class), scikit-learn's (too few images to split)
+        raise ProbeError(
+            f"early stopping holds out {fraction:g} of each training fold ({len(rows)} rows) and cannot: {error}; "
+            "pass validation_fraction=None to train every epoch on all rows"
+        ) from error
+    return rows[trained], rows[held_out]
+
+
+@dataclass
+class TrainedMLP:
+    """One fit's result from `train_mlps`: `build_mlp`'s network, its standardization, its history."""
+
+    net: nn.Sequential
+    scaler: StandardScaler
+    loss_history: list[float]
+    validation_loss_history: list[float]
+    best_epoch: int
+    held_out: np.ndarray
+
+
+class _StackedMLPs:
+    """K networks of `build_mlp`'s shape as stacked tensors, trained as one program.
+
+    Activations are kept feature-major, (K, width, rows): each Linear layer is one batched matmul of the stacked
+    (K, out, in) weights, and each BatchNorm is one `batch_norm` call over K x width channels, so every network
+    is normalized over its own batch and keeps its own running statistics (PyTorch's rule, in PyTorch's kernel);
+    dropout multiplies by a 0/1 mask scaled by 1/(1-p). Network k computes what `build_mlp`'s network holding its
+    tensors computes (`network` builds that one; tests/test_probe.py compares the two).
+    """
+
+    def __init__(self, net: nn.Sequential, copies: int, device: torch.device) -> None:
+        linears = [layer for layer in net if isinstance(layer, nn.Linear)]
+        norms = [layer for layer in net if isinstance(layer, nn.BatchNorm1d)]
+        self.dim = linears[0].in_features
+        self.hidden = tuple(layer.out_features for layer in linears[:-1])
+        self.dropout = next((layer.p for layer in net if isinstance(layer, nn.Dropout)), 0.0)
+        self.momentum = norms[0].momentum if norms else 0.1
+        self.eps = norms[0].eps if norms else 1e-5
+
+        def stacked(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.detach().to(device, torch.float32).expand(copies, *tensor.shape).contiguous()
+
+        self.weights = [stacked(layer.weight) for layer in linears]  # (K, out, in)
+        self.biases = [stacked(layer.bias[:, None]) for layer in linears]  # (K, out, 1)
+        self.gammas = [stacked(layer.weight) for layer in norms]  # (K, width)
+        self.betas = [stacked(layer.bias) for layer in norms]
+        self.running_means = [stacked(layer.running_mean) for layer in norms]
+        self.running_vars = [stacked(layer.running_var) for layer in norms]
+        for tensor in self.parameters():
+            tensor.requires_grad_(True)
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [*self.weights, *self.biases, *self.gammas, *self.betas]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.parameters(), *self.running_means, *self.running_vars]
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep only the networks at `index` (the others stopped)."""
+        for group in (self.weights, self.biases, self.gammas, self.betas):
+            group[:] = [tensor.detach()[index].requires_grad_(True) for tensor in group]
+        for group in (self.running_means, self.running_vars):
+            group[:] = [tensor[index] for tensor in group]
+
+    def forward(
+        self, inputs: torch.Tensor, masks: list[torch.Tensor | None] | None = None, select: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits (K, rows) of inputs (K, dim, rows). `masks` (dropout per hidden layer, (width, rows) or None) means
+        a training step: batch statistics, running statistics updated. `select`: only those networks (evaluation)."""
+
+        def chosen(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor if select is None else tensor[select]
+
+        hidden = inputs
+        for layer in range(len(self.hidden)):
+            hidden = torch.baddbmm(chosen(self.biases[layer]), chosen(self.weights[layer]), hidden).relu()
+            count, width, rows = hidden.shape
+            hidden = nn.functional.batch_norm(
+                hidden.reshape(1, count * width, rows),
+                chosen(self.running_means[layer]).reshape(-1),
+                chosen(self.running_vars[layer]).reshape(-1),
+                chosen(self.gammas[layer]).reshape(-1),
+                chosen(self.betas[layer]).reshape(-1),
+                training=masks is not None,
+                momentum=self.momentum,
+                eps=self.eps,
+            ).reshape(count, width, rows)
+            if masks is not None and masks[layer] is not None:
+                hidden = hidden * masks[layer]
+        return torch.baddbmm(chosen(self.biases[-1]), chosen(self.weights[-1]), hidden)[:, 0, :]
+
+    def snapshot(self, position: int) -> list[torch.Tensor]:
+        return [tensor[position].detach().clone() for tensor in self.tensors()]
+
+    def network(self, snapshot: list[torch.Tensor], steps: int) -> nn.Sequential:
+        """`build_mlp`'s network holding one snapshot (weights, BatchNorm statistics, the steps it took)."""
+        net = build_mlp(self.dim, self.hidden, self.dropout)
+        linears, norms = len(self.hidden) + 1, len(self.hidden)
+        weights, biases = snapshot[:linears], snapshot[linears : 2 * linears]
+        rest = snapshot[2 * linears :]
+        gammas, betas, means, variances = (rest[i * norms : (i + 1) * norms] for i in range(4))
+        state: dict[str, torch.Tensor] = {}
+        for layer in range(linears):
+            state[f"{4 * layer}.weight"], state[f"{4 * layer}.bias"] = weights[layer], biases[layer][:, 0]
+        for layer in range(norms):
+            prefix = f"{4 * layer + 2}."
+            state[prefix + "weight"], state[prefix + "bias"] = gammas[layer], betas[layer]
+            state[prefix + "running_mean"], state[prefix + "running_var"] = means[layer], variances[layer]
+            state[prefix + "num_batches_tracked"] = torch.tensor(steps, dtype=torch.long)
+        net.load_state_dict({name: tensor.detach().cpu() for name, tensor in state.items()})
+        return net.eval()
+
+
+def train_mlps(
+    X: np.ndarray, fits: Sequence[Fit], probe: MLPProbe, groups: np.ndarray | None = None
+) -> list[TrainedMLP]:
+    """One `build_mlp` network per fit, all trained in one batched program with `probe`'s settings.
+
+    Each fit gets what it would get alone (`train_mlps(X, [fit], probe)`): the same initial weights, row order and
+    dropout masks, from generators seeded with `random_state`; the fits only share the matmuls. A step takes
+    `batch_size` rows of every fit (a seeded permutation of its trained rows per epoch; rows that do not fill a last
+    batch wait for the next epoch). With early stopping (`validation_fraction` and `patience`), each fit holds out
+    `early_stopping_split` of its own rows, computes its loss there after each of its epochs, stops `patience`
+    epochs after its best, and keeps the best epoch's weights; a stopped fit leaves the program.
+    """
+    X = _as_features(X)
+    device = _resolve_device(probe.device)
+    early = probe.validation_fraction is not None and probe.patience is not None
+    parts = [
+        (np.asarray(fit.rows), np.zeros(0, dtype=np.int64))
+        if not early
+        else (np.setdiff1d(fit.rows, fit.held_out), np.asarray(fit.held_out))
+        if fit.held_out is not None
+        else early_stopping_split(fit.rows, fit.y, groups, probe.validation_fraction, probe.random_state)
+        for fit in fits
+    ]
+    batch = min(probe.batch_size, *(len(trained) for trained, _ in parts))
+    if batch < 2:
+        raise ProbeError(f"the MLP probe trains on batches of at least 2 rows (BatchNorm); a fit has {batch}")
+    scalers = [StandardScaler().fit(X[fit.rows]) for fit in fits]
+    with _torch_threads(probe.threads), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(probe.random_state)  # the initial weights: build_mlp's default initialization, seeded
+        initial = build_mlp(X.shape[1], tuple(probe.hidden), probe.dropout)
+        stack = _StackedMLPs(initial, len(fits), device)
+        return _train_stacked(stack, X, fits, parts, scalers, probe, batch, early)
+
+
+def _train_stacked(
+    stack: _StackedMLPs,
+    X: np.ndarray,
+    fits: Sequence[Fit],
+    parts: list[tuple[np.ndarray, np.ndarray]],
+    scalers: list[StandardScaler],
+    probe: MLPProbe,
+    batch: int,
+    early: bool,
+) -> list[TrainedMLP]:
+    device = stack.weights[0].device
+    inputs = torch.from_numpy(X).to(device)
+    labels = torch.from_numpy(np.stack([np.asarray(fit.y, dtype=np.float32) for fit in fits])).to(device)
+    means = torch.from_numpy(np.stack([s.mean_ for s in scalers]).astype(np.float32)[:, None, :]).to(device)
+    scales = torch.from_numpy(np.stack([s.scale_ for s in scalers]).astype(np.float32)[:, None, :]).to(device)
+    steps_per_epoch = [len(trained) // batch for trained, _ in parts]
+    # Each fit's row order for all its epochs, drawn up front from its own generator, as a lone fit draws it.
+    orders = []
+    for (trained, _), steps in zip(parts, steps_per_epoch, strict=True):
+        generator = torch.Generator().manual_seed(probe.random_state)
+        epochs = [torch.randperm(len(trained), generator=generator)[: steps * batch] for _ in range(probe.epochs)]
+        orders.append(torch.from_numpy(trained)[torch.cat(epochs)])
+    longest = max(len(order) for order in orders)
+    order_table = torch.zeros((len(orders), longest), dtype=torch.long)
+    for fit, order in enumerate(orders):
+        order_table[fit, : len(order)] = order
+    order_table = order_table.to(device)
+    dropout = torch.Generator(device=device).manual_seed(probe.random_state)
+    keep_probability = 1.0 - stack.dropout
+    watch = _HeldOut([part for _, part in parts], inputs, labels, means, scales) if early else None
+
+    optimizer = _StackedAdam(stack.parameters(), probe.lr)
+    active = list(range(len(fits)))  # the fit of each network in the stack, in stack order
+    loss_sums = torch.zeros(len(fits), device=device)
+    losses: list[list[float]] = [[] for _ in fits]
+    validation: list[list[float]] = [[] for _ in fits]
+    best: list[tuple[float, int, list[torch.Tensor], int] | None] = [None] * len(fits)
+    finished: dict[int, tuple[list[torch.Tensor], int]] = {}
+    step = 0
+    while active:
+        index = torch.tensor(active, device=device)
+        rows = order_table[index, step * batch : (step + 1) * batch]
+        features = ((inputs[rows] - means[index]) / scales[index]).transpose(1, 2)  # (K, dim, rows)
+        masks = [
+            (torch.rand((width, batch), generator=dropout, device=device) < keep_probability).float() / keep_probability
+            if stack.dropout > 0
+            else None
+            for width in stack.hidden
+        ]
+        per_fit = nn.functional.binary_cross_entropy_with_logits(
+            stack.forward(features, masks), torch.gather(labels[index], 1, rows), reduction="none"
+        ).mean(1)
+        per_fit.sum().backward()  # the sum's gradient for each network is that of its own mean loss
+        optimizer.step(stack.parameters())
+        loss_sums[index] += per_fit.detach()
+        step += 1
+
+        due = [position for position, fit in enumerate(active) if step % steps_per_epoch[fit] == 0]
+        if not due:
+            continue
+        due_fits = [active[position] for position in due]
+        epoch_losses = (
+            loss_sums[due_fits] / torch.tensor([steps_per_epoch[f] for f in due_fits], device=device)
+        ).tolist()
+        loss_sums[due_fits] = 0.0
+        held_out_losses = watch.losses(stack, due, due_fits) if watch is not None else None
+        stopped = []
+        for slot, (position, fit) in enumerate(zip(due, due_fits, strict=True)):
+            losses[fit].append(epoch_losses[slot])
+            epoch = len(losses[fit])
+            if held_out_losses is not None:
+                validation[fit].append(held_out_losses[slot])
+                if best[fit] is None or held_out_losses[slot] < best[fit][0]:
+                    best[fit] = (held_out_losses[slot], epoch, stack.snapshot(position), step)
+                if epoch - best[fit][1] >= probe.patience:
+                    stopped.append(position)
+                    continue
+            if epoch == probe.epochs:
+                stopped.append(position)
+        if stopped:
+            for position in stopped:
+                fit = active[position]
+                # With early stopping the best epoch's weights, else the last epoch's.
+                finished[fit] = best[fit][2:] if best[fit] is not None else (stack.snapshot(position), step)
+            staying = [position for position in range(len(active)) if position not in stopped]
+            active = [active[position] for position in staying]
+            if active:
+                stack.keep(torch.tensor(staying, device=device))
+                optimizer.keep(torch.tensor(staying, device=device))
+    return [
+        TrainedMLP(
+            net=stack.network(*finished[fit]),
+            scaler=scalers[fit],
+            loss_history=losses[fit],
+            validation_loss_history=validation[fit],
+            best_epoch=best[fit][1] if best[fit] is not None else len(losses[fit]),
+            held_out=parts[fit][1],
+        )
+        for fit in range(len(fits))
+    ]
+
+
+class _HeldOut:
+    """The early-stopping rows of every fit, standardized and padded to one (fits, rows, dim) block."""
+
+    def __init__(
+        self,
+        parts: list[np.ndarray],
+        inputs: torch.Tensor,
+        labels: torch.Tensor,
+        means: torch.Tensor,
+        scales: torch.Tensor,
+    ) -> None:
+        longest = max(len(part) for part in parts)
+        device = inputs.device
+        rows = torch.zeros((len(parts), longest), dtype=torch.long, device=device)
+        self.weights = torch.zeros((len(parts), longest), device=device)
+        for fit, part in enumerate(parts):
+            rows[fit, : len(part)] = torch.from_numpy(part).to(device)
+            self.weights[fit, : len(part)] = 1.0 / len(part)
+        self.features = ((inputs[rows] - means) / scales).transpose(1, 2).contiguous()  # (K, dim, rows)
+        self.targets = torch.gather(labels, 1, rows)
+
+    @torch.no_grad()
+    def losses(self, stack: _StackedMLPs, positions: list[int], fits: list[int]) -> list[float]:
+        """Mean BCE on each fit's held-out rows, of the stack's networks at `positions` (evaluation mode)."""
+        logits = stack.forward(self.features[fits], select=torch.tensor(positions, device=self.features.device))
+        per_row = nn.functional.binary_cross_entropy_with_logits(logits, self.targets[fits], reduction="none")
+        return (per_row * self.weights[fits]).sum(1).tolist()
+
+
+class _StackedAdam:
+    """torch.optim.Adam's update (betas 0.9/0.999, eps 1e-8, no weight decay) for stacked networks, one row each.
+
+    The update is element-wise, so on stacked tensors it is every network's own Adam; `keep` drops the moments of
+    stopped networks with them (tests/test_probe.py compares it with torch.optim.Adam). Written out because
+    torch.optim imports torch._dynamo on first use, seconds per worker process on a small machine.
+    """
+
+    def __init__(self, parameters: list[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> None:
+        self.lr, self.betas, self.eps = lr, betas, 1e-8
+        self.first = [torch.zeros_like(tensor) for tensor in parameters]
+        self.second = [torch.zeros_like(tensor) for tensor in parameters]
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self, parameters: list[torch.Tensor]) -> None:
+        self.steps += 1
+        beta1, beta2 = self.betas
+        step_size = self.lr / (1 - beta1**self.steps)
+        correction2 = math.sqrt(1 - beta2**self.steps)
+        for tensor, first, second in zip(parameters, self.first, self.second, strict=True):
+            gradient = tensor.grad
+            first.lerp_(gradient, 1 - beta1)
+            second.mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
+            tensor.addcdiv_(first, (second.sqrt() / correction2).add_(self.eps), value=-step_size)
+            tensor.grad = None
+
+    def keep(self, index: torch.Tensor) -> None:
+        self.first = [moment[index] for moment in self.first]
+        self.second = [moment[index] for moment in self.second]
 
 
 def make_probe(kind: str, seed: int = 42, **params: Any) -> LogRegProbe | MLPProbe:
@@ -303,7 +819,11 @@ def save_probe(probe: LogRegProbe | MLPProbe, path_stem: str | Path, meta: dict[
         kind = "mlp"
         for name, tensor in probe.net_.state_dict().items():
             tensors[f"mlp.{name}"] = tensor.detach().cpu().contiguous()
-        fitted = {"loss_history_": probe.loss_history_}
+        fitted = {
+            "loss_history_": probe.loss_history_,
+            "validation_loss_history_": probe.validation_loss_history_,
+            "best_epoch_": probe.best_epoch_,
+        }
     else:
         raise TypeError(f"cannot save a {type(probe).__name__}; expected LogRegProbe or MLPProbe")
     threshold = float(meta.get("threshold", THRESHOLD))
@@ -353,6 +873,9 @@ def load_probe(path_stem: str | Path, device: str = "cpu") -> tuple[LogRegProbe 
         net.load_state_dict(state)
         probe.net_ = net.to(_resolve_device(device)).eval()
         probe.loss_history_ = list(config["fitted"].get("loss_history_", []))
+        # Probes saved before early stopping have no held-out history; their best epoch is their last.
+        probe.validation_loss_history_ = list(config["fitted"].get("validation_loss_history_", []))
+        probe.best_epoch_ = int(config["fitted"].get("best_epoch_", len(probe.loss_history_)))
     else:
         raise ProbeError(f"{stem}.json: unknown probe type {config['probe_type']!r}")
     probe.scaler_ = scaler
@@ -473,15 +996,15 @@ def bootstrap_intervals(
     return intervals
 
 
-def cross_validate(
-    make: Callable[[], LogRegProbe | MLPProbe], X: np.ndarray, y: np.ndarray, splits: Sequence[Split]
+def out_of_fold(
+    probes: Sequence[LogRegProbe | MLPProbe], X: np.ndarray, y: np.ndarray, splits: Sequence[Split]
 ) -> tuple[np.ndarray, np.ndarray, list[dict[str, float]]]:
-    """Out-of-fold P(hallucinated) (NaN for rows in no test set), each row's fold, and per-fold metrics."""
+    """Out-of-fold P(hallucinated) (NaN for rows in no test set), each row's fold, and per-fold metrics, of the
+    probes fitted on each split's training rows (in the order of `splits`)."""
     scores = np.full(len(y), np.nan)
     fold_of = np.full(len(y), -1, dtype=np.int64)
     per_fold = []
-    for fold, (train, test) in enumerate(splits):
-        probe = make().fit(X[train], y[train])
+    for fold, (probe, (_, test)) in enumerate(zip(probes, splits, strict=True)):
         scores[test] = probe.predict_proba(X[test])[:, 1]
         fold_of[test] = fold
         per_fold.append(metric_values(y[test], scores[test]))
@@ -571,10 +1094,28 @@ class ProbeData:
     control_splits: list[tuple[np.ndarray, np.ndarray]]
     scheme: str
     group_values: np.ndarray | None
+    #: Each labelled row's image when the splits are grouped by image (early stopping's held-out part is, too).
+    groups: np.ndarray | None = None
+
+    #: The MLP's early-stopping rows per fit, drawn once per (validation fraction, seed) for every feature.
+    held_out_parts: dict[tuple[float, int], list[np.ndarray]] = field(default_factory=dict)
 
     @property
     def tested(self) -> np.ndarray:
         return np.concatenate([test for _, test in self.splits])
+
+    def fits(self, template: LogRegProbe | MLPProbe) -> list[Fit]:
+        """Every fit of a feature: the CV folds, the control's folds, and the final probe on every labelled row;
+        for an MLP with early stopping, with the held-out part of each (drawn on the first call)."""
+        fits = [Fit(train, self.y) for train, _ in self.splits]
+        fits += [Fit(train, self.y_control) for train, _ in self.control_splits]
+        fits.append(Fit(np.arange(len(self.y)), self.y))
+        if not isinstance(template, MLPProbe) or template.validation_fraction is None or template.patience is None:
+            return fits
+        key = (float(template.validation_fraction), int(template.random_state))
+        if key not in self.held_out_parts:
+            self.held_out_parts[key] = [early_stopping_split(fit.rows, fit.y, self.groups, *key)[1] for fit in fits]
+        return [replace(fit, held_out=held) for fit, held in zip(fits, self.held_out_parts[key], strict=True)]
 
     def matrix(self, feature: str) -> np.ndarray:
         with h5py.File(self.features_path, "r") as handle:
@@ -638,6 +1179,7 @@ def load_probe_data(
         control_splits=make_splits(y_control, groups, folds, split, seed),
         scheme=scheme,
         group_values=group_values,
+        groups=groups,
     )
 
 
@@ -654,9 +1196,12 @@ def evaluate_feature(data: ProbeData, settings: ProbeSettings, feature: str, kin
     y, tested = data.y, data.tested
     template = settings.template(kind)
     started = time.perf_counter()
-    scores, fold_of, per_fold = cross_validate(lambda t=template: clone(t), X, y, data.splits)
-    _, _, control_folds = cross_validate(lambda t=template: clone(t), X, data.y_control, data.control_splits)
-    final = clone(template).fit(X, y)
+    # Every fit of the feature at once: the CV folds, the control's folds, and the final probe on every row.
+    probes = template.fit_batch(X, data.fits(template), data.groups)
+    folds = len(data.splits)
+    scores, fold_of, per_fold = out_of_fold(probes[:folds], X, y, data.splits)
+    _, _, control_folds = out_of_fold(probes[folds:-1], X, data.y_control, data.control_splits)
+    final = probes[-1]
     seconds = time.perf_counter() - started
     pooled = metric_values(y[tested], scores[tested])
     intervals = bootstrap_intervals(y[tested], scores[tested], settings.bootstrap, settings.seed)
@@ -726,6 +1271,8 @@ def evaluate_features(data: ProbeData, settings: ProbeSettings) -> Iterator[Feat
 
     # One torch/BLAS thread per worker unless asked otherwise: jobs x threads should not exceed the cores.
     worker_settings = replace(settings, threads=settings.threads or 1)
+    for kind in kinds:  # what every feature shares (the MLP's early-stopping rows) is drawn here, once
+        data.fits(worker_settings.template(kind))
     # forkserver: workers never fork from this process's threads (OpenMP, torch) that may hold locks.
     context = multiprocessing.get_context("forkserver")
     workers = min(settings.jobs, len(data.features))
