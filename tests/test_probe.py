@@ -542,15 +542,19 @@ def test_stacked_networks_compute_build_mlps_network():
     assert set(reference.state_dict()) == set(trained.state_dict())
 
 
-def test_stacked_adam_is_torch_adam():
-    """The stacked networks' Adam (written out to keep torch.optim's import cost out of every worker) gives
-    torch.optim.Adam's parameters after 20 steps, to 1e-6, and dropping a network keeps the others' moments."""
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-kernel", "element-wise"])
+def test_stacked_adam_is_torch_adam(fused):
+    """The stacked networks' Adam (written out to keep torch.optim's import cost out of every worker), with the fused
+    kernel and with the element-wise operations, gives torch.optim.Adam's parameters after 20 steps, to 1e-6, and
+    dropping a network keeps the others' moments."""
     from halp.probe import _StackedAdam
 
     torch.manual_seed(0)
     ours = [torch.randn(3, 5, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)]
     theirs = [tensor.detach().clone().requires_grad_(True) for tensor in ours]
     stacked, reference = _StackedAdam(ours, lr=1e-2), torch.optim.Adam(theirs, lr=1e-2)
+    assert stacked.fused == hasattr(torch, "_fused_adam_")
+    stacked.fused = stacked.fused and fused
     for step in range(20):
         for group in (ours, theirs):
             loss = sum(
@@ -563,6 +567,7 @@ def test_stacked_adam_is_torch_adam():
         reference.zero_grad()
     for mine, torchs in zip(ours, theirs, strict=True):
         np.testing.assert_allclose(mine.detach().numpy(), torchs.detach().numpy(), rtol=1e-6, atol=1e-6)
+    assert stacked.fused == (fused and hasattr(torch, "_fused_adam_"))  # the kernel ran (or was never there)
     kept = torch.tensor([0, 2])
     stacked.keep(kept)
     np.testing.assert_allclose(

@@ -259,15 +259,7 @@ def _fit_logregs_by_newton(
 
 def newton_logistic_path(problems: list[_Problem], Cs: Sequence[float], max_iter: int = 1000) -> np.ndarray:
     """Solutions (len(Cs), len(problems), dim + 1) of every problem at every C, each C warm started from the last."""
-    solutions = []
-    starts: list[np.ndarray | None] = [None] * len(problems)
-    for C in Cs:
-        current = newton_logistic(
-            [replace(problem, C=C, start=start) for problem, start in zip(problems, starts, strict=True)], max_iter
-        )
-        solutions.append(current)
-        starts = list(current)
-    return np.stack(solutions)
+    return _solve_newton(problems, np.asarray(Cs, dtype=np.float64)[:, None].repeat(len(problems), 1), max_iter)
 
 
 #: Past this many features the batched Newton solver's Hessians (rows x dim^2 each) cost more than lbfgs.
@@ -279,21 +271,37 @@ def newton_logistic(problems: list[_Problem], max_iter: int = 1000) -> np.ndarra
     """Solutions (problems, dim + 1: coefficients, intercept) of  min  C * sum log-loss + |coef|^2 / 2.
 
     scikit-learn's L2 objective (intercept not penalized), solved for many problems at once by Newton's method
-    with a Cholesky solve and a backtracking line search on the objective, in float64, until every step is below
-    1e-7 of the solution's size (tests/test_probe.py compares it with scikit-learn's LogisticRegression).
-    Problems are padded to the longest one's rows (padding weighs nothing) and solved in chunks of bounded memory.
+    with a Cholesky solve and a backtracking line search on the objective, in float64 (the Hessian's matmul in
+    float32), until every step is below 1e-5 of the solution's size, which leaves it ~1e-10 from the optimum
+    (tests/test_probe.py compares it with scikit-learn's LogisticRegression).
+    """
+    return _solve_newton(problems, np.array([[problem.C for problem in problems]], dtype=np.float64), max_iter)[0]
+
+
+def _solve_newton(problems: list[_Problem], Cs: np.ndarray, max_iter: int) -> np.ndarray:
+    """Solutions (steps, problems, dim + 1) at Cs (steps, problems), each step warm started from the last.
+
+    Problems are padded to the longest of their chunk (padding weighs nothing); chunks group problems of similar
+    row counts (longest first) and bound the memory.
     """
     if not problems:
-        return np.zeros((0, 0))
+        return np.zeros((len(Cs), 0, 0))
     dim = problems[0].design.shape[1] + 1
-    rows = max(len(problem.y) for problem in problems)
-    chunk = max(1, _NEWTON_CHUNK_BYTES // (8 * rows * dim))
-    return np.concatenate(
-        [_newton_chunk(problems[start : start + chunk], rows, max_iter) for start in range(0, len(problems), chunk)]
-    )
+    order = sorted(range(len(problems)), key=lambda k: -len(problems[k].y))
+    solutions = np.empty((len(Cs), len(problems), dim))
+    chunk: list[int] = []
+    for k in [*order, None]:
+        longest = len(problems[chunk[0]].y) if chunk else 0
+        full = (len(chunk) + 1) * longest * dim * 12 > _NEWTON_CHUNK_BYTES  # float64 + float32 designs
+        if chunk and (k is None or len(problems[k].y) < 0.9 * longest or full):
+            solutions[:, chunk] = _newton_chunk([problems[i] for i in chunk], longest, Cs[:, chunk], max_iter)
+            chunk = []
+        if k is not None:
+            chunk.append(k)
+    return solutions
 
 
-def _newton_chunk(problems: list[_Problem], rows: int, max_iter: int) -> np.ndarray:
+def _newton_chunk(problems: list[_Problem], rows: int, Cs: np.ndarray, max_iter: int) -> np.ndarray:
     count, dim = len(problems), problems[0].design.shape[1] + 1
     design = torch.zeros((count, rows, dim), dtype=torch.float64)
     targets = torch.zeros((count, rows), dtype=torch.float64)
@@ -307,46 +315,63 @@ def _newton_chunk(problems: list[_Problem], rows: int, max_iter: int) -> np.ndar
         weights[k, :length] = 1.0
         if problem.start is not None:
             beta[k] = torch.from_numpy(problem.start)
+        else:  # the intercept alone: the solution under the strongest regularization, nearly
+            rate = float(np.clip(np.mean(problem.y), 1e-6, 1 - 1e-6))
+            beta[k, -1] = math.log(rate / (1 - rate))
     design32 = design.float()
-    C = torch.tensor([problem.C for problem in problems], dtype=torch.float64)[:, None]
+    weighted32 = torch.empty_like(design32)  # reused: a fresh tensor of this size per step costs page faults
     penalized = torch.ones(dim, dtype=torch.float64)
     penalized[-1] = 0.0  # the intercept
+    solutions = []
+    data_hessian: torch.Tensor | None = None  # sum of w p (1 - p) x x^T, from the last Newton step
+    for step_Cs in Cs:
+        C = torch.from_numpy(step_Cs)[:, None]
+        reuse = data_hessian is not None  # a new C's first step: the last C's curvature, near enough
 
-    def objective(candidate: torch.Tensor) -> torch.Tensor:
-        logits = torch.bmm(design, candidate[:, :, None])[:, :, 0]
-        loss = (weights * (nn.functional.softplus(logits) - targets * logits)).sum(1)
-        return C[:, 0] * loss + 0.5 * (penalized * candidate**2).sum(1)
+        def objective(logits: torch.Tensor, candidate: torch.Tensor, C: torch.Tensor = C) -> torch.Tensor:
+            loss = (weights * (nn.functional.softplus(logits) - targets * logits)).sum(1)
+            return C[:, 0] * loss + 0.5 * (penalized * candidate**2).sum(1)
 
-    done = torch.zeros(count, dtype=torch.bool)
-    for _ in range(max_iter):
+        done = torch.zeros(count, dtype=torch.bool)
         logits = torch.bmm(design, beta[:, :, None])[:, :, 0]
-        probability = torch.sigmoid(logits)
-        gradient = C * torch.bmm(design.transpose(1, 2), (weights * (probability - targets))[:, :, None])[:, :, 0]
-        gradient += penalized * beta
-        # The Hessian in float32 (its matmul is the cost; half of float64's): a Newton step with it converges to
-        # float64's optimum all the same, since the gradient, the objective and the stopping rule stay float64.
-        curvature = (C * weights * probability * (1 - probability)).float()[:, :, None]
-        hessian = torch.bmm(design32.transpose(1, 2), design32 * curvature).double() + torch.diag(penalized)
-        factor, info = torch.linalg.cholesky_ex(hessian)
-        if bool((info != 0).any()):
-            raise ProbeError("logistic regression: a Hessian is not positive definite (non-finite features?)")
-        step = -torch.cholesky_solve(gradient[:, :, None], factor)[:, :, 0]
-        step[done] = 0.0
-        # Backtracking (Armijo) on the objective, per problem; a step of 1 is accepted near the optimum.
-        before, slope = objective(beta), (gradient * step).sum(1)
-        size = torch.ones(count, dtype=torch.float64)
-        for _ in range(60):
-            after = objective(beta + size[:, None] * step)
-            accepted = after <= before + 1e-4 * size * slope + 1e-13 * before.abs()
-            if bool(accepted.all()):
+        for _ in range(max_iter):
+            probability = torch.sigmoid(logits)
+            gradient = C * torch.bmm(design.transpose(1, 2), (weights * (probability - targets))[:, :, None])[:, :, 0]
+            gradient += penalized * beta
+            # The Hessian in float32 (its matmul is the cost; half of float64's): a Newton step with it converges
+            # to float64's optimum all the same, since the gradient, the objective and the stopping rule stay float64.
+            if not reuse or data_hessian is None:
+                curvature = (weights * probability * (1 - probability)).float()[:, :, None]
+                torch.mul(design32, curvature, out=weighted32)
+                data_hessian = torch.bmm(design32.transpose(1, 2), weighted32).double()
+            reuse = False
+            hessian = C[:, :, None] * data_hessian + torch.diag(penalized)
+            factor, info = torch.linalg.cholesky_ex(hessian)
+            if bool((info != 0).any()):
+                raise ProbeError("logistic regression: a Hessian is not positive definite (non-finite features?)")
+            step = -torch.cholesky_solve(gradient[:, :, None], factor)[:, :, 0]
+            step[done] = 0.0
+            # Backtracking (Armijo) on the objective, per problem; a step of 1 is accepted near the optimum. The
+            # logits move along the step's direction, so trying a step size costs no matmul.
+            direction = torch.bmm(design, step[:, :, None])[:, :, 0]
+            before, slope = objective(logits, beta), (gradient * step).sum(1)
+            size = torch.ones(count, dtype=torch.float64)
+            for _ in range(60):
+                after = objective(logits + size[:, None] * direction, beta + size[:, None] * step)
+                accepted = after <= before + 1e-4 * size * slope + 1e-13 * before.abs()
+                if bool(accepted.all()):
+                    break
+                size = torch.where(accepted, size, size / 2)
+            beta += size[:, None] * step
+            logits += size[:, None] * direction  # in float64, a few steps per solve: no drift to speak of
+            # Newton converges fast: after a step below 1e-5 of the solution, the next would be below ~1e-10.
+            done |= (size[:, None] * step).abs().amax(1) <= 1e-5 * (1 + beta.abs().amax(1))
+            if bool(done.all()):
                 break
-            size = torch.where(accepted, size, size / 2)
-        beta += size[:, None] * step
-        # Newton converges fast: after a step below 1e-7 of the solution, the next would be below ~1e-13.
-        done |= (size[:, None] * step).abs().amax(1) <= 1e-7 * (1 + beta.abs().amax(1))
-        if bool(done.all()):
-            return beta.numpy()
-    raise ProbeError(f"logistic regression did not converge in {max_iter} Newton steps (non-finite features?)")
+        else:
+            raise ProbeError(f"logistic regression did not converge in {max_iter} Newton steps (non-finite features?)")
+        solutions.append(beta.numpy().copy())
+    return np.stack(solutions)
 
 
 def build_mlp(input_dim: int, hidden: Sequence[int], dropout: float) -> nn.Sequential:
@@ -746,8 +771,10 @@ class _StackedAdam:
     """torch.optim.Adam's update (betas 0.9/0.999, eps 1e-8, no weight decay) for stacked networks, one row each.
 
     The update is element-wise, so on stacked tensors it is every network's own Adam; `keep` drops the moments of
-    stopped networks with them (tests/test_probe.py compares it with torch.optim.Adam). Written out because
-    torch.optim imports torch._dynamo on first use, seconds per worker process on a small machine.
+    stopped networks with them (tests/test_probe.py compares it with torch.optim.Adam). Not torch.optim.Adam itself:
+    its first use imports torch._dynamo, seconds per worker process on a small machine. The step is the kernel
+    torch.optim.Adam(fused=True) runs (`torch._fused_adam_`, one pass over the tensors, several times faster than
+    the element-wise operations on CPU), or those operations where this torch has no such kernel for the device.
     """
 
     def __init__(self, parameters: list[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> None:
@@ -755,19 +782,38 @@ class _StackedAdam:
         self.first = [torch.zeros_like(tensor) for tensor in parameters]
         self.second = [torch.zeros_like(tensor) for tensor in parameters]
         self.steps = 0
+        self.fused = hasattr(torch, "_fused_adam_")
 
     @torch.no_grad()
     def step(self, parameters: list[torch.Tensor]) -> None:
         self.steps += 1
+        gradients = [tensor.grad for tensor in parameters]
+        if self.fused:
+            try:
+                self._fused(parameters, gradients)
+            except (RuntimeError, TypeError, NotImplementedError):  # no fused kernel for this device or dtype
+                self.fused = False
+        if not self.fused:
+            self._element_wise(parameters, gradients)
+        for tensor in parameters:
+            tensor.grad = None
+
+    def _fused(self, parameters: list[torch.Tensor], gradients: list[torch.Tensor]) -> None:
+        steps = [torch.tensor(float(self.steps), device=tensor.device) for tensor in parameters]
+        beta1, beta2 = self.betas
+        torch._fused_adam_(  # type: ignore[attr-defined]
+            parameters, gradients, self.first, self.second, [], steps,
+            lr=self.lr, beta1=beta1, beta2=beta2, weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False,
+        )  # fmt: skip
+
+    def _element_wise(self, parameters: list[torch.Tensor], gradients: list[torch.Tensor]) -> None:
         beta1, beta2 = self.betas
         step_size = self.lr / (1 - beta1**self.steps)
         correction2 = math.sqrt(1 - beta2**self.steps)
-        for tensor, first, second in zip(parameters, self.first, self.second, strict=True):
-            gradient = tensor.grad
+        for tensor, gradient, first, second in zip(parameters, gradients, self.first, self.second, strict=True):
             first.lerp_(gradient, 1 - beta1)
             second.mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
             tensor.addcdiv_(first, (second.sqrt() / correction2).add_(self.eps), value=-step_size)
-            tensor.grad = None
 
     def keep(self, index: torch.Tensor) -> None:
         self.first = [moment[index] for moment in self.first]
