@@ -467,9 +467,8 @@ class MLPProbe(ClassifierMixin, BaseEstimator):
 class Fit:
     """One fit of a study: train on `rows` of the feature matrix with the labels `y[rows]` (`y` holds every row's).
 
-    `held_out`: the rows of `rows` the MLP's early stopping watches, when the caller has drawn them already with
-    `early_stopping_split` and the probe's `validation_fraction` and `random_state` (a study draws them once for
-    all its features); None: the trainer draws them.
+    `held_out`: the rows of `rows` the MLP's early stopping watches, chosen by the caller (a study takes them from
+    one split of all its rows, `ProbeData.fits`); None: the trainer draws them with `early_stopping_split`.
     """
 
     rows: np.ndarray
@@ -625,6 +624,11 @@ def train_mlps(
         else early_stopping_split(fit.rows, fit.y, groups, probe.validation_fraction, probe.random_state)
         for fit in fits
     ]
+    if early and any(len(held) == 0 or len(trained) < 2 for trained, held in parts):
+        raise ProbeError(
+            f"early stopping holds out {probe.validation_fraction:g} of each fit's rows, and a fit of "
+            f"{min(len(fit.rows) for fit in fits)} rows has too few for that; pass validation_fraction=None"
+        )
     batch = min(probe.batch_size, *(len(trained) for trained, _ in parts))
     if batch < 2:
         raise ProbeError(f"the MLP probe trains on batches of at least 2 rows (BatchNorm); a fit has {batch}")
@@ -1143,7 +1147,8 @@ class ProbeData:
     #: Each labelled row's image when the splits are grouped by image (early stopping's held-out part is, too).
     groups: np.ndarray | None = None
 
-    #: The MLP's early-stopping rows per fit, drawn once per (validation fraction, seed) for every feature.
+    #: The MLP's early-stopping rows of all labelled rows (by the real and by the control labels), drawn once per
+    #: (validation fraction, seed) for every feature.
     held_out_parts: dict[tuple[float, int], list[np.ndarray]] = field(default_factory=dict)
 
     @property
@@ -1151,8 +1156,14 @@ class ProbeData:
         return np.concatenate([test for _, test in self.splits])
 
     def fits(self, template: LogRegProbe | MLPProbe) -> list[Fit]:
-        """Every fit of a feature: the CV folds, the control's folds, and the final probe on every labelled row;
-        for an MLP with early stopping, with the held-out part of each (drawn on the first call)."""
+        """Every fit of a feature: the CV folds, the control's folds, and the final probe on every labelled row.
+
+        For an MLP with early stopping, each with its held-out part: the fit's rows that fall in the part
+        `early_stopping_split` holds out of all labelled rows (stratified by the fit's labels, real or control;
+        grouped by image with the folds). A CV fit so holds out ~`validation_fraction` of its training rows, whole
+        images only, never a test row; the final fit holds out what `MLPProbe.fit` alone would. Drawn once per
+        study (two splits of all rows, not one per fit: scikit-learn's grouped split costs ~0.5 s a call).
+        """
         fits = [Fit(train, self.y) for train, _ in self.splits]
         fits += [Fit(train, self.y_control) for train, _ in self.control_splits]
         fits.append(Fit(np.arange(len(self.y)), self.y))
@@ -1160,8 +1171,15 @@ class ProbeData:
             return fits
         key = (float(template.validation_fraction), int(template.random_state))
         if key not in self.held_out_parts:
-            self.held_out_parts[key] = [early_stopping_split(fit.rows, fit.y, self.groups, *key)[1] for fit in fits]
-        return [replace(fit, held_out=held) for fit, held in zip(fits, self.held_out_parts[key], strict=True)]
+            every = np.arange(len(self.y))
+            self.held_out_parts[key] = [
+                early_stopping_split(every, labels, self.groups, *key)[1] for labels in (self.y, self.y_control)
+            ]
+        real, control = self.held_out_parts[key]
+        return [
+            replace(fit, held_out=np.intersect1d(fit.rows, control if fit.y is self.y_control else real))
+            for fit in fits
+        ]
 
     def matrix(self, feature: str) -> np.ndarray:
         with h5py.File(self.features_path, "r") as handle:
