@@ -639,29 +639,21 @@ def test_probes_saved_before_the_batched_fits_load_and_predict_the_same():
         np.testing.assert_allclose(probe.predict_proba(query)[:, 1], expected[kind], rtol=0, atol=1e-12)
 
 
-def test_a_studys_early_stopping_rows_are_one_grouped_split_of_all_rows(tmp_path):
-    """`ProbeData.fits`: each CV fit holds out its training rows in one stratified, image-grouped split of all rows
-    (real labels; the control's fits by the control labels): ~10% of its rows, whole images, never a test row; the
-    final fit holds out exactly what `MLPProbe.fit` alone would."""
+def test_a_studys_early_stopping_rows_are_grouped_stratified_parts_of_each_training_fold(tmp_path):
+    """Every fit of a grouped study (CV, control, final): the held-out rows are ~10% of its training rows, whole
+    images, never a test row, at nearly its class rate (real or control labels), the same for the same seed."""
     from halp.probe import ProbeSettings, early_stopping_split, load_probe_data
 
     run_dir, _ = write_run(tmp_path / "run", n_images=500, per_image=2, positive_rate=0.35)
     data = load_probe_data(run_dir, ProbeSettings(probe="mlp"))
     assert data.grouped and data.groups is not None
-    fits = data.fits(MLPProbe())
-    assert len(fits) == 2 * len(data.splits) + 1
-    tests = [test for _, test in data.splits] + [test for _, test in data.control_splits]
-    for fit, test in zip(fits, [*tests, np.zeros(0, dtype=int)], strict=True):
-        trained = np.setdiff1d(fit.rows, fit.held_out)
-        assert set(fit.held_out) <= set(fit.rows) and not set(fit.held_out) & set(test)
-        assert not set(data.groups[fit.held_out]) & set(data.groups[trained])
-        assert 0.05 < len(fit.held_out) / len(fit.rows) < 0.15  # 6.5-12.3% here: a tenth of all rows, cut by the fold
-        # Stratified over all rows, so within a fold's ~80 rows (~40 images) the rate is near, not equal.
-        assert abs(fit.y[fit.held_out].mean() - fit.y[fit.rows].mean()) < 0.1
-    every = np.arange(len(data.y))
-    np.testing.assert_array_equal(fits[-1].held_out, early_stopping_split(every, data.y, data.groups, 0.1, 42)[1])
-    control_part = early_stopping_split(every, data.y_control, data.groups, 0.1, 42)[1]
-    np.testing.assert_array_equal(
-        fits[len(data.splits)].held_out, np.intersect1d(fits[len(data.splits)].rows, control_part)
-    )
-    assert data.fits(LogRegProbe())[0].held_out is None
+    fits = data.fits()
+    tests = [test for _, test in data.splits] + [test for _, test in data.control_splits] + [np.zeros(0, dtype=int)]
+    for fit, test in zip(fits, tests, strict=True):
+        trained, held = early_stopping_split(fit.rows, fit.y, data.groups, 0.1, 42)
+        np.testing.assert_array_equal(np.sort(np.r_[trained, held]), fit.rows)
+        assert not set(held) & set(test) and not set(data.groups[held]) & set(data.groups[trained])
+        assert 0.09 < len(held) / len(fit.rows) < 0.11
+        assert abs(fit.y[held].mean() - fit.y[fit.rows].mean()) < 0.02
+        np.testing.assert_array_equal(held, early_stopping_split(fit.rows, fit.y, data.groups, 0.1, 42)[1])
+        assert not np.array_equal(held, early_stopping_split(fit.rows, fit.y, data.groups, 0.1, 7)[1])

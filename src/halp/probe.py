@@ -467,8 +467,8 @@ class MLPProbe(ClassifierMixin, BaseEstimator):
 class Fit:
     """One fit of a study: train on `rows` of the feature matrix with the labels `y[rows]` (`y` holds every row's).
 
-    `held_out`: the rows of `rows` the MLP's early stopping watches, chosen by the caller (a study takes them from
-    one split of all its rows, `ProbeData.fits`); None: the trainer draws them with `early_stopping_split`.
+    `held_out`: the rows of `rows` the MLP's early stopping watches, if the caller chooses them; None (as a study
+    leaves it): the trainer draws them with `early_stopping_split`.
     """
 
     rows: np.ndarray
@@ -481,19 +481,32 @@ def early_stopping_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(trained, held out): the rows of a training fold the optimizer sees, and the part early stopping watches.
 
-    A seeded stratified split of the fold's own rows (`make_splits` with `split=fraction`), grouped by image when
-    `groups` is given, so no image is on both sides; it only divides `rows`, so it never reaches into a test fold.
+    A seeded stratified split (`train_test_split`) of the fold's own rows, so it never reaches into a test fold.
+    With `groups` it splits the images instead, stratified by what each image's labels are (all 0, all 1, mixed),
+    so no image is on both sides and the classes keep their rates nearly; a stratum of a single image joins the
+    largest. (Not `StratifiedGroupKFold`: its greedy assignment costs ~0.5 s per split of a thousand images.)
     """
-    rows = np.asarray(rows)
-    fold_groups = None if groups is None else np.asarray(groups)[rows]
+    rows, y = np.asarray(rows), np.asarray(y)
     try:
-        [(trained, held_out)] = make_splits(np.asarray(y)[rows], fold_groups, split=fraction, seed=seed)
-    except ValueError as error:  # ProbeError (too few of a class), scikit-learn's (too few images to split)
+        if groups is None:
+            trained, held_out = train_test_split(rows, test_size=fraction, stratify=y[rows], random_state=seed)
+            return np.sort(trained), np.sort(held_out)
+        images, image_of_row = np.unique(np.asarray(groups)[rows], return_inverse=True)
+        positives = np.bincount(image_of_row, weights=y[rows], minlength=len(images))
+        counts = np.bincount(image_of_row, minlength=len(images))
+        stratum = np.where(positives == 0, 0, np.where(positives == counts, 2, 1))
+        sizes = np.bincount(stratum, minlength=3)
+        stratum[sizes[stratum] < 2] = int(np.argmax(sizes))
+        _, held_images = train_test_split(
+            np.arange(len(images)), test_size=fraction, stratify=stratum, random_state=seed
+        )
+    except ValueError as error:  # too few rows, images or examples of a class to hold out that fraction
         raise ProbeError(
             f"early stopping holds out {fraction:g} of each training fold ({len(rows)} rows) and cannot: {error}; "
             "pass validation_fraction=None to train every epoch on all rows"
         ) from error
-    return rows[trained], rows[held_out]
+    held = np.isin(image_of_row, held_images)
+    return rows[~held], rows[held]
 
 
 @dataclass
@@ -1147,39 +1160,15 @@ class ProbeData:
     #: Each labelled row's image when the splits are grouped by image (early stopping's held-out part is, too).
     groups: np.ndarray | None = None
 
-    #: The MLP's early-stopping rows of all labelled rows (by the real and by the control labels), drawn once per
-    #: (validation fraction, seed) for every feature.
-    held_out_parts: dict[tuple[float, int], list[np.ndarray]] = field(default_factory=dict)
-
     @property
     def tested(self) -> np.ndarray:
         return np.concatenate([test for _, test in self.splits])
 
-    def fits(self, template: LogRegProbe | MLPProbe) -> list[Fit]:
-        """Every fit of a feature: the CV folds, the control's folds, and the final probe on every labelled row.
-
-        For an MLP with early stopping, each with its held-out part: the fit's rows that fall in the part
-        `early_stopping_split` holds out of all labelled rows (stratified by the fit's labels, real or control;
-        grouped by image with the folds). A CV fit so holds out ~`validation_fraction` of its training rows, whole
-        images only, never a test row; the final fit holds out what `MLPProbe.fit` alone would. Drawn once per
-        study (two splits of all rows, not one per fit: scikit-learn's grouped split costs ~0.5 s a call).
-        """
+    def fits(self) -> list[Fit]:
+        """Every fit of a feature: the CV folds, the control's folds, and the final probe on every labelled row."""
         fits = [Fit(train, self.y) for train, _ in self.splits]
         fits += [Fit(train, self.y_control) for train, _ in self.control_splits]
-        fits.append(Fit(np.arange(len(self.y)), self.y))
-        if not isinstance(template, MLPProbe) or template.validation_fraction is None or template.patience is None:
-            return fits
-        key = (float(template.validation_fraction), int(template.random_state))
-        if key not in self.held_out_parts:
-            every = np.arange(len(self.y))
-            self.held_out_parts[key] = [
-                early_stopping_split(every, labels, self.groups, *key)[1] for labels in (self.y, self.y_control)
-            ]
-        real, control = self.held_out_parts[key]
-        return [
-            replace(fit, held_out=np.intersect1d(fit.rows, control if fit.y is self.y_control else real))
-            for fit in fits
-        ]
+        return [*fits, Fit(np.arange(len(self.y)), self.y)]
 
     def matrix(self, feature: str) -> np.ndarray:
         with h5py.File(self.features_path, "r") as handle:
@@ -1261,7 +1250,7 @@ def evaluate_feature(data: ProbeData, settings: ProbeSettings, feature: str, kin
     template = settings.template(kind)
     started = time.perf_counter()
     # Every fit of the feature at once: the CV folds, the control's folds, and the final probe on every row.
-    probes = template.fit_batch(X, data.fits(template), data.groups)
+    probes = template.fit_batch(X, data.fits(), data.groups)
     folds = len(data.splits)
     scores, fold_of, per_fold = out_of_fold(probes[:folds], X, y, data.splits)
     _, _, control_folds = out_of_fold(probes[folds:-1], X, data.y_control, data.control_splits)
@@ -1335,8 +1324,6 @@ def evaluate_features(data: ProbeData, settings: ProbeSettings) -> Iterator[Feat
 
     # One torch/BLAS thread per worker unless asked otherwise: jobs x threads should not exceed the cores.
     worker_settings = replace(settings, threads=settings.threads or 1)
-    for kind in kinds:  # what every feature shares (the MLP's early-stopping rows) is drawn here, once
-        data.fits(worker_settings.template(kind))
     # forkserver: workers never fork from this process's threads (OpenMP, torch) that may hold locks.
     context = multiprocessing.get_context("forkserver")
     workers = min(settings.jobs, len(data.features))
