@@ -513,6 +513,7 @@ def test_logreg_batch_equals_logistic_regression_cv_fold_by_fold():
         assert LOGREG_CS.index(probe.C_) == LOGREG_CS.index(chosen)  # the same value of the grid
         np.testing.assert_allclose(probe.coef_, reference.coef_.ravel(), rtol=1e-5, atol=1e-5)
         assert probe.intercept_ == pytest.approx(float(np.ravel(reference.intercept_)[0]), abs=1e-5)
+        assert probe.n_iter_.shape == (4, len(LOGREG_CS)) and (probe.n_iter_ >= 1).all() and probe.refit_n_iter_ >= 1
 
 
 def test_stacked_networks_compute_build_mlps_network():
@@ -588,6 +589,7 @@ def test_batched_mlp_fits_equal_separate_fits_and_are_seeded():
         assert (fitted.best_epoch_, len(fitted.loss_history_)) == (alone.best_epoch_, len(alone.loss_history_))
         np.testing.assert_allclose(fitted.validation_loss_history_, alone.validation_loss_history_, rtol=0, atol=1e-6)
         np.testing.assert_allclose(fitted.predict_proba(X), alone.predict_proba(X), rtol=0, atol=1e-6)
+        assert fitted.rows_per_epoch_ == (len(fit.rows) - len(fitted.held_out_)) // 32 * 32
     final = MLPProbe(**probe.get_params()).fit(X, y)
     np.testing.assert_allclose(final.predict_proba(X), together[-1].predict_proba(X), rtol=0, atol=1e-6)
     other = MLPProbe(**{**probe.get_params(), "random_state": 5}).fit(X, y)

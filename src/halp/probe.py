@@ -175,6 +175,9 @@ class LogRegProbe(ClassifierMixin, BaseEstimator):
         else:
             model = LogisticRegression(C=self.C, max_iter=self.max_iter)
         model.fit(standardized, y)
+        # lbfgs iterations: (inner fold, C) on the path (LogisticRegressionCV does not report its refit's), or the fit's
+        self.n_iter_ = np.asarray(model.n_iter_).reshape(-1, len(LOGREG_CS)) if self.C is None else np.zeros((0, 0))
+        self.refit_n_iter_ = None if self.C is None else int(np.ravel(model.n_iter_)[0])
         self.C_ = float(np.ravel(model.C_)[0]) if self.C is None else float(self.C)
         self.coef_ = model.coef_.ravel().astype(np.float64)
         self.intercept_ = float(np.ravel(model.intercept_)[0])
@@ -229,11 +232,14 @@ def _fit_logregs_by_newton(
             for train, _ in folds
         ]
         # The path from the strongest regularization to the weakest, each C warm started from the last solution.
-        path = newton_logistic_path(problems, sorted(LOGREG_CS), template.max_iter)  # (C, problem, dim + 1)
         ascending = sorted(LOGREG_CS)
+        path, iterations = newton_logistic_path(problems, ascending, template.max_iter)  # (C, problem, ...)
+        descending = [ascending.index(C) for C in LOGREG_CS]
         chosen, starts = [], []
         problem = 0
-        for design, y, folds in zip(designs, labels, inner, strict=True):
+        for probe, design, y, folds in zip(probes, designs, labels, inner, strict=True):
+            # LogisticRegressionCV's n_iter_ layout: (inner fold, C in LOGREG_CS order)
+            probe.n_iter_ = iterations[descending, problem : problem + len(folds)].T.copy()
             # scores[fold, C] in LOGREG_CS order (largest C first), as LogisticRegressionCV's scores_
             scores = np.empty((len(folds), len(LOGREG_CS)))
             for fold, (_, held) in enumerate(folds):
@@ -250,15 +256,23 @@ def _fit_logregs_by_newton(
     refits = [
         _Problem(design, y, C, start) for design, y, C, start in zip(designs, labels, chosen, starts, strict=True)
     ]
-    solutions = newton_logistic(refits, template.max_iter)
-    for probe, C, beta in zip(probes, chosen, solutions, strict=True):
+    [solutions], [refit_iterations] = _solve_newton(
+        refits, np.array([[problem.C for problem in refits]]), template.max_iter
+    )
+    for probe, C, beta, count in zip(probes, chosen, solutions, refit_iterations, strict=True):
+        if template.C is not None:
+            probe.n_iter_ = np.zeros((0, 0), dtype=np.int64)
+        probe.refit_n_iter_ = int(count)
         probe.C_ = float(C)
         probe.coef_ = beta[:-1].copy()
         probe.intercept_ = float(beta[-1])
 
 
-def newton_logistic_path(problems: list[_Problem], Cs: Sequence[float], max_iter: int = 1000) -> np.ndarray:
-    """Solutions (len(Cs), len(problems), dim + 1) of every problem at every C, each C warm started from the last."""
+def newton_logistic_path(
+    problems: list[_Problem], Cs: Sequence[float], max_iter: int = 1000
+) -> tuple[np.ndarray, np.ndarray]:
+    """Solutions (len(Cs), len(problems), dim + 1) of every problem at every C, each C warm started from the last,
+    and the Newton steps each took (len(Cs), len(problems))."""
     return _solve_newton(problems, np.asarray(Cs, dtype=np.float64)[:, None].repeat(len(problems), 1), max_iter)
 
 
@@ -275,33 +289,36 @@ def newton_logistic(problems: list[_Problem], max_iter: int = 1000) -> np.ndarra
     float32), until every step is below 1e-5 of the solution's size, which leaves it ~1e-10 from the optimum
     (tests/test_probe.py compares it with scikit-learn's LogisticRegression).
     """
-    return _solve_newton(problems, np.array([[problem.C for problem in problems]], dtype=np.float64), max_iter)[0]
+    return _solve_newton(problems, np.array([[problem.C for problem in problems]], dtype=np.float64), max_iter)[0][0]
 
 
-def _solve_newton(problems: list[_Problem], Cs: np.ndarray, max_iter: int) -> np.ndarray:
-    """Solutions (steps, problems, dim + 1) at Cs (steps, problems), each step warm started from the last.
+def _solve_newton(problems: list[_Problem], Cs: np.ndarray, max_iter: int) -> tuple[np.ndarray, np.ndarray]:
+    """Solutions (steps, problems, dim + 1) at Cs (steps, problems), each step warm started from the last, and the
+    Newton steps each problem took at each (steps, problems).
 
     Problems are padded to the longest of their chunk (padding weighs nothing); chunks group problems of similar
     row counts (longest first) and bound the memory.
     """
     if not problems:
-        return np.zeros((len(Cs), 0, 0))
+        return np.zeros((len(Cs), 0, 0)), np.zeros((len(Cs), 0), dtype=np.int64)
     dim = problems[0].design.shape[1] + 1
     order = sorted(range(len(problems)), key=lambda k: -len(problems[k].y))
     solutions = np.empty((len(Cs), len(problems), dim))
+    iterations = np.zeros((len(Cs), len(problems)), dtype=np.int64)
     chunk: list[int] = []
     for k in [*order, None]:
         longest = len(problems[chunk[0]].y) if chunk else 0
         full = (len(chunk) + 1) * longest * dim * 12 > _NEWTON_CHUNK_BYTES  # float64 + float32 designs
         if chunk and (k is None or len(problems[k].y) < 0.9 * longest or full):
-            solutions[:, chunk] = _newton_chunk([problems[i] for i in chunk], longest, Cs[:, chunk], max_iter)
+            solved = _newton_chunk([problems[i] for i in chunk], longest, Cs[:, chunk], max_iter)
+            solutions[:, chunk], iterations[:, chunk] = solved
             chunk = []
         if k is not None:
             chunk.append(k)
-    return solutions
+    return solutions, iterations
 
 
-def _newton_chunk(problems: list[_Problem], rows: int, Cs: np.ndarray, max_iter: int) -> np.ndarray:
+def _newton_chunk(problems: list[_Problem], rows: int, Cs: np.ndarray, max_iter: int) -> tuple[np.ndarray, np.ndarray]:
     count, dim = len(problems), problems[0].design.shape[1] + 1
     design = torch.zeros((count, rows, dim), dtype=torch.float64)
     targets = torch.zeros((count, rows), dtype=torch.float64)
@@ -322,7 +339,7 @@ def _newton_chunk(problems: list[_Problem], rows: int, Cs: np.ndarray, max_iter:
     weighted32 = torch.empty_like(design32)  # reused: a fresh tensor of this size per step costs page faults
     penalized = torch.ones(dim, dtype=torch.float64)
     penalized[-1] = 0.0  # the intercept
-    solutions = []
+    solutions, steps = [], []
     data_hessian: torch.Tensor | None = None  # sum of w p (1 - p) x x^T, from the last Newton step
     for step_Cs in Cs:
         C = torch.from_numpy(step_Cs)[:, None]
@@ -333,8 +350,10 @@ def _newton_chunk(problems: list[_Problem], rows: int, Cs: np.ndarray, max_iter:
             return C[:, 0] * loss + 0.5 * (penalized * candidate**2).sum(1)
 
         done = torch.zeros(count, dtype=torch.bool)
+        taken = torch.zeros(count, dtype=torch.long)
         logits = torch.bmm(design, beta[:, :, None])[:, :, 0]
         for _ in range(max_iter):
+            taken += ~done
             probability = torch.sigmoid(logits)
             gradient = C * torch.bmm(design.transpose(1, 2), (weights * (probability - targets))[:, :, None])[:, :, 0]
             gradient += penalized * beta
@@ -371,7 +390,8 @@ def _newton_chunk(problems: list[_Problem], rows: int, Cs: np.ndarray, max_iter:
         else:
             raise ProbeError(f"logistic regression did not converge in {max_iter} Newton steps (non-finite features?)")
         solutions.append(beta.numpy().copy())
-    return np.stack(solutions)
+        steps.append(taken.numpy().copy())
+    return np.stack(solutions), np.stack(steps)
 
 
 def build_mlp(input_dim: int, hidden: Sequence[int], dropout: float) -> nn.Sequential:
@@ -441,6 +461,7 @@ class MLPProbe(ClassifierMixin, BaseEstimator):
         self.validation_loss_history_ = trained.validation_loss_history
         self.best_epoch_ = trained.best_epoch
         self.held_out_ = trained.held_out
+        self.rows_per_epoch_ = trained.rows_per_epoch
         return self
 
     @torch.inference_mode()
@@ -519,6 +540,8 @@ class TrainedMLP:
     validation_loss_history: list[float]
     best_epoch: int
     held_out: np.ndarray
+    #: Rows the optimizer took per epoch (whole batches of the trained rows).
+    rows_per_epoch: int
 
 
 class _StackedMLPs:
@@ -750,6 +773,7 @@ def _train_stacked(
             validation_loss_history=validation[fit],
             best_epoch=best[fit][1] if best[fit] is not None else len(losses[fit]),
             held_out=parts[fit][1],
+            rows_per_epoch=steps_per_epoch[fit] * batch,
         )
         for fit in range(len(fits))
     ]
