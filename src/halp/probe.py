@@ -15,11 +15,11 @@ labels beside every result, and saves one final probe per feature and type (safe
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from scipy.special import expit
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
-from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import accuracy_score, average_precision_score, f1_score, roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 from sklearn.preprocessing import StandardScaler
@@ -86,6 +86,8 @@ def _as_features(X: Any) -> np.ndarray:
     X = np.asarray(X, dtype=np.float32)
     if X.ndim != 2:
         raise ProbeError(f"features must be 2-D (n_samples, dim), got shape {X.shape}")
+    if not np.isfinite(X).all():
+        raise ProbeError(f"features hold {int((~np.isfinite(X)).sum())} NaN or infinite value(s)")
     return X
 
 
@@ -118,10 +120,11 @@ class LogRegProbe(ClassifierMixin, BaseEstimator):
     """Standardized L2 logistic regression; `C=None` picks C from LOGREG_CS by inner CV on AUROC.
 
     The inner CV is `LogisticRegressionCV`'s (stratified `cv` folds of the training rows, AUROC summed over folds,
-    the largest C among equal sums, then a refit on every row). Up to LOGREG_NEWTON_MAX_DIM features, `fit_batch`
-    solves every problem of its fits at once by Newton's method (`newton_logistic`: the whole path of C values, warm
-    started, then the refits), the same optimum as scikit-learn's solvers to ~1e-10; past that it runs
-    scikit-learn's `LogisticRegressionCV` / `LogisticRegression` (lbfgs) per fit.
+    the largest C among equal sums, then a refit on every row). `fit_batch` solves every problem of its fits at once
+    (the whole path of C values, warm started, then the refits): up to LOGREG_NEWTON_MAX_DIM features by Newton's
+    method (`newton_logistic`, scikit-learn's optimum to ~1e-10), past that by L-BFGS on the shared feature matrix
+    (`lbfgs_logistic_path`, scikit-learn's lbfgs tolerance). Fitted: `C_`, `coef_`, `intercept_` (standardized
+    space), `n_iter_` (inner fold x C, LOGREG_CS order) and `refit_n_iter_`, the solver's iterations.
     """
 
     def __init__(self, C: float | None = None, cv: int = 5, max_iter: int = 1000, random_state: int = 42) -> None:
@@ -152,35 +155,11 @@ class LogRegProbe(ClassifierMixin, BaseEstimator):
             if self.C is None and int(min(np.bincount(y))) < 2:
                 raise ProbeError("choosing C by inner CV needs at least 2 examples of each class; pass C=")
             probes.append(probe)
-        if X.shape[1] > LOGREG_NEWTON_MAX_DIM:
-            for probe, fit in zip(probes, fits, strict=True):
-                probe._fit_with_sklearn(X[fit.rows], np.asarray(fit.y)[fit.rows])
-        else:
-            _fit_logregs_by_newton(self, X, fits, probes)
+        _fit_logregs(self, X, fits, probes)
         return probes
 
     def _inner_cv(self, y: np.ndarray) -> StratifiedKFold:
         return StratifiedKFold(min(self.cv, int(min(np.bincount(y)))), shuffle=True, random_state=self.random_state)
-
-    def _fit_with_sklearn(self, X: np.ndarray, y: np.ndarray) -> None:
-        standardized = self.scaler_.transform(X)
-        if self.C is None:
-            model: Any = LogisticRegressionCV(
-                Cs=list(LOGREG_CS),
-                cv=self._inner_cv(y),
-                scoring="roc_auc",
-                max_iter=self.max_iter,
-                **_logreg_cv_kwargs(),
-            )
-        else:
-            model = LogisticRegression(C=self.C, max_iter=self.max_iter)
-        model.fit(standardized, y)
-        # lbfgs iterations: (inner fold, C) on the path (LogisticRegressionCV does not report its refit's), or the fit's
-        self.n_iter_ = np.asarray(model.n_iter_).reshape(-1, len(LOGREG_CS)) if self.C is None else np.zeros((0, 0))
-        self.refit_n_iter_ = None if self.C is None else int(np.ravel(model.n_iter_)[0])
-        self.C_ = float(np.ravel(model.C_)[0]) if self.C is None else float(self.C)
-        self.coef_ = model.coef_.ravel().astype(np.float64)
-        self.intercept_ = float(np.ravel(model.intercept_)[0])
 
     def decision_function(self, X: Any) -> np.ndarray:
         check_is_fitted(self, "coef_")
@@ -193,14 +172,6 @@ class LogRegProbe(ClassifierMixin, BaseEstimator):
         return (self.predict_proba(X)[:, 1] >= THRESHOLD).astype(np.int64)
 
 
-def _logreg_cv_kwargs() -> dict[str, Any]:
-    """Keyword arguments that select a plain L2 path on scikit-learn >= 1.8 without deprecation noise."""
-    parameters = inspect.signature(LogisticRegressionCV).parameters
-    if "use_legacy_attributes" in parameters:
-        return {"l1_ratios": (0.0,), "use_legacy_attributes": False}
-    return {}
-
-
 @dataclass
 class _Problem:
     """One L2 logistic regression: rows of a standardized design, their labels, and C."""
@@ -211,69 +182,104 @@ class _Problem:
     start: np.ndarray | None = None
 
 
-def _fit_logregs_by_newton(
-    template: LogRegProbe, X: np.ndarray, fits: Sequence[Fit], probes: list[LogRegProbe]
-) -> None:
-    """Every fit's inner CV over LOGREG_CS (or its fixed C) and its refit, as batched Newton solves."""
-    # The standardized design of each fit, in float64 as LogisticRegressionCV gets it.
-    designs = [probe.scaler_.transform(X[fit.rows]).astype(np.float64) for probe, fit in zip(probes, fits, strict=True)]
+def _fit_logregs(template: LogRegProbe, X: np.ndarray, fits: Sequence[Fit], probes: list[LogRegProbe]) -> None:
+    """Every fit's inner CV over LOGREG_CS (or its fixed C) and its refit, solved as batches of problems.
+
+    LogisticRegressionCV's procedure: per fit, stratified inner folds of its rows; every inner problem along the
+    path of C values (here from the strongest regularization up, each C warm started from the last solution);
+    AUROC of each on its held-out inner fold; the C with the largest sum over folds (the largest C among equal
+    sums); the refit on all the fit's rows from the mean of the folds' solutions at that C. The solver: batched
+    Newton up to LOGREG_NEWTON_MAX_DIM features, batched L-BFGS on the shared feature matrix past that.
+    """
     labels = [np.asarray(fit.y)[fit.rows].astype(np.float64) for fit in fits]
+    newton = X.shape[1] <= LOGREG_NEWTON_MAX_DIM
+    solver = _NewtonProblems(X, fits, probes, labels) if newton else _SharedProblems(X, fits, probes, labels)
     if template.C is not None:
         chosen = [float(template.C)] * len(fits)
         starts: list[np.ndarray | None] = [None] * len(fits)
+        for probe in probes:
+            probe.n_iter_ = np.zeros((0, len(LOGREG_CS)), dtype=np.int64)
     else:
-        inner = [
-            list(template._inner_cv(y.astype(np.int64)).split(design, y))
-            for design, y in zip(designs, labels, strict=True)
-        ]
-        problems = [
-            _Problem(design[train], y[train])
-            for design, y, folds in zip(designs, labels, inner, strict=True)
-            for train, _ in folds
-        ]
-        # The path from the strongest regularization to the weakest, each C warm started from the last solution.
+        inner = [list(template._inner_cv(y.astype(np.int64)).split(np.zeros((len(y), 1)), y)) for y in labels]
+        parts = [(fit, train) for fit, folds in enumerate(inner) for train, _ in folds]
         ascending = sorted(LOGREG_CS)
-        path, iterations = newton_logistic_path(problems, ascending, template.max_iter)  # (C, problem, ...)
+        path, iterations = solver.solve(parts, np.asarray(ascending)[:, None].repeat(len(parts), 1), None, template)
         descending = [ascending.index(C) for C in LOGREG_CS]
         chosen, starts = [], []
         problem = 0
-        for probe, design, y, folds in zip(probes, designs, labels, inner, strict=True):
-            # LogisticRegressionCV's n_iter_ layout: (inner fold, C in LOGREG_CS order)
-            probe.n_iter_ = iterations[descending, problem : problem + len(folds)].T.copy()
-            # scores[fold, C] in LOGREG_CS order (largest C first), as LogisticRegressionCV's scores_
+        for fit, (probe, y, folds) in enumerate(zip(probes, labels, inner, strict=True)):
+            standardized = probe.scaler_.transform(X[fits[fit].rows]).astype(np.float64)
+            # scores[fold, C] and n_iter_[fold, C] in LOGREG_CS order, as LogisticRegressionCV's scores_ and n_iter_
             scores = np.empty((len(folds), len(LOGREG_CS)))
             for fold, (_, held) in enumerate(folds):
-                for column, C in enumerate(LOGREG_CS):
-                    beta = path[ascending.index(C), problem + fold]
-                    scores[fold, column] = ranking_metrics(
-                        y[held].astype(np.int64), design[held] @ beta[:-1] + beta[-1]
-                    )[0]
+                for column, step in enumerate(descending):
+                    beta = path[step, problem + fold]
+                    decision = standardized[held] @ beta[:-1] + beta[-1]
+                    scores[fold, column] = ranking_metrics(y[held].astype(np.int64), decision)[0]
+            probe.n_iter_ = iterations[descending, problem : problem + len(folds)].T.copy()
             best = int(np.argmax(scores.sum(axis=0)))  # the first of equal sums: the largest C
             chosen.append(LOGREG_CS[best])
-            # LogisticRegressionCV starts its refit from the mean of the folds' solutions at that C.
             starts.append(path[ascending.index(LOGREG_CS[best]), problem : problem + len(folds)].mean(axis=0))
             problem += len(folds)
-    refits = [
-        _Problem(design, y, C, start) for design, y, C, start in zip(designs, labels, chosen, starts, strict=True)
-    ]
-    [solutions], [refit_iterations] = _solve_newton(
-        refits, np.array([[problem.C for problem in refits]]), template.max_iter
-    )
+    everything = [(fit, np.arange(len(y))) for fit, y in enumerate(labels)]
+    [solutions], [refit_iterations] = solver.solve(everything, np.array([chosen]), starts, template)
     for probe, C, beta, count in zip(probes, chosen, solutions, refit_iterations, strict=True):
-        if template.C is not None:
-            probe.n_iter_ = np.zeros((0, 0), dtype=np.int64)
         probe.refit_n_iter_ = int(count)
         probe.C_ = float(C)
         probe.coef_ = beta[:-1].copy()
         probe.intercept_ = float(beta[-1])
 
 
-def newton_logistic_path(
-    problems: list[_Problem], Cs: Sequence[float], max_iter: int = 1000
-) -> tuple[np.ndarray, np.ndarray]:
-    """Solutions (len(Cs), len(problems), dim + 1) of every problem at every C, each C warm started from the last,
-    and the Newton steps each took (len(Cs), len(problems))."""
-    return _solve_newton(problems, np.asarray(Cs, dtype=np.float64)[:, None].repeat(len(problems), 1), max_iter)
+class _NewtonProblems:
+    """The fits' problems as standardized float64 designs (rows x dim each) for the batched Newton solver."""
+
+    def __init__(self, X: np.ndarray, fits: Sequence[Fit], probes: list[LogRegProbe], labels: list[np.ndarray]):
+        self.designs = [
+            probe.scaler_.transform(X[fit.rows]).astype(np.float64) for probe, fit in zip(probes, fits, strict=True)
+        ]
+        self.labels = labels
+
+    def solve(
+        self,
+        parts: list[tuple[int, np.ndarray]],
+        Cs: np.ndarray,
+        starts: Sequence[np.ndarray | None] | None,
+        template: LogRegProbe,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        starts = starts or [None] * len(parts)
+        problems = [
+            _Problem(self.designs[fit][rows], self.labels[fit][rows], start=start)
+            for (fit, rows), start in zip(parts, starts, strict=True)
+        ]
+        return _solve_newton(problems, Cs, template.max_iter)
+
+
+class _SharedProblems:
+    """The fits' problems as rows of the one feature matrix, with each fit's standardization, for batched L-BFGS."""
+
+    def __init__(self, X: np.ndarray, fits: Sequence[Fit], probes: list[LogRegProbe], labels: list[np.ndarray]):
+        self.X, self.fits, self.labels = X, fits, labels
+        self.means = np.stack([probe.scaler_.mean_ for probe in probes])
+        self.scales = np.stack([probe.scaler_.scale_ for probe in probes])
+
+    def solve(
+        self,
+        parts: list[tuple[int, np.ndarray]],
+        Cs: np.ndarray,
+        starts: Sequence[np.ndarray | None] | None,
+        template: LogRegProbe,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        fits = [fit for fit, _ in parts]
+        return lbfgs_logistic_path(
+            self.X,
+            [np.asarray(self.fits[fit].rows)[rows] for fit, rows in parts],
+            [self.labels[fit][rows] for fit, rows in parts],
+            self.means[fits],
+            self.scales[fits],
+            Cs,
+            starts,
+            max_iter=template.max_iter,
+        )
 
 
 #: Past this many features the batched Newton solver's Hessians (rows x dim^2 each) cost more than lbfgs.
@@ -392,6 +398,158 @@ def _newton_chunk(problems: list[_Problem], rows: int, Cs: np.ndarray, max_iter:
         solutions.append(beta.numpy().copy())
         steps.append(taken.numpy().copy())
     return np.stack(solutions), np.stack(steps)
+
+
+#: The L-BFGS solver's tolerance: scikit-learn's default (1e-4 on the gradient of the mean loss; scaled to ours).
+LBFGS_TOL = 1e-4
+
+
+def lbfgs_logistic_path(
+    X: np.ndarray,
+    rows: list[np.ndarray],
+    labels: list[np.ndarray],
+    means: np.ndarray,
+    scales: np.ndarray,
+    Cs: np.ndarray,
+    starts: Sequence[np.ndarray | None] | None = None,
+    max_iter: int = 1000,
+    tol: float = LBFGS_TOL,
+    memory: int = 10,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Solutions (steps, problems, dim + 1) at Cs (steps, problems) and the iterations each took, by batched L-BFGS.
+
+    Problem k is scikit-learn's L2 logistic regression (C * sum log-loss + |coef|^2 / 2, intercept not penalized)
+    on rows[k] of X standardized with means[k], scales[k]; coefficients are in that standardized space. All
+    problems share X: each iteration is two float32 matmuls of X with the active problems' columns (logits, and
+    the gradient) and elementwise work; the line search (backtracking, Armijo) moves the logits along a direction
+    computed once. A problem stops when its largest gradient entry is below `tol` x C x its rows (scikit-learn's
+    lbfgs criterion on its mean loss), and leaves the matmuls. Each step of Cs is warm started from the last.
+    """
+    n, dim = X.shape
+    count = len(rows)
+    features = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+    weight = torch.zeros((n, count), dtype=torch.float64)
+    target = torch.zeros((n, count), dtype=torch.float64)
+    beta = torch.zeros((count, dim + 1), dtype=torch.float64)
+    for k, (part, y) in enumerate(zip(rows, labels, strict=True)):
+        weight[part, k] = 1.0
+        target[part, k] = torch.from_numpy(np.asarray(y, dtype=np.float64))
+        start = None if starts is None else starts[k]
+        if start is not None:
+            beta[k] = torch.from_numpy(np.asarray(start, dtype=np.float64))
+        else:  # the intercept alone: the solution under the strongest regularization, nearly
+            rate = float(np.clip(np.mean(y), 1e-6, 1 - 1e-6))
+            beta[k, -1] = math.log(rate / (1 - rate))
+    mean = torch.from_numpy(np.asarray(means, dtype=np.float64))
+    scale = torch.from_numpy(np.asarray(scales, dtype=np.float64))
+    sizes = weight.sum(0)
+    solutions, taken = [], []
+    for step_Cs in np.asarray(Cs, dtype=np.float64):
+        C = torch.from_numpy(step_Cs)
+        iterations = _lbfgs(features, weight, target, mean, scale, C, tol * C * sizes, beta, max_iter, memory)
+        solutions.append(beta.numpy().copy())
+        taken.append(iterations.numpy().copy())
+    return np.stack(solutions), np.stack(taken)
+
+
+def _lbfgs(
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    mean: torch.Tensor,
+    scale: torch.Tensor,
+    C: torch.Tensor,
+    gtol: torch.Tensor,
+    beta: torch.Tensor,
+    max_iter: int,
+    memory: int,
+) -> torch.Tensor:
+    """Minimize every problem from `beta` (updated in place); returns the iterations each took."""
+    count, size = beta.shape
+    iterations = torch.zeros(count, dtype=torch.long)
+    active = torch.arange(count)
+
+    def logits_of(direction: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """(rows, len(k)) logits of standardized coefficients + intercepts `direction` of problems k: X v + c."""
+        raw = direction[:, :-1] / scale[k]
+        offset = direction[:, -1] - (mean[k] * raw).sum(1)
+        return (features @ raw.T.float()).double() + offset
+
+    def objective(logits: torch.Tensor, coefficients: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        loss = (weight[:, k] * (nn.functional.softplus(logits) - target[:, k] * logits)).sum(0)
+        return C[k] * loss + 0.5 * (coefficients[:, :-1] ** 2).sum(1)
+
+    def gradient_of(logits: torch.Tensor, coefficients: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        residual = C[k] * weight[:, k] * (torch.sigmoid(logits) - target[:, k])  # (rows, len(k))
+        raw = (features.T @ residual.float()).double().T  # (len(k), dim)
+        total = residual.sum(0)
+        coefficient = (raw - mean[k] * total[:, None]) / scale[k] + coefficients[:, :-1]
+        return torch.cat([coefficient, total[:, None]], 1)
+
+    current = beta[active]
+    logits = logits_of(current, active)
+    value, gradient = objective(logits, current, active), gradient_of(logits, current, active)
+    steps = torch.zeros((memory, count, size), dtype=torch.float64)
+    changes = torch.zeros((memory, count, size), dtype=torch.float64)
+    inverse_curvature = torch.zeros((memory, count), dtype=torch.float64)  # 1 / (s . y); 0: no pair stored
+    scaling = 1.0 / gradient.norm(dim=1).clamp_min(1.0)  # the first direction: the gradient, of length <= 1
+    for iteration in range(max_iter):
+        converged = gradient.abs().amax(1) <= gtol[active]
+        if bool(converged.any()):
+            beta[active[converged]] = current[converged]
+            stay = ~converged
+            active, current, logits, value, gradient, scaling = (
+                active[stay], current[stay], logits[:, stay], value[stay], gradient[stay], scaling[stay]
+            )  # fmt: skip
+            steps, changes, inverse_curvature = steps[:, stay], changes[:, stay], inverse_curvature[:, stay]
+        if len(active) == 0:
+            return iterations
+        iterations[active] += 1
+        # Two-loop recursion over the stored pairs, newest first.
+        direction = -gradient
+        alphas = []
+        for slot in [(iteration - 1 - back) % memory for back in range(memory)]:
+            alpha = inverse_curvature[slot] * (steps[slot] * direction).sum(1)
+            direction = direction - alpha[:, None] * changes[slot]
+            alphas.append((slot, alpha))
+        direction = direction * scaling[:, None]
+        for slot, alpha in reversed(alphas):
+            correction = inverse_curvature[slot] * (changes[slot] * direction).sum(1)
+            direction = direction + (alpha - correction)[:, None] * steps[slot]
+        slope = (gradient * direction).sum(1)
+        uphill = slope >= 0  # a stale curvature pair: restart that problem from the gradient
+        if bool(uphill.any()):
+            direction[uphill] = -gradient[uphill] / gradient[uphill].norm(dim=1, keepdim=True).clamp_min(1.0)
+            slope = (gradient * direction).sum(1)
+            inverse_curvature[:, uphill] = 0.0
+        moved = logits_of(direction, active)  # affine in the coefficients: the logits' change along the direction
+        size_ = torch.ones(len(active), dtype=torch.float64)
+        for _ in range(40):
+            trial = objective(logits + size_ * moved, current + size_[:, None] * direction, active)
+            accepted = trial <= value + 1e-4 * size_ * slope
+            if bool(accepted.all()):
+                break
+            size_ = torch.where(accepted, size_, size_ / 2)
+        step = size_[:, None] * direction
+        current = current + step
+        # The logits move in float64 along float32 matmuls: recomputed every 25 iterations so no error builds up.
+        logits = logits_of(current, active) if (iteration + 1) % 25 == 0 else logits + size_ * moved
+        new_value, new_gradient = objective(logits, current, active), gradient_of(logits, current, active)
+        change = new_gradient - gradient
+        curvature = (step * change).sum(1)
+        slot = iteration % memory
+        valid = curvature > 1e-10 * step.norm(dim=1) * change.norm(dim=1)
+        steps[slot], changes[slot] = step, change
+        inverse_curvature[slot] = torch.where(valid, 1.0 / curvature.clamp_min(1e-300), torch.zeros_like(curvature))
+        scaling = torch.where(valid, curvature / (change * change).sum(1).clamp_min(1e-300), scaling)
+        value, gradient = new_value, new_gradient
+    warnings.warn(  # as scikit-learn does: the last iterate, with a warning that names the limit
+        f"logistic regression: {len(active)} problem(s) did not reach the tolerance in {max_iter} L-BFGS iterations",
+        ConvergenceWarning,
+        stacklevel=3,
+    )
+    beta[active] = current
+    return iterations
 
 
 def build_mlp(input_dim: int, hidden: Sequence[int], dropout: float) -> nn.Sequential:
