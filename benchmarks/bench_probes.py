@@ -27,11 +27,12 @@ layer at `--measure-rows` rows (default: 11 fits x 128).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -165,18 +166,32 @@ def run_cells(
     return cells
 
 
-def summarize(cells: list[Cell], rate: float) -> list[str]:
-    """One line per probe type and one for all: seconds per fit, achieved GFLOP/s, fraction of the matmul rate."""
-    lines = []
+def totals(cells: list[Cell], rate: float) -> dict[str, dict[str, float]]:
+    """Per probe type and for all cells: fits, seconds, seconds per fit, TFLOP, GFLOP/s, fraction of the matmul rate."""
     groups = {kind: [c for c in cells if c.probe == kind] for kind in dict.fromkeys(c.probe for c in cells)}
+    out = {}
     for name, group in [*groups.items(), ("all", cells)]:
         seconds, flops, fits = sum(c.seconds for c in group), sum(c.flops for c in group), sum(c.fits for c in group)
-        lines.append(
-            f"{name}: {len(group)} cell(s), {fits} fits, {seconds:.1f}s = {seconds / fits:.2f}s per fit "
-            f"({fits / seconds:.2f} fits/s); {flops / 1e12:.2f} TFLOP at {flops / seconds / 1e9:.1f} GFLOP/s "
-            f"= {flops / seconds / rate:.0%} of the matmul rate"
-        )
-    return lines
+        out[name] = {
+            "cells": len(group),
+            "fits": fits,
+            "seconds": seconds,
+            "seconds_per_fit": seconds / fits,
+            "tflop": flops / 1e12,
+            "gflops": flops / seconds / 1e9,
+            "fraction_of_matmul_rate": flops / seconds / rate,
+        }
+    return out
+
+
+def summarize(cells: list[Cell], rate: float) -> list[str]:
+    """One line per probe type and one for all: seconds per fit, achieved GFLOP/s, fraction of the matmul rate."""
+    return [
+        f"{name}: {t['cells']} cell(s), {t['fits']} fits, {t['seconds']:.1f}s = {t['seconds_per_fit']:.2f}s per fit "
+        f"({t['fits'] / t['seconds']:.2f} fits/s); {t['tflop']:.2f} TFLOP at {t['gflops']:.1f} GFLOP/s "
+        f"= {t['fraction_of_matmul_rate']:.0%} of the matmul rate"
+        for name, t in totals(cells, rate).items()
+    ]
 
 
 def main() -> None:
@@ -191,6 +206,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="where the MLP trains: cpu or cuda")
     parser.add_argument("--measure-rows", type=int, default=11 * 128, help="rows of the matmul the rate is measured on")
     parser.add_argument("--out", type=Path, default=None, help="keep the synthetic run here (default: temporary)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
     size = REDUCED if args.reduced else STUDY
     samples, dim = args.samples or size["samples"], args.dim or size["dim"]
@@ -226,6 +242,19 @@ def main() -> None:
     print(f"\nall fits in {total:.1f}s (reading the features included); matmul rate {rate / 1e9:.1f} GFLOP/s")
     for line in summarize(cells, rate):
         print(line)
+    if args.json:
+        figures = {
+            "samples": samples,
+            "dim": dim,
+            "features": len(features),
+            "device": args.device,
+            "threads": torch.get_num_threads(),
+            "matmul_gflops": rate / 1e9,
+            "seconds": total,
+            "cells": [{**asdict(cell), "seconds_per_fit": cell.seconds_per_fit} for cell in cells],
+            "totals": totals(cells, rate),
+        }
+        args.json.write_text(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":

@@ -36,4 +36,7 @@ def test_gpu_check_runs_in_reduced_mode_and_reports_every_figure(tmp_path):
     assert all(s["fraction_of_peak"] is not None for s in settings if s["mode"] == "--no-generate")
     assert figures["seeds_samples_per_second"] > 0 and figures["ratio_to_seeds"] > 0
     assert figures["probe_cell_seconds"] > 0
+    totals = figures["probe_cell"]["totals"]
+    assert set(totals) == {"logreg", "mlp", "all"} and totals["all"]["fits"] == 22
+    assert all(t["seconds_per_fit"] > 0 and 0 < t["fraction_of_matmul_rate"] for t in totals.values())
     assert "seeds' method" in done.stdout and "probe cell" in done.stdout

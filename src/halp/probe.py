@@ -468,27 +468,29 @@ def _lbfgs(
     count, size = beta.shape
     iterations = torch.zeros(count, dtype=torch.long)
     active = torch.arange(count)
+    # The active problems' columns and constants, contiguous; cut down when problems converge.
+    weights, targets, Cs, means, scales = weight, target, C, mean, scale
 
-    def logits_of(direction: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """(rows, len(k)) logits of standardized coefficients + intercepts `direction` of problems k: X v + c."""
-        raw = direction[:, :-1] / scale[k]
-        offset = direction[:, -1] - (mean[k] * raw).sum(1)
+    def logits_of(direction: torch.Tensor) -> torch.Tensor:
+        """(rows, active) logits of standardized coefficients + intercepts `direction`: X v + c (affine)."""
+        raw = direction[:, :-1] / scales
+        offset = direction[:, -1] - (means * raw).sum(1)
         return (features @ raw.T.float()).double() + offset
 
-    def objective(logits: torch.Tensor, coefficients: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        loss = (weight[:, k] * (nn.functional.softplus(logits) - target[:, k] * logits)).sum(0)
-        return C[k] * loss + 0.5 * (coefficients[:, :-1] ** 2).sum(1)
+    def objective(logits: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+        loss = (weights * (nn.functional.softplus(logits) - targets * logits)).sum(0)
+        return Cs * loss + 0.5 * (coefficients[:, :-1] ** 2).sum(1)
 
-    def gradient_of(logits: torch.Tensor, coefficients: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        residual = C[k] * weight[:, k] * (torch.sigmoid(logits) - target[:, k])  # (rows, len(k))
-        raw = (features.T @ residual.float()).double().T  # (len(k), dim)
+    def gradient_of(logits: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+        residual = Cs * weights * (torch.sigmoid(logits) - targets)  # (rows, active)
+        raw = (features.T @ residual.float()).double().T  # (active, dim)
         total = residual.sum(0)
-        coefficient = (raw - mean[k] * total[:, None]) / scale[k] + coefficients[:, :-1]
+        coefficient = (raw - means * total[:, None]) / scales + coefficients[:, :-1]
         return torch.cat([coefficient, total[:, None]], 1)
 
-    current = beta[active]
-    logits = logits_of(current, active)
-    value, gradient = objective(logits, current, active), gradient_of(logits, current, active)
+    current = beta.clone()
+    logits = logits_of(current)
+    value, gradient = objective(logits, current), gradient_of(logits, current)
     steps = torch.zeros((memory, count, size), dtype=torch.float64)
     changes = torch.zeros((memory, count, size), dtype=torch.float64)
     inverse_curvature = torch.zeros((memory, count), dtype=torch.float64)  # 1 / (s . y); 0: no pair stored
@@ -502,6 +504,8 @@ def _lbfgs(
                 active[stay], current[stay], logits[:, stay], value[stay], gradient[stay], scaling[stay]
             )  # fmt: skip
             steps, changes, inverse_curvature = steps[:, stay], changes[:, stay], inverse_curvature[:, stay]
+            weights, targets = weight[:, active].contiguous(), target[:, active].contiguous()
+            Cs, means, scales = C[active], mean[active], scale[active]
         if len(active) == 0:
             return iterations
         iterations[active] += 1
@@ -522,19 +526,21 @@ def _lbfgs(
             direction[uphill] = -gradient[uphill] / gradient[uphill].norm(dim=1, keepdim=True).clamp_min(1.0)
             slope = (gradient * direction).sum(1)
             inverse_curvature[:, uphill] = 0.0
-        moved = logits_of(direction, active)  # affine in the coefficients: the logits' change along the direction
+        moved = logits_of(direction)  # affine in the coefficients: the logits' change along the direction
         size_ = torch.ones(len(active), dtype=torch.float64)
         for _ in range(40):
-            trial = objective(logits + size_ * moved, current + size_[:, None] * direction, active)
+            trial = objective(logits + size_ * moved, current + size_[:, None] * direction)
             accepted = trial <= value + 1e-4 * size_ * slope
             if bool(accepted.all()):
                 break
             size_ = torch.where(accepted, size_, size_ / 2)
+        else:  # 40 halvings: a step of ~1e-12, taken as it is
+            trial = objective(logits + size_ * moved, current + size_[:, None] * direction)
         step = size_[:, None] * direction
         current = current + step
         # The logits move in float64 along float32 matmuls: recomputed every 25 iterations so no error builds up.
-        logits = logits_of(current, active) if (iteration + 1) % 25 == 0 else logits + size_ * moved
-        new_value, new_gradient = objective(logits, current, active), gradient_of(logits, current, active)
+        logits = logits_of(current) if (iteration + 1) % 25 == 0 else logits + size_ * moved
+        new_value, new_gradient = trial, gradient_of(logits, current)  # trial: the accepted steps' values
         change = new_gradient - gradient
         curvature = (step * change).sum(1)
         slot = iteration % memory
