@@ -38,5 +38,5 @@ def test_gpu_check_runs_in_reduced_mode_and_reports_every_figure(tmp_path):
     assert figures["probe_cell_seconds"] > 0
     totals = figures["probe_cell"]["totals"]
     assert set(totals) == {"logreg", "mlp", "all"} and totals["all"]["fits"] == 22
-    assert all(t["seconds_per_fit"] > 0 and 0 < t["fraction_of_matmul_rate"] for t in totals.values())
+    assert all(t["seconds_per_fit"] > 0 and t["fraction_of_matmul_rate"] > 0 for t in totals.values())
     assert "seeds' method" in done.stdout and "probe cell" in done.stdout
