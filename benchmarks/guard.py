@@ -33,7 +33,7 @@ from halp.extract import ExtractConfig, run_extraction
 from halp.loading import load_model
 from halp.models import adapter_for
 
-EXTRACT_ROWS, SEEDS_ROWS, BATCH, NEW_TOKENS = 32, 12, 8, 16
+EXTRACT_ROWS, SEEDS_ROWS, BATCH, NEW_TOKENS = 96, 24, 8, 16
 PROBE_ROWS, PROBE_DIM = 1500, 128
 
 

@@ -163,7 +163,7 @@ def test_mlp_is_the_papers_architecture():
         50,
     )
     # The training differs from the paper's (batch 32, all 50 epochs): larger batches and early stopping.
-    assert (defaults["batch_size"], defaults["validation_fraction"], defaults["patience"]) == (128, 0.1, 5)
+    assert (defaults["batch_size"], defaults["validation_fraction"], defaults["patience"]) == (128, 0.1, 3)
     assert defaults["random_state"] == 42
 
 

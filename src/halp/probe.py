@@ -68,7 +68,7 @@ THRESHOLD = 0.5
 PROBE_FORMAT = "halp-probe/1"
 #: Rows per MLP step and fit, and the epochs without a better held-out loss after which a fit stops.
 MLP_BATCH_SIZE = 128
-MLP_PATIENCE = 5
+MLP_PATIENCE = 3
 
 
 # ----- shared helpers ----------------------------------------------------------------------------
