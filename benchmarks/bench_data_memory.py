@@ -49,21 +49,31 @@ def write_parquet(path: Path, rows: int, side: int) -> None:
     import pyarrow.parquet as pq
 
     features = datasets.Features(
-        {"question_id": datasets.Value("string"), "question": datasets.Value("string"),
-         "answer": datasets.Value("string"), "category": datasets.Value("string"), "image": datasets.Image()}
+        {
+            "question_id": datasets.Value("string"),
+            "question": datasets.Value("string"),
+            "answer": datasets.Value("string"),
+            "category": datasets.Value("string"),
+            "image": datasets.Image(),
+        }
     )
     schema = features.arrow_schema
     images = [make_image(seed, side) for seed in range(50)]  # 50 distinct images, reused: writing stays fast
     with pq.ParquetWriter(path, schema) as writer:
         for start in range(0, rows, 100):
             stop = min(rows, start + 100)
-            writer.write_table(pa.table({
-                "question_id": [f"q{i}" for i in range(start, stop)],
-                "question": [f"Is there a dog in image {i}?" for i in range(start, stop)],
-                "answer": ["yes" if i % 2 else "no" for i in range(start, stop)],
-                "category": [f"c{i % 7}" for i in range(start, stop)],
-                "image": [{"bytes": images[i % 50], "path": f"{i}.jpg"} for i in range(start, stop)],
-            }, schema=schema))
+            writer.write_table(
+                pa.table(
+                    {
+                        "question_id": [f"q{i}" for i in range(start, stop)],
+                        "question": [f"Is there a dog in image {i}?" for i in range(start, stop)],
+                        "answer": ["yes" if i % 2 else "no" for i in range(start, stop)],
+                        "category": [f"c{i % 7}" for i in range(start, stop)],
+                        "image": [{"bytes": images[i % 50], "path": f"{i}.jpg"} for i in range(start, stop)],
+                    },
+                    schema=schema,
+                )
+            )
 
 
 def anonymous_rss_mib() -> float:
@@ -123,9 +133,11 @@ def main() -> None:
         return
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="halp-bench-data-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    print(f"{'format':<8} {'rows':>8} {'file MiB':>9} {'seconds':>8} {'RSS imports':>12} {'RSS open MiB':>13} "
-          f"{'RSS plan MiB':>13} "
-          f"{'peak RSS MiB':>13} {'peak anon MiB':>14}")
+    print(
+        f"{'format':<8} {'rows':>8} {'file MiB':>9} {'seconds':>8} {'RSS imports':>12} {'RSS open MiB':>13} "
+        f"{'RSS plan MiB':>13} "
+        f"{'peak RSS MiB':>13} {'peak anon MiB':>14}"
+    )
     for rows in args.sizes:
         parquet = workdir / f"table-{rows}.parquet"
         if not parquet.exists():
@@ -141,14 +153,18 @@ def main() -> None:
                         str(target)
                     )
             size = sum(p.stat().st_size for p in ([target] if target.is_file() else target.rglob("*")))
-            out = subprocess.run([sys.executable, __file__, "--measure", str(target)], check=True,
-                                 capture_output=True, text=True).stdout
+            out = subprocess.run(
+                [sys.executable, __file__, "--measure", str(target)], check=True, capture_output=True, text=True
+            ).stdout
             result = json.loads(out.strip().splitlines()[-1])
-            print(f"{fmt:<8} {result['rows']:>8} {size / 2**20:>9.1f} {result['seconds']:>8.1f} "
-                  f"{result['peak_rss_mib_after_imports']:>12.0f} "
-                  f"{result['peak_rss_mib_after_open']:>13.0f} {result['peak_rss_mib_after_plan']:>13.0f} "
-                  f"{result['peak_rss_mib']:>13.0f} "
-                  f"{result['peak_anonymous_mib']:>14.0f}", flush=True)
+            print(
+                f"{fmt:<8} {result['rows']:>8} {size / 2**20:>9.1f} {result['seconds']:>8.1f} "
+                f"{result['peak_rss_mib_after_imports']:>12.0f} "
+                f"{result['peak_rss_mib_after_open']:>13.0f} {result['peak_rss_mib_after_plan']:>13.0f} "
+                f"{result['peak_rss_mib']:>13.0f} "
+                f"{result['peak_anonymous_mib']:>14.0f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

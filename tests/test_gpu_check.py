@@ -6,7 +6,9 @@ Only that it runs and reports every figure is checked here; the figures themselv
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "gpu_check.sh"
@@ -20,6 +22,8 @@ def test_gpu_check_runs_in_reduced_mode_and_reports_every_figure(tmp_path):
         text=True,
         timeout=900,
         check=False,
+        # The script runs "$PYTHON" (default: the python on PATH); this test's interpreter has halp's dependencies.
+        env={**os.environ, "PYTHON": sys.executable},
     )
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(figures_path.read_text())
@@ -36,4 +40,7 @@ def test_gpu_check_runs_in_reduced_mode_and_reports_every_figure(tmp_path):
     assert all(s["fraction_of_peak"] is not None for s in settings if s["mode"] == "--no-generate")
     assert figures["seeds_samples_per_second"] > 0 and figures["ratio_to_seeds"] > 0
     assert figures["probe_cell_seconds"] > 0
+    totals = figures["probe_cell"]["totals"]
+    assert set(totals) == {"logreg", "mlp", "all"} and totals["all"]["fits"] == 22
+    assert all(t["seconds_per_fit"] > 0 and t["fraction_of_matmul_rate"] > 0 for t in totals.values())
     assert "seeds' method" in done.stdout and "probe cell" in done.stdout

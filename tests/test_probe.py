@@ -25,9 +25,10 @@ from typer.testing import CliRunner
 
 from halp.cli import app
 from halp.data import Sample
-from halp.errors import ParameterError
+from halp.errors import ParameterError, ProbeError
 from halp.probe import (
     LOGREG_CS,
+    Fit,
     LogRegProbe,
     MLPProbe,
     bootstrap_intervals,
@@ -107,6 +108,13 @@ def _features(run_dir: Path, name: str, ids: list[str]) -> np.ndarray:
 
 
 # ----- the estimators ----------------------------------------------------------------------------
+def exact_logistic_regression(C: float) -> LogisticRegression:
+    """scikit-learn's L2 logistic regression solved to its optimum (Newton-Cholesky, tol 1e-8): the reference for the
+    probe's Newton solver. Both reach the same optimum, so predicted probabilities agree to ~1e-7 (asserted at 1e-6);
+    scikit-learn's default lbfgs stops at tol 1e-4, up to ~3e-4 away in probability on these data."""
+    return LogisticRegression(C=C, solver="newton-cholesky", tol=1e-8, max_iter=1000)
+
+
 def _fixed_data(n: int = 200, dim: int = 10, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     y = (rng.random(n) < 0.3).astype(int)
@@ -118,7 +126,7 @@ def _fixed_data(n: int = 200, dim: int = 10, seed: int = 1) -> tuple[np.ndarray,
 def test_logreg_equals_standardized_sklearn_logistic_regression():
     X, y = _fixed_data()
     ours = LogRegProbe(C=0.3).fit(X[:150], y[:150])
-    reference = make_pipeline(StandardScaler(), LogisticRegression(C=0.3, max_iter=1000)).fit(X[:150], y[:150])
+    reference = make_pipeline(StandardScaler(), exact_logistic_regression(C=0.3)).fit(X[:150], y[:150])
     np.testing.assert_allclose(ours.predict_proba(X[150:]), reference.predict_proba(X[150:]), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(ours.predict(X[150:]), reference.predict(X[150:]))
 
@@ -148,23 +156,24 @@ def test_mlp_is_the_papers_architecture():
     assert net[0].in_features == 3584
     assert all(layer.p == 0.3 for layer in net if isinstance(layer, torch.nn.Dropout))
     defaults = MLPProbe().get_params()
-    assert (defaults["hidden"], defaults["dropout"], defaults["lr"], defaults["batch_size"], defaults["epochs"]) == (
+    assert (defaults["hidden"], defaults["dropout"], defaults["lr"], defaults["epochs"]) == (
         (512, 256, 128),
         0.3,
         1e-3,
-        32,
         50,
     )
+    # The training differs from the paper's (batch 32, all 50 epochs): larger batches and early stopping.
+    assert (defaults["batch_size"], defaults["validation_fraction"], defaults["patience"]) == (128, 0.1, 3)
     assert defaults["random_state"] == 42
 
 
 def test_mlp_learns_is_reproducible_and_leaves_global_rng_alone():
-    X, y = _fixed_data(n=301)  # 301: the last minibatch of one row is skipped (BatchNorm)
+    X, y = _fixed_data(n=301)  # 241 training rows: the ones that do not fill a last batch wait for the next epoch
     state = torch.get_rng_state()
-    first = MLPProbe(hidden=(32, 16), epochs=30, random_state=3).fit(X[:241], y[:241])
+    first = MLPProbe(hidden=(32, 16), epochs=30, random_state=3, threads=1).fit(X[:241], y[:241])
     assert torch.equal(state, torch.get_rng_state())
-    again = MLPProbe(hidden=(32, 16), epochs=30, random_state=3).fit(X[:241], y[:241])
-    other = MLPProbe(hidden=(32, 16), epochs=30, random_state=4).fit(X[:241], y[:241])
+    again = MLPProbe(hidden=(32, 16), epochs=30, random_state=3, threads=1).fit(X[:241], y[:241])
+    other = MLPProbe(hidden=(32, 16), epochs=30, random_state=4, threads=1).fit(X[:241], y[:241])
     scores = first.predict_proba(X[241:])[:, 1]
     np.testing.assert_array_equal(scores, again.predict_proba(X[241:])[:, 1])
     assert not np.array_equal(scores, other.predict_proba(X[241:])[:, 1])
@@ -222,7 +231,7 @@ def test_cv_folds_and_metrics_match_sklearn(tmp_path):
     per_fold = {name: [] for name in ("auroc", "auprc", "accuracy", "f1")}
     for fold in range(5):
         test, train = expected_folds == fold, expected_folds != fold
-        reference = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=1000)).fit(X[train], y[train])
+        reference = make_pipeline(StandardScaler(), exact_logistic_regression(C=0.1)).fit(X[train], y[train])
         np.testing.assert_allclose(scores[test], reference.predict_proba(X[test])[:, 1], rtol=1e-5, atol=1e-6)
         per_fold["auroc"].append(roc_auc_score(y[test], scores[test]))
         per_fold["auprc"].append(average_precision_score(y[test], scores[test]))
@@ -237,7 +246,9 @@ def test_cv_folds_and_metrics_match_sklearn(tmp_path):
 
 def test_signal_is_found_and_the_shuffled_control_sits_near_chance(tmp_path):
     run_dir, _ = write_run(tmp_path / "run", n_images=400)
-    results = train_probes(run_dir, features=[NOISE, SIGNAL], probe="both", probe_params=FAST_MLP, bootstrap=100)
+    results = train_probes(
+        run_dir, features=[NOISE, SIGNAL], probe="both", probe_params=FAST_MLP, bootstrap=100, threads=1
+    )
     by = results.set_index(["feature", "probe"])
     for kind in ("logreg", "mlp"):
         assert by.loc[(SIGNAL, kind), "auroc_mean"] > 0.8
@@ -321,7 +332,7 @@ def test_per_group_auroc_and_final_models(tmp_path):
         assert stem.name == feature.replace("/", "__") + "__logreg"
         loaded, meta = load_probe(stem)
         X = _features(run_dir, feature, ids)
-        reference = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=1000)).fit(X, y)
+        reference = make_pipeline(StandardScaler(), exact_logistic_regression(C=0.1)).fit(X, y)
         np.testing.assert_allclose(loaded.predict_proba(X), reference.predict_proba(X), rtol=1e-5, atol=1e-6)
         assert meta["feature"] == feature and meta["n_train"] == len(y) and meta["model_id"] == "synthetic"
         row = results.set_index("feature").loc[feature]
@@ -449,3 +460,241 @@ def test_parallel_features_give_the_serial_results(tmp_path):
     np.testing.assert_allclose(parallel[2].predict_proba(X), serial[2].predict_proba(X), rtol=0, atol=1e-9)
     with pytest.raises(ParameterError, match="jobs"):
         train_probes(run_dir, features=features, jobs=0)
+
+
+# ----- the batched fits ----------------------------------------------------------------------------
+def _problems(seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Standardized designs of four sizes (one nearly separable) and their labels, as the Newton solver gets them."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(260, 8))
+    y = (X @ rng.normal(size=8) + 0.8 * rng.normal(size=260) > 0.4).astype(np.int64)
+    return StandardScaler().fit_transform(X), y
+
+
+@pytest.mark.parametrize("C", [1e-5, 1e-2, 1.0, 10.0])
+def test_newton_solver_reaches_scikit_learns_optimum(C):
+    """All problems at once, padded to the longest: each one's solution is scikit-learn's (exact_logistic_regression)
+    to 1e-5 in coefficients and 1e-6 in probability, and padding changes nothing (1e-9)."""
+    from halp.probe import _Problem, newton_logistic
+
+    design, y = _problems()
+    sizes = (260, 200, 130, 60)
+    together = newton_logistic([_Problem(design[:n], y[:n].astype(float), C) for n in sizes])
+    for n, solution in zip(sizes, together, strict=True):
+        reference = exact_logistic_regression(C).fit(design[:n], y[:n])
+        np.testing.assert_allclose(solution[:-1], reference.coef_.ravel(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(solution[-1], reference.intercept_[0], rtol=1e-5, atol=1e-5)
+        ours = 1 / (1 + np.exp(-(design @ solution[:-1] + solution[-1])))
+        np.testing.assert_allclose(ours, reference.predict_proba(design)[:, 1], rtol=0, atol=1e-6)
+        [alone] = newton_logistic([_Problem(design[:n], y[:n].astype(float), C)])
+        np.testing.assert_allclose(alone, solution, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("C", [1e-5, 1e-2, 1.0, 10.0])
+def test_lbfgs_solver_reaches_scikit_learns_optimum(C):
+    """Batched L-BFGS on rows of one shared raw matrix, each problem standardized its own way: at tolerance 1e-7
+    each solution is scikit-learn's (exact_logistic_regression) to 1e-5 in coefficients and probability (the
+    matmuls are float32)."""
+    from halp.probe import lbfgs_logistic_path
+
+    rng = np.random.default_rng(3)
+    X = (rng.normal(size=(400, 20)) * rng.uniform(0.1, 30, size=20)).astype(np.float32)
+    y = (X[:, :5] @ rng.normal(size=5) / 10 + rng.normal(size=400) > 0.3).astype(np.int64)
+    rows = [np.arange(400), np.arange(0, 300), np.arange(100, 400)]
+    scalers = [StandardScaler().fit(X[part]) for part in rows]
+    means, scales = np.stack([s.mean_ for s in scalers]), np.stack([s.scale_ for s in scalers])
+    [solutions], [iterations] = lbfgs_logistic_path(
+        X, rows, [y[part] for part in rows], means, scales, np.array([[C] * 3]), tol=1e-7
+    )
+    for part, scaler, solution in zip(rows, scalers, solutions, strict=True):
+        design = scaler.transform(X[part]).astype(np.float64)
+        reference = exact_logistic_regression(C).fit(design, y[part])
+        np.testing.assert_allclose(solution[:-1], reference.coef_.ravel(), rtol=0, atol=1e-5)
+        ours = 1 / (1 + np.exp(-(design @ solution[:-1] + solution[-1])))
+        np.testing.assert_allclose(ours, reference.predict_proba(design)[:, 1], rtol=0, atol=1e-5)
+    assert (iterations >= 1).all()
+
+
+@pytest.mark.parametrize("solver", ["newton", "lbfgs"])
+def test_logreg_batch_equals_logistic_regression_cv_fold_by_fold(solver, monkeypatch):
+    """`fit_batch` over CV folds against LogisticRegressionCV on each fold's standardized rows, its solver run to the
+    optimum (newton-cholesky, tol 1e-8). Newton: the same C, coefficients to 1e-5. L-BFGS (forced here by a dimension
+    limit of 0) stops at scikit-learn's lbfgs tolerance (1e-4 on the mean loss's gradient), as the lbfgs of
+    LogisticRegressionCV does, so where small Cs tie exactly (the same ranking) it may pick another of them: its C
+    scores within 0.01 of the best summed inner AUROC, and its coefficients are the optimum's at its C to 2e-3."""
+    import halp.probe
+
+    if solver == "lbfgs":
+        monkeypatch.setattr(halp.probe, "LOGREG_NEWTON_MAX_DIM", 0)
+    X, y = _fixed_data(n=240)
+    splits = make_splits(y, None, folds=3, seed=0)
+    probes = LogRegProbe(cv=4, random_state=7).fit_batch(X, [Fit(train, y) for train, _ in splits])
+    modern = "use_legacy_attributes" in inspect.signature(LogisticRegressionCV).parameters
+    kwargs = {"l1_ratios": (0.0,), "use_legacy_attributes": False} if modern else {}
+    for probe, (train, _) in zip(probes, splits, strict=True):
+        standardized = StandardScaler().fit_transform(X[train])
+        reference = LogisticRegressionCV(
+            Cs=list(LOGREG_CS),
+            cv=StratifiedKFold(4, shuffle=True, random_state=7),
+            scoring="roc_auc",
+            solver="newton-cholesky",
+            tol=1e-8,
+            max_iter=1000,
+            **kwargs,
+        ).fit(standardized, y[train])
+        chosen = float(np.ravel(reference.C_)[0])
+        summed = np.asarray(reference.scores_).reshape(4, len(LOGREG_CS)).sum(axis=0)
+        if solver == "newton":
+            assert LOGREG_CS.index(probe.C_) == LOGREG_CS.index(chosen)  # the same value of the grid
+        else:
+            assert summed[LOGREG_CS.index(probe.C_)] >= summed.max() - 0.01
+        at_C = exact_logistic_regression(probe.C_).fit(standardized, y[train])
+        tolerance = 1e-5 if solver == "newton" else 2e-3
+        np.testing.assert_allclose(probe.coef_, at_C.coef_.ravel(), rtol=tolerance, atol=tolerance)
+        assert probe.intercept_ == pytest.approx(float(at_C.intercept_[0]), abs=tolerance)
+        assert probe.n_iter_.shape == (4, len(LOGREG_CS)) and (probe.n_iter_ >= 1).all() and probe.refit_n_iter_ >= 1
+
+
+def test_stacked_networks_compute_build_mlps_network():
+    """The batched program's networks, in training (no dropout) and evaluation mode, equal `build_mlp`'s with the
+    same tensors: outputs to 1e-5, BatchNorm running statistics to 1e-6 after a training step."""
+    from halp.probe import _StackedMLPs
+
+    torch.manual_seed(0)
+    reference = build_mlp(6, (16, 8), 0.0)
+    stack = _StackedMLPs(reference, 3, torch.device("cpu"))
+    inputs = torch.randn(3, 20, 6)
+    logits = stack.forward(inputs.transpose(1, 2), masks=[None, None])  # a training step's forward
+    reference.train()
+    for k in range(3):
+        single = build_mlp(6, (16, 8), 0.0)
+        single.load_state_dict(reference.state_dict())
+        np.testing.assert_allclose(
+            logits[k].detach().numpy(), single.train()(inputs[k]).squeeze(1).detach().numpy(), rtol=0, atol=1e-5
+        )
+        trained = stack.network(stack.snapshot(k), steps=1)
+        np.testing.assert_allclose(trained[2].running_mean.numpy(), single[2].running_mean.numpy(), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(trained[2].running_var.numpy(), single[2].running_var.numpy(), rtol=0, atol=1e-6)
+        evaluated = stack.forward(inputs[k : k + 1].transpose(1, 2), select=torch.tensor([k]))[0]
+        np.testing.assert_allclose(
+            evaluated.detach().numpy(), trained(inputs[k]).squeeze(1).detach().numpy(), rtol=0, atol=1e-5
+        )
+    assert set(reference.state_dict()) == set(trained.state_dict())
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-kernel", "element-wise"])
+def test_stacked_adam_is_torch_adam(fused):
+    """The stacked networks' Adam (written out to keep torch.optim's import cost out of every worker), with the fused
+    kernel and with the element-wise operations, gives torch.optim.Adam's parameters after 20 steps, to 1e-6, and
+    dropping a network keeps the others' moments."""
+    from halp.probe import _StackedAdam
+
+    torch.manual_seed(0)
+    ours = [torch.randn(3, 5, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)]
+    theirs = [tensor.detach().clone().requires_grad_(True) for tensor in ours]
+    stacked, reference = _StackedAdam(ours, lr=1e-2), torch.optim.Adam(theirs, lr=1e-2)
+    assert stacked.fused == hasattr(torch, "_fused_adam_")
+    stacked.fused = stacked.fused and fused
+    for step in range(20):
+        for group in (ours, theirs):
+            loss = sum(
+                ((tensor - step / 10) ** 2 * torch.arange(1, tensor.numel() + 1).view_as(tensor)).sum()
+                for tensor in group
+            )
+            loss.backward()
+        stacked.step(ours)
+        reference.step()
+        reference.zero_grad()
+    for mine, torchs in zip(ours, theirs, strict=True):
+        np.testing.assert_allclose(mine.detach().numpy(), torchs.detach().numpy(), rtol=1e-6, atol=1e-6)
+    assert stacked.fused == (fused and hasattr(torch, "_fused_adam_"))  # the kernel ran (or was never there)
+    kept = torch.tensor([0, 2])
+    stacked.keep(kept)
+    np.testing.assert_allclose(
+        stacked.first[0].numpy(), reference.state[theirs[0]]["exp_avg"][kept].numpy(), rtol=1e-6, atol=1e-9
+    )
+
+
+def test_batched_mlp_fits_equal_separate_fits_and_are_seeded():
+    """Eleven fits trained together are each the fit trained alone (same code, K=1): same epochs, same held-out
+    history and probabilities to 1e-6. The seed fixes the result; another seed changes it."""
+    X, y = _fixed_data(n=300)
+    probe = MLPProbe(hidden=(16, 8), epochs=12, batch_size=32, patience=3, threads=1)
+    splits = make_splits(y, None, folds=5, seed=0)
+    fits = [Fit(train, y) for train, _ in splits] + [Fit(np.arange(len(y)), y)]
+    together = probe.fit_batch(X, fits)
+    for fit, fitted in zip(fits, together, strict=True):
+        [alone] = probe.fit_batch(X, [fit])
+        assert (fitted.best_epoch_, len(fitted.loss_history_)) == (alone.best_epoch_, len(alone.loss_history_))
+        np.testing.assert_allclose(fitted.validation_loss_history_, alone.validation_loss_history_, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(fitted.predict_proba(X), alone.predict_proba(X), rtol=0, atol=1e-6)
+        assert fitted.rows_per_epoch_ == (len(fit.rows) - len(fitted.held_out_)) // 32 * 32
+    final = MLPProbe(**probe.get_params()).fit(X, y)
+    np.testing.assert_allclose(final.predict_proba(X), together[-1].predict_proba(X), rtol=0, atol=1e-6)
+    other = MLPProbe(**{**probe.get_params(), "random_state": 5}).fit(X, y)
+    assert np.abs(other.predict_proba(X) - final.predict_proba(X)).max() > 1e-3
+
+
+def test_early_stopping_keeps_the_best_epoch_on_rows_outside_the_test_fold(tmp_path):
+    """Grouped CV: each fit's held-out rows lie in its training fold (never the test fold), hold whole images,
+    hold both classes near the fold's rate, are drawn the same way twice and differently with another seed; the
+    kept network's loss on them is the best of its history."""
+    from halp.probe import early_stopping_split
+
+    rng = np.random.default_rng(4)
+    images = np.repeat(np.arange(150), 2)
+    y = np.repeat((rng.random(150) < 0.35).astype(np.int64), 2)
+    X = (rng.normal(size=(300, 6)) + 0.7 * y[:, None]).astype(np.float32)
+    splits = make_splits(y, images, folds=5, seed=0)
+    probe = MLPProbe(hidden=(16, 8), epochs=15, batch_size=32, patience=2, threads=1)
+    fitted = probe.fit_batch(X, [Fit(train, y) for train, _ in splits], images)
+    for (train, test), one in zip(splits, fitted, strict=True):
+        held = one.held_out_
+        assert set(held) <= set(train) and not set(held) & set(test)
+        assert not set(images[held]) & set(images[np.setdiff1d(train, held)])
+        assert 0.06 < len(held) / len(train) < 0.14 and abs(y[held].mean() - y[train].mean()) < 0.1
+        np.testing.assert_array_equal(held, early_stopping_split(train, y, images, 0.1, 42)[1])
+        assert not np.array_equal(held, early_stopping_split(train, y, images, 0.1, 43)[1])
+        logits = one.decision_function(X[held])
+        loss = float(np.mean(np.logaddexp(0, logits) - y[held] * logits))
+        assert loss == pytest.approx(min(one.validation_loss_history_), abs=1e-5)
+        assert one.validation_loss_history_[one.best_epoch_ - 1] == min(one.validation_loss_history_)
+        assert len(one.loss_history_) <= one.best_epoch_ + 2
+    with pytest.raises(ProbeError, match="validation_fraction=None"):
+        MLPProbe(hidden=(4,), epochs=2).fit(X[:12], np.r_[np.ones(1), np.zeros(11)].astype(int))
+    without = MLPProbe(hidden=(4,), epochs=3, batch_size=4, validation_fraction=None).fit(
+        X[:12], np.r_[np.ones(1), np.zeros(11)].astype(int)
+    )
+    assert len(without.loss_history_) == 3 and without.validation_loss_history_ == []
+
+
+def test_probes_saved_before_the_batched_fits_load_and_predict_the_same():
+    """tests/data/probes_saved_by_8708f24: probes saved by the code before this change (logreg with inner CV, a small
+    MLP), with their predictions then; loaded now they predict the same to 1e-12."""
+    folder = Path(__file__).parent / "data" / "probes_saved_by_8708f24"
+    expected = json.loads((folder / "expected.json").read_text())["p_hallucinated"]
+    query = np.random.default_rng(0).normal(size=(16, 10)).astype(np.float32) * 10
+    for kind in ("logreg", "mlp"):
+        probe, meta = load_probe(folder / kind)
+        assert meta["feature"] == "query_token/layer_1"
+        np.testing.assert_allclose(probe.predict_proba(query)[:, 1], expected[kind], rtol=0, atol=1e-12)
+
+
+def test_a_studys_early_stopping_rows_are_grouped_stratified_parts_of_each_training_fold(tmp_path):
+    """Every fit of a grouped study (CV, control, final): the held-out rows are ~10% of its training rows, whole
+    images, never a test row, at nearly its class rate (real or control labels), the same for the same seed."""
+    from halp.probe import ProbeSettings, early_stopping_split, load_probe_data
+
+    run_dir, _ = write_run(tmp_path / "run", n_images=500, per_image=2, positive_rate=0.35)
+    data = load_probe_data(run_dir, ProbeSettings(probe="mlp"))
+    assert data.grouped and data.groups is not None
+    fits = data.fits()
+    tests = [test for _, test in data.splits] + [test for _, test in data.control_splits] + [np.zeros(0, dtype=int)]
+    for fit, test in zip(fits, tests, strict=True):
+        trained, held = early_stopping_split(fit.rows, fit.y, data.groups, 0.1, 42)
+        np.testing.assert_array_equal(np.sort(np.r_[trained, held]), fit.rows)
+        assert not set(held) & set(test) and not set(data.groups[held]) & set(data.groups[trained])
+        assert 0.09 < len(held) / len(fit.rows) < 0.11
+        assert abs(fit.y[held].mean() - fit.y[fit.rows].mean()) < 0.02
+        np.testing.assert_array_equal(held, early_stopping_split(fit.rows, fit.y, data.groups, 0.1, 42)[1])
+        assert not np.array_equal(held, early_stopping_split(fit.rows, fit.y, data.groups, 0.1, 7)[1])

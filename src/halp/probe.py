@@ -15,11 +15,11 @@ labels beside every result, and saves one final probe per feature and type (safe
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from scipy.special import expit
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
-from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
@@ -54,7 +54,7 @@ from halp.layout import (
 )
 
 # The metrics moved to halp.metrics; they stay importable from here (`halp.probe.bootstrap_intervals`, ...).
-from halp.metrics import (  # noqa: F401
+from halp.metrics import (
     METRICS,
     THRESHOLD,
     bootstrap_intervals,
@@ -72,6 +72,9 @@ PROBE_TYPES = ("logreg", "mlp")
 # at AUROC 1) the weakest regularization gives usable probabilities instead of all of them near the prior.
 LOGREG_CS = tuple(float(c) for c in np.logspace(1, -5, 7))
 PROBE_FORMAT = "halp-probe/1"
+#: Rows per MLP step and fit, and the epochs without a better held-out loss after which a fit stops.
+MLP_BATCH_SIZE = 128
+MLP_PATIENCE = 3
 
 
 # ----- shared helpers ----------------------------------------------------------------------------
@@ -89,6 +92,8 @@ def _as_features(X: Any) -> np.ndarray:
     X = np.asarray(X, dtype=np.float32)
     if X.ndim != 2:
         raise ProbeError(f"features must be 2-D (n_samples, dim), got shape {X.shape}")
+    if not np.isfinite(X).all():
+        raise ProbeError(f"features hold {int((~np.isfinite(X)).sum())} NaN or infinite value(s)")
     return X
 
 
@@ -118,7 +123,15 @@ def _resolve_device(device: str) -> torch.device:
 
 # ----- the probes --------------------------------------------------------------------------------
 class LogRegProbe(ClassifierMixin, BaseEstimator):
-    """Standardized L2 logistic regression; `C=None` picks C from LOGREG_CS by inner CV on AUROC."""
+    """Standardized L2 logistic regression; `C=None` picks C from LOGREG_CS by inner CV on AUROC.
+
+    The inner CV is `LogisticRegressionCV`'s (stratified `cv` folds of the training rows, AUROC summed over folds,
+    the largest C among equal sums, then a refit on every row). `fit_batch` solves every problem of its fits at once
+    (the whole path of C values, warm started, then the refits): up to LOGREG_NEWTON_MAX_DIM features by Newton's
+    method (`newton_logistic`, scikit-learn's optimum to ~1e-10), past that by L-BFGS on the shared feature matrix
+    (`lbfgs_logistic_path`, scikit-learn's lbfgs tolerance). Fitted: `C_`, `coef_`, `intercept_` (standardized
+    space), `n_iter_` (inner fold x C, LOGREG_CS order) and `refit_n_iter_`, the solver's iterations.
+    """
 
     def __init__(self, C: float | None = None, cv: int = 5, max_iter: int = 1000, random_state: int = 42) -> None:
         self.C = C
@@ -126,27 +139,33 @@ class LogRegProbe(ClassifierMixin, BaseEstimator):
         self.max_iter = max_iter
         self.random_state = random_state
 
-    def fit(self, X: Any, y: Any) -> LogRegProbe:
+    def fit(self, X: Any, y: Any, groups: Any = None) -> LogRegProbe:
+        """Fit on every row (`groups` is accepted for the API MLPProbe shares; the inner CV is not grouped)."""
         X, y = _as_features(X), _check_binary(y)
-        self.classes_ = np.array([0, 1])
-        self.n_features_in_ = X.shape[1]
-        self.scaler_ = StandardScaler().fit(X)
-        standardized = self.scaler_.transform(X)
-        if self.C is None:
-            minority = int(min(np.bincount(y)))
-            if minority < 2:
-                raise ProbeError("choosing C by inner CV needs at least 2 examples of each class; pass C=")
-            inner = StratifiedKFold(min(self.cv, minority), shuffle=True, random_state=self.random_state)
-            model: Any = LogisticRegressionCV(
-                Cs=list(LOGREG_CS), cv=inner, scoring="roc_auc", max_iter=self.max_iter, **_logreg_cv_kwargs()
-            )
-        else:
-            model = LogisticRegression(C=self.C, max_iter=self.max_iter)
-        model.fit(standardized, y)
-        self.C_ = float(np.ravel(model.C_)[0]) if self.C is None else float(self.C)
-        self.coef_ = model.coef_.ravel().astype(np.float64)
-        self.intercept_ = float(np.ravel(model.intercept_)[0])
+        [fitted] = self.fit_batch(X, [Fit(np.arange(len(y)), y)])
+        for name, value in vars(fitted).items():
+            if name.endswith("_"):
+                setattr(self, name, value)
         return self
+
+    def fit_batch(self, X: Any, fits: Sequence[Fit], groups: Any = None) -> list[LogRegProbe]:
+        """One fitted copy of this probe per fit (`fit.rows` of X, labels `fit.y`), solved together where it pays."""
+        X = _as_features(X)
+        probes = []
+        for fit in fits:
+            probe = clone(self)
+            y = _check_binary(np.asarray(fit.y)[fit.rows])
+            probe.classes_ = np.array([0, 1])
+            probe.n_features_in_ = X.shape[1]
+            probe.scaler_ = StandardScaler().fit(X[fit.rows])
+            if self.C is None and int(min(np.bincount(y))) < 2:
+                raise ProbeError("choosing C by inner CV needs at least 2 examples of each class; pass C=")
+            probes.append(probe)
+        _fit_logregs(self, X, fits, probes)
+        return probes
+
+    def _inner_cv(self, y: np.ndarray) -> StratifiedKFold:
+        return StratifiedKFold(min(self.cv, int(min(np.bincount(y)))), shuffle=True, random_state=self.random_state)
 
     def decision_function(self, X: Any) -> np.ndarray:
         check_is_fitted(self, "coef_")
@@ -159,12 +178,394 @@ class LogRegProbe(ClassifierMixin, BaseEstimator):
         return (self.predict_proba(X)[:, 1] >= THRESHOLD).astype(np.int64)
 
 
-def _logreg_cv_kwargs() -> dict[str, Any]:
-    """Keyword arguments that select a plain L2 path on scikit-learn >= 1.8 without deprecation noise."""
-    parameters = inspect.signature(LogisticRegressionCV).parameters
-    if "use_legacy_attributes" in parameters:
-        return {"l1_ratios": (0.0,), "use_legacy_attributes": False}
-    return {}
+@dataclass
+class _Problem:
+    """One L2 logistic regression: rows of a standardized design, their labels, and C."""
+
+    design: np.ndarray  # (rows, dim) float64, standardized
+    y: np.ndarray
+    C: float = 1.0
+    start: np.ndarray | None = None
+
+
+def _fit_logregs(template: LogRegProbe, X: np.ndarray, fits: Sequence[Fit], probes: list[LogRegProbe]) -> None:
+    """Every fit's inner CV over LOGREG_CS (or its fixed C) and its refit, solved as batches of problems.
+
+    LogisticRegressionCV's procedure: per fit, stratified inner folds of its rows; every inner problem along the
+    path of C values (here from the strongest regularization up, each C warm started from the last solution);
+    AUROC of each on its held-out inner fold; the C with the largest sum over folds (the largest C among equal
+    sums); the refit on all the fit's rows from the mean of the folds' solutions at that C. The solver: batched
+    Newton up to LOGREG_NEWTON_MAX_DIM features, batched L-BFGS on the shared feature matrix past that.
+    """
+    labels = [np.asarray(fit.y)[fit.rows].astype(np.float64) for fit in fits]
+    newton = X.shape[1] <= LOGREG_NEWTON_MAX_DIM
+    solver = _NewtonProblems(X, fits, probes, labels) if newton else _SharedProblems(X, fits, probes, labels)
+    if template.C is not None:
+        chosen = [float(template.C)] * len(fits)
+        starts: list[np.ndarray | None] = [None] * len(fits)
+        for probe in probes:
+            probe.n_iter_ = np.zeros((0, len(LOGREG_CS)), dtype=np.int64)
+    else:
+        inner = [list(template._inner_cv(y.astype(np.int64)).split(np.zeros((len(y), 1)), y)) for y in labels]
+        parts = [(fit, train) for fit, folds in enumerate(inner) for train, _ in folds]
+        ascending = sorted(LOGREG_CS)
+        path, iterations = solver.solve(parts, np.asarray(ascending)[:, None].repeat(len(parts), 1), None, template)
+        descending = [ascending.index(C) for C in LOGREG_CS]
+        chosen, starts = [], []
+        problem = 0
+        for fit, (probe, y, folds) in enumerate(zip(probes, labels, inner, strict=True)):
+            standardized = probe.scaler_.transform(X[fits[fit].rows]).astype(np.float64)
+            # scores[fold, C] and n_iter_[fold, C] in LOGREG_CS order, as LogisticRegressionCV's scores_ and n_iter_
+            scores = np.empty((len(folds), len(LOGREG_CS)))
+            for fold, (_, held) in enumerate(folds):
+                for column, step in enumerate(descending):
+                    beta = path[step, problem + fold]
+                    decision = standardized[held] @ beta[:-1] + beta[-1]
+                    scores[fold, column] = ranking_metrics(y[held].astype(np.int64), decision)[0]
+            probe.n_iter_ = iterations[descending, problem : problem + len(folds)].T.copy()
+            best = int(np.argmax(scores.sum(axis=0)))  # the first of equal sums: the largest C
+            chosen.append(LOGREG_CS[best])
+            starts.append(path[ascending.index(LOGREG_CS[best]), problem : problem + len(folds)].mean(axis=0))
+            problem += len(folds)
+    everything = [(fit, np.arange(len(y))) for fit, y in enumerate(labels)]
+    [solutions], [refit_iterations] = solver.solve(everything, np.array([chosen]), starts, template)
+    for probe, C, beta, count in zip(probes, chosen, solutions, refit_iterations, strict=True):
+        probe.refit_n_iter_ = int(count)
+        probe.C_ = float(C)
+        probe.coef_ = beta[:-1].copy()
+        probe.intercept_ = float(beta[-1])
+
+
+class _NewtonProblems:
+    """The fits' problems as standardized float64 designs (rows x dim each) for the batched Newton solver."""
+
+    def __init__(self, X: np.ndarray, fits: Sequence[Fit], probes: list[LogRegProbe], labels: list[np.ndarray]):
+        self.designs = [
+            probe.scaler_.transform(X[fit.rows]).astype(np.float64) for probe, fit in zip(probes, fits, strict=True)
+        ]
+        self.labels = labels
+
+    def solve(
+        self,
+        parts: list[tuple[int, np.ndarray]],
+        Cs: np.ndarray,
+        starts: Sequence[np.ndarray | None] | None,
+        template: LogRegProbe,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        starts = starts or [None] * len(parts)
+        problems = [
+            _Problem(self.designs[fit][rows], self.labels[fit][rows], start=start)
+            for (fit, rows), start in zip(parts, starts, strict=True)
+        ]
+        return _solve_newton(problems, Cs, template.max_iter)
+
+
+class _SharedProblems:
+    """The fits' problems as rows of the one feature matrix, with each fit's standardization, for batched L-BFGS."""
+
+    def __init__(self, X: np.ndarray, fits: Sequence[Fit], probes: list[LogRegProbe], labels: list[np.ndarray]):
+        self.X, self.fits, self.labels = X, fits, labels
+        self.means = np.stack([probe.scaler_.mean_ for probe in probes])
+        self.scales = np.stack([probe.scaler_.scale_ for probe in probes])
+
+    def solve(
+        self,
+        parts: list[tuple[int, np.ndarray]],
+        Cs: np.ndarray,
+        starts: Sequence[np.ndarray | None] | None,
+        template: LogRegProbe,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        fits = [fit for fit, _ in parts]
+        return lbfgs_logistic_path(
+            self.X,
+            [np.asarray(self.fits[fit].rows)[rows] for fit, rows in parts],
+            [self.labels[fit][rows] for fit, rows in parts],
+            self.means[fits],
+            self.scales[fits],
+            Cs,
+            starts,
+            max_iter=template.max_iter,
+        )
+
+
+#: Past this many features the batched Newton solver's Hessians (rows x dim^2 each) cost more than lbfgs.
+LOGREG_NEWTON_MAX_DIM = 256
+_NEWTON_CHUNK_BYTES = 256 * 2**20
+
+
+def newton_logistic(problems: list[_Problem], max_iter: int = 1000) -> np.ndarray:
+    """Solutions (problems, dim + 1: coefficients, intercept) of  min  C * sum log-loss + |coef|^2 / 2.
+
+    scikit-learn's L2 objective (intercept not penalized), solved for many problems at once by Newton's method
+    with a Cholesky solve and a backtracking line search on the objective, in float64 (the Hessian's matmul in
+    float32, refreshed only while steps are large), until every step is below 1e-7 of the solution's size, ~1e-9
+    from the optimum (tests/test_probe.py compares it with scikit-learn's LogisticRegression).
+    """
+    return _solve_newton(problems, np.array([[problem.C for problem in problems]], dtype=np.float64), max_iter)[0][0]
+
+
+def _solve_newton(problems: list[_Problem], Cs: np.ndarray, max_iter: int) -> tuple[np.ndarray, np.ndarray]:
+    """Solutions (steps, problems, dim + 1) at Cs (steps, problems), each step warm started from the last, and the
+    Newton steps each problem took at each (steps, problems).
+
+    Problems are padded to the longest of their chunk (padding weighs nothing); chunks group problems of similar
+    row counts (longest first) and bound the memory.
+    """
+    if not problems:
+        return np.zeros((len(Cs), 0, 0)), np.zeros((len(Cs), 0), dtype=np.int64)
+    dim = problems[0].design.shape[1] + 1
+    order = sorted(range(len(problems)), key=lambda k: -len(problems[k].y))
+    solutions = np.empty((len(Cs), len(problems), dim))
+    iterations = np.zeros((len(Cs), len(problems)), dtype=np.int64)
+    chunk: list[int] = []
+    for k in [*order, None]:
+        longest = len(problems[chunk[0]].y) if chunk else 0
+        full = (len(chunk) + 1) * longest * dim * 12 > _NEWTON_CHUNK_BYTES  # float64 + float32 designs
+        if chunk and (k is None or len(problems[k].y) < 0.9 * longest or full):
+            solved = _newton_chunk([problems[i] for i in chunk], longest, Cs[:, chunk], max_iter)
+            solutions[:, chunk], iterations[:, chunk] = solved
+            chunk = []
+        if k is not None:
+            chunk.append(k)
+    return solutions, iterations
+
+
+def _newton_chunk(problems: list[_Problem], rows: int, Cs: np.ndarray, max_iter: int) -> tuple[np.ndarray, np.ndarray]:
+    count, dim = len(problems), problems[0].design.shape[1] + 1
+    design = torch.zeros((count, rows, dim), dtype=torch.float64)
+    targets = torch.zeros((count, rows), dtype=torch.float64)
+    weights = torch.zeros((count, rows), dtype=torch.float64)
+    beta = torch.zeros((count, dim), dtype=torch.float64)
+    for k, problem in enumerate(problems):
+        length = len(problem.y)
+        design[k, :length, :-1] = torch.from_numpy(problem.design)
+        design[k, :length, -1] = 1.0
+        targets[k, :length] = torch.from_numpy(np.asarray(problem.y, dtype=np.float64))
+        weights[k, :length] = 1.0
+        if problem.start is not None:
+            beta[k] = torch.from_numpy(problem.start)
+        else:  # the intercept alone: the solution under the strongest regularization, nearly
+            rate = float(np.clip(np.mean(problem.y), 1e-6, 1 - 1e-6))
+            beta[k, -1] = math.log(rate / (1 - rate))
+    design32 = design.float()
+    weighted32 = torch.empty_like(design32)  # reused: a fresh tensor of this size per step costs page faults
+    penalized = torch.ones(dim, dtype=torch.float64)
+    penalized[-1] = 0.0  # the intercept
+    solutions, steps = [], []
+    data_hessian: torch.Tensor | None = None  # sum of w p (1 - p) x x^T, from the last fresh Newton step
+    factor: torch.Tensor | None = None  # Cholesky factor of C x data_hessian + the penalty
+    far = True
+    for step_Cs in Cs:
+        C = torch.from_numpy(step_Cs)[:, None]
+
+        def objective(logits: torch.Tensor, candidate: torch.Tensor, C: torch.Tensor = C) -> torch.Tensor:
+            loss = (weights * (nn.functional.softplus(logits) - targets * logits)).sum(1)
+            return C[:, 0] * loss + 0.5 * (penalized * candidate**2).sum(1)
+
+        done = torch.zeros(count, dtype=torch.bool)
+        taken = torch.zeros(count, dtype=torch.long)
+        logits = torch.bmm(design, beta[:, :, None])[:, :, 0]
+        for iteration in range(max_iter):
+            taken += ~done
+            probability = torch.sigmoid(logits)
+            gradient = C * torch.bmm(design.transpose(1, 2), (weights * (probability - targets))[:, :, None])[:, :, 0]
+            gradient += penalized * beta
+            # The Hessian's matmul is the cost, so it is made in float32 (half of float64's) and only while the steps
+            # are large: a new C's first step takes the last C's curvature, and once steps are below 1e-2 of the
+            # solution the factor is kept (a chord step: linear convergence, fast that close). The gradient, the
+            # objective and the stopping rule stay float64, so the steps still converge to float64's optimum.
+            if data_hessian is None or (iteration > 0 and far):
+                curvature = (weights * probability * (1 - probability)).float()[:, :, None]
+                torch.mul(design32, curvature, out=weighted32)
+                data_hessian = torch.bmm(design32.transpose(1, 2), weighted32).double()
+                factor = None
+            if factor is None or iteration == 0:
+                factor, info = torch.linalg.cholesky_ex(C[:, :, None] * data_hessian + torch.diag(penalized))
+                if bool((info != 0).any()):
+                    raise ProbeError("logistic regression: a Hessian is not positive definite (non-finite features?)")
+            step = -torch.cholesky_solve(gradient[:, :, None], factor)[:, :, 0]
+            step[done] = 0.0
+            # Backtracking (Armijo) on the objective, per problem; a step of 1 is accepted near the optimum. The
+            # logits move along the step's direction, so trying a step size costs no matmul.
+            direction = torch.bmm(design, step[:, :, None])[:, :, 0]
+            before, slope = objective(logits, beta), (gradient * step).sum(1)
+            size = torch.ones(count, dtype=torch.float64)
+            for _ in range(60):
+                after = objective(logits + size[:, None] * direction, beta + size[:, None] * step)
+                accepted = after <= before + 1e-4 * size * slope + 1e-13 * before.abs()
+                if bool(accepted.all()):
+                    break
+                size = torch.where(accepted, size, size / 2)
+            beta += size[:, None] * step
+            logits += size[:, None] * direction  # in float64, a few steps per solve: no drift to speak of
+            relative = (size[:, None] * step).abs().amax(1) / (1 + beta.abs().amax(1))
+            far = bool((relative[~done] > 1e-2).any() or (size[~done] < 1).any())
+            done |= relative <= 1e-7
+            if bool(done.all()):
+                break
+        else:
+            raise ProbeError(f"logistic regression did not converge in {max_iter} Newton steps (non-finite features?)")
+        solutions.append(beta.numpy().copy())
+        steps.append(taken.numpy().copy())
+    return np.stack(solutions), np.stack(steps)
+
+
+#: The L-BFGS solver's tolerance: scikit-learn's default (1e-4 on the gradient of the mean loss; scaled to ours).
+LBFGS_TOL = 1e-4
+
+
+def lbfgs_logistic_path(
+    X: np.ndarray,
+    rows: list[np.ndarray],
+    labels: list[np.ndarray],
+    means: np.ndarray,
+    scales: np.ndarray,
+    Cs: np.ndarray,
+    starts: Sequence[np.ndarray | None] | None = None,
+    max_iter: int = 1000,
+    tol: float = LBFGS_TOL,
+    memory: int = 10,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Solutions (steps, problems, dim + 1) at Cs (steps, problems) and the iterations each took, by batched L-BFGS.
+
+    Problem k is scikit-learn's L2 logistic regression (C * sum log-loss + |coef|^2 / 2, intercept not penalized)
+    on rows[k] of X standardized with means[k], scales[k]; coefficients are in that standardized space. All
+    problems share X: each iteration is two float32 matmuls of X with the active problems' columns (logits, and
+    the gradient) and elementwise work; the line search (backtracking, Armijo) moves the logits along a direction
+    computed once. A problem stops when its largest gradient entry is below `tol` x C x its rows (scikit-learn's
+    lbfgs criterion on its mean loss), and leaves the matmuls. Each step of Cs is warm started from the last.
+    """
+    n, dim = X.shape
+    count = len(rows)
+    features = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+    weight = torch.zeros((n, count), dtype=torch.float64)
+    target = torch.zeros((n, count), dtype=torch.float64)
+    beta = torch.zeros((count, dim + 1), dtype=torch.float64)
+    for k, (part, y) in enumerate(zip(rows, labels, strict=True)):
+        weight[part, k] = 1.0
+        target[part, k] = torch.from_numpy(np.asarray(y, dtype=np.float64))
+        start = None if starts is None else starts[k]
+        if start is not None:
+            beta[k] = torch.from_numpy(np.asarray(start, dtype=np.float64))
+        else:  # the intercept alone: the solution under the strongest regularization, nearly
+            rate = float(np.clip(np.mean(y), 1e-6, 1 - 1e-6))
+            beta[k, -1] = math.log(rate / (1 - rate))
+    mean = torch.from_numpy(np.asarray(means, dtype=np.float64))
+    scale = torch.from_numpy(np.asarray(scales, dtype=np.float64))
+    sizes = weight.sum(0)
+    solutions, taken = [], []
+    for step_Cs in np.asarray(Cs, dtype=np.float64):
+        C = torch.from_numpy(step_Cs)
+        iterations = _lbfgs(features, weight, target, mean, scale, C, tol * C * sizes, beta, max_iter, memory)
+        solutions.append(beta.numpy().copy())
+        taken.append(iterations.numpy().copy())
+    return np.stack(solutions), np.stack(taken)
+
+
+def _lbfgs(
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    mean: torch.Tensor,
+    scale: torch.Tensor,
+    C: torch.Tensor,
+    gtol: torch.Tensor,
+    beta: torch.Tensor,
+    max_iter: int,
+    memory: int,
+) -> torch.Tensor:
+    """Minimize every problem from `beta` (updated in place); returns the iterations each took."""
+    count, size = beta.shape
+    iterations = torch.zeros(count, dtype=torch.long)
+    active = torch.arange(count)
+    # The active problems' columns and constants, contiguous; cut down when problems converge.
+    weights, targets, Cs, means, scales = weight, target, C, mean, scale
+
+    def logits_of(direction: torch.Tensor) -> torch.Tensor:
+        """(rows, active) logits of standardized coefficients + intercepts `direction`: X v + c (affine)."""
+        raw = direction[:, :-1] / scales
+        offset = direction[:, -1] - (means * raw).sum(1)
+        return (features @ raw.T.float()).double() + offset
+
+    def objective(logits: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+        loss = (weights * (nn.functional.softplus(logits) - targets * logits)).sum(0)
+        return Cs * loss + 0.5 * (coefficients[:, :-1] ** 2).sum(1)
+
+    def gradient_of(logits: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+        residual = Cs * weights * (torch.sigmoid(logits) - targets)  # (rows, active)
+        raw = (features.T @ residual.float()).double().T  # (active, dim)
+        total = residual.sum(0)
+        coefficient = (raw - means * total[:, None]) / scales + coefficients[:, :-1]
+        return torch.cat([coefficient, total[:, None]], 1)
+
+    current = beta.clone()
+    logits = logits_of(current)
+    value, gradient = objective(logits, current), gradient_of(logits, current)
+    steps = torch.zeros((memory, count, size), dtype=torch.float64)
+    changes = torch.zeros((memory, count, size), dtype=torch.float64)
+    inverse_curvature = torch.zeros((memory, count), dtype=torch.float64)  # 1 / (s . y); 0: no pair stored
+    scaling = 1.0 / gradient.norm(dim=1).clamp_min(1.0)  # the first direction: the gradient, of length <= 1
+    for iteration in range(max_iter):
+        converged = gradient.abs().amax(1) <= gtol[active]
+        if bool(converged.any()):
+            beta[active[converged]] = current[converged]
+            stay = ~converged
+            active, current, logits, value, gradient, scaling = (
+                active[stay], current[stay], logits[:, stay], value[stay], gradient[stay], scaling[stay]
+            )  # fmt: skip
+            steps, changes, inverse_curvature = steps[:, stay], changes[:, stay], inverse_curvature[:, stay]
+            weights, targets = weight[:, active].contiguous(), target[:, active].contiguous()
+            Cs, means, scales = C[active], mean[active], scale[active]
+        if len(active) == 0:
+            return iterations
+        iterations[active] += 1
+        # Two-loop recursion over the stored pairs, newest first.
+        direction = -gradient
+        alphas = []
+        for slot in [(iteration - 1 - back) % memory for back in range(memory)]:
+            alpha = inverse_curvature[slot] * (steps[slot] * direction).sum(1)
+            direction = direction - alpha[:, None] * changes[slot]
+            alphas.append((slot, alpha))
+        direction = direction * scaling[:, None]
+        for slot, alpha in reversed(alphas):
+            correction = inverse_curvature[slot] * (changes[slot] * direction).sum(1)
+            direction = direction + (alpha - correction)[:, None] * steps[slot]
+        slope = (gradient * direction).sum(1)
+        uphill = slope >= 0  # a stale curvature pair: restart that problem from the gradient
+        if bool(uphill.any()):
+            direction[uphill] = -gradient[uphill] / gradient[uphill].norm(dim=1, keepdim=True).clamp_min(1.0)
+            slope = (gradient * direction).sum(1)
+            inverse_curvature[:, uphill] = 0.0
+        moved = logits_of(direction)  # affine in the coefficients: the logits' change along the direction
+        size_ = torch.ones(len(active), dtype=torch.float64)
+        for _ in range(40):
+            trial = objective(logits + size_ * moved, current + size_[:, None] * direction)
+            accepted = trial <= value + 1e-4 * size_ * slope
+            if bool(accepted.all()):
+                break
+            size_ = torch.where(accepted, size_, size_ / 2)
+        else:  # 40 halvings: a step of ~1e-12, taken as it is
+            trial = objective(logits + size_ * moved, current + size_[:, None] * direction)
+        step = size_[:, None] * direction
+        current = current + step
+        # The logits move in float64 along float32 matmuls: recomputed every 25 iterations so no error builds up.
+        logits = logits_of(current) if (iteration + 1) % 25 == 0 else logits + size_ * moved
+        new_value, new_gradient = trial, gradient_of(logits, current)  # trial: the accepted steps' values
+        change = new_gradient - gradient
+        curvature = (step * change).sum(1)
+        slot = iteration % memory
+        valid = curvature > 1e-10 * step.norm(dim=1) * change.norm(dim=1)
+        steps[slot], changes[slot] = step, change
+        inverse_curvature[slot] = torch.where(valid, 1.0 / curvature.clamp_min(1e-300), torch.zeros_like(curvature))
+        scaling = torch.where(valid, curvature / (change * change).sum(1).clamp_min(1e-300), scaling)
+        value, gradient = new_value, new_gradient
+    warnings.warn(  # as scikit-learn does: the last iterate, with a warning that names the limit
+        f"logistic regression: {len(active)} problem(s) did not reach the tolerance in {max_iter} L-BFGS iterations",
+        ConvergenceWarning,
+        stacklevel=3,
+    )
+    beta[active] = current
+    return iterations
 
 
 def build_mlp(input_dim: int, hidden: Sequence[int], dropout: float) -> nn.Sequential:
@@ -179,18 +580,26 @@ def build_mlp(input_dim: int, hidden: Sequence[int], dropout: float) -> nn.Seque
 
 
 class MLPProbe(ClassifierMixin, BaseEstimator):
-    """The HALP paper's MLP probe on z-scored inputs; BCE on logits (the paper's Sigmoid+BCELoss, stabler)."""
+    """The HALP paper's MLP probe on z-scored inputs; BCE on logits (the paper's Sigmoid+BCELoss, stabler).
+
+    Trained by `train_mlps` (the batched trainer every fit of a study shares): Adam, `batch_size` rows per step,
+    at most `epochs` epochs, and early stopping on a held-out part of the training rows (`validation_fraction`,
+    stratified and grouped by image when `fit` gets `groups`) after `patience` epochs without a better held-out
+    loss, keeping the best epoch's weights. `validation_fraction=None` trains every epoch on all rows.
+    """
 
     def __init__(
         self,
         hidden: Sequence[int] = (512, 256, 128),
         dropout: float = 0.3,
         lr: float = 1e-3,
-        batch_size: int = 32,
+        batch_size: int = MLP_BATCH_SIZE,
         epochs: int = 50,
         random_state: int = 42,
         device: str = "cpu",
         threads: int | None = None,
+        validation_fraction: float | None = 0.1,
+        patience: int | None = MLP_PATIENCE,
     ) -> None:
         self.hidden = hidden
         self.dropout = dropout
@@ -200,40 +609,33 @@ class MLPProbe(ClassifierMixin, BaseEstimator):
         self.random_state = random_state
         self.device = device
         self.threads = threads
+        self.validation_fraction = validation_fraction
+        self.patience = patience
 
-    def fit(self, X: Any, y: Any) -> MLPProbe:
+    def fit(self, X: Any, y: Any, groups: Any = None) -> MLPProbe:
+        """Train on every row; `groups` (e.g. image ids) keeps each group on one side of the early-stopping split."""
         X, y = _as_features(X), _check_binary(y)
+        [trained] = train_mlps(X, [Fit(np.arange(len(y)), y)], self, None if groups is None else np.asarray(groups))
+        return self._take(trained)
+
+    def fit_batch(self, X: Any, fits: Sequence[Fit], groups: Any = None) -> list[MLPProbe]:
+        """One fitted copy of this probe per fit (`fit.rows` of X, labels `fit.y`), trained together."""
+        X = _as_features(X)
+        for fit in fits:
+            _check_binary(np.asarray(fit.y)[fit.rows])
+        trained = train_mlps(X, fits, self, None if groups is None else np.asarray(groups))
+        return [clone(self)._take(one) for one in trained]
+
+    def _take(self, trained: TrainedMLP) -> MLPProbe:
         self.classes_ = np.array([0, 1])
-        self.n_features_in_ = X.shape[1]
-        self.scaler_ = StandardScaler().fit(X)
-        device = _resolve_device(self.device)
-        inputs = torch.from_numpy(self.scaler_.transform(X).astype(np.float32)).to(device)
-        targets = torch.from_numpy(y.astype(np.float32)).to(device)
-        rng_devices = [device.index or 0] if device.type == "cuda" else []
-        # A private RNG stream: the seed makes the probe reproducible without touching the caller's RNG.
-        with torch.random.fork_rng(devices=rng_devices), _torch_threads(self.threads):
-            torch.manual_seed(self.random_state)
-            net = build_mlp(X.shape[1], self.hidden, self.dropout).to(device)
-            optimizer = _adam(net, self.lr)
-            loss_fn = nn.BCEWithLogitsLoss()
-            order_rng = torch.Generator().manual_seed(self.random_state)
-            self.loss_history_: list[float] = []
-            net.train()
-            for _ in range(self.epochs):
-                order = torch.randperm(len(targets), generator=order_rng).to(device)
-                total, seen = 0.0, 0
-                for start in range(0, len(order), self.batch_size):
-                    batch = order[start : start + self.batch_size]
-                    if len(batch) < 2:  # BatchNorm cannot normalize a batch of one; skip that remainder
-                        continue
-                    optimizer.zero_grad(set_to_none=True)
-                    loss = loss_fn(net(inputs[batch]).squeeze(1), targets[batch])
-                    loss.backward()
-                    optimizer.step()
-                    total += float(loss.detach()) * len(batch)
-                    seen += len(batch)
-                self.loss_history_.append(total / max(seen, 1))
-        self.net_ = net.eval()
+        self.n_features_in_ = trained.net[0].in_features
+        self.scaler_ = trained.scaler
+        self.net_ = trained.net.to(_resolve_device(self.device)).eval()
+        self.loss_history_ = trained.loss_history
+        self.validation_loss_history_ = trained.validation_loss_history
+        self.best_epoch_ = trained.best_epoch
+        self.held_out_ = trained.held_out
+        self.rows_per_epoch_ = trained.rows_per_epoch
         return self
 
     @torch.inference_mode()
@@ -256,12 +658,381 @@ class MLPProbe(ClassifierMixin, BaseEstimator):
         return (self.predict_proba(X)[:, 1] >= THRESHOLD).astype(np.int64)
 
 
-def _adam(net: nn.Module, lr: float) -> torch.optim.Adam:
-    """Adam with the fused update where this torch has it: on CPU it is ~3x faster than the default loop."""
+@dataclass(frozen=True)
+class Fit:
+    """One fit of a study: train on `rows` of the feature matrix with the labels `y[rows]` (`y` holds every row's).
+
+    `held_out`: the rows of `rows` the MLP's early stopping watches, if the caller chooses them; None (as a study
+    leaves it): the trainer draws them with `early_stopping_split`.
+    """
+
+    rows: np.ndarray
+    y: np.ndarray
+    held_out: np.ndarray | None = None
+
+
+def early_stopping_split(
+    rows: np.ndarray, y: np.ndarray, groups: np.ndarray | None, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(trained, held out): the rows of a training fold the optimizer sees, and the part early stopping watches.
+
+    A seeded stratified split (`train_test_split`) of the fold's own rows, so it never reaches into a test fold.
+    With `groups` it splits the images instead, stratified by what each image's labels are (all 0, all 1, mixed),
+    so no image is on both sides and the classes keep their rates nearly; a stratum of a single image joins the
+    largest. (Not `StratifiedGroupKFold`: its greedy assignment costs ~0.5 s per split of a thousand images.)
+    """
+    rows, y = np.asarray(rows), np.asarray(y)
     try:
-        return torch.optim.Adam(net.parameters(), lr=lr, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.Adam(net.parameters(), lr=lr, foreach=True)
+        if groups is None:
+            trained, held_out = train_test_split(rows, test_size=fraction, stratify=y[rows], random_state=seed)
+            return np.sort(trained), np.sort(held_out)
+        images, image_of_row = np.unique(np.asarray(groups)[rows], return_inverse=True)
+        positives = np.bincount(image_of_row, weights=y[rows], minlength=len(images))
+        counts = np.bincount(image_of_row, minlength=len(images))
+        stratum = np.where(positives == 0, 0, np.where(positives == counts, 2, 1))
+        sizes = np.bincount(stratum, minlength=3)
+        stratum[sizes[stratum] < 2] = int(np.argmax(sizes))
+        _, held_images = train_test_split(
+            np.arange(len(images)), test_size=fraction, stratify=stratum, random_state=seed
+        )
+    except ValueError as error:  # too few rows, images or examples of a class to hold out that fraction
+        raise ProbeError(
+            f"early stopping holds out {fraction:g} of each training fold ({len(rows)} rows) and cannot: {error}; "
+            "pass validation_fraction=None to train every epoch on all rows"
+        ) from error
+    held = np.isin(image_of_row, held_images)
+    return rows[~held], rows[held]
+
+
+@dataclass
+class TrainedMLP:
+    """One fit's result from `train_mlps`: `build_mlp`'s network, its standardization, its history."""
+
+    net: nn.Sequential
+    scaler: StandardScaler
+    loss_history: list[float]
+    validation_loss_history: list[float]
+    best_epoch: int
+    held_out: np.ndarray
+    #: Rows the optimizer took per epoch (whole batches of the trained rows).
+    rows_per_epoch: int
+
+
+class _StackedMLPs:
+    """K networks of `build_mlp`'s shape as stacked tensors, trained as one program.
+
+    Activations are kept feature-major, (K, width, rows): each Linear layer is one batched matmul of the stacked
+    (K, out, in) weights, and each BatchNorm is one `batch_norm` call over K x width channels, so every network
+    is normalized over its own batch and keeps its own running statistics (PyTorch's rule, in PyTorch's kernel);
+    dropout multiplies by a 0/1 mask scaled by 1/(1-p). Network k computes what `build_mlp`'s network holding its
+    tensors computes (`network` builds that one; tests/test_probe.py compares the two).
+    """
+
+    def __init__(self, net: nn.Sequential, copies: int, device: torch.device) -> None:
+        linears = [layer for layer in net if isinstance(layer, nn.Linear)]
+        norms = [layer for layer in net if isinstance(layer, nn.BatchNorm1d)]
+        self.dim = linears[0].in_features
+        self.hidden = tuple(layer.out_features for layer in linears[:-1])
+        self.dropout = next((layer.p for layer in net if isinstance(layer, nn.Dropout)), 0.0)
+        self.momentum = norms[0].momentum if norms else 0.1
+        self.eps = norms[0].eps if norms else 1e-5
+
+        def stacked(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.detach().to(device, torch.float32).expand(copies, *tensor.shape).contiguous()
+
+        self.weights = [stacked(layer.weight) for layer in linears]  # (K, out, in)
+        self.biases = [stacked(layer.bias[:, None]) for layer in linears]  # (K, out, 1)
+        self.gammas = [stacked(layer.weight) for layer in norms]  # (K, width)
+        self.betas = [stacked(layer.bias) for layer in norms]
+        self.running_means = [stacked(layer.running_mean) for layer in norms]
+        self.running_vars = [stacked(layer.running_var) for layer in norms]
+        for tensor in self.parameters():
+            tensor.requires_grad_(True)
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [*self.weights, *self.biases, *self.gammas, *self.betas]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.parameters(), *self.running_means, *self.running_vars]
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep only the networks at `index` (the others stopped)."""
+        for group in (self.weights, self.biases, self.gammas, self.betas):
+            group[:] = [tensor.detach()[index].requires_grad_(True) for tensor in group]
+        for group in (self.running_means, self.running_vars):
+            group[:] = [tensor[index] for tensor in group]
+
+    def forward(
+        self, inputs: torch.Tensor, masks: list[torch.Tensor | None] | None = None, select: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits (K, rows) of inputs (K, dim, rows). `masks` (dropout per hidden layer, (width, rows) or None) means
+        a training step: batch statistics, running statistics updated. `select`: only those networks (evaluation)."""
+
+        def chosen(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor if select is None else tensor[select]
+
+        hidden = inputs
+        for layer in range(len(self.hidden)):
+            hidden = torch.baddbmm(chosen(self.biases[layer]), chosen(self.weights[layer]), hidden).relu()
+            count, width, rows = hidden.shape
+            hidden = nn.functional.batch_norm(
+                hidden.reshape(1, count * width, rows),
+                chosen(self.running_means[layer]).reshape(-1),
+                chosen(self.running_vars[layer]).reshape(-1),
+                chosen(self.gammas[layer]).reshape(-1),
+                chosen(self.betas[layer]).reshape(-1),
+                training=masks is not None,
+                momentum=self.momentum,
+                eps=self.eps,
+            ).reshape(count, width, rows)
+            if masks is not None and masks[layer] is not None:
+                hidden = hidden * masks[layer]
+        return torch.baddbmm(chosen(self.biases[-1]), chosen(self.weights[-1]), hidden)[:, 0, :]
+
+    def snapshot(self, position: int) -> list[torch.Tensor]:
+        return [tensor[position].detach().clone() for tensor in self.tensors()]
+
+    def network(self, snapshot: list[torch.Tensor], steps: int) -> nn.Sequential:
+        """`build_mlp`'s network holding one snapshot (weights, BatchNorm statistics, the steps it took)."""
+        net = build_mlp(self.dim, self.hidden, self.dropout)
+        linears, norms = len(self.hidden) + 1, len(self.hidden)
+        weights, biases = snapshot[:linears], snapshot[linears : 2 * linears]
+        rest = snapshot[2 * linears :]
+        gammas, betas, means, variances = (rest[i * norms : (i + 1) * norms] for i in range(4))
+        state: dict[str, torch.Tensor] = {}
+        for layer in range(linears):
+            state[f"{4 * layer}.weight"], state[f"{4 * layer}.bias"] = weights[layer], biases[layer][:, 0]
+        for layer in range(norms):
+            prefix = f"{4 * layer + 2}."
+            state[prefix + "weight"], state[prefix + "bias"] = gammas[layer], betas[layer]
+            state[prefix + "running_mean"], state[prefix + "running_var"] = means[layer], variances[layer]
+            state[prefix + "num_batches_tracked"] = torch.tensor(steps, dtype=torch.long)
+        net.load_state_dict({name: tensor.detach().cpu() for name, tensor in state.items()})
+        return net.eval()
+
+
+def train_mlps(
+    X: np.ndarray, fits: Sequence[Fit], probe: MLPProbe, groups: np.ndarray | None = None
+) -> list[TrainedMLP]:
+    """One `build_mlp` network per fit, all trained in one batched program with `probe`'s settings.
+
+    Each fit gets what it would get alone (`train_mlps(X, [fit], probe)`): the same initial weights, row order and
+    dropout masks, from generators seeded with `random_state`; the fits only share the matmuls. A step takes
+    `batch_size` rows of every fit (a seeded permutation of its trained rows per epoch; rows that do not fill a last
+    batch wait for the next epoch). With early stopping (`validation_fraction` and `patience`), each fit holds out
+    `early_stopping_split` of its own rows, computes its loss there after each of its epochs, stops `patience`
+    epochs after its best, and keeps the best epoch's weights; a stopped fit leaves the program.
+    """
+    X = _as_features(X)
+    device = _resolve_device(probe.device)
+    early = probe.validation_fraction is not None and probe.patience is not None
+    parts = [
+        (np.asarray(fit.rows), np.zeros(0, dtype=np.int64))
+        if not early
+        else (np.setdiff1d(fit.rows, fit.held_out), np.asarray(fit.held_out))
+        if fit.held_out is not None
+        else early_stopping_split(fit.rows, fit.y, groups, probe.validation_fraction, probe.random_state)
+        for fit in fits
+    ]
+    if early and any(len(held) == 0 or len(trained) < 2 for trained, held in parts):
+        raise ProbeError(
+            f"early stopping holds out {probe.validation_fraction:g} of each fit's rows, and a fit of "
+            f"{min(len(fit.rows) for fit in fits)} rows has too few for that; pass validation_fraction=None"
+        )
+    batch = min(probe.batch_size, *(len(trained) for trained, _ in parts))
+    if batch < 2:
+        raise ProbeError(f"the MLP probe trains on batches of at least 2 rows (BatchNorm); a fit has {batch}")
+    scalers = [StandardScaler().fit(X[fit.rows]) for fit in fits]
+    with _torch_threads(probe.threads), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(probe.random_state)  # the initial weights: build_mlp's default initialization, seeded
+        initial = build_mlp(X.shape[1], tuple(probe.hidden), probe.dropout)
+        stack = _StackedMLPs(initial, len(fits), device)
+        return _train_stacked(stack, X, fits, parts, scalers, probe, batch, early)
+
+
+def _train_stacked(
+    stack: _StackedMLPs,
+    X: np.ndarray,
+    fits: Sequence[Fit],
+    parts: list[tuple[np.ndarray, np.ndarray]],
+    scalers: list[StandardScaler],
+    probe: MLPProbe,
+    batch: int,
+    early: bool,
+) -> list[TrainedMLP]:
+    device = stack.weights[0].device
+    inputs = torch.from_numpy(X).to(device)
+    labels = torch.from_numpy(np.stack([np.asarray(fit.y, dtype=np.float32) for fit in fits])).to(device)
+    means = torch.from_numpy(np.stack([s.mean_ for s in scalers]).astype(np.float32)[:, None, :]).to(device)
+    scales = torch.from_numpy(np.stack([s.scale_ for s in scalers]).astype(np.float32)[:, None, :]).to(device)
+    steps_per_epoch = [len(trained) // batch for trained, _ in parts]
+    # Each fit's row order for all its epochs, drawn up front from its own generator, as a lone fit draws it.
+    orders = []
+    for (trained, _), steps in zip(parts, steps_per_epoch, strict=True):
+        generator = torch.Generator().manual_seed(probe.random_state)
+        epochs = [torch.randperm(len(trained), generator=generator)[: steps * batch] for _ in range(probe.epochs)]
+        orders.append(torch.from_numpy(trained)[torch.cat(epochs)])
+    longest = max(len(order) for order in orders)
+    order_table = torch.zeros((len(orders), longest), dtype=torch.long)
+    for fit, order in enumerate(orders):
+        order_table[fit, : len(order)] = order
+    order_table = order_table.to(device)
+    dropout = torch.Generator(device=device).manual_seed(probe.random_state)
+    keep_probability = 1.0 - stack.dropout
+    watch = _HeldOut([part for _, part in parts], inputs, labels, means, scales) if early else None
+
+    optimizer = _StackedAdam(stack.parameters(), probe.lr)
+    active = list(range(len(fits)))  # the fit of each network in the stack, in stack order
+    loss_sums = torch.zeros(len(fits), device=device)
+    losses: list[list[float]] = [[] for _ in fits]
+    validation: list[list[float]] = [[] for _ in fits]
+    best: list[tuple[float, int, list[torch.Tensor], int] | None] = [None] * len(fits)
+    finished: dict[int, tuple[list[torch.Tensor], int]] = {}
+    step = 0
+    while active:
+        index = torch.tensor(active, device=device)
+        rows = order_table[index, step * batch : (step + 1) * batch]
+        features = ((inputs[rows] - means[index]) / scales[index]).transpose(1, 2)  # (K, dim, rows)
+        masks = [
+            (torch.rand((width, batch), generator=dropout, device=device) < keep_probability).float() / keep_probability
+            if stack.dropout > 0
+            else None
+            for width in stack.hidden
+        ]
+        per_fit = nn.functional.binary_cross_entropy_with_logits(
+            stack.forward(features, masks), torch.gather(labels[index], 1, rows), reduction="none"
+        ).mean(1)
+        per_fit.sum().backward()  # the sum's gradient for each network is that of its own mean loss
+        optimizer.step(stack.parameters())
+        loss_sums[index] += per_fit.detach()
+        step += 1
+
+        due = [position for position, fit in enumerate(active) if step % steps_per_epoch[fit] == 0]
+        if not due:
+            continue
+        due_fits = [active[position] for position in due]
+        epoch_losses = (
+            loss_sums[due_fits] / torch.tensor([steps_per_epoch[f] for f in due_fits], device=device)
+        ).tolist()
+        loss_sums[due_fits] = 0.0
+        held_out_losses = watch.losses(stack, due, due_fits) if watch is not None else None
+        stopped = []
+        for slot, (position, fit) in enumerate(zip(due, due_fits, strict=True)):
+            losses[fit].append(epoch_losses[slot])
+            epoch = len(losses[fit])
+            if held_out_losses is not None:
+                validation[fit].append(held_out_losses[slot])
+                if best[fit] is None or held_out_losses[slot] < best[fit][0]:
+                    best[fit] = (held_out_losses[slot], epoch, stack.snapshot(position), step)
+                if epoch - best[fit][1] >= probe.patience:
+                    stopped.append(position)
+                    continue
+            if epoch == probe.epochs:
+                stopped.append(position)
+        if stopped:
+            for position in stopped:
+                fit = active[position]
+                # With early stopping the best epoch's weights, else the last epoch's.
+                finished[fit] = best[fit][2:] if best[fit] is not None else (stack.snapshot(position), step)
+            staying = [position for position in range(len(active)) if position not in stopped]
+            active = [active[position] for position in staying]
+            if active:
+                stack.keep(torch.tensor(staying, device=device))
+                optimizer.keep(torch.tensor(staying, device=device))
+    return [
+        TrainedMLP(
+            net=stack.network(*finished[fit]),
+            scaler=scalers[fit],
+            loss_history=losses[fit],
+            validation_loss_history=validation[fit],
+            best_epoch=best[fit][1] if best[fit] is not None else len(losses[fit]),
+            held_out=parts[fit][1],
+            rows_per_epoch=steps_per_epoch[fit] * batch,
+        )
+        for fit in range(len(fits))
+    ]
+
+
+class _HeldOut:
+    """The early-stopping rows of every fit, standardized and padded to one (fits, rows, dim) block."""
+
+    def __init__(
+        self,
+        parts: list[np.ndarray],
+        inputs: torch.Tensor,
+        labels: torch.Tensor,
+        means: torch.Tensor,
+        scales: torch.Tensor,
+    ) -> None:
+        longest = max(len(part) for part in parts)
+        device = inputs.device
+        rows = torch.zeros((len(parts), longest), dtype=torch.long, device=device)
+        self.weights = torch.zeros((len(parts), longest), device=device)
+        for fit, part in enumerate(parts):
+            rows[fit, : len(part)] = torch.from_numpy(part).to(device)
+            self.weights[fit, : len(part)] = 1.0 / len(part)
+        self.features = ((inputs[rows] - means) / scales).transpose(1, 2).contiguous()  # (K, dim, rows)
+        self.targets = torch.gather(labels, 1, rows)
+
+    @torch.no_grad()
+    def losses(self, stack: _StackedMLPs, positions: list[int], fits: list[int]) -> list[float]:
+        """Mean BCE on each fit's held-out rows, of the stack's networks at `positions` (evaluation mode)."""
+        logits = stack.forward(self.features[fits], select=torch.tensor(positions, device=self.features.device))
+        per_row = nn.functional.binary_cross_entropy_with_logits(logits, self.targets[fits], reduction="none")
+        return (per_row * self.weights[fits]).sum(1).tolist()
+
+
+class _StackedAdam:
+    """torch.optim.Adam's update (betas 0.9/0.999, eps 1e-8, no weight decay) for stacked networks, one row each.
+
+    The update is element-wise, so on stacked tensors it is every network's own Adam; `keep` drops the moments of
+    stopped networks with them (tests/test_probe.py compares it with torch.optim.Adam). Not torch.optim.Adam itself:
+    its first use imports torch._dynamo, seconds per worker process on a small machine. The step is the kernel
+    torch.optim.Adam(fused=True) runs (`torch._fused_adam_`, one pass over the tensors, several times faster than
+    the element-wise operations on CPU), or those operations where this torch has no such kernel for the device.
+    """
+
+    def __init__(self, parameters: list[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> None:
+        self.lr, self.betas, self.eps = lr, betas, 1e-8
+        self.first = [torch.zeros_like(tensor) for tensor in parameters]
+        self.second = [torch.zeros_like(tensor) for tensor in parameters]
+        self.steps = 0
+        self.fused = hasattr(torch, "_fused_adam_")
+
+    @torch.no_grad()
+    def step(self, parameters: list[torch.Tensor]) -> None:
+        self.steps += 1
+        gradients = [tensor.grad for tensor in parameters]
+        if self.fused:
+            try:
+                self._fused(parameters, gradients)
+            except (RuntimeError, TypeError, NotImplementedError):  # no fused kernel for this device or dtype
+                self.fused = False
+        if not self.fused:
+            self._element_wise(parameters, gradients)
+        for tensor in parameters:
+            tensor.grad = None
+
+    def _fused(self, parameters: list[torch.Tensor], gradients: list[torch.Tensor]) -> None:
+        steps = [torch.tensor(float(self.steps), device=tensor.device) for tensor in parameters]
+        beta1, beta2 = self.betas
+        torch._fused_adam_(  # type: ignore[attr-defined]
+            parameters, gradients, self.first, self.second, [], steps,
+            lr=self.lr, beta1=beta1, beta2=beta2, weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False,
+        )  # fmt: skip
+
+    def _element_wise(self, parameters: list[torch.Tensor], gradients: list[torch.Tensor]) -> None:
+        beta1, beta2 = self.betas
+        step_size = self.lr / (1 - beta1**self.steps)
+        correction2 = math.sqrt(1 - beta2**self.steps)
+        for tensor, gradient, first, second in zip(parameters, gradients, self.first, self.second, strict=True):
+            first.lerp_(gradient, 1 - beta1)
+            second.mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
+            tensor.addcdiv_(first, (second.sqrt() / correction2).add_(self.eps), value=-step_size)
+
+    def keep(self, index: torch.Tensor) -> None:
+        self.first = [moment[index] for moment in self.first]
+        self.second = [moment[index] for moment in self.second]
 
 
 def make_probe(kind: str, seed: int = 42, **params: Any) -> LogRegProbe | MLPProbe:
@@ -309,7 +1080,11 @@ def save_probe(probe: LogRegProbe | MLPProbe, path_stem: str | Path, meta: dict[
         kind = "mlp"
         for name, tensor in probe.net_.state_dict().items():
             tensors[f"mlp.{name}"] = tensor.detach().cpu().contiguous()
-        fitted = {"loss_history_": probe.loss_history_}
+        fitted = {
+            "loss_history_": probe.loss_history_,
+            "validation_loss_history_": probe.validation_loss_history_,
+            "best_epoch_": probe.best_epoch_,
+        }
     else:
         raise TypeError(f"cannot save a {type(probe).__name__}; expected LogRegProbe or MLPProbe")
     threshold = float(meta.get("threshold", THRESHOLD))
@@ -359,6 +1134,9 @@ def load_probe(path_stem: str | Path, device: str = "cpu") -> tuple[LogRegProbe 
         net.load_state_dict(state)
         probe.net_ = net.to(_resolve_device(device)).eval()
         probe.loss_history_ = list(config["fitted"].get("loss_history_", []))
+        # Probes saved before early stopping have no held-out history; their best epoch is their last.
+        probe.validation_loss_history_ = list(config["fitted"].get("validation_loss_history_", []))
+        probe.best_epoch_ = int(config["fitted"].get("best_epoch_", len(probe.loss_history_)))
     else:
         raise ProbeError(f"{stem}.json: unknown probe type {config['probe_type']!r}")
     probe.scaler_ = scaler
@@ -409,15 +1187,15 @@ def make_splits(
     return list(StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(indices, y, groups))
 
 
-def cross_validate(
-    make: Callable[[], LogRegProbe | MLPProbe], X: np.ndarray, y: np.ndarray, splits: Sequence[Split]
+def out_of_fold(
+    probes: Sequence[LogRegProbe | MLPProbe], X: np.ndarray, y: np.ndarray, splits: Sequence[Split]
 ) -> tuple[np.ndarray, np.ndarray, list[dict[str, float]]]:
-    """Out-of-fold P(hallucinated) (NaN for rows in no test set), each row's fold, and per-fold metrics."""
+    """Out-of-fold P(hallucinated) (NaN for rows in no test set), each row's fold, and per-fold metrics, of the
+    probes fitted on each split's training rows (in the order of `splits`)."""
     scores = np.full(len(y), np.nan)
     fold_of = np.full(len(y), -1, dtype=np.int64)
     per_fold = []
-    for fold, (train, test) in enumerate(splits):
-        probe = make().fit(X[train], y[train])
+    for fold, (probe, (_, test)) in enumerate(zip(probes, splits, strict=True)):
         scores[test] = probe.predict_proba(X[test])[:, 1]
         fold_of[test] = fold
         per_fold.append(metric_values(y[test], scores[test]))
@@ -508,10 +1286,18 @@ class ProbeData:
     control_splits: list[tuple[np.ndarray, np.ndarray]]
     scheme: str
     group_values: np.ndarray | None
+    #: Each labelled row's image when the splits are grouped by image (early stopping's held-out part is, too).
+    groups: np.ndarray | None = None
 
     @property
     def tested(self) -> np.ndarray:
         return np.concatenate([test for _, test in self.splits])
+
+    def fits(self) -> list[Fit]:
+        """Every fit of a feature: the CV folds, the control's folds, and the final probe on every labelled row."""
+        fits = [Fit(train, self.y) for train, _ in self.splits]
+        fits += [Fit(train, self.y_control) for train, _ in self.control_splits]
+        return [*fits, Fit(np.arange(len(self.y)), self.y)]
 
     def matrix(self, feature: str) -> np.ndarray:
         with h5py.File(self.features_path, "r") as handle:
@@ -575,6 +1361,7 @@ def load_probe_data(
         control_splits=make_splits(y_control, groups, folds, split, seed),
         scheme=scheme,
         group_values=group_values,
+        groups=groups,
     )
 
 
@@ -591,9 +1378,12 @@ def evaluate_feature(data: ProbeData, settings: ProbeSettings, feature: str, kin
     y, tested = data.y, data.tested
     template = settings.template(kind)
     started = time.perf_counter()
-    scores, fold_of, per_fold = cross_validate(lambda t=template: clone(t), X, y, data.splits)
-    _, _, control_folds = cross_validate(lambda t=template: clone(t), X, data.y_control, data.control_splits)
-    final = clone(template).fit(X, y)
+    # Every fit of the feature at once: the CV folds, the control's folds, and the final probe on every row.
+    probes = template.fit_batch(X, data.fits(), data.groups)
+    folds = len(data.splits)
+    scores, fold_of, per_fold = out_of_fold(probes[:folds], X, y, data.splits)
+    _, _, control_folds = out_of_fold(probes[folds:-1], X, data.y_control, data.control_splits)
+    final = probes[-1]
     seconds = time.perf_counter() - started
     pooled = metric_values(y[tested], scores[tested])
     intervals = bootstrap_intervals(y[tested], scores[tested], settings.bootstrap, settings.seed)
