@@ -410,8 +410,52 @@ def test_ranking_metrics_equal_scikit_learn_with_ties():
     assert all(np.isnan(ranking_metrics(np.ones(4, dtype=np.int64), rng.random(4))))
 
 
+def test_resampled_ranking_metrics_equal_scikit_learn_on_each_resample():
+    """The whole-bootstrap form (rows sorted once, a resample as its counts of each row): every resample equals
+    scikit-learn on that resample's rows, ties and repeats included; a resample holding one class is NaN."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from halp.metrics import resampled_ranking_metrics
+
+    rng = np.random.default_rng(11)
+    y = (rng.random(40) < 0.3).astype(np.int64)
+    score = np.round(rng.random(40), 1)  # many ties
+    picks = rng.integers(0, 40, size=(30, 40))
+    picks[3] = np.flatnonzero(y == 0)[0]  # a resample of one row, drawn 40 times: one class
+    auroc, average_precision = resampled_ranking_metrics(y, score, picks)
+    for row, pick in enumerate(picks):
+        if y[pick].min() == y[pick].max():
+            assert np.isnan(auroc[row]) and np.isnan(average_precision[row]), row
+            continue
+        assert auroc[row] == pytest.approx(roc_auc_score(y[pick], score[pick]), abs=1e-12), row
+        assert average_precision[row] == pytest.approx(average_precision_score(y[pick], score[pick]), abs=1e-12)
+    assert np.isnan(auroc[3])
+
+
+def test_metric_values_equal_scikit_learn():
+    from halp.metrics import METRICS, metric_values
+
+    rng = np.random.default_rng(4)
+    for trial in range(20):
+        n = int(rng.integers(2, 200))
+        y = (rng.random(n) < rng.uniform(0.05, 0.95)).astype(np.int64)
+        score = np.round(rng.random(n), int(rng.integers(1, 3)))  # ties, and scores exactly at the threshold
+        values = metric_values(y, score)
+        for name, definition in METRICS.items():
+            if name in ("auroc", "auprc") and y.min() == y.max():
+                assert np.isnan(values[name]), (trial, name)
+            else:
+                assert values[name] == pytest.approx(definition(y, score), abs=1e-12), (trial, name)
+
+
 def test_bootstrap_intervals_equal_a_scikit_learn_loop():
-    from halp.probe import metric_values
+    from halp.metrics import METRICS
+
+    def metric_values(y, score):  # scikit-learn's own functions, resample by resample
+        one_class = y.min() == y.max()
+        return {
+            name: np.nan if one_class and name in ("auroc", "auprc") else f(y, score) for name, f in METRICS.items()
+        }
 
     rng = np.random.default_rng(3)
     y = (rng.random(120) < 0.3).astype(np.int64)

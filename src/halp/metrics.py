@@ -2,7 +2,8 @@
 (halp.findings) and `halp world` all compute them here.
 
 - ranking and threshold metrics (`METRICS`: AUROC, AUPRC, accuracy and F1 at `THRESHOLD`), `ranking_metrics` (AUROC
-  and average precision without scikit-learn's per-call validation, for bootstraps), percentile `bootstrap_intervals`;
+  and average precision without scikit-learn's per-call validation) and `resampled_ranking_metrics` (the same for
+  every resample of a bootstrap at once), percentile `bootstrap_intervals`;
 - a feature x probe's pooled out-of-fold scores (`feature_scores`), its AUROC with an interval (`score`), the paired
   bootstrap of two AUROCs on the same rows (`paired_difference`) and AUROCs within groups (`group_aurocs`);
 - deployment: the risk-coverage curve (`risk_coverage`) and calibration (`reliability`, with its ECE).
@@ -29,6 +30,8 @@ RELIABILITY_BINS = 10
 
 
 # ----- metrics of one set of scores --------------------------------------------------------------------------------
+#: The metrics' definitions, scikit-learn's; `metric_values` computes the same numbers without its per-call input
+#: validation (several milliseconds a call, thousands of calls a study) and is tested equal to these.
 METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "auroc": lambda y, score: roc_auc_score(y, score),
     "auprc": lambda y, score: average_precision_score(y, score),
@@ -38,31 +41,60 @@ METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
 
 
 def metric_values(y: np.ndarray, score: np.ndarray) -> dict[str, float]:
-    """Every metric of one set of predictions; AUROC/AUPRC are NaN when only one class is present."""
-    single_class = len(np.unique(y)) < 2
+    """Every metric of `METRICS` of one set of predictions; AUROC/AUPRC are NaN when only one class is present."""
+    y, score = np.asarray(y).astype(bool), np.asarray(score, dtype=float)
+    auroc, average_precision = ranking_metrics(y, score)
+    predicted = score >= THRESHOLD
+    flagged = int(y.sum()) + int(predicted.sum())
     return {
-        name: float("nan") if single_class and name in ("auroc", "auprc") else float(function(y, score))
-        for name, function in METRICS.items()
+        "auroc": auroc,
+        "auprc": average_precision,
+        "accuracy": float(np.mean(y == predicted)) if len(y) else math.nan,
+        "f1": 2.0 * int((y & predicted).sum()) / flagged if flagged else 0.0,
     }
 
 
 def ranking_metrics(y: np.ndarray, score: np.ndarray) -> tuple[float, float]:
-    """AUROC and average precision as scikit-learn defines them (ties included), without its per-call input
-    validation, which dominates the cost of a thousand bootstrap resamples. Tested equal to roc_auc_score and
+    """AUROC and average precision of one set of scores as scikit-learn defines them (ties included), without its
+    per-call input validation. NaN, NaN when `y` holds one class. Tested equal to roc_auc_score and
     average_precision_score."""
-    order = np.argsort(-score, kind="mergesort")
-    ranked_scores, ranked_labels = score[order], y[order]
-    thresholds = np.r_[np.flatnonzero(np.diff(ranked_scores)), len(ranked_scores) - 1]  # last row of each tie
-    true_positives = np.cumsum(ranked_labels)[thresholds]
-    false_positives = thresholds + 1 - true_positives
-    positives, negatives = true_positives[-1], false_positives[-1]
-    if positives == 0 or negatives == 0:
-        return math.nan, math.nan
-    tpr = np.r_[0.0, true_positives / positives]
-    fpr = np.r_[0.0, false_positives / negatives]
-    auroc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))
-    precision = true_positives / (true_positives + false_positives)
-    average_precision = float(np.sum(np.diff(tpr) * precision))
+    y = np.asarray(y)
+    auroc, average_precision = resampled_ranking_metrics(y, score, np.arange(len(y))[None, :])
+    return float(auroc[0]), float(average_precision[0])
+
+
+def resampled_ranking_metrics(
+    y: np.ndarray, score: np.ndarray, picks: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """AUROC and average precision of every resample of (y, score): resample r is the rows `picks[r]` (indices,
+    repeats allowed, as a bootstrap draws them). NaN for a resample that holds one class.
+
+    A resample's rows are a multiset of the original rows, so the rows are sorted once, by descending score, and a
+    resample is its count of each row: no sort per resample, and a thousand resamples cost a few array passes.
+    Rows of equal score form one threshold (scikit-learn's tie handling): a negative is credited with the positives
+    above its tie group and half of those inside it (the trapezoidal ROC area), every positive with the precision
+    at the end of its tie group (the step-wise average precision)."""
+    y, score, picks = np.asarray(y), np.asarray(score, dtype=float), np.atleast_2d(np.asarray(picks))
+    resamples, rows = picks.shape[0], len(y)
+    if rows == 0 or picks.shape[1] == 0:
+        return np.full(resamples, math.nan), np.full(resamples, math.nan)
+    order = np.argsort(-score, kind="stable")
+    ranked_scores, ranked_labels = score[order], y[order].astype(bool)
+    group_starts = np.r_[0, np.flatnonzero(np.diff(ranked_scores)) + 1]  # the first row of each tie group
+    # counts[r, i]: how often resample r drew the i-th row in score order.
+    offsets = (np.arange(resamples) * rows)[:, None]
+    counts = np.bincount((picks + offsets).ravel(), minlength=resamples * rows).reshape(resamples, rows)[:, order]
+    positives = np.add.reduceat(np.where(ranked_labels, counts, 0), group_starts, axis=1).astype(float)
+    negatives = np.add.reduceat(np.where(ranked_labels, 0, counts), group_starts, axis=1).astype(float)
+    positives_to_end, negatives_to_end = np.cumsum(positives, axis=1), np.cumsum(negatives, axis=1)
+    total_positives, total_negatives = positives_to_end[:, -1], negatives_to_end[:, -1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        credit = (negatives * (positives_to_end - positives / 2.0)).sum(axis=1)
+        precision = positives_to_end / (positives_to_end + negatives_to_end)
+        precision_sum = (positives * np.nan_to_num(precision)).sum(axis=1)
+        both = (total_positives > 0) & (total_negatives > 0)
+        auroc = np.where(both, credit / (total_positives * total_negatives), math.nan)
+        average_precision = np.where(both, precision_sum / total_positives, math.nan)
     return auroc, average_precision
 
 
@@ -85,8 +117,7 @@ def bootstrap_intervals(
         "accuracy": hits / len(y),
         "f1": np.divide(2 * true_pos, f1_denominator, out=np.zeros(resamples), where=f1_denominator > 0),
     }
-    ranking = np.array([ranking_metrics(labels[i], score[rows[i]]) for i in range(resamples)])
-    values["auroc"], values["auprc"] = ranking[:, 0], ranking[:, 1]
+    values["auroc"], values["auprc"] = resampled_ranking_metrics(y, score, rows)
     tail = (1.0 - level) / 2.0 * 100.0
     intervals = {}
     for name in METRICS:
@@ -181,13 +212,11 @@ def paired_difference(
     score_a, score_b = joined["score_a"].to_numpy(dtype=float), joined["score_b"].to_numpy(dtype=float)
     auroc_a, auroc_b = ranking_metrics(y, score_a)[0], ranking_metrics(y, score_b)[0]
     rng = np.random.default_rng(seed)
-    deltas = []
-    for _ in range(resamples):
-        pick = rng.integers(0, len(y), len(y))
-        if len(set(y[pick].tolist())) < 2:
-            continue
-        deltas.append(ranking_metrics(y[pick], score_a[pick])[0] - ranking_metrics(y[pick], score_b[pick])[0])
-    low, high = np.percentile(deltas, [2.5, 97.5]) if deltas else (math.nan, math.nan)
+    # One draw per resample, as the resamples were always drawn (the same seed gives the same interval).
+    picks = np.array([rng.integers(0, len(y), len(y)) for _ in range(resamples)]).reshape(resamples, len(y))
+    deltas = resampled_ranking_metrics(y, score_a, picks)[0] - resampled_ranking_metrics(y, score_b, picks)[0]
+    deltas = deltas[~np.isnan(deltas)]  # a resample holding one class has no AUROC
+    low, high = np.percentile(deltas, [2.5, 97.5]) if len(deltas) else (math.nan, math.nan)
     return Paired(
         probe_label(*first), probe_label(*second), len(y), float(auroc_a), float(auroc_b), float(auroc_a - auroc_b),
         float(low), float(high),

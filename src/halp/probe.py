@@ -1425,15 +1425,12 @@ def evaluate_feature(data: ProbeData, settings: ProbeSettings, feature: str, kin
     return FeatureResult(row, predictions, group_rows)
 
 
-def _evaluate_in_worker(
-    data: ProbeData, settings: ProbeSettings, feature: str, kinds: list[str]
-) -> list[FeatureResult]:
-    """One feature's probes in a worker process: its matrix is read there (not sent), its BLAS kept to `threads`."""
+def _evaluate_in_worker(data: ProbeData, settings: ProbeSettings, feature: str, kind: str) -> FeatureResult:
+    """One feature x probe type in a worker process: the matrix is read there (not sent), BLAS kept to `threads`."""
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=settings.threads or 1):
-        X = data.matrix(feature)
-        return [evaluate_feature(data, settings, feature, kind, X) for kind in kinds]
+        return evaluate_feature(data, settings, feature, kind, data.matrix(feature))
 
 
 def evaluate_features(data: ProbeData, settings: ProbeSettings) -> Iterator[FeatureResult]:
@@ -1442,7 +1439,7 @@ def evaluate_features(data: ProbeData, settings: ProbeSettings) -> Iterator[Feat
     kinds = settings.kinds
     if settings.jobs < 1:
         raise ParameterError("jobs", f"must be at least 1, not {settings.jobs}")
-    if settings.jobs == 1 or len(data.features) < 2:
+    if settings.jobs == 1 or len(data.features) * len(kinds) < 2:
         for feature in data.features:
             X = data.matrix(feature)
             for kind in kinds:
@@ -1455,12 +1452,14 @@ def evaluate_features(data: ProbeData, settings: ProbeSettings) -> Iterator[Feat
     worker_settings = replace(settings, threads=settings.threads or 1)
     # forkserver: workers never fork from this process's threads (OpenMP, torch) that may hold locks.
     context = multiprocessing.get_context("forkserver")
-    workers = min(settings.jobs, len(data.features))
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        calls = [pool.submit(_evaluate_in_worker, data, worker_settings, f, kinds) for f in data.features]
-        for call in calls:
-            results = call.result()
-            yield from results
+    cells = [(feature, kind) for feature in data.features for kind in kinds]
+    # One task per feature x probe type, the MLPs submitted first: they cost the most (a few times a logistic
+    # probe's at any width), so the processes end on short tasks and finish close together.
+    submit_order = sorted(cells, key=lambda cell: cell[1] != "mlp")
+    with ProcessPoolExecutor(max_workers=min(settings.jobs, len(cells)), mp_context=context) as pool:
+        calls = {cell: pool.submit(_evaluate_in_worker, data, worker_settings, *cell) for cell in submit_order}
+        for cell in cells:
+            yield calls[cell].result()
 
 
 def write_probe_outputs(data: ProbeData, settings: ProbeSettings, evaluated: list[FeatureResult]) -> pd.DataFrame:
