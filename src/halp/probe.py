@@ -214,14 +214,12 @@ def _fit_logregs(template: LogRegProbe, X: np.ndarray, fits: Sequence[Fit], prob
         chosen, starts = [], []
         problem = 0
         for fit, (probe, y, folds) in enumerate(zip(probes, labels, inner, strict=True)):
-            standardized = probe.scaler_.transform(X[fits[fit].rows]).astype(np.float64)
             # scores[fold, C] and n_iter_[fold, C] in LOGREG_CS order, as LogisticRegressionCV's scores_ and n_iter_
             scores = np.empty((len(folds), len(LOGREG_CS)))
             for fold, (_, held) in enumerate(folds):
-                for column, step in enumerate(descending):
-                    beta = path[step, problem + fold]
-                    decision = standardized[held] @ beta[:-1] + beta[-1]
-                    scores[fold, column] = ranking_metrics(y[held].astype(np.int64), decision)[0]
+                decisions = solver.decisions(fit, held, path[descending, problem + fold])  # (held rows, C)
+                for column in range(len(LOGREG_CS)):
+                    scores[fold, column] = ranking_metrics(y[held].astype(np.int64), decisions[:, column])[0]
             probe.n_iter_ = iterations[descending, problem : problem + len(folds)].T.copy()
             best = int(np.argmax(scores.sum(axis=0)))  # the first of equal sums: the largest C
             chosen.append(LOGREG_CS[best])
@@ -259,6 +257,10 @@ class _NewtonProblems:
         ]
         return _solve_newton(problems, Cs, template.max_iter)
 
+    def decisions(self, fit: int, rows: np.ndarray, solutions: np.ndarray) -> np.ndarray:
+        """(rows, solutions) decision values of fit `fit`'s `rows` under each solution (coefficients, intercept)."""
+        return self.designs[fit][rows] @ solutions[:, :-1].T + solutions[:, -1]
+
 
 class _SharedProblems:
     """The fits' problems as rows of the one feature matrix, with each fit's standardization, for batched L-BFGS."""
@@ -286,6 +288,14 @@ class _SharedProblems:
             starts,
             max_iter=template.max_iter,
         )
+
+    def decisions(self, fit: int, rows: np.ndarray, solutions: np.ndarray) -> np.ndarray:
+        """(rows, solutions) decision values of fit `fit`'s `rows` under each solution (standardized coefficients,
+        intercept), from the raw features: x.(b / scale) + c - mean.(b / scale), one gather and one matmul for all
+        the solutions, not a standardized copy of the fit's rows per solution."""
+        raw = solutions[:, :-1] / self.scales[fit]
+        features = self.X[np.asarray(self.fits[fit].rows)[rows]].astype(np.float64)
+        return features @ raw.T + (solutions[:, -1] - raw @ self.means[fit])
 
 
 #: Past this many features the batched Newton solver's Hessians (rows x dim^2 each) cost more than lbfgs.
