@@ -1255,7 +1255,7 @@ class ProbeSettings:
     bootstrap: int = 1000
     device: str = "cpu"
     threads: int | None = None
-    #: Processes evaluating features at once (a process pool). Every (feature, probe) result is the same for any value:
+    #: Processes evaluating feature x probe cells at once (a process pool). Every result is the same for any value:
     #: each one's seeds are its own, and a worker runs with `threads` (1 when None and jobs > 1).
     jobs: int = 1
     #: Extra constructor arguments per probe type, e.g. {"mlp": {"epochs": 5}}.
@@ -1445,7 +1445,8 @@ def _evaluate_in_worker(data: ProbeData, settings: ProbeSettings, feature: str, 
 
 def evaluate_features(data: ProbeData, settings: ProbeSettings) -> Iterator[FeatureResult]:
     """`evaluate_feature` for every feature x probe type, in the order of `data.features` then `settings.kinds`;
-    with `settings.jobs` > 1, that many processes evaluate features at once (the results still arrive in order)."""
+    with `settings.jobs` > 1, that many processes evaluate one feature x probe type each at a time (the results still
+    arrive in order)."""
     kinds = settings.kinds
     if settings.jobs < 1:
         raise ParameterError("jobs", f"must be at least 1, not {settings.jobs}")
@@ -1533,7 +1534,7 @@ def train_probes(
     is empty or missing are left out. `label_column=None` takes `label`, else `is_hallucinating_manual`.
     `device`, `threads`: where the MLP trains and its torch intra-op threads (None: torch's setting).
     `probe_params`: extra constructor arguments per probe type, e.g. {"mlp": {"epochs": 5}}.
-    `jobs`: processes evaluating features at once (the results do not depend on it).
+    `jobs`: processes evaluating feature x probe cells at once (the results do not depend on it).
     The steps: `load_probe_data` -> `evaluate_features` (`evaluate_feature` per feature x probe) ->
     `write_probe_outputs`.
     """

@@ -340,7 +340,8 @@ def probe(
     device: Annotated[str, typer.Option(help="Device of the MLP probe: cpu, cuda or auto.")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="Torch threads of the MLP on CPU (default: torch's).")] = None,
     jobs: Annotated[
-        int, typer.Option(help="Processes evaluating features at once (results do not depend on it).", min=1)
+        int,
+        typer.Option(help="Processes evaluating feature x probe cells at once (results do not depend on it).", min=1),
     ] = 1,
 ) -> None:
     """Train and evaluate one probe per feature; write RUN_DIR/probes/ (results, predictions, models)."""

@@ -63,7 +63,7 @@ def world(
     probe_jobs: Annotated[
         int | None,
         typer.Option(
-            "--jobs", help="Processes training the probes, one feature each (default: the usable CPU cores).", min=1
+            "--jobs", help="Processes training the probes (default: the usable CPU cores).", min=1
         ),
     ] = None,
     cache_dir: Annotated[

@@ -58,7 +58,8 @@ class StudyConfig:
     seed: int = 0
     cache_dir: Path | None = None
     threads: int | None = 1
-    #: Processes training the probes, one feature each (None: the usable CPU cores). Results do not depend on it.
+    #: Processes training the probes, a feature x probe type each at a time (None: the usable CPU cores). Results do
+    #: not depend on it.
     probe_jobs: int | None = None
     progress: bool = True
     #: Probe constructor overrides per type (tests shorten the MLP), as `halp.probe.train_probes` takes them.
