@@ -343,6 +343,8 @@ def _inputs(world: dict[str, Path]) -> list[Input]:
         found.append(Input(f"label --labels {table}", "labels", table, lambda d, f, t: [
             "label", str(world["run"]), "--labels", str(f)]))
     found.append(Input("label RUN (its features.h5)", "run", "features.h5", lambda d, f, t: ["label", str(d)]))
+    found.append(Input("probe RUN (its features.h5)", "run", "features.h5", lambda d, f, t: [
+        "probe", str(d), "--labels", str(world["root"] / "labels" / "labels.csv"), "--bootstrap", "10"]))
     found.append(Input("probe --labels labels.csv", "labels", "labels.csv", lambda d, f, t: [
         "probe", str(world["run"]), "--labels", str(f), "--bootstrap", "10"]))
     found.append(Input("embed IMAGE", "image", "one.png", lambda d, f, t: [

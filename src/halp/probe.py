@@ -26,7 +26,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import pandas as pd
 import torch
@@ -61,6 +60,7 @@ from halp.metrics import (
     metric_values,
     ranking_metrics,
 )
+from halp.rows import open_run_file
 from halp.store import feature_datasets, read_strings
 from halp.store import meta_columns as stored_meta_columns
 
@@ -1310,7 +1310,7 @@ class ProbeData:
         return [*fits, Fit(np.arange(len(self.y)), self.y)]
 
     def matrix(self, feature: str) -> np.ndarray:
-        with h5py.File(self.features_path, "r") as handle:
+        with open_run_file(self.features_path) as handle:
             return handle[feature][()][self.rows].astype(np.float32, copy=False)
 
 
@@ -1324,7 +1324,7 @@ def load_probe_data(
     """Read the run's ids and the label table, keep the labelled rows, and make the (control) splits."""
     run_dir, features_path = _run_paths(run_dir)
     label_table = _load_labels(run_dir, labels, label_column)
-    with h5py.File(features_path, "r") as handle:
+    with open_run_file(features_path) as handle:
         question_ids = read_strings(handle["question_id"])
         image_ids = read_strings(handle["image_id"])
         meta_columns = {name: read_strings(dataset) for name, dataset in stored_meta_columns(handle).items()}

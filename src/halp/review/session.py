@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import pandas as pd
 
@@ -44,7 +43,7 @@ from halp.review.model import (  # noqa: F401
     queue_progress,
     select_queue,
 )
-from halp.rows import read_row_texts
+from halp.rows import open_run_file, read_row_texts
 
 
 @dataclass
@@ -212,7 +211,7 @@ def _final_probe_risk(run_dir: Path, rows: Sequence[Row], feature: str, probe: s
     if not todo:
         return None
     fitted, _ = load_probe(stem)
-    with h5py.File(features_file(run_dir), "r") as handle:
+    with open_run_file(features_file(run_dir)) as handle:
         if feature not in handle:
             return None
         matrix = np.asarray(handle[feature][[row.index for row in todo]])
