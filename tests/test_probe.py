@@ -704,8 +704,18 @@ def test_early_stopping_keeps_the_best_epoch_on_rows_outside_the_test_fold(tmp_p
         assert loss == pytest.approx(min(one.validation_loss_history_), abs=1e-5)
         assert one.validation_loss_history_[one.best_epoch_ - 1] == min(one.validation_loss_history_)
         assert len(one.loss_history_) <= one.best_epoch_ + 2
+    # A fold too small to stratify (one positive in 12 rows) still holds out a seeded part, unstratified: the
+    # held-out loss needs no particular class. Before, such a fold stopped `halp probe` on any small run.
+    tiny_y = np.r_[np.ones(1), np.zeros(11)].astype(int)
+    small = MLPProbe(hidden=(4,), epochs=2).fit(X[:12], tiny_y)
+    assert len(small.validation_loss_history_) >= 1
+    kept, held = early_stopping_split(np.arange(12), tiny_y, None, 0.1, 42)
+    assert len(held) == 2 and sorted([*kept, *held]) == list(range(12))
+    kept, held = early_stopping_split(np.arange(12), tiny_y, np.repeat(np.arange(6), 2), 0.1, 42)
+    assert len(held) == 2 and held[0] // 2 == held[1] // 2  # one whole image held out
+    # One that cannot hold out anything (a single image) names the way out.
     with pytest.raises(ProbeError, match="validation_fraction=None"):
-        MLPProbe(hidden=(4,), epochs=2).fit(X[:12], np.r_[np.ones(1), np.zeros(11)].astype(int))
+        MLPProbe(hidden=(4,), epochs=2).fit(X[:4], np.array([0, 1, 0, 1]), groups=np.array(["a"] * 4))
     without = MLPProbe(hidden=(4,), epochs=3, batch_size=4, validation_fraction=None).fit(
         X[:12], np.r_[np.ones(1), np.zeros(11)].astype(int)
     )

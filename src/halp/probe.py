@@ -686,31 +686,39 @@ def early_stopping_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(trained, held out): the rows of a training fold the optimizer sees, and the part early stopping watches.
 
-    A seeded stratified split (`train_test_split`) of the fold's own rows, so it never reaches into a test fold.
-    With `groups` it splits the images instead, stratified by what each image's labels are (all 0, all 1, mixed),
-    so no image is on both sides and the classes keep their rates nearly; a stratum of a single image joins the
-    largest. (Not `StratifiedGroupKFold`: its greedy assignment costs ~0.5 s per split of a thousand images.)
+    A seeded split (`train_test_split`) of the fold's own rows, so it never reaches into a test fold, holding out
+    ceil(fraction x rows) of them, at least one. With `groups` it splits the images instead (ceil(fraction x
+    images), at least one), so no image is on both sides. It is stratified (by label; with groups by what each
+    image's labels are: all 0, all 1, mixed, a stratum of a single image joining the largest) wherever the fold
+    allows it: every stratum with two members and as many held-out as strata. A fold too small for that (a few
+    dozen rows) gets an unstratified seeded split: the held-out loss needs no particular class. (Not
+    `StratifiedGroupKFold`: its greedy assignment costs ~0.5 s per split of a thousand images.)
     """
     rows, y = np.asarray(rows), np.asarray(y)
-    try:
-        if groups is None:
-            trained, held_out = train_test_split(rows, test_size=fraction, stratify=y[rows], random_state=seed)
-            return np.sort(trained), np.sort(held_out)
+    if groups is None:
+        items, strata = rows, y[rows].astype(np.int64)
+    else:
         images, image_of_row = np.unique(np.asarray(groups)[rows], return_inverse=True)
         positives = np.bincount(image_of_row, weights=y[rows], minlength=len(images))
         counts = np.bincount(image_of_row, minlength=len(images))
-        stratum = np.where(positives == 0, 0, np.where(positives == counts, 2, 1))
-        sizes = np.bincount(stratum, minlength=3)
-        stratum[sizes[stratum] < 2] = int(np.argmax(sizes))
-        _, held_images = train_test_split(
-            np.arange(len(images)), test_size=fraction, stratify=stratum, random_state=seed
-        )
-    except ValueError as error:  # too few rows, images or examples of a class to hold out that fraction
+        strata = np.where(positives == 0, 0, np.where(positives == counts, 2, 1))
+        sizes = np.bincount(strata, minlength=3)
+        strata[sizes[strata] < 2] = int(np.argmax(sizes))
+        items = np.arange(len(images))
+    held_count = max(1, math.ceil(fraction * len(items)))  # what train_test_split takes from a fraction
+    if held_count >= len(items):
         raise ProbeError(
-            f"early stopping holds out {fraction:g} of each training fold ({len(rows)} rows) and cannot: {error}; "
-            "pass validation_fraction=None to train every epoch on all rows"
-        ) from error
-    held = np.isin(image_of_row, held_images)
+            f"early stopping holds out {fraction:g} of each training fold and cannot: a fold has {len(items)} "
+            f"{'rows' if groups is None else 'images'}; pass validation_fraction=None to train every epoch on all rows"
+        )
+    kinds, members = np.unique(strata, return_counts=True)
+    stratifiable = members.min() >= 2 and len(kinds) <= held_count <= len(items) - len(kinds)
+    trained_items, held_items = train_test_split(
+        items, test_size=held_count, stratify=strata if stratifiable else None, random_state=seed
+    )
+    if groups is None:
+        return np.sort(trained_items), np.sort(held_items)
+    held = np.isin(image_of_row, held_items)
     return rows[~held], rows[held]
 
 
