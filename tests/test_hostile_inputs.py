@@ -478,3 +478,60 @@ def test_compose_names_an_incomplete_manifest_and_a_missing_or_damaged_table(tmp
     with pytest.raises(SourceError, match=rf"{re.escape(str(table))} could not be read as a converted table"):
         compose(dirs, tmp_path / "out", total=4, seed=0, proportions="equal")
     assert not (tmp_path / "out" / "composite.parquet").exists()
+
+
+# ----- halp probe's outputs, damaged -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def probed_run(tmp_path_factory) -> Path:
+    """A run of 60 labelled rows with one feature, its probes trained (logreg and MLP) and saved."""
+    import numpy as np
+
+    from halp.probe import train_probes
+    from halp.store import rows_for, write_rows
+
+    run = tmp_path_factory.mktemp("probed") / "run"
+    run.mkdir()
+    rng = np.random.default_rng(0)
+    y = (rng.random(60) < 0.4).astype(int)
+    y[:2] = [0, 1]
+    samples = [Sample(f"q{i:03d}", f"img{i:03d}.png", "Is it a dog?", "no", {"kind": f"k{i % 2}"}) for i in range(60)]
+    features = {"vision_only": (rng.normal(size=(60, 6)) + np.outer(y, np.ones(6))).astype(np.float32)}
+    write_rows(run / "features.h5", rows_for(samples, ["yes"] * 60, features), {"model_id": "toy", "layers": [0]})
+    pd.DataFrame({"question_id": [s.question_id for s in samples], "label": y}).to_csv(run / "labels.csv", index=False)
+    train_probes(run, probe="both", group_by="kind", bootstrap=10, threads=1,
+                 probe_params={"logreg": {"C": 0.1}, "mlp": {"hidden": (8,), "epochs": 3, "batch_size": 16}})
+    return run
+
+
+@pytest.mark.parametrize(
+    ("file", "command"),
+    [
+        ("probes/results.csv", "report"),
+        ("probes/predictions.csv", "report"),
+        ("probes/groups.csv", "report"),
+        ("probes/results.json", "report"),
+        ("probes/models/vision_only__mlp.json", "load_probe"),
+        ("probes/models/vision_only__mlp.safetensors", "load_probe"),
+        ("probes/models/vision_only__logreg.safetensors", "load_probe"),
+    ],
+)
+def test_damaged_probe_outputs_are_one_line_naming_the_file_and_how_to_rewrite_it(tmp_path, probed_run, file, command):
+    """Before, `halp report` on a damaged predictions.csv and `halp predict`/`serve` on a damaged saved probe ended in
+    a pandas, json or safetensors traceback; a results.csv cut short was read as a table of NaNs."""
+    from halp.errors import RunDamagedError
+    from halp.probe import load_probe
+
+    for kind in DAMAGE:
+        run = tmp_path / kind / "run"
+        shutil.copytree(probed_run, run)
+        target = run / file
+        _damage(target, kind)
+        if command == "report":
+            result = runner.invoke(app, ["report", str(run)])
+            assert result.exit_code == 2, (kind, result.output[-800:])
+            line = _one_line_error(result.output)
+        else:
+            with pytest.raises(RunDamagedError) as caught:
+                load_probe(target.with_suffix(""))
+            line = str(caught.value)
+        assert str(target) in line and "damaged" in line and "halp probe" in line, (kind, line)

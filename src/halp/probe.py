@@ -37,7 +37,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from halp.errors import MissingInputError, ParameterError, ProbeError
+from halp.errors import MissingInputError, ParameterError, ProbeError, RunDamagedError
 from halp.label import LabelTable, read_labels
 from halp.layout import (
     GROUPS_FILE,
@@ -1124,13 +1124,35 @@ def save_probe(probe: LogRegProbe | MLPProbe, path_stem: str | Path, meta: dict[
 
 def load_probe(path_stem: str | Path, device: str = "cpu") -> tuple[LogRegProbe | MLPProbe, dict[str, Any]]:
     """The probe saved by `save_probe`, ready to predict, and its meta dictionary."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     stem = Path(path_stem)
-    config = json.loads(stem.with_name(stem.name + ".json").read_text())
-    if config.get("format") != PROBE_FORMAT:
-        raise ProbeError(f"{stem}.json is not a halp probe (format {config.get('format')!r})")
-    tensors = load_file(str(stem.with_name(stem.name + ".safetensors")))
+    config_path, weights_path = stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".safetensors")
+    retrain = "rerun `halp probe` on the run to train and save it again"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RunDamagedError(f"{config_path} is damaged (not JSON: {err}); {retrain}") from err
+    if not isinstance(config, dict) or config.get("format") != PROBE_FORMAT:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise ProbeError(f"{config_path} is not a halp probe (format {found!r})")
+    try:
+        tensors = load_file(str(weights_path))
+    except SafetensorError as err:
+        raise RunDamagedError(f"{weights_path} is damaged ({err}); {retrain}") from err
+    try:
+        return _probe_from(config, tensors, device)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:  # a field or tensor missing, of another shape
+        raise RunDamagedError(
+            f"{config_path} and {weights_path.name} do not make a whole probe ({type(err).__name__}: {err}); {retrain}"
+        ) from err
+
+
+def _probe_from(
+    config: dict[str, Any], tensors: dict[str, torch.Tensor], device: str
+) -> tuple[LogRegProbe | MLPProbe, dict[str, Any]]:
+    """A probe from its saved configuration and tensors (`load_probe` reads and checks the files)."""
     params = dict(config["params"])
     scaler = StandardScaler()
     scaler.mean_ = tensors["standardize.mean"].numpy()
@@ -1156,7 +1178,7 @@ def load_probe(path_stem: str | Path, device: str = "cpu") -> tuple[LogRegProbe 
         probe.validation_loss_history_ = list(config["fitted"].get("validation_loss_history_", []))
         probe.best_epoch_ = int(config["fitted"].get("best_epoch_", len(probe.loss_history_)))
     else:
-        raise ProbeError(f"{stem}.json: unknown probe type {config['probe_type']!r}")
+        raise ProbeError(f"unknown probe type {config['probe_type']!r} in a halp probe's .json")
     probe.scaler_ = scaler
     probe.classes_ = np.array([0, 1])
     probe.n_features_in_ = config["input_dim"]

@@ -9,6 +9,7 @@ files here and nowhere else, so they all see the same values with the same types
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from halp.errors import RunDamagedError
+
 #: The columns of results.csv that name a result; every other column holds numbers where it can.
 RESULT_KEYS = ("feature", "probe")
 #: The numeric columns of predictions.csv and groups.csv.
@@ -24,9 +27,25 @@ PREDICTION_NUMBERS = ("fold", "label", "score")
 GROUP_NUMBERS = ("n", "n_positive", "auroc")
 
 
+#: What to do about a damaged output of `halp probe`.
+REWRITE = "rerun `halp probe` on the run to write it again"
+
+
 def read_text_table(path: str | Path) -> pd.DataFrame:
-    """A CSV of `halp probe`'s output with every cell as text (no NaN guessing: "" stays "")."""
-    return pd.read_csv(path, dtype=str, keep_default_na=False)
+    """A CSV of `halp probe`'s output with every cell as text (no NaN guessing: "" stays "").
+
+    halp writes these files whole (atomically) and ends them with a line break, so one that does not end with one
+    was cut short by something else; it, and one that is not CSV, is a RunDamagedError naming the file."""
+    path = Path(path)
+    data = path.read_bytes()
+    if not data.endswith(b"\n"):
+        problem = "empty" if not data else "cut short: it does not end with a line break, as halp writes it"
+        raise RunDamagedError(f"{path} is damaged ({problem}); {REWRITE}")
+    try:
+        return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RunDamagedError(f"{path} is damaged (not a CSV table: {first}); {REWRITE}") from err
 
 
 def as_numbers(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
@@ -62,7 +81,10 @@ def read_settings(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         return {}
-    loaded = json.loads(path.read_text())
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RunDamagedError(f"{path} is damaged (not JSON: {err}); {REWRITE}") from err
     if not isinstance(loaded, dict):
         return {}
     return {key: value for key, value in loaded.items() if not isinstance(value, (list, dict))}
