@@ -432,6 +432,18 @@ def test_resampled_ranking_metrics_equal_scikit_learn_on_each_resample():
     assert np.isnan(auroc[3])
 
 
+def test_equal_inner_cv_sums_choose_the_largest_C_whatever_their_rounding():
+    """Found on a 48-row run: the fold AUROCs of C=1e-3 and C=1e-5 summed to the same fraction, 3.013888..., as
+    ...884 and ...893 in floating point, and argmax took 1e-5 (nearly constant risks) where the rule, and
+    LogisticRegressionCV, take the largest C."""
+    from halp.probe import first_best
+
+    sums = np.array([2.7083333333333335, 2.625, 2.625, 2.763888888888889, 3.0138888888888884, 2.9722222222222223,
+                     3.0138888888888893])  # fmt: skip
+    assert int(np.argmax(sums)) == 6 and first_best(sums) == 4
+    assert first_best(np.array([0.5, 0.75, 0.7])) == 1 and first_best(np.array([1.0, 1.0])) == 0
+
+
 def test_metric_values_equal_scikit_learn():
     from halp.metrics import METRICS, metric_values
 

@@ -221,7 +221,7 @@ def _fit_logregs(template: LogRegProbe, X: np.ndarray, fits: Sequence[Fit], prob
                 for column in range(len(LOGREG_CS)):
                     scores[fold, column] = ranking_metrics(y[held].astype(np.int64), decisions[:, column])[0]
             probe.n_iter_ = iterations[descending, problem : problem + len(folds)].T.copy()
-            best = int(np.argmax(scores.sum(axis=0)))  # the first of equal sums: the largest C
+            best = first_best(scores.sum(axis=0))  # the first of equal sums: the largest C
             chosen.append(LOGREG_CS[best])
             starts.append(path[ascending.index(LOGREG_CS[best]), problem : problem + len(folds)].mean(axis=0))
             problem += len(folds)
@@ -232,6 +232,19 @@ def _fit_logregs(template: LogRegProbe, X: np.ndarray, fits: Sequence[Fit], prob
         probe.C_ = float(C)
         probe.coef_ = beta[:-1].copy()
         probe.intercept_ = float(beta[-1])
+
+
+#: Sums of fold AUROCs closer than this are equal: an AUROC is a fraction with denominator positives x negatives, so
+#: two that differ do so by far more, and sums of the same AUROCs in another order can differ in the last bits.
+SCORE_TIE = 1e-9
+
+
+def first_best(sums: np.ndarray) -> int:
+    """Index of the first largest of `sums`, counting sums within SCORE_TIE of the largest as equal to it: a tie
+    goes to the first (LOGREG_CS: the largest C), whatever the rounding of the sums (`np.argmax` alone let the last
+    bits of two equal sums choose)."""
+    sums = np.asarray(sums, dtype=np.float64)
+    return int(np.flatnonzero(sums >= sums.max() - SCORE_TIE)[0])
 
 
 class _NewtonProblems:
