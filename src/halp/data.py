@@ -31,7 +31,7 @@ from PIL import Image, ImageOps
 from pyarrow import ArrowException
 
 from halp.digests import bytes_sha256, file_sha256, handle_sha256
-from halp.errors import HalpError, ImageError, ParameterError, TableError
+from halp.errors import HalpError, ImageError, ParameterError, TableError, first_line
 from halp.userfiles import READ_LIMIT, check_user_file, open_user_file, read_user_file
 
 COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
@@ -149,7 +149,7 @@ def open_table_file(path: Path) -> BinaryIO:
 
 def damaged_table(source: str | Path, kind: str, err: BaseException) -> TableError:
     """The one message for a table file that cannot be read as its format: which file, why, what to do."""
-    reason = _first_line(err)
+    reason = first_line(err)
     return TableError(
         f"{source} could not be read as {kind}: it is damaged (cut short, corrupt) or not {kind} ({reason}); "
         "re-create or re-download it"
@@ -503,12 +503,6 @@ def _decode(data: bytes, exif_orientation: bool) -> Image.Image:
         return to_rgb(image)
 
 
-def _first_line(err: BaseException) -> str:
-    """An error's first line, printable (pyarrow quotes the bytes of a corrupt page)."""
-    text = str(err).strip()
-    line = text.splitlines()[0] if text else type(err).__name__
-    return "".join(char if char.isprintable() else f"\\x{ord(char):02x}" for char in line)
-
 
 def _cell_bytes(cell: Any) -> bytes | None:
     """The bytes of an embedded-image cell: the `datasets` Image struct {bytes, path}, or raw binary."""
@@ -551,7 +545,7 @@ class ParquetImages(ImageSource):
         try:
             handle = self._open()
         except (ArrowException, OSError, ValueError) as err:  # the file changed since the table was opened
-            reason = str(err) if isinstance(err, HalpError) else f"not readable as Parquet now: {_first_line(err)}"
+            reason = str(err) if isinstance(err, HalpError) else f"not readable as Parquet now: {first_line(err)}"
             raise ImageError(f"{self.label} row {row}: {reason}") from err
         assert self._starts is not None
         group = int(np.searchsorted(self._starts, row, side="right") - 1)
@@ -561,7 +555,7 @@ class ParquetImages(ImageSource):
                 table = handle.read_row_group(group, columns=[self.column], use_threads=False)
                 values: list[Any] | str = table.column(0).to_pylist()
             except (ArrowException, OSError, ValueError) as err:
-                values = _first_line(err)
+                values = first_line(err)
             self._cached = (group, values)
         values = self._cached[1]
         if isinstance(values, str):
@@ -625,7 +619,7 @@ class DatasetImages(ImageSource):
         try:
             cells = self._cells(samples)
         except (ArrowException, OSError, ValueError) as err:  # a damaged Arrow file: these rows fail, not the run
-            return [ImageError(f"{self.label}: the image column cannot be read ({_first_line(err)})")] * len(samples)
+            return [ImageError(f"{self.label}: the image column cannot be read ({first_line(err)})")] * len(samples)
         for sample, cell in zip(samples, cells, strict=True):
             what = f"{self.label} row {sample.image_row} ({sample.question_id})"
             try:

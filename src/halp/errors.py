@@ -14,6 +14,14 @@ from pathlib import Path
 DISTRIBUTION = "halp-vlm"
 
 
+def first_line(err: BaseException) -> str:
+    """An error's first line, printable, for a one-line message (a library's error can span many lines, and
+    pyarrow's quotes the raw bytes of a corrupt page); the error's class name when it has no text."""
+    text = str(err).strip()
+    line = text.splitlines()[0] if text else type(err).__name__
+    return "".join(char if char.isprintable() else f"\\x{ord(char):02x}" for char in line)
+
+
 def source_checkout() -> Path | None:
     """The source checkout halp runs from (an editable install, as the README sets up), else None."""
     checkout = Path(__file__).resolve().parents[2]

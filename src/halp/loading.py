@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from halp.digests import handle_sha256
-from halp.errors import ModelLoadError, ParameterError
+from halp.errors import ModelLoadError, ParameterError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +95,6 @@ def check_model_source(model_id: str, trust_remote_code: bool) -> None:
         refuse_remote_code(model_id, config)
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
 
 def check_hub_model(model_id: str) -> None:
     """A hub id (no such local directory) is in the local hub cache, or the hub knows it; else one line, at once.
@@ -112,7 +108,7 @@ def check_hub_model(model_id: str) -> None:
     try:
         cached = try_to_load_from_cache(model_id, "config.json")
     except ValueError as err:  # HFValidationError: not a repository id at all
-        raise ModelLoadError(f"model={model_id}: no such directory, and not a hub id ({_first_line(err)})") from err
+        raise ModelLoadError(f"model={model_id}: no such directory, and not a hub id ({first_line(err)})") from err
     if isinstance(cached, str):
         return
     if is_offline_mode():
@@ -125,7 +121,7 @@ def check_hub_model(model_id: str) -> None:
     except Exception as err:  # whatever stops the request (DNS, proxy, TLS, timeout) is said, not retried
         raise ModelLoadError(
             f"model={model_id}: no such directory, not in the local hub cache, and the hub cannot be reached "
-            f"({_first_line(err)})"
+            f"({first_line(err)})"
         ) from err
     if not exists:
         raise ModelLoadError(
@@ -142,8 +138,7 @@ def _load_error(model_id: str, err: Exception) -> ModelLoadError:
         return ModelLoadError(
             f"model={model_id}: no such directory or hub id (or the hub cannot be reached and it is not cached)"
         )
-    first_line = text.strip().splitlines()[0] if text.strip() else type(err).__name__
-    return ModelLoadError(f"{model_id} cannot be loaded: {first_line}")
+    return ModelLoadError(f"{model_id} cannot be loaded: {first_line(err)}")
 
 
 def check_attn_implementation(attn_implementation: str, device: str) -> None:

@@ -218,8 +218,9 @@ def _fit_logregs(template: LogRegProbe, X: np.ndarray, fits: Sequence[Fit], prob
             scores = np.empty((len(folds), len(LOGREG_CS)))
             for fold, (_, held) in enumerate(folds):
                 decisions = solver.decisions(fit, held, path[descending, problem + fold])  # (held rows, C)
+                held_labels = y[held].astype(np.int64)
                 for column in range(len(LOGREG_CS)):
-                    scores[fold, column] = ranking_metrics(y[held].astype(np.int64), decisions[:, column])[0]
+                    scores[fold, column] = ranking_metrics(held_labels, decisions[:, column])[0]
             probe.n_iter_ = iterations[descending, problem : problem + len(folds)].T.copy()
             best = first_best(scores.sum(axis=0))  # the first of equal sums: the largest C
             chosen.append(LOGREG_CS[best])

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from halp.errors import RunDamagedError
+from halp.errors import RunDamagedError, first_line
 
 #: The columns of results.csv that name a result; every other column holds numbers where it can.
 RESULT_KEYS = ("feature", "probe")
@@ -44,8 +44,7 @@ def read_text_table(path: str | Path) -> pd.DataFrame:
     try:
         return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise RunDamagedError(f"{path} is damaged (not a CSV table: {first}); {REWRITE}") from err
+        raise RunDamagedError(f"{path} is damaged (not a CSV table: {first_line(err)}); {REWRITE}") from err
 
 
 def as_numbers(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:

@@ -23,7 +23,7 @@ import numpy as np
 
 from halp.data import Sample
 from halp.digests import row_digest, table_text_digest  # noqa: F401  (re-exported: their home was here)
-from halp.errors import HalpError, RunDamagedError, StoreWriteError
+from halp.errors import HalpError, RunDamagedError, StoreWriteError, first_line
 from halp.features import sort_features
 from halp.layout import DONE_FILE, FEATURES_FILE, PART_RE, RUN_FILE, atomic_write
 
@@ -105,7 +105,7 @@ def open_run_file(path: str | Path) -> Iterator[h5py.File]:
     except FileNotFoundError:
         raise
     except (OSError, ValueError) as err:
-        raise RunDamagedError(f"{path} is damaged ({_first_line(err)}); {damage_advice(path)}") from err
+        raise RunDamagedError(f"{path} is damaged ({first_line(err)}); {damage_advice(path)}") from err
     try:
         with handle:
             yield handle
@@ -113,7 +113,7 @@ def open_run_file(path: str | Path) -> Iterator[h5py.File]:
         if isinstance(err, HalpError):
             raise
         raise RunDamagedError(
-            f"{path} is damaged (cannot read {_first_line(err)}); {damage_advice(path)}"
+            f"{path} is damaged (cannot read {first_line(err)}); {damage_advice(path)}"
         ) from err
 
 
@@ -124,10 +124,6 @@ def read_json_file(path: Path) -> Any:
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise RunDamagedError(f"{path} is damaged (not JSON: {err}); {damage_advice(path)}") from err
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 @dataclass
