@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -36,6 +37,7 @@ from halp.probe import (
     load_probe,
     make_splits,
     probe_stem,
+    probe_workers,
     save_probe,
     train_probes,
 )
@@ -485,15 +487,16 @@ def test_bootstrap_intervals_equal_a_scikit_learn_loop():
 
 
 def test_parallel_features_give_the_serial_results(tmp_path):
-    """`jobs=2` evaluates features in two processes: every row, prediction and saved probe is the serial one's.
+    """`jobs=2` evaluates features in two processes, started by the call or before it (`probe_workers`, as halp world
+    starts them before extracting): every row, prediction and saved probe is the serial one's.
 
-    Both runs use one torch thread per fit, so the same operations run in the same order; the stated tolerance
+    Every run uses one torch thread per fit, so the same operations run in the same order; the stated tolerance
     (1e-9 on scores and metrics) only allows for a different BLAS dispatch between processes.
     """
     run_dir, _ = write_run(tmp_path / "run", n_images=120)
     features = [NOISE, SIGNAL, PER_IMAGE]
-    outputs = {}
-    for jobs in (1, 2):
+
+    def run(jobs: int, workers: Any = None) -> tuple[pd.DataFrame, pd.DataFrame, Any]:
         results = train_probes(
             run_dir,
             features=features,
@@ -502,18 +505,31 @@ def test_parallel_features_give_the_serial_results(tmp_path):
             bootstrap=20,
             threads=1,
             jobs=jobs,
+            workers=workers,
         )
         predictions = pd.read_csv(run_dir / "probes" / "predictions.csv", dtype={"question_id": str})
-        probe, meta = load_probe(probe_stem(run_dir, SIGNAL, "mlp"), device="cpu")
-        outputs[jobs] = (results, predictions, probe, meta)
-    serial, parallel = outputs[1], outputs[2]
-    assert list(parallel[0]["feature"]) == [f for f in features for _ in ("logreg", "mlp")]
-    numeric = [c for c in serial[0].columns if serial[0][c].dtype.kind == "f" and c != "fit_seconds"]
-    np.testing.assert_allclose(parallel[0][numeric].to_numpy(), serial[0][numeric].to_numpy(), rtol=0, atol=1e-9)
-    pd.testing.assert_frame_equal(parallel[1].drop(columns="score"), serial[1].drop(columns="score"), check_exact=True)
-    np.testing.assert_allclose(parallel[1]["score"], serial[1]["score"], rtol=0, atol=1e-9)
-    X = np.random.default_rng(0).normal(size=(16, serial[2].n_features_in_))
-    np.testing.assert_allclose(parallel[2].predict_proba(X), serial[2].predict_proba(X), rtol=0, atol=1e-9)
+        probe, _ = load_probe(probe_stem(run_dir, SIGNAL, "mlp"), device="cpu")
+        return results, predictions, probe
+
+    serial = run(1)
+    with probe_workers(1) as none:
+        assert none is None  # one job: the cells run in the calling process
+    with probe_workers(2) as workers:
+        started = run(2, workers)
+    for parallel in (run(2), started):
+        assert list(parallel[0]["feature"]) == [f for f in features for _ in ("logreg", "mlp")]
+        numeric = [c for c in serial[0].columns if serial[0][c].dtype.kind == "f" and c != "fit_seconds"]
+        np.testing.assert_allclose(parallel[0][numeric].to_numpy(), serial[0][numeric].to_numpy(), rtol=0, atol=1e-9)
+        pd.testing.assert_frame_equal(
+            parallel[1].drop(columns="score"), serial[1].drop(columns="score"), check_exact=True
+        )
+        np.testing.assert_allclose(parallel[1]["score"], serial[1]["score"], rtol=0, atol=1e-9)
+        X = np.random.default_rng(0).normal(size=(16, serial[2].n_features_in_))
+        np.testing.assert_allclose(parallel[2].predict_proba(X), serial[2].predict_proba(X), rtol=0, atol=1e-9)
+    with pytest.raises(ParameterError, match="jobs"):
+        train_probes(run_dir, features=features, jobs=0)
+    with pytest.raises(ParameterError, match="jobs"), probe_workers(0):
+        pass
     with pytest.raises(ParameterError, match="jobs"):
         train_probes(run_dir, features=features, jobs=0)
 
@@ -658,7 +674,9 @@ def test_stacked_adam_is_torch_adam(fused):
                 for tensor in group
             )
             loss.backward()
-        stacked.step(ours)
+        stacked.step(ours, [tensor.grad for tensor in ours])
+        for tensor in ours:
+            tensor.grad = None
         reference.step()
         reference.zero_grad()
     for mine, torchs in zip(ours, theirs, strict=True):

@@ -225,7 +225,7 @@ def run_study(config: StudyConfig, say: Callable[[str], None] | None = None) -> 
     from halp.extract import ExtractConfig, run_extraction
     from halp.label import label_run
     from halp.pipeline import usable_cores
-    from halp.probe import train_probes
+    from halp.probe import probe_workers, train_probes
     from halp.report import build_report
 
     out = Path(config.out)
@@ -236,67 +236,74 @@ def run_study(config: StudyConfig, say: Callable[[str], None] | None = None) -> 
     origin = "shipped model" if training.shipped else "cached model" if training.cached else "train"
     seconds[origin] = time.perf_counter() - start
 
-    start = time.perf_counter()
-    table, images = make_study_set(out / "data", config.n_images, config.questions_per_image, config.seed)
-    seconds["study set"] = time.perf_counter() - start
-    say(f"wrote {table} ({config.n_images} images, {config.n_images * config.questions_per_image} questions)")
+    jobs = config.probe_jobs or usable_cores()
+    # The probe processes start now (each imports torch and scikit-learn, seconds on a small machine) and wait
+    # while the study set is drawn and extracted, instead of starting after.
+    with probe_workers(jobs) as workers:
+        start = time.perf_counter()
+        table, images = make_study_set(out / "data", config.n_images, config.questions_per_image, config.seed)
+        seconds["study set"] = time.perf_counter() - start
+        say(f"wrote {table} ({config.n_images} images, {config.n_images * config.questions_per_image} questions)")
 
-    start = time.perf_counter()
-    run_dir = out / "run"
-    summary = run_extraction(
-        ExtractConfig(
-            model=str(training.checkpoint),
-            data=table,
-            images=images,
-            out=run_dir,
-            layers="all",
-            batch_size=config.batch_size,
-            max_new_tokens=config.max_new_tokens,
-            device="cpu",
-            dtype="float32",
-            overwrite=True,
-            progress=config.progress,
+        start = time.perf_counter()
+        run_dir = out / "run"
+        summary = run_extraction(
+            ExtractConfig(
+                model=str(training.checkpoint),
+                data=table,
+                images=images,
+                out=run_dir,
+                layers="all",
+                batch_size=config.batch_size,
+                max_new_tokens=config.max_new_tokens,
+                device="cpu",
+                dtype="float32",
+                overwrite=True,
+                progress=config.progress,
+            )
         )
-    )
-    if not summary.finished:
-        raise WorldError(f"extraction of the study set did not finish: {summary.failed[:3]}")
-    seconds["extract"] = time.perf_counter() - start
-    say(f"extracted {summary.processed} rows into {run_dir} in {seconds['extract']:.0f}s")
+        if not summary.finished:
+            raise WorldError(f"extraction of the study set did not finish: {summary.failed[:3]}")
+        seconds["extract"] = time.perf_counter() - start
+        say(f"extracted {summary.processed} rows into {run_dir} in {seconds['extract']:.0f}s")
 
-    start = time.perf_counter()
-    rows = read_answers(run_dir)
-    labels = exact_labels(rows)
-    labels_path = out / "data" / LABELS_TABLE
-    with atomic_write(labels_path, newline="") as handle:
-        labels.to_csv(handle, index=False)
-    coverage = label_run(run_dir, labels=labels_path, label_column="label")
-    if coverage.labelled != len(rows):
-        raise WorldError(f"only {coverage.labelled} of {len(rows)} rows were labelled; every row has an exact answer")
-    rules = rule_check(rows, labels)
-    if rules.disagreed:
-        raise WorldError(f"halp's rule labeller disagrees with the exact labels on {rules.disagreed} row(s)")
-    accuracy = accuracy_table(rows, labels)
-    say(
-        f"greedy accuracy of the model on the study set: {accuracy['overall']:.3f}; "
-        f"rules decide {rules.decided} of {len(rows)} rows and agree on all of them"
-    )
-    if labels["label"].nunique() < 2:
-        raise WorldError("every answer is right (or every one wrong): there is nothing to predict")
-
-    with threadpool_limits(limits=1):
-        results = train_probes(
-            run_dir,
-            probe=config.probe,
-            folds=config.folds,
-            group_by="question_type",
-            seed=config.seed,
-            bootstrap=config.bootstrap,
-            threads=1,
-            jobs=config.probe_jobs or usable_cores(),
-            probe_params=config.probe_params,
-            progress=say,
+        start = time.perf_counter()
+        rows = read_answers(run_dir)
+        labels = exact_labels(rows)
+        labels_path = out / "data" / LABELS_TABLE
+        with atomic_write(labels_path, newline="") as handle:
+            labels.to_csv(handle, index=False)
+        coverage = label_run(run_dir, labels=labels_path, label_column="label")
+        if coverage.labelled != len(rows):
+            raise WorldError(
+                f"only {coverage.labelled} of {len(rows)} rows were labelled; every row has an exact answer"
+            )
+        rules = rule_check(rows, labels)
+        if rules.disagreed:
+            raise WorldError(f"halp's rule labeller disagrees with the exact labels on {rules.disagreed} row(s)")
+        accuracy = accuracy_table(rows, labels)
+        say(
+            f"greedy accuracy of the model on the study set: {accuracy['overall']:.3f}; "
+            f"rules decide {rules.decided} of {len(rows)} rows and agree on all of them"
         )
-    seconds["label + probe"] = time.perf_counter() - start
+        if labels["label"].nunique() < 2:
+            raise WorldError("every answer is right (or every one wrong): there is nothing to predict")
+
+        with threadpool_limits(limits=1):
+            results = train_probes(
+                run_dir,
+                probe=config.probe,
+                folds=config.folds,
+                group_by="question_type",
+                seed=config.seed,
+                bootstrap=config.bootstrap,
+                threads=1,
+                jobs=jobs,
+                workers=workers,
+                probe_params=config.probe_params,
+                progress=say,
+            )
+        seconds["label + probe"] = time.perf_counter() - start
 
     start = time.perf_counter()
     predictions = read_predictions(probe_file(run_dir, PREDICTIONS_FILE))
