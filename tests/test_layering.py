@@ -83,7 +83,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "halp.store", "halp.pipeline", "halp.run_records", "halp.local_engine", "halp.extract", "halp.ray_engine",
     ),
     "analysis": (
-        "halp.label_rules", "halp.metrics", "halp.results", "halp.label", "halp.probe", "halp.findings",
+        "halp.label_rules", "halp.metrics", "halp.scaling", "halp.results", "halp.label", "halp.probe", "halp.findings",
         "halp.report", "halp.analyze", "halp.embed", "halp.predict", "halp.legacy", "halp.summary", "halp.review",
         "halp.sources", "halp.world",
     ),
