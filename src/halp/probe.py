@@ -347,7 +347,7 @@ def _solve_newton(problems: list[_Problem], Cs: np.ndarray, max_iter: int) -> tu
     chunk: list[int] = []
     for k in [*order, None]:
         longest = len(problems[chunk[0]].y) if chunk else 0
-        full = (len(chunk) + 1) * longest * dim * 12 > _NEWTON_CHUNK_BYTES  # float64 + float32 designs
+        full = (len(chunk) + 1) * longest * dim * 24 > _NEWTON_CHUNK_BYTES  # two float64 + two float32 copies
         if chunk and (k is None or len(problems[k].y) < 0.9 * longest or full):
             solved = _newton_chunk([problems[i] for i in chunk], longest, Cs[:, chunk], max_iter)
             solutions[:, chunk], iterations[:, chunk] = solved
@@ -374,6 +374,15 @@ def _newton_chunk(problems: list[_Problem], rows: int, Cs: np.ndarray, max_iter:
         else:  # the intercept alone: the solution under the strongest regularization, nearly
             rate = float(np.clip(np.mean(problem.y), 1e-6, 1 - 1e-6))
             beta[k, -1] = math.log(rate / (1 - rate))
+    # The matrix-vector products take the layout MKL is fastest for on one core (measured, 50 problems x 962 rows
+    # x 129: 2.4 ms for the logits' X b as b^T (X^T), 4.3 ms for the gradient's X^T r as r^T X, against 6.2 and
+    # 8.1 ms as bmm(X, b) and bmm(X^T, r)): both layouts are kept, in float64.
+    columns = design.transpose(1, 2).contiguous()  # (problems, dim, rows)
+
+    def times_design(vectors: torch.Tensor) -> torch.Tensor:
+        """(problems, rows): each problem's design times its vector (problems, dim)."""
+        return torch.bmm(vectors[:, None, :], columns)[:, 0, :]
+
     design32 = design.float()
     weighted32 = torch.empty_like(design32)  # reused: a fresh tensor of this size per step costs page faults
     penalized = torch.ones(dim, dtype=torch.float64)
@@ -391,11 +400,11 @@ def _newton_chunk(problems: list[_Problem], rows: int, Cs: np.ndarray, max_iter:
 
         done = torch.zeros(count, dtype=torch.bool)
         taken = torch.zeros(count, dtype=torch.long)
-        logits = torch.bmm(design, beta[:, :, None])[:, :, 0]
+        logits = times_design(beta)
         for iteration in range(max_iter):
             taken += ~done
             probability = torch.sigmoid(logits)
-            gradient = C * torch.bmm(design.transpose(1, 2), (weights * (probability - targets))[:, :, None])[:, :, 0]
+            gradient = C * torch.bmm((weights * (probability - targets))[:, None, :], design)[:, 0, :]
             gradient += penalized * beta
             # The Hessian's matmul is the cost, so it is made in float32 (half of float64's) and only while the steps
             # are large: a new C's first step takes the last C's curvature, and once steps are below 1e-2 of the
@@ -414,7 +423,7 @@ def _newton_chunk(problems: list[_Problem], rows: int, Cs: np.ndarray, max_iter:
             step[done] = 0.0
             # Backtracking (Armijo) on the objective, per problem; a step of 1 is accepted near the optimum. The
             # logits move along the step's direction, so trying a step size costs no matmul.
-            direction = torch.bmm(design, step[:, :, None])[:, :, 0]
+            direction = times_design(step)
             before, slope = objective(logits, beta), (gradient * step).sum(1)
             size = torch.ones(count, dtype=torch.float64)
             for _ in range(60):
