@@ -22,6 +22,7 @@ from sklearn.metrics import accuracy_score, average_precision_score, f1_score, r
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from torch import nn
 from typer.testing import CliRunner
 
 from halp.cli import app
@@ -652,6 +653,39 @@ def test_stacked_networks_compute_build_mlps_network():
             evaluated.detach().numpy(), trained(inputs[k]).squeeze(1).detach().numpy(), rtol=0, atol=1e-5
         )
     assert set(reference.state_dict()) == set(trained.state_dict())
+
+
+def test_stacked_gradients_are_autograds_for_build_mlps_network():
+    """A training step's gradients in the stack (the first layer's weight gradient written into a kept buffer by its
+    own backward, the rest by autograd) are autograd's for each network as `build_mlp` builds it, to 1e-5, and the
+    buffer is rewritten, not accumulated, by the next step."""
+    from halp.probe import _StackedMLPs
+
+    torch.manual_seed(0)
+    reference = build_mlp(6, (16, 8), 0.0)
+    stack = _StackedMLPs(reference, 3, torch.device("cpu"))
+    inputs, targets = torch.randn(3, 20, 6), (torch.rand(3, 20) < 0.5).float()
+    for _ in range(2):  # the second step must give the same gradients (same weights: no optimizer step between)
+        stack.clear_gradients()
+        logits = stack.forward(inputs.transpose(1, 2), masks=[None, None])
+        nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(1).sum().backward()
+    gradients = stack.gradients()
+    for k in range(3):
+        single = build_mlp(6, (16, 8), 0.0)
+        single.load_state_dict(reference.state_dict())
+        single.train()
+        nn.functional.binary_cross_entropy_with_logits(single(inputs[k]).squeeze(1), targets[k]).backward()
+        linears = [layer for layer in single if isinstance(layer, nn.Linear)]
+        norms = [layer for layer in single if isinstance(layer, nn.BatchNorm1d)]
+        expected = [
+            *(layer.weight.grad for layer in linears),
+            *(layer.bias.grad[:, None] for layer in linears),
+            *(layer.weight.grad for layer in norms),
+            *(layer.bias.grad for layer in norms),
+        ]
+        assert len(expected) == len(gradients)
+        for ours, theirs in zip(gradients, expected, strict=True):
+            np.testing.assert_allclose(ours[k].numpy(), theirs.numpy(), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-kernel", "element-wise"])
