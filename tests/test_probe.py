@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +38,7 @@ from halp.probe import (
     Fit,
     LogRegProbe,
     MLPProbe,
+    ProbeWorkers,
     bootstrap_intervals,
     build_mlp,
     load_probe,
@@ -816,3 +822,50 @@ def test_a_studys_early_stopping_rows_are_grouped_stratified_parts_of_each_train
         assert abs(fit.y[held].mean() - fit.y[fit.rows].mean()) < 0.02
         np.testing.assert_array_equal(held, early_stopping_split(fit.rows, fit.y, data.groups, 0.1, 42)[1])
         assert not np.array_equal(held, early_stopping_split(fit.rows, fit.y, data.groups, 0.1, 7)[1])
+
+
+def test_probe_workers_leave_ctrl_c_to_the_main_process_while_idle():
+    """The probe processes ignore SIGINT while they wait for cells (no traceback from each on Ctrl-C) and do not
+    block it (a cell takes it: `_evaluate_in_worker`)."""
+    with ProbeWorkers(2) as workers:
+        pool = workers.ready()
+        assert pool.submit(signal.getsignal, signal.SIGINT).result() == signal.SIG_IGN
+        assert signal.SIGINT not in pool.submit(signal.pthread_sigmask, signal.SIG_BLOCK, set()).result()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # this process keeps its handler
+
+
+def test_ctrl_c_during_a_parallel_probe_is_one_line_and_exit_130(tmp_path):
+    """Ctrl-C to `halp probe --jobs 2`'s process group (as a terminal sends it) while the probe processes start or
+    run cells: exit 130, the one "interrupted" line, no traceback from any process, none left behind."""
+    run_dir, _ = write_run(tmp_path / "run", n_images=600, dim=64)
+    log = tmp_path / "output.txt"  # stdout and stderr; a file, not a pipe, which an unread full pipe would stall
+    with log.open("w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "halp", "probe", str(run_dir), "--probe", "both", "--jobs", "2"],
+            stdout=stderr,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline and "labelled rows" not in log.read_text():
+        time.sleep(0.05)
+    assert process.poll() is None, "halp probe ended before the interrupt: " + log.read_text()[-2000:]
+    os.killpg(process.pid, signal.SIGINT)  # the data is read; the processes are starting (2-3 s) or running cells
+    try:
+        returncode = process.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        pytest.fail("halp probe did not end within 90 s of Ctrl-C")
+    text = log.read_text()
+    assert returncode == 130, text[-2000:]
+    assert "Traceback" not in text and "interrupted" in text.strip().splitlines()[-1], text[-2000:]
+    deadline = time.monotonic() + 30  # the fork server and the probe processes leave with the main process
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("a process of halp probe's group outlived it by 30 s")

@@ -19,6 +19,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -1540,48 +1542,100 @@ def evaluate_feature(data: ProbeData, settings: ProbeSettings, feature: str, kin
 
 
 def _evaluate_in_worker(data: ProbeData, settings: ProbeSettings, feature: str, kind: str) -> FeatureResult:
-    """One feature x probe type in a worker process: the matrix is read there (not sent), BLAS kept to `threads`."""
+    """One feature x probe type in a worker process: the matrix is read there (not sent), BLAS kept to `threads`.
+    Ctrl-C interrupts the cell (its KeyboardInterrupt goes back as its result); an idle worker ignores it."""
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(limits=settings.threads or 1):
-        return evaluate_feature(data, settings, feature, kind, data.matrix(feature))
+    if _cells_take_ctrl_c:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with threadpool_limits(limits=settings.threads or 1):
+            return evaluate_feature(data, settings, feature, kind, data.matrix(feature))
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+#: In a probe process: whether a cell stops on Ctrl-C (the main process takes it; not where it ignores SIGINT).
+_cells_take_ctrl_c = False
+
+
+def _worker_started(take_ctrl_c: bool) -> None:
+    """A probe process's first step. Ctrl-C is the main process's to handle: an idle process ignores it (no
+    traceback from a process waiting for cells); SIGINT, blocked while the process started, is unblocked."""
+    global _cells_take_ctrl_c
+    _cells_take_ctrl_c = take_ctrl_c
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+class ProbeWorkers:
+    """`jobs` processes for probe cells (`evaluate_features`), starting in the background from when this is made.
+
+    A probe process imports torch and scikit-learn as it starts, 2-3 s on a small machine: a caller with other work
+    first (halp world's study set and extraction) makes this before it, so that happens meanwhile. The processes
+    fork from a server that imports halp.probe once (forkserver: never forked from this process's threads, OpenMP
+    or torch, that may hold locks); a thread of this process starts them, with SIGINT blocked, so the server and the
+    processes inherit that while they import, and a Ctrl-C meanwhile is only the main process's (one line, exit
+    130). `ready` waits for the start; `close` cancels the cells not started and waits for the running ones (a
+    Ctrl-C has interrupted those).
+    """
+
+    def __init__(self, jobs: int) -> None:
+        import multiprocessing
+
+        if jobs < 1:
+            raise ParameterError("jobs", f"must be at least 1, not {jobs}")
+        self.jobs = jobs
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["halp.probe"])  # no effect where this process's fork server already runs
+        self._pool = ProcessPoolExecutor(
+            max_workers=jobs,
+            mp_context=context,
+            initializer=_worker_started,
+            initargs=(signal.getsignal(signal.SIGINT) is not signal.SIG_IGN,),
+        )
+        # Waited for with an Event, not Thread.join: a join interrupted by Ctrl-C marks the thread stopped while it
+        # runs (CPython 3.11's bpo-45274 handling), and the pool would be shut down under the starting thread.
+        self._started = threading.Event()
+        threading.Thread(target=self._start, name="halp probe workers", daemon=True).start()
+
+    def _start(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # this thread's mask: the main thread keeps Ctrl-C
+        try:
+            for _ in range(self.jobs):  # the pool starts a process per call while none is idle: all start now
+                self._pool.submit(os.getpid)
+        finally:
+            self._started.set()
+
+    def ready(self) -> ProcessPoolExecutor:
+        self._started.wait()
+        return self._pool
+
+    def close(self) -> None:
+        self._started.wait()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> ProbeWorkers:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 @contextlib.contextmanager
-def probe_workers(jobs: int) -> Iterator[ProcessPoolExecutor | None]:
-    """`jobs` processes for `evaluate_features` (None for one job: cells run in this process), started now.
-
-    A probe process imports torch and scikit-learn as it starts, 2-3 s on a small machine, and the processes
-    are idle until cells come: a caller with other work first (halp world's study set and extraction) opens this
-    before it, so they start meanwhile. The processes fork from a server that imports halp.probe once (forkserver:
-    never forked from this process's threads, OpenMP or torch, that may hold locks). Leaving cancels what has not
-    started.
-    """
+def probe_workers(jobs: int) -> Iterator[ProbeWorkers | None]:
+    """`ProbeWorkers(jobs)`, closed on leaving; None for one job (the cells run in the calling process)."""
     if jobs < 1:
         raise ParameterError("jobs", f"must be at least 1, not {jobs}")
     if jobs == 1:
         yield None
         return
-    pool = _start_workers(jobs)
-    try:
-        yield pool
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _start_workers(jobs: int) -> ProcessPoolExecutor:
-    import multiprocessing
-
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["halp.probe"])  # no effect where this process's fork server already runs
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=context)
-    for _ in range(jobs):  # the pool starts a process per call while none is idle: all of them start now
-        pool.submit(os.getpid)
-    return pool
+    with ProbeWorkers(jobs) as workers:
+        yield workers
 
 
 def evaluate_features(
-    data: ProbeData, settings: ProbeSettings, workers: ProcessPoolExecutor | None = None
+    data: ProbeData, settings: ProbeSettings, workers: ProbeWorkers | None = None
 ) -> Iterator[FeatureResult]:
     """`evaluate_feature` for every feature x probe type, in the order of `data.features` then `settings.kinds`;
     with `settings.jobs` > 1, that many processes (`workers` if given, from `probe_workers`) evaluate one feature x
@@ -1602,7 +1656,7 @@ def evaluate_features(
     # probe's at any width), so the processes end on short tasks and finish close together.
     submit_order = sorted(cells, key=lambda cell: cell[1] != "mlp")
     with contextlib.ExitStack() as stack:
-        pool = workers if workers is not None else stack.enter_context(_start_workers(min(settings.jobs, len(cells))))
+        pool = (workers or stack.enter_context(ProbeWorkers(min(settings.jobs, len(cells))))).ready()
         calls = {cell: pool.submit(_evaluate_in_worker, data, worker_settings, *cell) for cell in submit_order}
         try:
             for cell in cells:
@@ -1666,7 +1720,7 @@ def train_probes(
     probe_params: dict[str, dict[str, Any]] | None = None,
     progress: Callable[[str], None] | None = None,
     jobs: int = 1,
-    workers: ProcessPoolExecutor | None = None,
+    workers: ProbeWorkers | None = None,
 ) -> pd.DataFrame:
     """Evaluate and save one probe per feature x probe type; write RUN_DIR/probes/results.{csv,json}.
 
