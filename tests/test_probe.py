@@ -38,6 +38,7 @@ from halp.probe import (
     Fit,
     LogRegProbe,
     MLPProbe,
+    ProbeSettings,
     ProbeWorkers,
     bootstrap_intervals,
     build_mlp,
@@ -869,3 +870,35 @@ def test_ctrl_c_during_a_parallel_probe_is_one_line_and_exit_130(tmp_path):
         time.sleep(0.1)
     else:
         pytest.fail("a process of halp probe's group outlived it by 30 s")
+
+
+def test_a_probe_process_that_took_ctrl_c_runs_no_further_cell(monkeypatch):
+    """A cell interrupted by Ctrl-C marks its process, and the next cell queued to it ends at once (KeyboardInterrupt)
+    instead of running after the main process stopped waiting; other exceptions do not mark it."""
+    import halp.probe as probe_module
+
+    class Data:
+        def matrix(self, feature: str) -> np.ndarray:
+            return np.zeros((2, 2), dtype=np.float32)
+
+    calls = []
+
+    def interrupted(*args: Any) -> None:
+        calls.append(args[2])
+        raise KeyboardInterrupt if args[2] == "stopped" else ProbeError("a failed cell")
+
+    monkeypatch.setattr(probe_module, "evaluate_feature", interrupted)
+    monkeypatch.setattr(probe_module, "_took_ctrl_c", False)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(ProbeError):
+            probe_module._evaluate_in_worker(Data(), ProbeSettings(), "failed", "logreg")
+        assert not probe_module._took_ctrl_c
+        with pytest.raises(KeyboardInterrupt):
+            probe_module._evaluate_in_worker(Data(), ProbeSettings(), "stopped", "logreg")
+        assert probe_module._took_ctrl_c
+        with pytest.raises(KeyboardInterrupt):
+            probe_module._evaluate_in_worker(Data(), ProbeSettings(), "queued", "logreg")
+    finally:
+        signal.signal(signal.SIGINT, handler)  # a cell leaves SIGINT ignored, as a probe process's idle state
+    assert calls == ["failed", "stopped"]  # the queued cell never started

@@ -1543,20 +1543,32 @@ def evaluate_feature(data: ProbeData, settings: ProbeSettings, feature: str, kin
 
 def _evaluate_in_worker(data: ProbeData, settings: ProbeSettings, feature: str, kind: str) -> FeatureResult:
     """One feature x probe type in a worker process: the matrix is read there (not sent), BLAS kept to `threads`.
-    Ctrl-C interrupts the cell (its KeyboardInterrupt goes back as its result); an idle worker ignores it."""
+
+    Ctrl-C interrupts the cell (its KeyboardInterrupt goes back as its result; an idle worker ignores it), and a
+    process that took one runs no further cell: the one the pool had already queued to it (which cancelling cannot
+    reach) ends at once instead of running to its end after the main process has stopped waiting for results.
+    """
+    global _took_ctrl_c
     from threadpoolctl import threadpool_limits
 
+    if _took_ctrl_c:
+        raise KeyboardInterrupt
     if _cells_take_ctrl_c:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with threadpool_limits(limits=settings.threads or 1):
             return evaluate_feature(data, settings, feature, kind, data.matrix(feature))
+    except KeyboardInterrupt:
+        _took_ctrl_c = True
+        raise
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-#: In a probe process: whether a cell stops on Ctrl-C (the main process takes it; not where it ignores SIGINT).
+#: In a probe process: whether a cell stops on Ctrl-C (the main process takes it; not where it ignores SIGINT), and
+#: whether a cell of this process has.
 _cells_take_ctrl_c = False
+_took_ctrl_c = False
 
 
 def _worker_started(take_ctrl_c: bool) -> None:
