@@ -1636,9 +1636,8 @@ class ProbeWorkers:
 
 @contextlib.contextmanager
 def probe_workers(jobs: int) -> Iterator[ProbeWorkers | None]:
-    """`ProbeWorkers(jobs)`, closed on leaving; None for one job (the cells run in the calling process)."""
-    if jobs < 1:
-        raise ParameterError("jobs", f"must be at least 1, not {jobs}")
+    """`ProbeWorkers(jobs)`, closed on leaving (it refuses jobs < 1); None for one job (the cells run in the calling
+    process)."""
     if jobs == 1:
         yield None
         return
